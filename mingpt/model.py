@@ -1,0 +1,341 @@
+"""
+The GPT language model: GPT-2's architecture, minGPT's API.
+
+References:
+1) the official GPT-2 TensorFlow implementation released by OpenAI:
+   https://github.com/openai/gpt-2/blob/master/src/model.py
+2) huggingface/transformers PyTorch implementation, whose parameter names we keep so that
+   checkpoints map one to one (only the Conv1D weights are stored transposed there):
+   https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+
+Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C // nh).
+"""
+
+import inspect
+import logging
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from mingpt.utils import CfgNode as CN
+
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# the sizes of the well-known models, as minGPT names them
+
+PRESETS = {
+    # names follow the huggingface naming conventions
+    # GPT-1
+    'openai-gpt':   dict(n_layer=12, n_head=12, n_embd=768),  # 117M params
+    # GPT-2 configs
+    'gpt2':         dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    'gpt2-medium':  dict(n_layer=24, n_head=16, n_embd=1024), # 350M params
+    'gpt2-large':   dict(n_layer=36, n_head=20, n_embd=1280), # 774M params
+    'gpt2-xl':      dict(n_layer=48, n_head=25, n_embd=1600), # 1558M params
+    # Gophers
+    'gopher-44m':   dict(n_layer=8, n_head=16, n_embd=512),
+    # (there are a number more...)
+    # I made these tiny models up
+    'gpt-mini':     dict(n_layer=6, n_head=6, n_embd=192),
+    'gpt-micro':    dict(n_layer=4, n_head=4, n_embd=128),
+    'gpt-nano':     dict(n_layer=3, n_head=3, n_embd=48),
+}
+
+
+def resolve_config(config):
+    """
+    Fill n_layer/n_head/n_embd from config.model_type, checking that exactly one of a preset or
+    explicit sizes was given. Mutates and returns config. Raises ValueError on anything else,
+    because a half-specified model is always a mistake the user wants to hear about.
+    """
+    if config.vocab_size is None or config.block_size is None:
+        raise ValueError("the model config needs vocab_size and block_size (got vocab_size="
+                         f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
+                         "config.vocab_size = train_dataset.get_vocab_size()")
+    sizes = {k: getattr(config, k) for k in ('n_layer', 'n_head', 'n_embd')}
+    type_given = config.model_type is not None
+    sizes_given = [k for k, v in sizes.items() if v is not None]
+    presets = ', '.join(PRESETS)
+    if type_given and sizes_given:
+        raise ValueError(f"give either model_type ({config.model_type!r}) or explicit sizes "
+                         f"({', '.join(sizes_given)}), not both: set model_type=None to use "
+                         "explicit sizes")
+    if type_given:
+        if config.model_type not in PRESETS:
+            raise ValueError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
+                             "(or set model_type=None and give n_layer, n_head, n_embd)")
+        config.merge_from_dict(PRESETS[config.model_type])
+    elif len(sizes_given) < 3:
+        missing = [k for k, v in sizes.items() if v is None]
+        raise ValueError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
+                         f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    return config
+
+# -----------------------------------------------------------------------------
+
+class KVCache(nn.Module):
+    """
+    Preallocated keys and values of one attention layer, (B, nh, max_len, hs) each. Writing the
+    new step in place avoids the torch.cat per token (and the reallocation it implies) that a
+    growing cache would pay, which is what makes batch-1 decoding weight-bandwidth bound.
+    """
+
+    def __init__(self, batch_size, max_len, n_head, head_size, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_size)
+        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        """ write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there """
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """
+    Multi-head masked self-attention with a projection at the end. The attention itself is
+    torch's scaled_dot_product_attention (a fused kernel, and no (T, T) mask buffer to carry in
+    the state dict: minGPT's persistent `attn.bias` mask is what broke its loading of newer
+    transformers checkpoints).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, but in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # output projection
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_pdrop = config.attn_pdrop
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
+        B, T, C = x.size()
+        # (B, T, 3C) -> three (B, nh, T, hs): heads become a batch dimension
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+        if kv_cache is not None:
+            # attend over everything cached so far plus this step: k, v become (B, nh, cache_pos+T, hs)
+            k, v = kv_cache.update(cache_pos, k, v)
+
+        if attn_mask is None and cache_pos > 0 and T > 1:
+            # queries sit at positions [cache_pos, cache_pos+T): causal against an offset diagonal,
+            # which is_causal (top-left aligned) cannot express
+            attn_mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=cache_pos)
+        # a single new query (T == 1) may see every cached key, so it needs no mask at all
+        is_causal = attn_mask is None and T > 1
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                           is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+
+        # output projection
+        y = self.resid_dropout(self.c_proj(y))
+        return y
+
+
+class NewGELU(nn.Module):
+    """ GPT-2's GELU: the tanh approximation (Hendrycks & Gimpel), as in BERT and OpenAI's code """
+
+    def forward(self, x):
+        return F.gelu(x, approximate='tanh')
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.act = NewGELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """ an unassuming Transformer block: pre-LayerNorm, attention then MLP, each residual """
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+# -----------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    """ GPT Language Model """
+
+    @staticmethod
+    def get_default_config():
+        C = CN()
+        # either model_type or (n_layer, n_head, n_embd) must be given in the config
+        C.model_type = 'gpt'
+        C.n_layer = None
+        C.n_head = None
+        C.n_embd = None
+        # these options must be filled in externally
+        C.vocab_size = None
+        C.block_size = None
+        # dropout hyperparameters
+        C.embd_pdrop = 0.1
+        C.resid_pdrop = 0.1
+        C.attn_pdrop = 0.1
+        # share the token embedding with lm_head, as GPT-2 checkpoints do (minGPT keeps them apart)
+        C.tie_weights = False
+        return C
+
+    def __init__(self, config):
+        super().__init__()
+        config = resolve_config(config)
+        self.config = config
+        self.block_size = config.block_size
+
+        self.transformer = nn.ModuleDict(dict(
+            wte = nn.Embedding(config.vocab_size, config.n_embd),
+            wpe = nn.Embedding(config.block_size, config.n_embd),
+            drop = nn.Dropout(config.embd_pdrop),
+            h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f = nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+        # init all weights, and apply a special scaled init to the residual projections, per GPT-2:
+        # each of the 2 * n_layer residual branches adds variance, so shrink what they add
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
+        if getattr(config, 'tie_weights', False):
+            self.lm_head.weight = self.transformer.wte.weight
+
+        # report number of parameters (note we don't count the decoder parameters in lm_head)
+        n_params = sum(p.numel() for p in self.transformer.parameters())
+        logger.info("number of parameters: %.2fM", n_params/1e6)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            torch.nn.init.zeros_(module.bias)
+            torch.nn.init.ones_(module.weight)
+
+    def configure_optimizers(self, train_config):
+        """
+        AdamW with weight decay on the weights of Linear layers only: biases, LayerNorm gains and
+        embeddings are not decayed (shrinking them towards zero has no regularising meaning).
+        Every parameter lands in exactly one group; a weight shared between lm_head and wte counts
+        as the embedding it is.
+        """
+        embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
+        params = list(dict(self.named_parameters()).values())  # named_parameters dedups shared tensors
+        decay = [p for p in params if id(p) in decay_ids]
+        no_decay = [p for p in params if id(p) not in decay_ids]
+        optim_groups = [
+            {"params": decay, "weight_decay": train_config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # the fused kernel does the whole update in one pass over memory; foreach is the fallback
+        extra = {}
+        device_type = params[0].device.type
+        if 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu'):
+            extra['fused'] = True
+        else:
+            extra['foreach'] = True
+        return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas, **extra)
+
+    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,
+                last_only=False):
+        """
+        idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+        targets (B, T): next-token ids; -1 marks positions that do not count in the loss.
+
+        The keyword-only arguments serve incremental decoding (mingpt.generate): kv_cache is a
+        list of KVCache (one per layer) written at [cache_pos, cache_pos+T); pos (T,) or (B, T)
+        overrides the position ids (left-padded batches start each row at 0); attn_mask (B, 1, T,
+        cache_pos+T) bool, True where attention is allowed; last_only computes logits for the last
+        position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
+        """
+        device = idx.device
+        b, t = idx.size()
+        if cache_pos + t > self.block_size:
+            raise ValueError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
+                             f"block_size (context length) is only {self.block_size}; crop the "
+                             f"input to its last {self.block_size} tokens")
+        if pos is None:
+            pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
+
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+
+        # if we are given some desired targets also calculate the loss
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+        return logits, loss
+
+    def make_kv_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        """ one preallocated KVCache per layer, for up to max_len (default block_size) positions """
+        p = self.lm_head.weight
+        C = self.config
+        return [KVCache(batch_size, max_len or self.block_size, C.n_head, C.n_embd // C.n_head,
+                        dtype=dtype or p.dtype, device=device or p.device)
+                for _ in range(C.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None):
+        """
+        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
+        the sequence max_new_tokens times, feeding the predictions back into the model each time.
+        Greedy by default (do_sample=False); returns (b, t + max_new_tokens).
+        Most likely you'll want to make sure to be in model.eval() mode of operation for this.
+        """
+        for _ in range(max_new_tokens):
+            # if the sequence context is growing too long we must crop it at block_size
+            idx_cond = idx if idx.size(1) <= self.block_size else idx[:, -self.block_size:]
+            logits, _ = self(idx_cond, last_only=True)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, top_k)
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            if do_sample:
+                idx_next = torch.multinomial(probs, num_samples=1)
+            else:
+                _, idx_next = torch.topk(probs, k=1, dim=-1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,125 @@
+"""
+Small utilities shared by the library and the projects: seeding, work-dir setup and CfgNode,
+the tiny attribute-dict that every config in mingpt is made of.
+"""
+
+import ast
+import json
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+
+def set_seed(seed):
+    """Seed every RNG a training run touches (python, numpy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def setup_logging(config):
+    """
+    Prepare config.system.work_dir for a run: the exact command line goes to args.txt and the
+    full config to config.json, so that every run can be reproduced from its work dir alone.
+    Also routes the library's `logging` output to stderr at INFO level if nobody configured it.
+    """
+    work_dir = config.system.work_dir
+    os.makedirs(work_dir, exist_ok=True)
+    with open(os.path.join(work_dir, 'args.txt'), 'w') as f:
+        f.write(' '.join(sys.argv))
+    with open(os.path.join(work_dir, 'config.json'), 'w') as f:
+        f.write(json.dumps(config.to_dict(), indent=4))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s',
+                            datefmt='%H:%M:%S')
+
+# -----------------------------------------------------------------------------
+
+class CfgNode:
+    """
+    A lightweight configuration object: attributes are the config keys, nested CfgNodes are
+    sub-configs. Inspired by yacs, but with none of its machinery.
+
+    >>> C = CfgNode(lr=3e-4, model=CfgNode(n_layer=2))
+    >>> C.merge_from_args(['--model.n_layer=4'])
+    >>> C.model.n_layer
+    4
+    """
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def __str__(self):
+        return self._str_helper(0)
+
+    def __repr__(self):
+        return f"CfgNode({self.to_dict()!r})"
+
+    def _str_helper(self, indent):
+        """ need to have a helper to support nested indentation for pretty printing """
+        parts = []
+        for k, v in self.__dict__.items():
+            if isinstance(v, CfgNode):
+                parts.append("%s:\n" % k)
+                parts.append(v._str_helper(indent + 1))
+            else:
+                parts.append("%s: %s\n" % (k, v))
+        parts = [' ' * (indent * 4) + p for p in parts]
+        return "".join(parts)
+
+    def to_dict(self):
+        """ return a dict representation of the config (nested CfgNodes become nested dicts) """
+        return {k: v.to_dict() if isinstance(v, CfgNode) else v for k, v in self.__dict__.items()}
+
+    def merge_from_dict(self, d):
+        """ update the config from a (possibly nested) dict; nested dicts merge into sub-configs """
+        for k, v in d.items():
+            if isinstance(v, dict) and isinstance(getattr(self, k, None), CfgNode):
+                getattr(self, k).merge_from_dict(v)
+            else:
+                setattr(self, k, v)
+
+    def merge_from_args(self, args):
+        """
+        Update the config from a list of command-line strings of the form `--arg=value`, where
+        arg may be nested (`--model.n_layer=10`, `--trainer.batch_size=32`). The value is parsed as
+        a Python literal when it is one (numbers, tuples, True/None) and kept as a string otherwise.
+        Only existing keys can be set: a typo is an error, not a silently ignored option.
+        """
+        for arg in args:
+            keyval = arg.split('=', maxsplit=1)
+            if len(keyval) != 2 or not keyval[0].startswith('--'):
+                raise ValueError(f"expected an override of the form --key=value, got {arg!r}")
+            key, val = keyval
+            key = key[2:]  # strip the '--'
+            try:
+                val = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                pass  # not a literal: keep it as the string the user typed
+
+            # walk down to the CfgNode that owns the leaf key
+            keys = key.split('.')
+            obj = self
+            for i, k in enumerate(keys):
+                if not isinstance(obj, CfgNode) or k not in obj.__dict__:
+                    prefix = '.'.join(keys[:i])
+                    valid = sorted(obj.__dict__) if isinstance(obj, CfgNode) else []
+                    where = f"under '{prefix}'" if prefix else "at the top level"
+                    raise KeyError(f"unknown config key '{key}': no '{k}' {where}; "
+                                   f"valid keys there are: {', '.join(valid)}")
+                if i < len(keys) - 1:
+                    obj = getattr(obj, k)
+            leaf = keys[-1]
+            if isinstance(getattr(obj, leaf), CfgNode):
+                raise KeyError(f"'{key}' is a group of settings, not a value; set one of its keys, "
+                               f"e.g. --{key}.{next(iter(getattr(obj, leaf).__dict__), 'x')}=...")
+            logger.info("command line overwriting config attribute %s with %r", key, val)
+            setattr(obj, leaf, val)

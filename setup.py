@@ -1,0 +1,32 @@
+from setuptools import setup, find_packages
+
+setup(
+    name='mingpt',
+    version='0.1.0',
+    author='mingpt contributors',
+    description='A small, clean, fast GPT library with the minGPT API: train, load GPT-2, generate',
+    long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mingpt', 'mingpt.*']),
+    python_requires='>=3.9',
+    install_requires=[
+        'torch>=2.1',
+        'numpy',
+        'regex',
+        'requests',
+        'tqdm',
+        'safetensors',
+    ],
+    extras_require={
+        'test': [
+            'pytest',
+            'transformers',
+            'tiktoken',
+            'nbclient',
+            'nbformat',
+            'ipykernel',
+            'matplotlib',
+        ],
+    },
+    license='MIT',
+)
