@@ -270,6 +270,21 @@ class GPT(nn.Module):
             extra['foreach'] = True
         return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas, **extra)
 
+    @classmethod
+    def from_pretrained(cls, model_type_or_path, **kwargs):
+        """
+        A GPT with pretrained weights: a hub name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl',
+        'distilgpt2'), a Hugging Face directory (mingpt's own checkpoints are these), an OpenAI
+        TensorFlow checkpoint directory or an llm.c .bin file. See mingpt.weights.load_pretrained.
+        """
+        from mingpt.weights import load_pretrained  # lazy: weights.py imports this module
+        return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
+
+    def save_pretrained(self, directory, **kwargs):
+        """ write a Hugging Face GPT-2 directory (config.json + model.safetensors); see mingpt.weights.save_hf """
+        from mingpt.weights import save_hf
+        return save_hf(self, directory, **kwargs)
+
     def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,
                 last_only=False):
         """
