@@ -4,20 +4,29 @@ GPT2LMHeadModel computes (logits, greedy text, gradients, a few optimizer steps)
 in a form transformers loads, and every bad input is a clear WeightsError. All offline, tiny models.
 """
 
+import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import unittest
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from mingpt.download import DownloadError
 from mingpt.model import GPT
-from mingpt.weights import WeightsError, load_pretrained, param_names, save_hf
+from mingpt.weights import (LLMC_MAGIC, WeightsError, crc32c, detect_format, load_pretrained, param_names,
+                            read_llmc, read_tf_checkpoint, save_hf, save_llmc)
+from tests.common import RangeRequestHandler, free_port_url, local_http_server, patched_env
+
+TF_FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'tf_gpt2_tiny'
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -403,6 +412,9 @@ class TestBadInput(TempDirTestCase):
         self.edit_config(d, n_head=3)
         with self.assertRaisesRegex(WeightsError, "divisible"):
             GPT.from_pretrained(d)
+        self.edit_config(d, n_head=2, n_layer='2')
+        with self.assertRaisesRegex(WeightsError, r"positive integers, got n_layer='2'"):
+            GPT.from_pretrained(d)
 
     def test_pickle_with_code_is_refused_and_not_run(self):
         marker = self.tmp / 'pwned'
@@ -434,6 +446,316 @@ class TestBadInput(TempDirTestCase):
         shards[-1].unlink()
         with self.assertRaisesRegex(WeightsError, shards[-1].name):
             GPT.from_pretrained(self.tmp / 's')
+
+
+# -----------------------------------------------------------------------------
+# the hub, served from 127.0.0.1
+
+class HubHandler(RangeRequestHandler):
+    """ serves files like huggingface.co/<name>/resolve/main/..., announcing LFS sha256s as HF does """
+    sha256 = {}  # URL path -> the sha256 to announce in X-Linked-Etag
+
+    def end_headers(self):
+        if self.path in self.sha256:
+            self.send_header('X-Linked-Etag', f'"{self.sha256[self.path]}"')
+        super().end_headers()
+
+
+class TestHub(TempDirTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.hf = make_hf(seed=6)
+        self.site = self.tmp / 'site'
+        self.hf.save_pretrained(self.site / 'gpt2' / 'resolve' / 'main')
+        self.weights = self.site / 'gpt2' / 'resolve' / 'main' / 'model.safetensors'
+        self.cache = self.tmp / 'cache'
+        self.idx = torch.randint(0, TINY['vocab_size'], (2, 7))
+
+    def handler(self, sha256):
+        return type('Handler', (HubHandler,), {'sha256': {'/gpt2/resolve/main/model.safetensors': sha256}})
+
+    def test_download_checks_sha256_then_loads_from_cache_offline(self):
+        sha = hashlib.sha256(self.weights.read_bytes()).hexdigest()
+        log = []
+        with local_http_server(self.site, self.handler(sha), log) as url, \
+                patched_env(MINGPT_HF_BASE_URL=url, MINGPT_CACHE=self.cache):
+            model = GPT.from_pretrained('gpt2').eval()
+        torch.testing.assert_close(model(self.idx)[0], self.hf(self.idx).logits, atol=1e-5, rtol=0)
+        self.assertEqual(sorted(p.name for p in (self.cache / 'hub' / 'gpt2').iterdir()
+                                if not p.name.endswith('.lock')), ['config.json', 'model.safetensors'])
+        requested = {(method, path) for method, path, _ in log}
+        self.assertIn(('HEAD', '/gpt2/resolve/main/model.safetensors'), requested)
+        self.assertIn(('GET', '/gpt2/resolve/main/model.safetensors'), requested)
+        self.assertIn(('GET', '/gpt2/resolve/main/config.json'), requested)
+        # the server is gone: the second load comes from the cache without any request
+        with patched_env(MINGPT_HF_BASE_URL=free_port_url(), MINGPT_CACHE=self.cache):
+            again = GPT.from_pretrained('gpt2').eval()
+        self.assertTrue(torch.equal(again(self.idx)[0], model(self.idx)[0]))
+
+    def test_sha256_mismatch_is_an_error_and_caches_nothing(self):
+        with local_http_server(self.site, self.handler('0' * 64)) as url, \
+                patched_env(MINGPT_HF_BASE_URL=url, MINGPT_CACHE=self.cache):
+            with self.assertRaisesRegex(DownloadError, 'sha256'):
+                GPT.from_pretrained('gpt2')
+        self.assertFalse((self.cache / 'hub' / 'gpt2' / 'model.safetensors').exists())
+
+    def test_no_sha256_announced_still_downloads(self):
+        with local_http_server(self.site, self.handler(None)) as url, \
+                patched_env(MINGPT_HF_BASE_URL=url, MINGPT_CACHE=self.cache):
+            model = GPT.from_pretrained('gpt2').eval()
+        torch.testing.assert_close(model(self.idx)[0], self.hf(self.idx).logits, atol=1e-5, rtol=0)
+
+    def test_offline_without_cache_says_where_to_put_the_file(self):
+        with patched_env(MINGPT_HF_BASE_URL=free_port_url(), MINGPT_CACHE=self.cache):
+            with self.assertRaisesRegex(DownloadError, r'gpt2-medium/resolve/main/config\.json'):
+                GPT.from_pretrained('gpt2-medium')
+
+    def test_a_local_checkpoint_directory_wins_over_the_hub_name(self):
+        self.hf.save_pretrained(self.tmp / 'gpt2')
+        cwd = os.getcwd()
+        os.chdir(self.tmp)
+        try:
+            self.assertEqual(detect_format('gpt2'), ('hf', Path('gpt2')))
+        finally:
+            os.chdir(cwd)
+        self.assertEqual(detect_format('gpt2'), ('hub', 'gpt2'))
+        self.assertEqual(detect_format('distilgpt2'), ('hub', 'distilgpt2'))
+
+# -----------------------------------------------------------------------------
+# llm.c
+
+def write_llmc_like_llmc(hf, path):
+    """
+    llm.c's train_gpt2.py write_model, redone independently from a transformers model: header
+    [magic, 3, maxT, V, L, NH, C, Vp], then fp32 tensors grouped by kind across layers, weights in
+    nn.Linear (out, in) layout (HF's Conv1D transposed), wte padded to a multiple of 128 rows.
+    """
+    c = hf.config
+    sd = {k: v.detach() for k, v in hf.state_dict().items()}
+    V, C, L = c.vocab_size, c.n_embd, c.n_layer
+    Vp = (V + 127) // 128 * 128
+    header = np.zeros(256, dtype='<i4')
+    header[:8] = [20240326, 3, c.n_positions, V, L, c.n_head, C, Vp]
+    parts = [torch.cat([sd['transformer.wte.weight'], torch.zeros(Vp - V, C)]), sd['transformer.wpe.weight']]
+    for kind, transpose in (('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1), ('attn.c_attn.bias', 0),
+                            ('attn.c_proj.weight', 1), ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
+                            ('mlp.c_fc.weight', 1), ('mlp.c_fc.bias', 0), ('mlp.c_proj.weight', 1), ('mlp.c_proj.bias', 0)):
+        for i in range(L):
+            t = sd[f'transformer.h.{i}.{kind}']
+            parts.append(t.t() if transpose else t)
+    parts += [sd['transformer.ln_f.weight'], sd['transformer.ln_f.bias']]
+    with open(path, 'wb') as f:
+        f.write(header.tobytes())
+        for t in parts:
+            f.write(t.contiguous().numpy().astype('<f4').tobytes())
+
+
+class TestLLMC(TempDirTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.hf = make_hf(seed=8)
+        self.hf.save_pretrained(self.tmp / 'hf')
+        self.model = GPT.from_pretrained(self.tmp / 'hf').eval()
+        self.idx = torch.randint(0, TINY['vocab_size'], (2, 11))
+
+    def assert_same_state(self, a, b):
+        a, b = a.state_dict(), b.state_dict()
+        self.assertEqual(list(a), list(b))
+        for k in a:
+            self.assertTrue(torch.equal(a[k], b[k]), k)
+
+    def test_file_written_the_llmc_way_loads(self):
+        write_llmc_like_llmc(self.hf, self.tmp / 'gpt2_tiny.bin')
+        model = GPT.from_pretrained(self.tmp / 'gpt2_tiny.bin').eval()
+        self.assertTrue(model.config.tie_weights)
+        self.assertEqual(model.config.vocab_size, 100)  # the 28 padding rows are gone
+        torch.testing.assert_close(model(self.idx)[0], self.hf(self.idx).logits, atol=1e-5, rtol=0)
+
+    def test_round_trip_is_exact_and_bytes_match_llmc(self):
+        path = save_llmc(self.model, self.tmp / 'ours.bin')
+        write_llmc_like_llmc(self.hf, self.tmp / 'theirs.bin')
+        self.assertEqual(path.read_bytes(), (self.tmp / 'theirs.bin').read_bytes())
+        header = np.fromfile(path, dtype='<i4', count=8).tolist()
+        self.assertEqual(header, [LLMC_MAGIC, 3, 64, 100, 2, 2, 32, 128])
+        self.assert_same_state(GPT.from_pretrained(path), self.model)
+
+    def test_llmc_to_hf_export(self):
+        # the loaded tensors are views into one flat buffer: the export must still write them
+        save_llmc(self.model, self.tmp / 'ours.bin')
+        GPT.from_pretrained(self.tmp / 'ours.bin').save_pretrained(self.tmp / 'back')
+        hf = GPT2LMHeadModel.from_pretrained(self.tmp / 'back').eval()
+        self.assertTrue(torch.equal(hf(self.idx).logits, self.hf(self.idx).logits))
+
+    def test_versions_1_and_5(self):
+        save_llmc(self.model, self.tmp / 'v1.bin', version=1)
+        self.assertEqual((self.tmp / 'v1.bin').stat().st_size,
+                         1024 + 4 * sum(p.numel() for p in self.model.parameters()))
+        self.assert_same_state(GPT.from_pretrained(self.tmp / 'v1.bin'), self.model)
+        save_llmc(self.model, self.tmp / 'v5.bin', version=5)
+        sizes, tensors = read_llmc(self.tmp / 'v5.bin')
+        self.assertEqual(tensors['transformer.wte.weight'].dtype, torch.bfloat16)
+        loaded = GPT.from_pretrained(self.tmp / 'v5.bin')
+        for k, v in self.model.state_dict().items():
+            self.assertTrue(torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16).float()), k)
+        with self.assertRaisesRegex(ValueError, 'version'):
+            save_llmc(self.model, self.tmp / 'v2.bin', version=2)
+
+    def test_untied_model_cannot_be_saved(self):
+        config = GPT.get_default_config()
+        config.model_type, config.vocab_size, config.block_size = 'gpt-nano', 20, 8
+        with self.assertRaisesRegex(WeightsError, 'ties lm_head'):
+            save_llmc(GPT(config), self.tmp / 'x.bin')
+        self.assertFalse((self.tmp / 'x.bin').exists())
+
+    def test_truncated_and_corrupt_files(self):
+        path = save_llmc(self.model, self.tmp / 'ok.bin')
+        data = path.read_bytes()
+        cases = {
+            'short_header.bin': (data[:100], 'shorter than llm.c'),
+            'truncated.bin': (data[:-8], 'truncated'),
+            'longer.bin': (data + b'\0' * 8, 'extra bytes'),
+            'version.bin': (data[:4] + np.int32(7).tobytes() + data[8:], 'version 7'),
+            'sizes.bin': (data[:16] + np.int32(-2).tobytes() + data[20:], 'makes no sense'),
+            'heads.bin': (data[:20] + np.int32(3).tobytes() + data[24:], 'divisible'),
+        }
+        for name, (content, message) in cases.items():
+            with self.subTest(name):
+                (self.tmp / name).write_bytes(content)
+                if name == 'short_header.bin':
+                    with self.assertRaisesRegex(WeightsError, message):
+                        read_llmc(self.tmp / name)
+                with self.assertRaisesRegex(WeightsError, f'{name}.*{message}'):
+                    GPT.from_pretrained(self.tmp / name)
+
+    def test_a_file_of_something_else(self):
+        (self.tmp / 'notes.bin').write_bytes(b'hello world, not weights')
+        with self.assertRaisesRegex(WeightsError, r'notes\.bin.*config\.json.*hparams\.json.*llm\.c.*gpt2-xl'):
+            GPT.from_pretrained(self.tmp / 'notes.bin')
+
+# -----------------------------------------------------------------------------
+# OpenAI's TensorFlow checkpoint (fixture made by tests/fixtures/make_tf_checkpoint.py with TF 2.21)
+
+def hf_from_openai_variables(v, hparams):
+    """ a transformers GPT-2 holding OpenAI-named TF variables, mapped here independently of mingpt """
+    config = GPT2Config(n_layer=hparams['n_layer'], n_head=hparams['n_head'], n_embd=hparams['n_embd'],
+                        n_positions=hparams['n_ctx'], vocab_size=hparams['n_vocab'], bos_token_id=0, eos_token_id=None)
+    hf = GPT2LMHeadModel(config).eval()
+    sd = {'transformer.wte.weight': v['model/wte'], 'transformer.wpe.weight': v['model/wpe'],
+          'transformer.ln_f.weight': v['model/ln_f/g'], 'transformer.ln_f.bias': v['model/ln_f/b']}
+    for i in range(hparams['n_layer']):
+        for ours, theirs in (('ln_1', 'ln_1'), ('ln_2', 'ln_2')):
+            sd[f'transformer.h.{i}.{ours}.weight'] = v[f'model/h{i}/{theirs}/g']
+            sd[f'transformer.h.{i}.{ours}.bias'] = v[f'model/h{i}/{theirs}/b']
+        for module in ('attn/c_attn', 'attn/c_proj', 'mlp/c_fc', 'mlp/c_proj'):
+            name = f'transformer.h.{i}.' + module.replace('/', '.')
+            sd[name + '.weight'] = v[f'model/h{i}/{module}/w'][0]  # Conv1D [1, nx, nf] -> HF's (nx, nf)
+            sd[name + '.bias'] = v[f'model/h{i}/{module}/b']
+    sd['lm_head.weight'] = sd['transformer.wte.weight']
+    hf.load_state_dict({k: torch.from_numpy(np.array(x)) for k, x in sd.items()}, strict=True)
+    return hf
+
+
+class TestTensorFlow(TempDirTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.expected = load_numpy(TF_FIXTURE / 'expected.safetensors')  # what TensorFlow read back
+        cls.hparams = json.loads((TF_FIXTURE / 'hparams.json').read_text())
+
+    def copy_fixture(self):
+        d = self.tmp / 'ckpt'
+        shutil.copytree(TF_FIXTURE, d)
+        return d
+
+    def test_crc32c(self):
+        self.assertEqual(crc32c(b'123456789'), 0xE3069283)  # the standard check value
+        self.assertEqual(crc32c(b''), 0)
+        data = np.random.default_rng(0).integers(0, 256, 70_001, dtype=np.uint8).tobytes()
+        crc = 0xFFFFFFFF  # the vectorised path against the textbook bitwise definition
+        for b in data:
+            crc ^= b
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        self.assertEqual(crc32c(data), crc ^ 0xFFFFFFFF)
+
+    def test_reader_returns_exactly_what_tensorflow_reads(self):
+        got = read_tf_checkpoint(TF_FIXTURE)
+        self.assertEqual(sorted(got), sorted(self.expected))
+        self.assertEqual(len(got), 2 + 12 * 2 + 2 + 1 + 40)
+        for name, want in self.expected.items():
+            self.assertEqual((got[name].dtype, got[name].shape), (want.dtype, want.shape), name)
+            self.assertTrue(np.array_equal(got[name], want), name)
+        self.assertEqual(int(got['global_step']), 1234)
+
+    def test_loaded_model_matches_transformers_built_from_the_same_values(self):
+        hf = hf_from_openai_variables(self.expected, self.hparams)
+        idx = torch.randint(0, 11, (2, 16))
+        for source in (TF_FIXTURE, TF_FIXTURE / 'model.ckpt', TF_FIXTURE / 'model.ckpt.index', str(TF_FIXTURE)):
+            with self.subTest(str(source)):
+                model = GPT.from_pretrained(source).eval()
+                C = model.config
+                self.assertEqual((C.n_layer, C.n_head, C.n_embd, C.vocab_size, C.block_size), (2, 2, 8, 11, 16))
+                self.assertIs(model.lm_head.weight, model.transformer.wte.weight)
+                torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+    def test_tf_to_hf_export(self):
+        GPT.from_pretrained(TF_FIXTURE).save_pretrained(self.tmp / 'hf')
+        hf = GPT2LMHeadModel.from_pretrained(self.tmp / 'hf').eval()
+        idx = torch.randint(0, 11, (1, 9))
+        torch.testing.assert_close(hf(idx).logits, hf_from_openai_variables(self.expected, self.hparams)(idx).logits,
+                                   atol=1e-6, rtol=0)
+
+    def test_truncated_data_file(self):
+        d = self.copy_fixture()
+        data = d / 'model.ckpt.data-00000-of-00001'
+        data.write_bytes(data.read_bytes()[:-100])
+        with self.assertRaisesRegex(WeightsError, r'data-00000-of-00001: too short.*truncated'):
+            GPT.from_pretrained(d)
+
+    def test_corrupt_data_file(self):
+        d = self.copy_fixture()
+        data = d / 'model.ckpt.data-00000-of-00001'
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        data.write_bytes(bytes(raw))
+        with self.assertRaisesRegex(WeightsError, r'data-00000-of-00001: variable .* crc32c'):
+            GPT.from_pretrained(d)
+
+    def test_corrupt_and_truncated_index(self):
+        d = self.copy_fixture()
+        index = d / 'model.ckpt.index'
+        good = index.read_bytes()
+        raw = bytearray(good)
+        raw[200] ^= 0x01
+        for content in (bytes(raw), good[:-10], good[:30]):
+            with self.subTest(len(content)):
+                index.write_bytes(content)
+                with self.assertRaisesRegex(WeightsError, r'model\.ckpt\.index: not a readable TensorFlow'):
+                    GPT.from_pretrained(d)
+
+    def test_missing_data_file(self):
+        d = self.copy_fixture()
+        (d / 'model.ckpt.data-00000-of-00001').unlink()
+        with self.assertRaisesRegex(WeightsError, r'data-00000-of-00001: not found'):
+            GPT.from_pretrained(d)
+
+    def test_hparams_that_do_not_fit(self):
+        d = self.copy_fixture()
+        for changes, message in (({'n_layer': 3}, r'no variable model/h2/ln_1/g'),
+                                 ({'n_vocab': 12}, r'wte\.weight is \(11, 8\), expected \(12, 8\)'),
+                                 ({'n_head': None}, r'hparams\.json: missing or not an integer: n_head')):
+            with self.subTest(changes):
+                (d / 'hparams.json').write_text(json.dumps({**self.hparams, **changes}))
+                with self.assertRaisesRegex(WeightsError, message):
+                    GPT.from_pretrained(d)
+
+    def test_directory_without_checkpoint(self):
+        d = self.copy_fixture()
+        (d / 'model.ckpt.index').unlink()
+        with self.assertRaisesRegex(WeightsError, 'not a checkpoint mingpt can read.*model.ckpt.index'):
+            GPT.from_pretrained(d)
 
 
 if __name__ == '__main__':
