@@ -1,9 +1,16 @@
 """
 The Trainer's minGPT contract: config fields and defaults, callbacks, the attributes callbacks
-read, and a run that actually lowers the loss.
+read, and a run that actually lowers the loss. Then the additive features that run in one
+process: schedule, accumulation, precision, compile, evaluation, observability, divergence.
+(Checkpoint/resume: test_trainer_resume.py; DDP: test_trainer_ddp.py.)
 """
 
+import contextlib
+import io
+import json
+import math
 import os
+import tempfile
 import unittest
 import warnings
 
@@ -11,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mingpt.model import GPT
-from mingpt.trainer import Trainer, default_num_workers
+from mingpt.trainer import (GlobalBatchSampler, Trainer, clean_state_dict, default_num_workers,
+                            get_lr, load_checkpoint, save_checkpoint)
 from mingpt.utils import set_seed
 
 
@@ -29,12 +37,39 @@ class RepeatDataset(Dataset):
         return self.data[i, :-1], self.data[i, 1:]
 
 
-def tiny_model(vocab=5, block=8):
+def tiny_model(vocab=5, block=8, dropout=None):
     config = GPT.get_default_config()
     config.model_type = 'gpt-nano'
     config.vocab_size = vocab
     config.block_size = block
+    if dropout is not None:
+        config.embd_pdrop = config.resid_pdrop = config.attn_pdrop = dropout
     return GPT(config)
+
+
+class MaskedDataset(Dataset):
+    """ random tokens whose targets are -1 at random places: micro-batches count unequal targets """
+
+    def __init__(self, n=128, length=8, vocab=5):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (n, length), generator=g)
+        self.y = torch.randint(0, vocab, (n, length), generator=g)
+        self.y[torch.rand(n, length, generator=g) < 0.4] = -1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def quiet_config(**kw):
+    C = Trainer.get_default_config()
+    C.device = 'cpu'
+    C.num_workers = 0
+    C.progress_bar = False
+    C.merge_from_dict(kw)
+    return C
 
 
 class TestTrainerConfig(unittest.TestCase):
@@ -97,6 +132,271 @@ class TestTrainerRun(unittest.TestCase):
         self.trainer.set_callback('on_batch_end', lambda t: calls.append('c'))
         self.trainer.trigger_callbacks('on_batch_end')
         self.assertEqual(calls, ['a', 'b', 'c'])
+
+
+
+class TestConfigValidation(unittest.TestCase):
+
+    def test_new_fields_default_to_mingpts_behaviour(self):
+        C = Trainer.get_default_config()
+        self.assertIsNone(C.lr_schedule)
+        self.assertEqual(C.warmup_iters, 0)
+        self.assertEqual(C.grad_accum_steps, 1)
+        self.assertEqual(C.dtype, 'float32')
+        self.assertFalse(C.compile)
+        self.assertIsNone(C.work_dir)
+        self.assertFalse(C.resume)
+        self.assertIsNone(C.data_seed)
+
+    def test_user_errors_are_clear_exceptions(self):
+        model = tiny_model()
+        cases = [
+            (dict(dtype='float16'), "CUDA"),          # no GradScaler on CPU
+            (dict(dtype='fp8'), "unknown dtype"),
+            (dict(lr_schedule='cosine'), "lr_decay_iters or max_iters"),
+            (dict(lr_schedule='linear'), "unknown lr_schedule"),
+            (dict(grad_accum_steps=0), "grad_accum_steps"),
+            (dict(resume=True), "work_dir"),
+            (dict(data_seed=-1), "data_seed"),
+        ]
+        for kw, message in cases:
+            with self.subTest(**kw), self.assertRaisesRegex(ValueError, message):
+                Trainer(quiet_config(**kw), model, RepeatDataset())
+
+    def test_old_config_without_new_fields_still_runs(self):
+        from mingpt.utils import CfgNode
+        C = CfgNode(device='cpu', num_workers=0, max_iters=2, batch_size=4, learning_rate=3e-4,
+                    betas=(0.9, 0.95), weight_decay=0.1, grad_norm_clip=1.0)
+        trainer = Trainer(C, tiny_model(), RepeatDataset())
+        trainer.run()
+        self.assertEqual(trainer.iter_num, 2)
+
+
+class TestLearningRateSchedule(unittest.TestCase):
+
+    def test_warmup_then_cosine_to_min_lr(self):
+        C = quiet_config(learning_rate=1.0, lr_schedule='cosine', warmup_iters=10, lr_decay_iters=110,
+                         min_lr=0.1, max_iters=200)
+        self.assertAlmostEqual(get_lr(0, C), 0.1)
+        self.assertAlmostEqual(get_lr(4, C), 0.5)
+        self.assertAlmostEqual(get_lr(9, C), 1.0)
+        self.assertAlmostEqual(get_lr(10, C), 1.0)
+        self.assertAlmostEqual(get_lr(60, C), 0.55)  # halfway down the cosine
+        self.assertAlmostEqual(get_lr(110, C), 0.1)
+        self.assertAlmostEqual(get_lr(150, C), 0.1)
+        lrs = [get_lr(i, C) for i in range(10, 111)]
+        self.assertTrue(all(a >= b for a, b in zip(lrs, lrs[1:])))
+        C.min_lr = None  # the default: a tenth of the peak
+        self.assertAlmostEqual(get_lr(110, C), 0.1)
+
+    def test_trainer_applies_the_schedule_and_exposes_lr(self):
+        set_seed(0)
+        C = quiet_config(max_iters=8, batch_size=4, learning_rate=1e-2, lr_schedule='cosine',
+                         warmup_iters=2, min_lr=1e-3)
+        trainer = Trainer(C, tiny_model(), RepeatDataset())
+        seen = []
+        trainer.add_callback('on_batch_end', lambda t: seen.append(
+            (t.lr, [g['lr'] for g in t.optimizer.param_groups])))
+        trainer.run()
+        for i, (lr, group_lrs) in enumerate(seen):
+            self.assertAlmostEqual(lr, get_lr(i, C))
+            self.assertEqual(group_lrs, [lr, lr])
+        self.assertAlmostEqual(seen[0][0], 5e-3)
+        self.assertLess(seen[-1][0], 2e-3)
+
+    def test_default_leaves_the_learning_rate_alone(self):
+        set_seed(0)
+        trainer = Trainer(quiet_config(max_iters=3, batch_size=4), tiny_model(), RepeatDataset())
+        trainer.run()
+        self.assertEqual(trainer.lr, 3e-4)
+        self.assertEqual([g['lr'] for g in trainer.optimizer.param_groups], [3e-4, 3e-4])
+
+
+class TestGradientAccumulation(unittest.TestCase):
+    """ 4 micro-batches of 8 rows give the gradient of one batch of 32, with -1 targets unevenly spread """
+
+    def grads_and_losses(self, batch_size, accum, iters, **kw):
+        set_seed(0)
+        model = tiny_model(dropout=0.0)
+        C = quiet_config(max_iters=iters, batch_size=batch_size, grad_accum_steps=accum,
+                         learning_rate=1e-3, **kw)
+        trainer = Trainer(C, model, MaskedDataset())
+        losses, grads = [], []
+        trainer.add_callback('on_batch_end', lambda t: losses.append(t.loss.item()))
+        trainer.add_callback('on_batch_end', lambda t: grads.append(
+            [p.grad.clone() for p in t.model.parameters()]) if t.iter_num == 0 else None)
+        trainer.run()
+        return grads[0], losses
+
+    def check(self, **kw):
+        g_big, l_big = self.grads_and_losses(32, 1, 3, **kw)
+        g_acc, l_acc = self.grads_and_losses(8, 4, 3, **kw)
+        for a, b in zip(g_big, g_acc):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        self.assertAlmostEqual(l_big[0], l_acc[0], delta=1e-6)
+        # later steps start from weights that differ by rounding, which Adam's 1/sqrt(v) magnifies
+        # where a gradient is ~0: the losses stay close, the weights are not compared bit for bit
+        for a, b in zip(l_big, l_acc):
+            self.assertAlmostEqual(a, b, delta=1e-5)
+
+    def test_minGPT_sampler(self):
+        self.check()
+
+    def test_seeded_sampler(self):
+        self.check(data_seed=123)
+
+    def test_global_batch_is_split_not_redrawn(self):
+        # what one process of 16 rows draws, 2 ranks x 8 rows and 2 micro-steps x 4 rows x 2 ranks draw
+        one = GlobalBatchSampler(1000, 16, 1, seed=5)
+        ranks = [GlobalBatchSampler(1000, 8, 1, seed=5, rank=r, world_size=2) for r in range(2)]
+        micro = [GlobalBatchSampler(1000, 4, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+        it_one, it_ranks, it_micro = iter(one), [iter(s) for s in ranks], [iter(s) for s in micro]
+        for step in range(3):
+            rows = next(it_one)
+            self.assertEqual(rows, next(it_ranks[0]) + next(it_ranks[1]))
+            m0 = [next(it_micro[0]), next(it_micro[0])]  # rank 0: micro-steps 0 and 1
+            m1 = [next(it_micro[1]), next(it_micro[1])]
+            self.assertEqual(rows, m0[0] + m1[0] + m0[1] + m1[1])
+        # and resuming at iteration 2 starts from the same batch
+        self.assertEqual(next(iter(GlobalBatchSampler(1000, 16, 1, seed=5, start_iter=2))), rows)
+        self.assertNotEqual(next(iter(GlobalBatchSampler(1000, 16, 1, seed=6, start_iter=2))), rows)
+
+
+class TestMixedPrecisionAndCompile(unittest.TestCase):
+
+    def test_bfloat16_autocast_on_cpu(self):
+        set_seed(0)
+        model = tiny_model()
+        dtypes = []
+        model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        trainer = Trainer(quiet_config(max_iters=20, batch_size=16, learning_rate=3e-3, dtype='bfloat16'),
+                          model, RepeatDataset())
+        losses = []
+        trainer.add_callback('on_batch_end', lambda t: losses.append(t.loss.item()))
+        trainer.run()
+        self.assertEqual(set(dtypes), {torch.bfloat16})
+        self.assertEqual(model.lm_head.weight.dtype, torch.float32)  # master weights stay fp32
+        self.assertLess(sum(losses[-3:]) / 3, 0.7 * losses[0])
+
+    def test_compiled_training_writes_plain_checkpoints(self):
+        # the 'eager' backend runs torch.compile's graph capture without inductor's C++ build,
+        # which takes minutes on this 2-core machine; the wrapper and its key prefix are the same
+        set_seed(0)
+        model = tiny_model()
+        with tempfile.TemporaryDirectory() as d:
+            C = quiet_config(max_iters=2, batch_size=4, compile=True, compile_backend='eager', work_dir=d)
+            trainer = Trainer(C, model, RepeatDataset())
+            trainer.run()
+            self.assertTrue(hasattr(trainer._train_model, '_orig_mod'))  # it really was compiled
+            sd, state = load_checkpoint(os.path.join(d, 'ckpt'))
+            self.assertFalse(any('_orig_mod' in k for k in sd))
+            fresh = tiny_model()
+            fresh.load_state_dict(sd, strict=True)  # loads into an uncompiled model
+            for a, b in zip(fresh.parameters(), model.parameters()):
+                self.assertTrue(torch.equal(a, b))
+            self.assertEqual(state['iter_num'], 2)
+
+    def test_prefixes_are_stripped(self):
+        sd = {'_orig_mod.lm_head.weight': 1, 'module._orig_mod.transformer.wte.weight': 2, 'a.b': 3}
+        self.assertEqual(clean_state_dict(sd), {'lm_head.weight': 1, 'transformer.wte.weight': 2, 'a.b': 3})
+        with tempfile.TemporaryDirectory() as d:
+            model = tiny_model()
+            save_checkpoint(os.path.join(d, 'c'), torch.compile(model), {'iter_num': 0, 'version': 1})
+            sd, _ = load_checkpoint(os.path.join(d, 'c'))
+            self.assertEqual(set(sd), set(model.state_dict()))
+
+
+class TestEvaluation(unittest.TestCase):
+
+    def test_periodic_eval_tracks_best_and_saves_it(self):
+        set_seed(0)
+        model = tiny_model()
+        with tempfile.TemporaryDirectory() as d:
+            C = quiet_config(max_iters=12, batch_size=16, learning_rate=3e-3, eval_interval=5, eval_iters=2,
+                             work_dir=d, checkpoint_interval=100)
+            trainer = Trainer(C, model, RepeatDataset(), val_dataset=RepeatDataset(n=64))
+            evals = []
+            trainer.add_callback('on_eval_end', lambda t: evals.append((t.iter_num, t.val_loss, t.best_val_loss)))
+            trainer.run()
+            self.assertEqual([i for i, _, _ in evals], [5, 10, 12])  # every 5, and at the end
+            self.assertEqual(trainer.best_val_loss, min(v for _, v, _ in evals))
+            self.assertLess(evals[-1][1], evals[0][1])
+            self.assertAlmostEqual(trainer.evaluate(), evals[-1][1], places=6)  # same batches each time
+            _, best = load_checkpoint(os.path.join(d, 'ckpt_best'))
+            best_iter = min(evals, key=lambda e: e[1])[0]
+            self.assertEqual(best['iter_num'], best_iter)
+            self.assertEqual(best['best_val_loss'], trainer.best_val_loss)
+            with open(os.path.join(d, 'metrics.jsonl')) as f:
+                records = [json.loads(line) for line in f]
+            self.assertEqual([r['iter'] for r in records if 'val_loss' in r], [5, 10, 12])
+            self.assertEqual([r['iter'] for r in records if 'loss' in r], list(range(1, 13)))
+
+    def test_eval_weights_every_counted_target_equally(self):
+        set_seed(0)
+        model = tiny_model()
+        val = MaskedDataset(n=20)
+        trainer = Trainer(quiet_config(batch_size=3, eval_iters=10), model, RepeatDataset(), val_dataset=val)
+        loss = trainer.evaluate()
+        model.eval()
+        with torch.no_grad():
+            logits, _ = model(val.x)
+            expected = torch.nn.functional.cross_entropy(logits.view(-1, 5), val.y.view(-1), ignore_index=-1)
+        self.assertAlmostEqual(loss, expected.item(), places=5)
+        self.assertTrue(model.training is False)  # evaluate restores the mode it found
+
+
+class PoisonedGPT(GPT):
+    """ returns a NaN loss once poisoned: divergence on demand """
+    poisoned = False
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = super().forward(idx, targets, **kw)
+        return logits, loss * float('nan') if self.poisoned else loss
+
+
+class TestObservability(unittest.TestCase):
+
+    def test_metrics_log_bar_and_plot(self):
+        set_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            C = quiet_config(max_iters=4, batch_size=4, work_dir=d, log_interval=2, progress_bar=True)
+            trainer = Trainer(C, tiny_model(), RepeatDataset())
+            err = io.StringIO()
+            with self.assertLogs('mingpt.trainer', 'INFO') as logs, contextlib.redirect_stderr(err):
+                trainer.run()
+            self.assertTrue(any('iter 2/4: loss' in line and 'tokens/s' in line for line in logs.output))
+            self.assertIn('4/4', err.getvalue())
+            self.assertIn('loss=', err.getvalue())
+            with open(os.path.join(d, 'metrics.jsonl')) as f:
+                records = [json.loads(line) for line in f]
+            self.assertEqual([r['iter'] for r in records], [1, 2, 3, 4])
+            self.assertEqual(set(records[0]), {'iter', 'loss', 'lr', 'tokens_per_sec', 'time'})
+            self.assertGreater(records[0]['tokens_per_sec'], 0)
+            png = os.path.join(d, 'loss.png')
+            trainer.plot(png)
+            with open(png, 'rb') as f:
+                self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
+
+    def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
+        set_seed(0)
+        config = GPT.get_default_config()
+        config.model_type, config.vocab_size, config.block_size = 'gpt-nano', 5, 8
+        model = PoisonedGPT(config)
+        with tempfile.TemporaryDirectory() as d:
+            trainer = Trainer(quiet_config(max_iters=10, batch_size=4, work_dir=d, checkpoint_interval=1),
+                              model, RepeatDataset())
+
+            def poison(t):
+                if t.iter_num == 2:
+                    model.poisoned = True
+            trainer.add_callback('on_batch_end', poison)
+            with self.assertRaisesRegex(FloatingPointError, r"loss is nan at iteration 3.*ckpt"):
+                trainer.run()
+            sd, state = load_checkpoint(os.path.join(d, 'ckpt'))
+            self.assertEqual(state['iter_num'], 3)
+            for k, v in model.state_dict().items():
+                self.assertTrue(torch.isfinite(v).all())
+                self.assertTrue(torch.equal(sd[k], v))  # the poisoned step never reached the weights
 
 
 if __name__ == '__main__':

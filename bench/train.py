@@ -1,0 +1,238 @@
+"""
+Training throughput: tokens/s of full training steps (forward + backward + grad clip + AdamW step)
+of the gpt-mini config (n_layer 6, n_head 6, n_embd 192; batch 64, block 128, vocab 65, dropout 0),
+mingpt against transformers.GPT2LMHeadModel of identical dims and identical initial weights.
+
+    python bench/train.py                      # everything: a markdown table on stdout
+    python bench/train.py --only mingpt        # one configuration in this process (used for peak RSS)
+
+Two measurements, because they answer different questions:
+- speed: every configuration lives in one process and they take turns, one step each, so that
+  whatever else the machine is doing slows them all alike; the median step of each is reported;
+- memory: each configuration runs alone in a fresh subprocess (--only), whose peak RSS
+  (getrusage ru_maxrss) is then that configuration's and nobody else's.
+
+The mingpt step mirrors Trainer._step (zero_grad, autocast forward, backward, clip, step), with
+the optimizer from GPT.configure_optimizers (fused AdamW); transformers gets a plain torch AdamW.
+MFU counts 6 * N + 12 * n_layer * block * n_embd FLOPs per token (N: the matmul weights, i.e.
+Linear layers and lm_head) against the FLOP/s of a large fp32 matmul measured here, on the same
+number of threads.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mingpt.model import GPT  # noqa: E402
+
+N_LAYER, N_HEAD, N_EMBD = 6, 6, 192
+BATCH, BLOCK, VOCAB = 64, 128, 65
+LR = 3e-4
+
+# name -> (library, torch.compile?, autocast dtype)
+CONFIGS = {
+    'transformers':         ('transformers', False, None),
+    'mingpt':               ('mingpt', False, None),
+    'mingpt+compile':       ('mingpt', True, None),
+    'mingpt+bf16':          ('mingpt', False, torch.bfloat16),
+    'mingpt+compile+bf16':  ('mingpt', True, torch.bfloat16),
+}
+
+
+def rss_mb():
+    """ the current resident set size """
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def matmul_peak_flops(n=2048, reps=5):
+    """ FLOP/s of an (n, n) @ (n, n) fp32 matmul: the ceiling MFU is measured against """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def make_mingpt():
+    torch.manual_seed(0)
+    config = GPT.get_default_config()
+    config.model_type = None
+    config.n_layer, config.n_head, config.n_embd = N_LAYER, N_HEAD, N_EMBD
+    config.vocab_size, config.block_size = VOCAB, BLOCK
+    config.embd_pdrop = config.resid_pdrop = config.attn_pdrop = 0.0
+    return GPT(config)
+
+
+def make_transformers(reference):
+    """ GPT2LMHeadModel of the same dims, with reference's (a mingpt GPT) weights copied in """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                        bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(config, attn_implementation='sdpa') if _takes_attn_impl() else \
+        GPT2LMHeadModel._from_config(config, attn_implementation='sdpa')
+    # the parameter names are the same; transformers' Conv1D stores these weights transposed
+    transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    theirs = model.state_dict()
+    with torch.no_grad():
+        for k, v in reference.state_dict().items():
+            theirs[k].copy_(v.t() if k.endswith(transposed) else v)
+    return model
+
+
+def _takes_attn_impl():
+    import inspect
+    from transformers import GPT2LMHeadModel
+    return 'attn_implementation' in inspect.signature(GPT2LMHeadModel.__init__).parameters
+
+
+def matmul_params(model):
+    """ N of the 6N rule: the weights that take part in matmuls (Linear / Conv1D / lm_head) """
+    n = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and 'wte' not in name and 'wpe' not in name:
+            n += p.numel()
+    return n
+
+
+class Runner:
+    """ one configuration: its model, optimizer and step function """
+
+    def __init__(self, name):
+        library, compile_, dtype = CONFIGS[name]
+        self.name = name
+        if library == 'transformers':
+            self.model = make_transformers(make_mingpt())
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95),
+                                               weight_decay=0.1)
+            forward = self.model
+
+            def loss_fn(x, y):
+                logits = forward(input_ids=x).logits
+                return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+        else:
+            self.model = make_mingpt()  # seeded: every row starts from the same weights
+            train_config = argparse.Namespace(learning_rate=LR, betas=(0.9, 0.95), weight_decay=0.1)
+            self.optimizer = self.model.configure_optimizers(train_config)
+            forward = torch.compile(self.model) if compile_ else self.model
+
+            def loss_fn(x, y):
+                return forward(x, y)[1]
+        self.loss_fn = loss_fn
+        self.autocast = (lambda: torch.autocast('cpu', dtype=dtype)) if dtype else contextlib.nullcontext
+        self.model.train()
+        self.times = []
+
+    def step(self, x, y):
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        loss = loss.item()
+        return time.perf_counter() - t0, loss
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        data = torch.randint(0, VOCAB, (BATCH, BLOCK + 1), generator=g)
+        yield data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def measure(names, warmup, steps):
+    """ the configurations in turn, one step each; returns {name: [step seconds]}, {name: first loss} """
+    runners = [Runner(n) for n in names]
+    losses = {}
+    for i, (x, y) in enumerate(batches(warmup + steps)):
+        for r in runners:
+            dt, loss = r.step(x, y)
+            if i == 0:
+                losses[r.name] = loss
+            if i >= warmup:
+                r.times.append(dt)
+            print(f"  step {i:2d} {r.name:22s} {dt * 1000:8.1f} ms  loss {loss:.4f}", file=sys.stderr, flush=True)
+    return {r.name: r.times for r in runners}, losses
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--only', choices=list(CONFIGS), help="run one configuration alone, print JSON")
+    parser.add_argument('--configs', default=','.join(CONFIGS), help="comma-separated subset")
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--no-rss', action='store_true', help="skip the per-configuration subprocesses")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.only:
+        base = rss_mb()
+        times, _ = measure([args.only], args.warmup, args.steps)
+        print(json.dumps({'name': args.only, 'median_s': statistics.median(times[args.only]),
+                          'peak_rss_mb': peak_rss_mb(), 'rss_after_imports_mb': base}))
+        return
+
+    names = args.configs.split(',')
+    peak = matmul_peak_flops()
+    print(f"matmul peak ({args.threads} threads, fp32 2048^3): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    times, first_losses = measure(names, args.warmup, args.steps)
+    # the same weights and batch: every row's first loss must agree (bf16 approximately)
+    ref = first_losses[names[0]]
+    for n, l in first_losses.items():
+        tol = 5e-2 if CONFIGS[n][2] is not None else 1e-3
+        if abs(l - ref) > tol:
+            raise RuntimeError(f"{n} starts from loss {l:.5f}, {names[0]} from {ref:.5f}: not the same model")
+
+    rss = {}
+    if not args.no_rss:
+        for n in names:
+            cmd = [sys.executable, os.path.abspath(__file__), '--only', n, '--warmup', str(args.warmup),
+                   '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rss[n] = json.loads(out.strip().splitlines()[-1])
+
+    tokens = BATCH * BLOCK
+    flops_per_token = 6 * matmul_params(make_mingpt()) + 12 * N_LAYER * BLOCK * N_EMBD
+    base = tokens / statistics.median(times['transformers']) if 'transformers' in times else None
+    rows = [(n, tokens / statistics.median(times[n])) for n in names]
+    best = max((r for r in rows if r[0] != 'transformers'), key=lambda r: r[1])[0]
+
+    print(f"\ngpt-mini training step (n_layer {N_LAYER}, n_head {N_HEAD}, n_embd {N_EMBD}; batch {BATCH}, "
+          f"block {BLOCK}, vocab {VOCAB}), torch {torch.__version__}, {args.threads} threads, median of "
+          f"{args.steps} steps after {args.warmup} warm-up, configurations alternated step by step.")
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32); {flops_per_token / 1e6:.2f} MFLOP per token\n")
+    print("| configuration | tokens/s | vs transformers | MFU | peak RSS (MB) | RSS after imports (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n, tps in rows:
+        ratio = f"{tps / base:.2f}x" if base else "-"
+        mfu = tps * flops_per_token / peak
+        r = rss.get(n)
+        rss_cols = f"{r['peak_rss_mb']:.0f} | {r['rss_after_imports_mb']:.0f}" if r else "- | -"
+        label = f"**{n}** (best)" if n == best else n
+        print(f"| {label} | {tps:,.0f} | {ratio} | {mfu:.1%} | {rss_cols} |")
+    print(f"\ncommand: python bench/train.py {' '.join(sys.argv[1:])}".rstrip())
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,90 @@
+"""
+A tiny training run for the Trainer's subprocess tests (resume after SIGKILL, DDP under torchrun).
+Rank 0 writes the final weights to --out/final.safetensors and the per-iteration losses to
+--out/losses.json.
+
+    python tests/train_script.py --out DIR [--work_dir DIR --resume True --kill_at K]
+    python -m torch.distributed.run --nproc_per_node=2 tests/train_script.py --out DIR --batch_size 8
+"""
+
+import argparse
+import ast
+import json
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mingpt.model import GPT  # noqa: E402
+from mingpt.trainer import Trainer  # noqa: E402
+from mingpt.utils import set_seed  # noqa: E402
+
+
+class CountDataset(torch.utils.data.Dataset):
+    """ windows of a noisy counting sequence; a few targets are -1 so loss weighting matters """
+
+    def __init__(self, n=512, block=8, vocab=11):
+        g = torch.Generator().manual_seed(1)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.data = (start + torch.arange(block + 1)) % vocab
+        self.data[torch.rand(self.data.shape, generator=g) < 0.1] = -1
+        self.data[:, 0] = self.data[:, 0].clamp(min=0)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i, :-1].clamp(min=0), self.data[i, 1:]
+        return x, y
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--trainer', nargs='*', default=[], help="trainer overrides, --key=value")
+    parser.add_argument('--dropout', type=float, default=0.1)
+    parser.add_argument('--tie_weights', action='store_true')
+    parser.add_argument('--kill_at', type=int, default=None, help="SIGKILL self after this many iters")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the same arithmetic in every process, and room for two of them
+
+    set_seed(0)
+    mc = GPT.get_default_config()
+    mc.model_type = 'gpt-nano'
+    mc.vocab_size, mc.block_size = 11, 8
+    mc.embd_pdrop = mc.resid_pdrop = mc.attn_pdrop = args.dropout
+    mc.tie_weights = args.tie_weights
+    model = GPT(mc)
+
+    C = Trainer.get_default_config()
+    C.device = 'cpu'
+    C.num_workers = 0
+    C.learning_rate = 3e-3
+    C.progress_bar = False
+    C.merge_from_args([a if a.startswith('--') else '--' + a for a in args.trainer])
+    for k in ('resume',):  # merge_from_args keeps 'auto' as a string, True/False as bools
+        if isinstance(getattr(C, k), str) and getattr(C, k) in ('True', 'False'):
+            setattr(C, k, ast.literal_eval(getattr(C, k)))
+    trainer = Trainer(C, model, CountDataset())
+
+    losses = {}
+    def on_batch_end(t):
+        losses[t.iter_num] = t.loss.item()
+        # iter_num is the index of the step just taken: after it, iter_num + 1 steps are done
+        if args.kill_at is not None and t.iter_num + 1 == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer.add_callback('on_batch_end', on_batch_end)
+    trainer.run()
+
+    if trainer.is_master:
+        from safetensors.torch import save_model
+        os.makedirs(args.out, exist_ok=True)
+        save_model(model, os.path.join(args.out, 'final.safetensors'))
+        with open(os.path.join(args.out, 'losses.json'), 'w') as f:
+            json.dump(losses, f)
+
+
+if __name__ == '__main__':
+    main()
