@@ -1,0 +1,410 @@
+"""
+Byte-level BPE as used by GPT-2, with minGPT's API (get_encoder, Encoder, BPETokenizer).
+
+The ids are identical to tiktoken's "gpt2" encoding on any text, and a pure-Python encode runs at about
+half of tiktoken's (Rust) speed on new text, and about as fast on text it has seen (bench/tokenizer.py).
+How, in the order text flows through encode():
+
+1. Pre-tokenize: GPT-2's regex splits the text into pieces (words with their leading space, numbers,
+   punctuation runs, whitespace runs); BPE never merges across pieces. This is a third of the time, so
+   stretches of pure ASCII text are split with an equivalent ASCII-only pattern and the stdlib `re`
+   (about twice as fast as `regex` with Unicode classes), and only the neighbourhood of the odd non-ASCII
+   character goes through the full Unicode pattern (see _pretokenize for why this is exact).
+2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
+   C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
+   holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
+3. A miss runs BPE on the piece's UTF-8 bytes (_merge): merge the adjacent pair whose concatenation has
+   the lowest rank, until none makes a token, and remember the result.
+
+Vocabulary files are GPT-2's encoder.json (token string -> id, with bytes shown through bytes_to_unicode)
+and vocab.bpe (the merges in order). Any vocabulary in that format works, e.g. one trained later on your
+own data; tokens of encoder.json that are neither a single byte nor the result of a merge are special
+tokens (GPT-2 has one, <|endoftext|> = 50256), produced only when allowed via allowed_special.
+"""
+
+import json
+import logging
+import re
+from itertools import chain, repeat
+from pathlib import Path
+
+import regex
+import torch
+
+from mingpt.download import DownloadError, cache_dir, cached_download, gpt2_url
+
+logger = logging.getLogger(__name__)
+
+ENDOFTEXT = '<|endoftext|>'
+
+# OpenAI's files for the GPT-2 tokenizer (the same for every model size) and their sha256
+GPT2_VOCAB_FILES = {
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+}
+
+# GPT-2's pre-tokenizer, as published by OpenAI:
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# We put the letters alternative first because it is by far the most common match; that changes nothing,
+# since it can only match where the contractions cannot (they start with an apostrophe, which is neither a
+# letter nor a space). \s+(?!\S) keeps the last space of a run for the next word: "a   b" -> "a", "  ", " b".
+PATTERN = r""" ?\p{L}+|'(?:[sdmt]|ll|ve|re)| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# The same pattern spelled for ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s (Unicode
+# White_Space) is [\t\n\v\f\r ]. Note \x1c-\x1f are not White_Space, though str.isspace() says they are.
+_WS = r'\t\n\x0b\x0c\r '
+ASCII_PATTERN = rf""" ?[A-Za-z]+|'(?:[sdmt]|ll|ve|re)| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"""
+_NON_ASCII = re.compile(r'[^\x00-\x7f]')
+# A "safe cut": an ASCII non-space character followed by an ASCII space character. No piece spans it,
+# and no piece before it looks past it, so text on either side can be pre-tokenized independently.
+_SAFE_CUT_AFTER = re.compile(rf'(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')
+_LAST_SAFE_CUT = regex.compile(rf'(?r)(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')  # (?r): search backwards
+
+MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
+
+
+def bytes_to_unicode():
+    """
+    GPT-2's map from each of the 256 byte values to a printable unicode character, used to store tokens
+    (which are byte strings) as readable text in encoder.json and vocab.bpe: printable latin-1 bytes map
+    to themselves, the others (control characters, space, ...) to chr(256 + n). So 'Ġ' is a space.
+    """
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class _PieceCache(dict):
+    """piece (str) -> tuple of token ids. A dict subclass so that misses are filled by __missing__ and
+    hits never leave C: encode() is list(chain.from_iterable(map(cache.__getitem__, pieces))).
+    It starts out holding every token of the vocabulary that is valid UTF-8 text, since a piece that is a
+    whole token is a single id (as in tiktoken), so only pieces that need merging ever miss."""
+    __slots__ = ('encode_piece', 'initial')
+
+    def __init__(self, encode_piece, initial: dict):
+        super().__init__(initial)
+        self.encode_piece, self.initial = encode_piece, initial
+
+    def __missing__(self, piece):
+        ids = self.encode_piece(piece)
+        if len(self) >= MAX_CACHED_PIECES:
+            self.clear()
+            self.update(self.initial)
+        self[piece] = ids
+        return ids
+
+
+class Encoder:
+
+    def __init__(self, encoder: dict, bpe_merges: list):
+        """encoder: token string (bytes shown via bytes_to_unicode) -> id, as in encoder.json.
+        bpe_merges: the merges in order as (a, b) token string pairs, as in vocab.bpe."""
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        self._untranslate = {ord(v): chr(k) for k, v in self.byte_encoder.items()}  # for str.translate
+        self.encoder = encoder
+        self.decoder = {v: k for k, v in encoder.items()}
+        self.bpe_ranks = dict(zip(map(tuple, bpe_merges), range(len(bpe_merges))))
+        self.pat = regex.compile(PATTERN)
+        self._ascii_pat = re.compile(ASCII_PATTERN)
+
+        # Everything below works on bytes, not on the bytes_to_unicode strings of the files.
+        to_bytes = self._to_bytes
+        str_to_bytes = {}  # token string of the files -> its bytes, for the tokens BPE can produce
+        for b in range(256):
+            if self.byte_encoder[b] not in encoder:
+                raise ValueError(f'the vocabulary has no token for byte {b} ({self.byte_encoder[b]!r}); a byte-level '
+                                 f'BPE vocabulary must contain all 256 single bytes')
+            str_to_bytes[self.byte_encoder[b]] = bytes([b])
+        # rank of a token = position of the merge that creates it. Like tiktoken, two adjacent parts may merge
+        # whenever their concatenation is a token, and the lowest-ranked such pair merges first.
+        self._ranks = {}
+        for rank, (a, b) in enumerate(bpe_merges):
+            merged = to_bytes(a + b)
+            if a + b not in encoder:
+                raise ValueError(f'merge #{rank} {a!r} + {b!r} of vocab.bpe makes a token that encoder.json lacks; '
+                                 f'encoder.json and vocab.bpe must come from the same vocabulary')
+            self._ranks.setdefault(merged, rank)
+            str_to_bytes[a + b] = merged
+        self._bytes_to_id = {tb: encoder[ts] for ts, tb in str_to_bytes.items()}  # the "ordinary" tokens
+        self.special_tokens = {ts: i for ts, i in encoder.items() if ts not in str_to_bytes}
+        self._id_to_bytes = {i: tb for tb, i in self._bytes_to_id.items()}
+        self._id_to_bytes.update({i: ts.encode('utf-8') for ts, i in self.special_tokens.items()})
+        self._single_bytes = [bytes([b]) for b in range(256)]
+        whole_tokens = {}
+        for tb, i in self._bytes_to_id.items():
+            try:
+                whole_tokens[tb.decode('utf-8')] = (i,)
+            except UnicodeDecodeError:  # a token that is part of a multi-byte character is never a whole piece
+                pass
+        self._cache = _PieceCache(self._encode_piece, whole_tokens)
+        self._special_pats = {}  # frozenset of allowed special tokens -> compiled alternation
+        self.n_vocab = max(self.decoder) + 1  # the vocab_size a model needs for this tokenizer
+
+    def clear_cache(self):
+        """Forget the pieces seen so far (frees their memory; the next encode() starts cold)."""
+        self._cache.clear()
+        self._cache.update(self._cache.initial)
+
+    def _to_bytes(self, token: str) -> bytes:
+        """A token as written in encoder.json / vocab.bpe -> the bytes it stands for."""
+        return token.translate(self._untranslate).encode('latin-1')
+
+    # -------------------------------------------------------------------------
+    # encoding
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list:
+        """Text -> list of token ids, identical to tiktoken.get_encoding('gpt2') for the GPT-2 vocabulary.
+
+        allowed_special: the special tokens ('<|endoftext|>') to recognize in text, or 'all'. By default
+        none is, and "<|endoftext|>" in text is encoded as ordinary text (like tiktoken's encode_ordinary,
+        and like minGPT), so text from users cannot inject control tokens. Note that tiktoken's encode()
+        instead raises by default when text contains a special token.
+        """
+        if allowed_special == 'all':
+            allowed = frozenset(self.special_tokens)
+        else:
+            allowed = frozenset(allowed_special)
+            unknown = allowed - self.special_tokens.keys()
+            if unknown:
+                raise ValueError(f'allowed_special contains {sorted(unknown)}, which are not special tokens of this '
+                                 f'vocabulary; its special tokens are {sorted(self.special_tokens)}')
+        if not allowed:
+            return self.encode_ordinary(text)
+        pat = self._special_pats.get(allowed)
+        if pat is None:  # longest first, so that a special token that is a prefix of another does not win
+            alternatives = sorted(allowed, key=len, reverse=True)
+            pat = self._special_pats[allowed] = re.compile('|'.join(map(re.escape, alternatives)))
+        ids, start = [], 0
+        for m in pat.finditer(text):
+            ids += self.encode_ordinary(text[start:m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids += self.encode_ordinary(text[start:])
+        return ids
+
+    def encode_ordinary(self, text: str) -> list:
+        """Text -> token ids, treating special tokens as plain text."""
+        try:
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
+        except UnicodeEncodeError:
+            # Lone surrogates (say from a file read with errors='surrogateescape') are not valid UTF-8.
+            # Do what tiktoken does: pair up what pairs up, replace the rest with U+FFFD.
+            text = text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
+
+    def _pretokenize(self, text: str) -> list:
+        """self.pat.findall(text), faster: ASCII stretches go through the ASCII-only pattern with `re`.
+
+        Exactness: we only cut the text at "safe cuts" (an ASCII non-space followed by an ASCII space).
+        No piece contains both sides of such a cut (a piece is either all whitespace or has none except an
+        optional leading space), and the only lookahead, (?!\\S), sits at the end of whitespace runs, which
+        never end just before a whitespace character. So findall on the parts between cuts, each treated
+        as its own string (pos/endpos), gives the pieces of the whole.
+        """
+        if text.isascii():
+            return self._ascii_pat.findall(text)
+        n = len(text)
+        if (len(text.encode('utf-8', 'surrogatepass')) - n) * 300 > n:
+            # more than ~1 non-ASCII character in 300: the cut searches would cost more than they save
+            return self.pat.findall(text)
+        pieces, pos = [], 0
+        while pos < n:
+            m = _NON_ASCII.search(text, pos)
+            if m is None:
+                pieces += self._ascii_pat.findall(text, pos)
+                break
+            # [pos, start) is pure ASCII; [start, end) holds the non-ASCII character, between safe cuts
+            cut = _LAST_SAFE_CUT.search(text, pos, m.start())
+            start = cut.start() if cut else pos
+            cut = _SAFE_CUT_AFTER.search(text, m.end())
+            end = cut.start() if cut else n
+            if start > pos:
+                pieces += self._ascii_pat.findall(text, pos, start)
+            pieces += self.pat.findall(text, start, end)
+            pos = end
+        return pieces
+
+    def _encode_piece(self, piece: str) -> tuple:
+        """One pre-token -> its ids (called once per distinct piece, via the cache)."""
+        b = piece.encode('utf-8')
+        i = self._bytes_to_id.get(b)
+        if i is not None:  # the whole piece is a token (tiktoken checks this first too)
+            return (i,)
+        return tuple(map(self._bytes_to_id.__getitem__, self._merge(b)))
+
+    def _merge(self, b: bytes) -> list:
+        """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
+        has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts."""
+        parts = list(map(self._single_bytes.__getitem__, b))
+        rank, NONE = self._ranks.get, 1 << 62
+        # ranks[i] = rank of parts[i] + parts[i+1]; kept up to date instead of recomputed after each merge
+        ranks = list(map(rank, map(bytes.__add__, parts, parts[1:]), repeat(NONE)))
+        while ranks:
+            r = min(ranks)
+            if r == NONE:
+                break
+            i = ranks.index(r)
+            parts[i:i + 2] = (parts[i] + parts[i + 1],)
+            del ranks[i]
+            # only the pairs touching the new part changed
+            if i > 0:
+                ranks[i - 1] = rank(parts[i - 1] + parts[i], NONE)
+            if i < len(ranks):
+                ranks[i] = rank(parts[i] + parts[i + 1], NONE)
+        return parts
+
+    def bpe(self, token: str) -> str:
+        """minGPT's bpe(): one pre-token in bytes_to_unicode form -> its BPE parts joined by spaces."""
+        b = self._to_bytes(token)
+        parts = [b] if b in self._bytes_to_id else self._merge(b)
+        return ' '.join(''.join(self.byte_encoder[x] for x in p) for p in parts)
+
+    def encode_and_show_work(self, text: str) -> dict:
+        """Debugging aid from minGPT: like encode_ordinary, but also returns every intermediate step.
+        Returns {'bpe_idx': ids, 'tokens': pre-tokens, 'parts': [per pre-token dict of
+        token, token_bytes, token_translated, token_merged, token_ix]}."""
+        bpe_idx, parts = [], []
+        tokens = self.pat.findall(text)
+        for token in tokens:
+            token_bytes = token.encode('utf-8')
+            token_translated = ''.join(self.byte_encoder[b] for b in token_bytes)
+            token_merged = self.bpe(token_translated).split(' ')
+            token_ix = [self.encoder[t] for t in token_merged]
+            bpe_idx.extend(token_ix)
+            parts.append({
+                'token': token,  # the pre-token, as in the text
+                'token_bytes': token_bytes,  # its UTF-8 bytes
+                'token_translated': token_translated,  # the bytes through bytes_to_unicode
+                'token_merged': token_merged,  # after BPE, as strings of encoder.json
+                'token_ix': token_ix,  # and their ids
+            })
+        return {'bpe_idx': bpe_idx, 'tokens': tokens, 'parts': parts}
+
+    # -------------------------------------------------------------------------
+    # decoding
+
+    def decode(self, ids) -> str:
+        """Token ids (a list, or anything with .tolist() such as a 1-D tensor) -> text. Byte sequences that
+        are not valid UTF-8 (e.g. a multi-byte character cut in half) become U+FFFD, as in tiktoken."""
+        if hasattr(ids, 'tolist'):
+            ids = ids.tolist()
+        try:
+            data = b''.join(map(self._id_to_bytes.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = [i for i in ids if not isinstance(i, int) or i not in self._id_to_bytes]
+            raise ValueError(f'cannot decode {bad[:5]}: token ids must be ints in [0, {self.n_vocab})') from None
+        return data.decode('utf-8', errors='replace')
+
+    # -------------------------------------------------------------------------
+    # files
+
+    @classmethod
+    def from_files(cls, encoder_path, vocab_path) -> 'Encoder':
+        """Load encoder.json and vocab.bpe (GPT-2's format; HF calls them vocab.json and merges.txt)."""
+        with open(encoder_path, encoding='utf-8') as f:
+            encoder = json.load(f)
+        with open(vocab_path, encoding='utf-8') as f:
+            lines = f.read().split('\n')
+        merges = []
+        for lineno, line in enumerate(lines, 1):
+            line = line.rstrip('\r')
+            if not line or (lineno == 1 and line.startswith('#version')):
+                continue
+            pair = line.split(' ')
+            if len(pair) != 2:
+                raise ValueError(f'{vocab_path}:{lineno}: expected a merge "a b", got {line!r}')
+            merges.append(tuple(pair))
+        return cls(encoder, merges)
+
+
+def gpt2_vocab_files():
+    """Paths of GPT-2's encoder.json and vocab.bpe in cache_dir()/'gpt2', downloaded (and checked) if missing."""
+    paths = []
+    for name, sha256 in GPT2_VOCAB_FILES.items():
+        try:
+            paths.append(cached_download(gpt2_url(f'models/124M/{name}'), name, sha256=sha256, subdir='gpt2'))
+        except DownloadError as e:
+            raise DownloadError(
+                f'{e}\nThe GPT-2 tokenizer needs two files, encoder.json and vocab.bpe (from '
+                f'{gpt2_url("models/124M/")}), in the directory {cache_dir() / "gpt2"}. Copy both there, or pass '
+                f'get_encoder(path=...) / BPETokenizer(path=...) a directory that contains them.') from e
+    return tuple(paths)
+
+
+def get_encoder(path=None) -> Encoder:
+    """The GPT-2 tokenizer (files downloaded to the cache on first use), or the vocabulary in directory
+    `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
+    if path is None:
+        encoder_path, vocab_path = gpt2_vocab_files()
+    else:
+        path = Path(path)
+        encoder_path, vocab_path = path / 'encoder.json', path / 'vocab.bpe'
+        missing = [p.name for p in (encoder_path, vocab_path) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f'{path} lacks {" and ".join(missing)}; a tokenizer directory must contain '
+                                    f'encoder.json and vocab.bpe (GPT-2\'s format)')
+    logger.debug('loading BPE vocabulary from %s and %s', encoder_path, vocab_path)
+    return Encoder.from_files(encoder_path, vocab_path)
+
+
+class BPETokenizer:
+    """
+    minGPT's tokenizer object, returning torch tensors.
+
+        tok = BPETokenizer()
+        idx = tok("Hello world")                   # (1, T) LongTensor
+        tok.decode(idx[0])                         # 'Hello world'
+        idx, mask = tok(["Hi", "Hello there"])     # (B, T) each, LEFT-padded
+        tok.decode(idx, attention_mask=mask)       # ['Hi', 'Hello there']
+
+    Batches are padded on the left with pad_token_id (<|endoftext|> = 50256 for GPT-2), and attention_mask
+    is 1 on real tokens and 0 on padding. Left padding makes the last column the last real token of every
+    row, which is what batched generation continues from.
+    """
+
+    def __init__(self, path=None):
+        self.encoder = get_encoder(path)
+        self.pad_token_id = self.encoder.special_tokens.get(ENDOFTEXT)
+
+    def __call__(self, text, return_tensors='pt', allowed_special=frozenset()):
+        """str -> (1, T) LongTensor of ids; list of str -> (idx, attention_mask), both (B, T) LongTensors."""
+        if return_tensors != 'pt':
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; only 'pt' (torch) is")
+        if isinstance(text, str):
+            return torch.tensor([self.encoder.encode(text, allowed_special)], dtype=torch.long)
+        if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
+            raise TypeError('BPETokenizer takes a str or a non-empty list of str')
+        rows = [self.encoder.encode(t, allowed_special) for t in text]
+        T = max(map(len, rows))
+        if self.pad_token_id is None and any(len(r) != T for r in rows):
+            raise ValueError('this vocabulary has no <|endoftext|> token to pad with; set tokenizer.pad_token_id')
+        idx = torch.full((len(rows), T), self.pad_token_id if self.pad_token_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:  # left padding: the real tokens occupy the last len(row) columns
+                idx[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, T - len(row):] = 1
+        return idx, mask
+
+    def decode(self, idx, attention_mask=None):
+        """(T,) ids -> str; (B, T) ids -> list of B str. Positions where attention_mask is 0 (the padding)
+        are dropped; without a mask every id is decoded, padding included."""
+        idx = torch.as_tensor(idx)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape != idx.shape:
+                raise ValueError(f'attention_mask has shape {tuple(attention_mask.shape)} '
+                                 f'but idx has {tuple(idx.shape)}; they must match')
+        if idx.ndim == 1:
+            return self.encoder.decode(idx[attention_mask.bool()] if attention_mask is not None else idx)
+        if idx.ndim == 2:
+            masks = attention_mask if attention_mask is not None else [None] * len(idx)
+            return [self.decode(row, mask) for row, mask in zip(idx, masks)]
+        raise ValueError(f'decode takes a 1-D (T,) or 2-D (B, T) tensor of ids, got shape {tuple(idx.shape)}')

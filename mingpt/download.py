@@ -1,0 +1,245 @@
+"""
+The one download helper of the library: tokenizer files, GPT-2 weights and datasets all come through here.
+
+- Files are cached under cache_dir(): $MINGPT_CACHE if set, else ~/.cache/mingpt.
+- A download streams into `<dest>.part` and is renamed onto `<dest>` only once it is complete and its
+  sha256 (when we know it) matches, so a crash or a Ctrl-C never leaves a half-written file where the
+  library will look for it.
+- An interrupted download resumes from the `.part` file with an HTTP Range request when the server
+  supports it (206 Partial Content), and starts over when it does not.
+- Without network you get a DownloadError that names the URL and the path to put the file at by hand.
+
+Every remote location is a module-level constant, and each can also be overridden with an environment
+variable (MINGPT_GPT2_BASE_URL, MINGPT_<DATASET>_URL), which is how the tests point the library at a local
+HTTP server and how a user can point it at a mirror.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX only; used to make concurrent processes (e.g. DDP ranks) download a file once
+except ImportError:  # Windows: no lock, the atomic rename still keeps every cached file whole
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = (10, 60)  # seconds to connect, seconds to wait for the next bytes of the body
+CHUNK_SIZE = 1 << 16  # also the most we lose when a connection drops: a partly received chunk is discarded
+MAX_ATTEMPTS = 5  # an attempt that received bytes before failing is resumed, up to this many times in all
+
+# OpenAI's public GPT-2 bucket: the tokenizer files and the original TF checkpoints live under models/<size>/
+GPT2_BASE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2'
+
+TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+TINY_SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+
+# name -> (url, sha256, file name in the cache). get_dataset(name) downloads one of them once.
+DATASETS = {
+    'tinyshakespeare': (TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, 'tinyshakespeare.txt'),
+}
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed its checks; the message says what to do instead."""
+
+
+def cache_dir() -> Path:
+    """$MINGPT_CACHE if set, else ~/.cache/mingpt; created on demand."""
+    path = _cache_path()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f'cannot create the mingpt cache directory {path} ({e}); '
+                           f'set the MINGPT_CACHE environment variable to a writable directory') from e
+    return path
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get('MINGPT_CACHE') or Path.home() / '.cache' / 'mingpt').expanduser()
+
+
+def sha256sum(path) -> str:
+    """Hex sha256 of a file, read in chunks so that multi-GB weights do not need to fit in memory."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(CHUNK_SIZE), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gpt2_url(path: str) -> str:
+    """URL of a file in OpenAI's GPT-2 bucket, e.g. gpt2_url('models/124M/encoder.json').
+    The base can be overridden with $MINGPT_GPT2_BASE_URL (a mirror, or a local server in the tests)."""
+    base = os.environ.get('MINGPT_GPT2_BASE_URL') or GPT2_BASE_URL
+    return base.rstrip('/') + '/' + path.lstrip('/')
+
+
+# -----------------------------------------------------------------------------
+# downloading
+
+def download(url: str, dest, sha256: str = None, desc: str = None, expected_size: int = None) -> Path:
+    """Download url to dest (always fetching, replacing dest if it exists) and return dest as a Path.
+
+    Streams to dest + '.part' with a progress bar, resumes an existing .part with a Range request,
+    checks the size (expected_size, else what the server announced) and sha256 if given, then renames the
+    .part onto dest atomically. Raises DownloadError on failure; dest is never left half-written.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest):
+        _download(url, dest, sha256, desc, expected_size)
+    return dest
+
+
+def cached_download(url: str, filename: str, sha256: str = None, subdir: str = None,
+                    desc: str = None, expected_size: int = None) -> Path:
+    """Return cache_dir()/subdir/filename, downloading it from url first if it is not there yet.
+
+    With a sha256, a cached file is checked before it is returned, and a corrupt one is downloaded again.
+    A cached file is used without touching the network, so this works offline once files are in place.
+    """
+    dest = cache_dir() / subdir / filename if subdir else cache_dir() / filename
+    if _is_valid(dest, sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest):
+        if _is_valid(dest, sha256):  # another process finished it while we waited for the lock
+            return dest
+        if dest.exists():
+            logger.warning('cached file %s does not match its sha256, downloading it again', dest)
+        _download(url, dest, sha256, desc, expected_size)
+    return dest
+
+
+def _is_valid(path: Path, sha256) -> bool:
+    return path.is_file() and (sha256 is None or sha256sum(path) == sha256)
+
+
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """Exclusive lock on dest for the duration of a download, so that processes started together
+    (torchrun ranks, parallel test workers) do not write the same .part file at once."""
+    if fcntl is None:
+        yield
+        return
+    with open(dest.with_name(dest.name + '.lock'), 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download(url, dest: Path, sha256, desc, expected_size):
+    part = dest.with_name(dest.name + '.part')
+    logger.info('downloading %s to %s', url, dest)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            total = _fetch(url, part, offset, desc or dest.name)
+        except requests.HTTPError as e:
+            reason = f'HTTP {e.response.status_code} {e.response.reason}'
+            raise DownloadError(_failure_message(url, dest, reason)) from e
+        except requests.RequestException as e:  # refused, DNS, timeout, connection dropped mid-body
+            received = part.stat().st_size if part.exists() else 0
+            if received > offset and attempt < MAX_ATTEMPTS:  # we made progress: resume from where it broke
+                logger.warning('download of %s interrupted at byte %d (%s), resuming', url, received, e)
+                continue
+            raise DownloadError(_failure_message(url, dest, e)) from e
+        if total is _STALE:  # 416 on a .part that is not a prefix of the file we want: start over
+            part.unlink()
+            continue
+        break
+    else:
+        raise DownloadError(_failure_message(url, dest, f'gave up after {MAX_ATTEMPTS} attempts'))
+
+    size = part.stat().st_size
+    want = expected_size if expected_size is not None else total
+    if want is not None and size != want:
+        part.unlink()
+        raise DownloadError(f'downloaded {size} bytes from {url} but expected {want}; the partial file was '
+                            f'deleted, run again to retry (or put the file at {dest} by hand)')
+    if sha256 is not None:
+        got = sha256sum(part)
+        if got != sha256:
+            part.unlink()
+            raise DownloadError(f'sha256 mismatch for {url}: expected {sha256}, got {got}. The downloaded file '
+                                f'was deleted; run again to retry, or put a correct copy at {dest} by hand')
+    os.replace(part, dest)  # atomic: dest is either absent or complete
+    return dest
+
+
+_STALE = object()
+
+
+def _fetch(url, part: Path, offset: int, desc: str):
+    """One HTTP request appending to (or, without Range support, rewriting) the .part file.
+    Returns the full size of the file if the server told us (else None), or _STALE for a useless .part."""
+    headers = {'Accept-Encoding': 'identity'}  # we want the stored bytes: sizes and Range offsets refer to them
+    if offset:
+        headers['Range'] = f'bytes={offset}-'
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+        if offset and r.status_code == 416:  # nothing after offset: .part is already complete, or stale
+            total = _content_range_total(r)
+            return total if total == offset else _STALE
+        r.raise_for_status()
+        total = _content_range_total(r) if r.status_code == 206 else None
+        if r.status_code == 206 and _content_range_start(r) != offset:
+            raise requests.ConnectionError(f'server answered a Range request for byte {offset} with '
+                                           f'{r.headers.get("Content-Range")!r}')
+        if r.status_code != 206:  # server ignored the Range header and sends the whole file
+            offset = 0
+            length = r.headers.get('Content-Length')
+            total = int(length) if length and length.isdigit() else None
+        with open(part, 'ab' if offset else 'wb') as f, \
+                tqdm(total=total, initial=offset, unit='B', unit_scale=True, unit_divisor=1024,
+                     desc=desc, disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
+            for chunk in r.iter_content(CHUNK_SIZE):
+                f.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def _content_range_start(r):
+    m = re.match(r'bytes (\d+)-', r.headers.get('Content-Range', ''))
+    return int(m.group(1)) if m else None
+
+
+def _content_range_total(r):
+    m = re.search(r'/(\d+)\s*$', r.headers.get('Content-Range', ''))
+    return int(m.group(1)) if m else None
+
+
+def _failure_message(url, dest, reason) -> str:
+    # requests nests the root cause (refused, DNS, ...) deep in its message: show just that part
+    reason = str(reason).split('Caused by ')[-1].rstrip(')')
+    return (f'could not download {url} ({reason}).\n'
+            f'If this machine has no internet access, download that file elsewhere and put it at {dest} '
+            f'(files are cached under {_cache_path()}; set the MINGPT_CACHE environment variable to use another '
+            f'directory).')
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def get_dataset(name: str) -> Path:
+    """Path to a dataset file from DATASETS, downloaded to cache_dir()/datasets/ the first time.
+    The URL can be overridden with $MINGPT_<NAME>_URL, e.g. MINGPT_TINYSHAKESPEARE_URL."""
+    if name not in DATASETS:
+        raise ValueError(f'unknown dataset {name!r}; known datasets: {", ".join(sorted(DATASETS))}')
+    url, sha256, filename = DATASETS[name]
+    url = os.environ.get(f'MINGPT_{name.upper()}_URL') or url
+    return cached_download(url, filename, sha256=sha256, subdir='datasets', desc=filename)
+
+
+def get_tiny_shakespeare() -> Path:
+    """Path to tiny shakespeare (1,115,394 characters of Shakespeare, karpathy/char-rnn's input.txt)."""
+    return get_dataset('tinyshakespeare')

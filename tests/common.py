@@ -1,0 +1,174 @@
+"""
+Helpers shared by the tests.
+
+- SHARED_DATA: <repo>/../shared/data, real files (GPT-2 vocabulary, corpora) available with no network.
+  Only tests know about it; the library never does.
+- data_file(name): a data file from SHARED_DATA, or else fetched through the library's own download code
+  (so the tests also work for someone with network but without ../shared). english_text(): 1 MB of prose.
+- local_http_server(directory): serve a directory on 127.0.0.1 (with Range support) for download tests.
+- use_shared_gpt2_vocab(): a temporary MINGPT_CACHE holding GPT-2's encoder.json and vocab.bpe, so that
+  get_encoder() / BPETokenizer() work offline and never touch the user's real cache.
+- tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+logger = logging.getLogger(__name__)
+
+
+def data_file(name: str) -> Path:
+    """Path of a data file: SHARED_DATA/name if present, else downloaded through mingpt itself."""
+    path = SHARED_DATA / name
+    if path.is_file():
+        return path
+    if name == 'tinyshakespeare.txt':
+        from mingpt.download import get_tiny_shakespeare
+        return get_tiny_shakespeare()
+    if name in ('encoder.json', 'vocab.bpe'):
+        from mingpt.bpe import gpt2_vocab_files
+        encoder_path, vocab_path = gpt2_vocab_files()
+        return encoder_path if name == 'encoder.json' else vocab_path
+    raise FileNotFoundError(f'test data file {name!r} is not in {SHARED_DATA} and mingpt has no download for it; '
+                            f'put a copy there')
+
+
+def english_text(n_bytes: int = 1_000_000) -> str:
+    """About n_bytes of English prose: War and Peace from SHARED_DATA, else tiny shakespeare (downloaded)."""
+    path = SHARED_DATA / 'warpeace.txt'
+    if not path.is_file():
+        path = data_file('tinyshakespeare.txt')
+    return path.read_bytes()[:n_bytes].decode('utf-8', errors='ignore')
+
+
+@contextlib.contextmanager
+def patched_env(**env):
+    """Set (or, with None, unset) environment variables for the duration of the block."""
+    old = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def use_shared_gpt2_vocab():
+    """Point MINGPT_CACHE at a fresh temporary directory whose gpt2/ holds encoder.json and vocab.bpe
+    (copied from SHARED_DATA, or from a download when it is absent); yields that cache directory."""
+    sources = [data_file('encoder.json'), data_file('vocab.bpe')]  # before MINGPT_CACHE changes
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / 'gpt2').mkdir()
+        for src in sources:
+            shutil.copy(src, Path(tmp) / 'gpt2' / src.name)
+        with patched_env(MINGPT_CACHE=tmp):
+            yield Path(tmp)
+
+
+def tiktoken_gpt2():
+    """tiktoken.get_encoding('gpt2'); uses SHARED_DATA/tiktoken_cache so that it needs no network."""
+    cache = SHARED_DATA / 'tiktoken_cache'
+    if cache.is_dir() and 'TIKTOKEN_CACHE_DIR' not in os.environ:
+        os.environ['TIKTOKEN_CACHE_DIR'] = str(cache)
+    import tiktoken
+    return tiktoken.get_encoding('gpt2')
+
+
+# -----------------------------------------------------------------------------
+# a local HTTP server
+
+class RangeRequestHandler(SimpleHTTPRequestHandler):
+    """SimpleHTTPRequestHandler plus single-range "Range: bytes=N-[M]" requests (206 / 416), which the
+    stdlib handler ignores. Set range_requests = False on a subclass to get a server without them.
+    Every request's (method, path, headers) is appended to the class's server's `requests_log`."""
+    range_requests = True
+
+    def log_message(self, format, *args):  # keep test output clean
+        logger.debug('%s - %s', self.address_string(), format % args)
+
+    def send_head(self):
+        self.server.requests_log.append((self.command, self.path, dict(self.headers)))
+        path = Path(self.translate_path(self.path))
+        m = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range', '').strip())
+        if not self.range_requests or m is None or not path.is_file():
+            return super().send_head()
+        size = path.stat().st_size
+        start = int(m.group(1))
+        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        if start >= size or start > end:
+            self.send_response(416)
+            self.send_header('Content-Range', f'bytes */{size}')
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return None
+        f = open(path, 'rb')
+        f.seek(start)
+        self.send_response(206)
+        self.send_header('Content-Type', self.guess_type(str(path)))
+        self.send_header('Content-Range', f'bytes {start}-{end}/{size}')
+        self.send_header('Content-Length', str(end - start + 1))
+        self.send_header('Accept-Ranges', 'bytes')
+        self.end_headers()
+        return _Limited(f, end - start + 1)
+
+
+class _Limited:
+    """A file object that reads at most n bytes (copyfile() in the handler reads until EOF)."""
+
+    def __init__(self, f, n):
+        self.f, self.n = f, n
+
+    def read(self, size=-1):
+        size = self.n if size < 0 else min(size, self.n)
+        data = self.f.read(size)
+        self.n -= len(data)
+        return data
+
+    def close(self):
+        self.f.close()
+
+
+@contextlib.contextmanager
+def local_http_server(directory, handler_class=RangeRequestHandler, requests_log=None):
+    """Serve `directory` on 127.0.0.1 at a free port from a background thread; yields the base URL
+    ('http://127.0.0.1:PORT'). Requests are appended to requests_log (a list) if one is given.
+    handler_class: RangeRequestHandler or a subclass of it (e.g. one that misbehaves on purpose)."""
+    server = ThreadingHTTPServer(('127.0.0.1', 0), partial(handler_class, directory=str(directory)))
+    server.daemon_threads = True
+    server.requests_log = requests_log if requests_log is not None else []
+    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def free_port_url() -> str:
+    """An http://127.0.0.1:PORT URL on which nothing listens (for "server down" tests)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return f'http://127.0.0.1:{port}'

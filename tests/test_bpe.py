@@ -1,0 +1,336 @@
+"""Tests for mingpt/bpe.py: ids identical to tiktoken's gpt2 encoding, minGPT's API, vocabulary files."""
+
+import json
+import random
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import regex
+import torch
+
+from mingpt.bpe import (BPETokenizer, DownloadError, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES)
+from mingpt.download import sha256sum
+from tests.common import (data_file, english_text, free_port_url, local_http_server, patched_env, tiktoken_gpt2,
+                          use_shared_gpt2_vocab)
+
+# OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
+OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+SAMPLES = [
+    '', ' ', 'Hello world', 'hello world  ', 'a  b   c\t\td', '   leading and trailing   ', '\t\n \r\n\r\n  x',
+    'line one\r\nline two\r\n', 'trailing tab\t', '\n\n\n', ' \n \n', 'x \u00a0y\u3000z\u2003w',
+    "I'm sure you'll see they've said it's what we'd do, don't you? I'M SURE YOU'LL SEE THEY'VE SAID IT'S",
+    "'s 't 're 've 'm 'll 'd 'S 'T 'RE ''s", "rock'n'roll o'clock",
+    '1 12 123 1234 12345 3.14159 -42 1,000,000 0x1F 1e-9 ٣٤٥ १२३ ½ Ⅻ ²',
+    'def f(x):\n    return {"a": [1, 2]} # ok\n\tif x != y && z >= 3: pass\n',
+    '<div class="x">&amp;</div> https://example.com/a?b=c&d=e#f',
+    '日本語のテキストです。中文文本，还有标点！한국어 텍스트', 'مرحبا بالعالم، كيف حالك؟', 'नमस्ते दुनिया, यह हिन्दी है।',
+    'Привет, мир! Ёжик в тумане.', 'Ελληνικά κείμενα', 'שלום עולם', 'ภาษาไทย ไม่มีช่องว่าง',
+    '😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷 ❤️ 🧑🏿‍💻', 'e\u0301 a\u0308\u0323 Z\u0351\u0352\u0353 ñ vs n\u0303',
+    'café naïve Zürich façade résumé', '\u200b\u200c\u200d\ufeff zero width', '\x00\x01\x1c\x1f\x7f control',
+    '<|endoftext|> is plain text here', 'ends with newline\n', '...!!!??? --- ***',
+    'Mixed ascii and ünïcödé words, with\u00a0nbsp and a tab\tand más.',
+    "Don't stop 'til you get enough; y'all're 'bout done",
+]
+
+
+def random_text(rng: random.Random, length: int) -> str:
+    """Random text from a mix of the character classes the pre-tokenizer distinguishes, in runs."""
+    pools = [
+        'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ', '0123456789', '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~',
+        "'", "'sdmtlver", ' ', '  \t\n\r\x0b\x0c', '\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u3000\u180e',
+        'éüñçøßåæœÉÜÑ', '日本語中文漢字한국어', 'ابتثجحخ', 'अआइईउ्ािी', 'абвгдеёжАБВГ', '\u0300\u0301\u0308\u0323\u0351',
+        '😀👍🏽👨\u200d👩\ufe0f🇫🇷', '٣٤५१२½Ⅻ²',
+    ]
+    out = []
+    while len(out) < length:
+        pool = rng.choice(pools)
+        out.extend(rng.choice(pool) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.15:  # now and then any code point at all (surrogates excluded: not valid UTF-8)
+            c = rng.randrange(0x110000 - 0x800)
+            out.append(chr(c if c < 0xD800 else c + 0x800))
+    return ''.join(out[:length])
+
+
+class GPT2EncoderTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        with use_shared_gpt2_vocab():
+            cls.e = get_encoder()
+        cls.tik = tiktoken_gpt2()
+
+    def assertExact(self, text):
+        ids = self.e.encode(text)
+        self.assertEqual(ids, self.tik.encode_ordinary(text), f'ids differ from tiktoken for {text[:80]!r}')
+        self.assertEqual(self.e.decode(ids), text)
+
+    def test_hello_world(self):
+        self.assertEqual(self.e.encode('Hello world'), [15496, 995])
+        self.assertEqual(self.e.decode([15496, 995]), 'Hello world')
+        self.assertEqual(self.e.n_vocab, 50257)
+        self.assertEqual(self.e.special_tokens, {'<|endoftext|>': 50256})
+
+    def test_varied_text_matches_tiktoken(self):
+        for text in SAMPLES:
+            with self.subTest(text=text):
+                self.assertExact(text)
+
+    def test_random_unicode_matches_tiktoken(self):
+        rng = random.Random(1234)
+        for _ in range(300):
+            self.assertExact(random_text(rng, rng.randint(1, 300)))
+
+    def test_code_points_in_context(self):
+        # code points as a word, after a letter, a digit, punctuation and whitespace: catches disagreements
+        # between the `regex` module's Unicode tables and tiktoken's on \p{L}, \p{N}, \s. All of them
+        # agree (checked once, 32 s); here Latin-1, General Punctuation and a random sample of the rest.
+        rng = random.Random(3)
+        cps = list(range(0x2070)) + rng.sample(range(0x2070, 0x10000), 3000)
+        cps += rng.sample(range(0x10000, 0x110000), 1000)
+        text = ''.join(f'a{c}a 1{c}1 !{c}! {c}{c}\n{c} ' for c in map(chr, cps) if not 0xD800 <= ord(c) < 0xE000)
+        self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+
+    def test_1mb_of_english_matches_tiktoken(self):
+        text = english_text(1_000_000)  # War and Peace (or tiny shakespeare without ../shared)
+        self.assertGreater(len(text), 900_000)
+        self.e.clear_cache()
+        self.assertExact(text)
+        self.assertExact(text)  # second pass runs from the piece cache
+
+    def test_pretokenizer_fast_path_is_exact(self):
+        # mostly-ASCII text goes through the ASCII pattern between "safe cuts" (see Encoder._pretokenize);
+        # that must give exactly the pieces of OpenAI's pattern, wherever the rare non-ASCII characters fall
+        rng = random.Random(7)
+        ascii_pools = ['abcXYZ', '0123', '.,!?-(\'"', "'", "'sdmtlver", ' ', '  \t\n\r\x0b\x0c', '\x1c\x1f\x00']
+        rare = 'é\xa0\u3000\x85\u2028٣½😀\u0301日Ж'
+        texts = ['word ' * 20 + 'é' + ' word' * 20, 'é' + 'x ' * 50, 'x ' * 50 + 'é', 'ab\n\n é\n\nc  ',
+                 'a\xa0 b  ' * 40]
+        for _ in range(60):
+            chars = []
+            while len(chars) < 3000:
+                pool = rng.choice(ascii_pools)
+                chars.extend(rng.choice(pool) for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 3)):  # sparse enough for the fast path (< 1 in 300 bytes)
+                chars.insert(rng.randrange(len(chars) + 1), rng.choice(rare))
+            texts.append(''.join(chars))
+        texts += SAMPLES + [random_text(rng, rng.randint(1, 200)) for _ in range(100)]  # dense: the plain path
+        for i, text in enumerate(texts):
+            self.assertEqual(self.e._pretokenize(text), OPENAI_PATTERN.findall(text), repr(text[:80]))
+            if i % 4 == 0:  # and the ids (random letters make many new pieces: slow, so only some)
+                self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+
+    def test_lone_surrogates_like_tiktoken(self):
+        for text in ['a\ud800b', 'x \udfff', '\ud83d\ude00 paired', 'ok ' * 10 + '\udc80']:
+            self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+
+    def test_endoftext_is_plain_text_by_default(self):
+        text = 'one<|endoftext|>two <|endoftext|>'
+        self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+        self.assertNotIn(50256, self.e.encode(text))
+        self.assertEqual(self.e.encode_ordinary(text), self.e.encode(text))
+
+    def test_allowed_special(self):
+        text = 'one<|endoftext|>two <|endoftext|><|endoftext|>'
+        for allowed in ({'<|endoftext|>'}, 'all'):
+            ids = self.e.encode(text, allowed_special=allowed)
+            self.assertEqual(ids, self.tik.encode(text, allowed_special=allowed))
+            self.assertEqual(ids.count(50256), 3)
+            self.assertEqual(self.e.decode(ids), text)
+        with self.assertRaises(ValueError) as cm:
+            self.e.encode(text, allowed_special={'<|startoftext|>'})
+        self.assertIn('<|endoftext|>', str(cm.exception))  # lists the ones that exist
+
+    def test_encode_and_show_work(self):
+        text = "Hello Bolkonski's world!!"
+        out = self.e.encode_and_show_work(text)
+        self.assertEqual(set(out), {'bpe_idx', 'tokens', 'parts'})
+        self.assertEqual(out['bpe_idx'], self.e.encode(text))
+        self.assertEqual(out['tokens'], ['Hello', ' Bolkonski', "'s", ' world', '!!'])
+        part = out['parts'][1]
+        self.assertEqual(part['token_bytes'], b' Bolkonski')
+        self.assertEqual(part['token_translated'], '\u0120Bolkonski')  # the space shows as Ġ
+        self.assertGreater(len(part['token_merged']), 1)
+        self.assertEqual(''.join(part['token_merged']), part['token_translated'])
+        self.assertEqual(part['token_ix'], [self.e.encoder[t] for t in part['token_merged']])
+        self.assertEqual(sum((p['token_ix'] for p in out['parts']), []), out['bpe_idx'])
+
+    def test_minGPT_attributes(self):
+        self.assertEqual(len(self.e.byte_encoder), 256)
+        self.assertEqual(self.e.byte_encoder[ord(' ')], 'Ġ')
+        self.assertEqual(self.e.bpe('Ġhello'), 'Ġhello')
+        self.assertEqual(self.e.bpe('ĠBolkonski').replace(' ', ''), 'ĠBolkonski')
+        self.assertEqual(len(self.e.bpe_ranks), 50000)
+        self.assertEqual(self.e.decoder[15496], 'Hello')
+
+    def test_decode(self):
+        euro = self.e.encode('𝕏')  # one character, several tokens
+        self.assertGreater(len(euro), 1)
+        self.assertEqual(self.e.decode(euro[:1]), self.tik.decode(euro[:1]))  # half a character: U+FFFD
+        self.assertIn('\ufffd', self.e.decode(euro[:1]))
+        self.assertEqual(self.e.decode(torch.tensor([15496, 995])), 'Hello world')
+        self.assertEqual(self.e.decode([50256]), '<|endoftext|>')
+        with self.assertRaises(ValueError):
+            self.e.decode([50257])
+        with self.assertRaises(ValueError):
+            self.e.decode([-1])
+
+
+class BPETokenizerTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        with use_shared_gpt2_vocab():
+            cls.tok = BPETokenizer()
+
+    def test_single_text(self):
+        idx = self.tok('Hello world')
+        self.assertEqual(idx.dtype, torch.long)
+        self.assertEqual(idx.tolist(), [[15496, 995]])
+        self.assertEqual(self.tok.decode(idx[0]), 'Hello world')
+        self.assertEqual(self.tok('').shape, (1, 0))
+
+    def test_batch_is_left_padded(self):
+        texts = ['Hello world, how are you?', 'Hi', '']
+        idx, mask = self.tok(texts)
+        self.assertEqual(idx.shape, mask.shape)
+        self.assertEqual((idx.dtype, mask.dtype), (torch.long, torch.long))
+        lengths = [len(self.tok.encoder.encode(t)) for t in texts]
+        self.assertEqual(idx.shape, (3, max(lengths)))
+        self.assertEqual(mask.sum(1).tolist(), lengths)
+        for row, text, n in zip(range(3), texts, lengths):
+            T = idx.shape[1]
+            self.assertTrue((idx[row, :T - n] == 50256).all())  # pad on the left
+            self.assertTrue((mask[row, :T - n] == 0).all())
+            self.assertEqual(idx[row, T - n:].tolist(), self.tok.encoder.encode(text))
+            self.assertTrue((mask[row, T - n:] == 1).all())
+        self.assertEqual(self.tok.pad_token_id, 50256)
+        self.assertEqual(self.tok.decode(idx, attention_mask=mask), texts)
+        self.assertEqual(self.tok.decode(idx)[1], '<|endoftext|>' * (max(lengths) - 1) + 'Hi')
+
+    def test_allowed_special_and_errors(self):
+        self.assertEqual(self.tok('a<|endoftext|>', allowed_special='all').tolist(), [[64, 50256]])
+        self.assertNotIn(50256, self.tok('a<|endoftext|>').tolist()[0])
+        with self.assertRaises(TypeError):
+            self.tok(42)
+        with self.assertRaises(TypeError):
+            self.tok([])
+        with self.assertRaises(ValueError):
+            self.tok('x', return_tensors='np')
+        with self.assertRaises(ValueError):
+            self.tok.decode(torch.zeros(1, 1, 1, dtype=torch.long))
+
+
+class VocabularyFilesTest(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
+
+    def test_downloads_and_checks_gpt2_files(self):
+        # the real download path, from a local server laid out like OpenAI's bucket
+        models = self.tmp / 'served' / 'models' / '124M'
+        models.mkdir(parents=True)
+        for name in GPT2_VOCAB_FILES:
+            shutil.copy(data_file(name), models / name)
+        cache = self.tmp / 'cache'
+        with local_http_server(self.tmp / 'served') as url, \
+                patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=url):
+            e = get_encoder()
+        self.assertEqual(e.encode('Hello world'), [15496, 995])
+        for name, sha in GPT2_VOCAB_FILES.items():
+            self.assertEqual(sha256sum(cache / 'gpt2' / name), sha)
+
+        # a server handing out a different file is refused, and nothing is left in the cache
+        (models / 'vocab.bpe').write_text('#version: 0.2\nĠ t\n', encoding='utf-8')
+        (cache / 'gpt2' / 'vocab.bpe').unlink()
+        with local_http_server(self.tmp / 'served') as url, \
+                patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=url), self.assertRaises(DownloadError) as cm:
+            get_encoder()
+        self.assertIn('sha256 mismatch', str(cm.exception))
+        self.assertFalse((cache / 'gpt2' / 'vocab.bpe').exists())
+
+    def test_offline_error_says_which_files_where(self):
+        cache = self.tmp / 'cache'
+        with patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()), \
+                self.assertRaises(DownloadError) as cm:
+            BPETokenizer()
+        msg = str(cm.exception)
+        for needle in ('encoder.json', 'vocab.bpe', str(cache / 'gpt2'), 'path='):
+            self.assertIn(needle, msg)
+
+    def test_directory_path(self):
+        for name in GPT2_VOCAB_FILES:
+            shutil.copy(data_file(name), self.tmp / name)
+        with patched_env(MINGPT_CACHE=self.tmp / 'unused', MINGPT_GPT2_BASE_URL=free_port_url()):
+            self.assertEqual(BPETokenizer(self.tmp)('Hello world').tolist(), [[15496, 995]])
+        (self.tmp / 'vocab.bpe').unlink()
+        with self.assertRaises(FileNotFoundError) as cm:
+            get_encoder(self.tmp)
+        self.assertIn('vocab.bpe', str(cm.exception))
+
+    def test_malformed_vocab(self):
+        encoder = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+        with self.assertRaises(ValueError):  # a merge whose result encoder.json lacks
+            Encoder(encoder, [('a', 'b')])
+        del encoder['a']
+        with self.assertRaises(ValueError):  # a byte with no token
+            Encoder(encoder, [])
+
+
+class CustomVocabularyTest(unittest.TestCase):
+    """A vocabulary that is not GPT-2's: GPT-2's first 2,000 merges, with ids shuffled away from merge order
+    and an extra special token. Checked against a tiktoken Encoding built from the same ranks."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tiktoken
+        tiktoken_gpt2()  # sets up tiktoken's offline cache when ../shared is there
+        byte_encoder = bytes_to_unicode()
+        byte_decoder = {v: k for k, v in byte_encoder.items()}
+        lines = data_file('vocab.bpe').read_text(encoding='utf-8').split('\n')[1:2001]
+        merges = [tuple(line.split(' ')) for line in lines]
+        tokens = [byte_encoder[b] for b in range(256)] + [a + b for a, b in merges]
+        ids = list(range(len(tokens)))
+        random.Random(0).shuffle(ids)  # ids no longer equal ranks
+        encoder = dict(zip(tokens, ids))
+        encoder['<|endoftext|>'] = len(tokens)
+        encoder['<|pad|>'] = len(tokens) + 1
+        cls.dir = tempfile.TemporaryDirectory()
+        (Path(cls.dir.name) / 'encoder.json').write_text(json.dumps(encoder), encoding='utf-8')
+        (Path(cls.dir.name) / 'vocab.bpe').write_text('#version: 0.2\n' + '\n'.join(lines) + '\n', encoding='utf-8')
+        cls.e = get_encoder(cls.dir.name)
+        to_bytes = lambda t: bytes(byte_decoder[c] for c in t)
+        cls.ref = tiktoken.Encoding(
+            name='custom', pat_str=cls.e.pat.pattern,
+            mergeable_ranks={to_bytes(t): rank for rank, t in enumerate(tokens)}, special_tokens={})
+        cls.rank_to_id = [encoder[t] for t in tokens]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dir.cleanup()
+
+    def test_matches_tiktoken_with_same_ranks(self):
+        rng = random.Random(99)
+        shakespeare = data_file('tinyshakespeare.txt').read_text(encoding='utf-8')[:50_000]
+        for text in SAMPLES + [shakespeare] + [random_text(rng, 200) for _ in range(100)]:
+            expected = [self.rank_to_id[r] for r in self.ref.encode_ordinary(text)]
+            self.assertEqual(self.e.encode(text), expected, repr(text[:80]))
+            self.assertEqual(self.e.decode(self.e.encode(text)), text)
+
+    def test_special_tokens_and_size(self):
+        self.assertEqual(self.e.n_vocab, 2258)
+        self.assertEqual(self.e.special_tokens, {'<|endoftext|>': 2256, '<|pad|>': 2257})
+        self.assertEqual(self.e.encode('x<|pad|>', allowed_special={'<|pad|>'})[-1], 2257)
+        tok = BPETokenizer(self.dir.name)
+        self.assertEqual(tok.pad_token_id, 2256)
+        idx, mask = tok(['a', 'a b c'])
+        self.assertEqual(idx[0, 0].item(), 2256)
+        self.assertEqual(tok.decode(idx, mask), ['a', 'a b c'])
+
+
+if __name__ == '__main__':
+    unittest.main()
