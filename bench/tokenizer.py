@@ -68,20 +68,18 @@ def main():
     if reference is not None and enc.encode(text) != reference:
         sys.exit('mingpt and tiktoken disagree on this text; not benchmarking a wrong tokenizer')
 
-    def cold():
-        enc.clear_cache()
-        return enc.encode(text)
-
-    # (name, function to time, prepare before every timed run or None)
+    # (name, function to time, setup run untimed before each run or None)
     tasks = [
-        ('mingpt encode, cold (one pass, cache fills)', cold),
-        ('mingpt encode, warm (cache full)', lambda: enc.encode(text)),
+        ('mingpt encode, cold (one pass, cache fills)', lambda: enc.encode(text), enc.clear_cache),
+        ('mingpt encode, warm (cache full)', lambda: enc.encode(text), None),
     ]
     if tik:
-        tasks.append(('tiktoken encode_ordinary', lambda: tik.encode_ordinary(text)))
-    best = {name: float('inf') for name, _ in tasks}
+        tasks.append(('tiktoken encode_ordinary', lambda: tik.encode_ordinary(text), None))
+    best = {name: float('inf') for name, _, _ in tasks}
     for _ in range(args.repeats):
-        for name, fn in tasks:
+        for name, fn, setup in tasks:
+            if setup:
+                setup()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
@@ -91,7 +89,7 @@ def main():
           f'best of {args.repeats}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n')
     print('| tokenizer | seconds | MB/s | vs tiktoken |')
     print('|---|---:|---:|---:|')
-    for name, _ in tasks:
+    for name, _, _ in tasks:
         seconds = best[name]
         ratio = f'{tik_time / seconds:.2f}x' if tik_time else 'n/a'
         print(f'| {name} | {seconds:.3f} | {n_bytes / seconds / 1e6:.2f} | {ratio} |')
