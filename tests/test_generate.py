@@ -96,6 +96,25 @@ class TestCacheMatchesRecompute(unittest.TestCase):
                     logits, _ = model(out[:, 9 - keep:10])
                 self.assertTrue(torch.equal(out[:, 10], logits[:, -1].argmax(-1)))
 
+    def test_fast_weights_give_the_same_tokens(self):
+        from mingpt.generate import decode_weights
+        for tie in (False, True):
+            model = tiny_gpt(vocab_size=13)
+            if tie:
+                model.lm_head.weight = model.transformer.wte.weight
+            idx = torch.randint(0, 13, (2, 3))
+            self.assertTrue(torch.equal(model.generate(idx, 12, fast_weights=True), model.generate(idx, 12)))
+            w = decode_weights(model)['transformer.h.0.mlp.c_fc.weight']
+            self.assertTrue(torch.equal(w, model.transformer.h[0].mlp.c_fc.weight))
+            self.assertEqual(w.stride(), (1, w.size(0)))  # (in, out) in memory
+            self.assertIs(decode_weights(model), decode_weights(model))  # kept between calls
+            # an in-place update of the model (an optimizer step) makes a fresh copy
+            with torch.no_grad():
+                model.transformer.h[0].mlp.c_fc.weight.mul_(-1)
+            w = decode_weights(model)['transformer.h.0.mlp.c_fc.weight']
+            self.assertTrue(torch.equal(w, model.transformer.h[0].mlp.c_fc.weight))
+            self.assertTrue(torch.equal(model.generate(idx, 12, fast_weights=True), model.generate(idx, 12)))
+
     def test_output_is_an_ordinary_tensor(self):
         # decoding runs under inference_mode; what it hands out must still work in place and in
         # autograd, as minGPT's no_grad output did (e.g. to train on generated sequences)
