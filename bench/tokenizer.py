@@ -86,7 +86,8 @@ def main():
 
     tik_time = best.get('tiktoken encode_ordinary')
     print(f'text: {n_bytes:,} bytes of {path.name}, {len(reference or enc.encode(text)):,} tokens; '
-          f'best of {args.repeats}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n')
+          f'best of {args.repeats}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, '
+          f'load average {os.getloadavg()[0]:.1f} (other work on the machine slows pure Python the most)\n')
     print('| tokenizer | seconds | MB/s | vs tiktoken |')
     print('|---|---:|---:|---:|')
     for name, _, _ in tasks:
