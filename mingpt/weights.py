@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -554,7 +555,6 @@ def _varint(buf, pos):
 
 def _proto_fields(buf):
     """ the (field number, value) pairs of a protobuf message; ints for varints and fixed, bytes for the rest """
-    import struct
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -584,7 +584,6 @@ def _block_handle(buf, pos=0):
 
 def _sstable_block(data, offset, size):
     """ the contents of the block at data[offset:offset+size], after checking its trailer """
-    import struct
     if offset + size + 5 > len(data):
         raise ValueError(f"the block at byte {offset} runs past the end of the file")
     # a 5-byte trailer: compression type (0 = none; TF writes bundles uncompressed) and masked crc32c
@@ -598,7 +597,6 @@ def _sstable_block(data, offset, size):
 
 def _sstable_entries(block):
     """ the (key, value) entries of a block: each key shares a prefix with the one before it """
-    import struct
     num_restarts = struct.unpack_from('<I', block, len(block) - 4)[0]
     end = len(block) - 4 - 4 * num_restarts  # the restart-point array is only a search index: skip it
     pos, key = 0, b''
@@ -614,7 +612,6 @@ def _sstable_entries(block):
 
 def read_sstable(path):
     """ {key: value} of a whole SSTable file (LevelDB's table format, which TF's .index files use) """
-    import struct
     data = memoryview(Path(path).read_bytes())
     # the 48-byte footer: metaindex and index block handles, zero padding, then the magic number
     if len(data) < 48 or struct.unpack_from('<Q', data, len(data) - 8)[0] != _SSTABLE_MAGIC:
@@ -670,7 +667,7 @@ def read_tf_index(path):
         table = read_sstable(index_path)
         header = dict(_proto_fields(table.pop(b'', b'')))  # BundleHeaderProto under the empty key
         entries = {k.decode('utf-8'): _bundle_entry(v) for k, v in table.items()}
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, struct.error) as e:  # UnicodeDecodeError is a ValueError
         raise WeightsError(f"{index_path}: not a readable TensorFlow checkpoint index ({e}); the file "
                            "is corrupt: download it again") from None
     if header.get(2, 0) != 0:
@@ -812,11 +809,6 @@ def save_hf(model, directory, safe_serialization=True):
         tensors[LM_HEAD] = own(sd[LM_HEAD])
 
     weights = 'model.safetensors' if safe_serialization else 'pytorch_model.bin'
-    # a stale weights file of the other kind would shadow (or be shadowed by) this one on load
-    for stale in HF_WEIGHT_FILES:
-        if stale != weights and (d / stale).is_file():
-            logger.info("removing %s, replaced by %s", d / stale, weights)
-            (d / stale).unlink()
     if safe_serialization:
         from safetensors.torch import save_file
         _atomic_write(d / weights, lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
@@ -824,6 +816,11 @@ def save_hf(model, directory, safe_serialization=True):
         _atomic_write(d / weights, lambda p: torch.save(tensors, p))
     config = json.dumps(hf_config(model), indent=2) + '\n'
     _atomic_write(d / 'config.json', lambda p: p.write_text(config, encoding='utf-8'))
+    # a stale weights file of another kind (or shards) would shadow, or be shadowed by, this one
+    for stale in HF_WEIGHT_FILES:
+        if stale != weights and (d / stale).is_file():
+            logger.info("removing %s, replaced by %s", d / stale, weights)
+            (d / stale).unlink()
     logger.info("saved %s (%d tensors) to %s", weights, len(tensors), d)
     return d
 
@@ -837,7 +834,6 @@ def detect_format(source):
     number) or 'hub' (a known hub name, with no such local checkpoint). Anything else is a
     WeightsError that says what was looked for.
     """
-    import struct
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / 'config.json').is_file():

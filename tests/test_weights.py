@@ -302,6 +302,35 @@ class TestSaveHF(TempDirTestCase):
         loaded = GPT.from_pretrained(self.tmp).eval()
         self.assertTrue(torch.equal(loaded(self.idx)[0], model(self.idx)[0]))
 
+    def test_trainer_checkpoint_loads(self):
+        # the Trainer's work_dir/ckpt: its config.json holds the model config under 'model', its
+        # model.safetensors the raw state dict (tied head stored once)
+        from mingpt.trainer import Trainer
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self):
+                return 16
+
+            def __getitem__(self, i):
+                x = torch.arange(i, i + 9) % 50
+                return x[:-1], x[1:]
+
+        for tie in (False, True):
+            with self.subTest(tie_weights=tie):
+                config = GPT.get_default_config()
+                config.model_type, config.vocab_size, config.block_size, config.tie_weights = 'gpt-nano', 50, 8, tie
+                model = GPT(config)
+                tc = Trainer.get_default_config()
+                tc.max_iters, tc.batch_size, tc.num_workers, tc.device = 2, 4, 0, 'cpu'
+                tc.work_dir, tc.log_interval = str(self.tmp / f'run{tie}'), None
+                Trainer(tc, model, Data()).run()
+                loaded = GPT.from_pretrained(self.tmp / f'run{tie}' / 'ckpt')
+                self.assertEqual(loaded.lm_head.weight is loaded.transformer.wte.weight, tie)
+                a, b = model.state_dict(), loaded.state_dict()
+                self.assertEqual(list(a), list(b))
+                for k in a:
+                    self.assertTrue(torch.equal(a[k], b[k]), k)
+
     def _hf_dir(self):
         make_hf(seed=4).save_pretrained(self.tmp / 'hf')
         return self.tmp / 'hf'
@@ -734,6 +763,13 @@ class TestTensorFlow(TempDirTestCase):
                 index.write_bytes(content)
                 with self.assertRaisesRegex(WeightsError, r'model\.ckpt\.index: not a readable TensorFlow'):
                     GPT.from_pretrained(d)
+        # a flipped bit anywhere in the data blocks (all but the unused metaindex and the footer's
+        # padding), or a cut anywhere, is a WeightsError and never any other exception
+        for pos in range(0, len(good) - 100, 23):
+            for content in (good[:pos] + bytes([good[pos] ^ 0x10]) + good[pos + 1:], good[:pos]):
+                index.write_bytes(content)
+                with self.assertRaises(WeightsError, msg=pos):
+                    read_tf_checkpoint(d)
 
     def test_missing_data_file(self):
         d = self.copy_fixture()
