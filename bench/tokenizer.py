@@ -11,6 +11,13 @@ shakespeare through mingpt's own download code. Rows:
 - tiktoken encode_ordinary: the reference.
 Each row is the best of --repeats runs (runs are interleaved, so load on the machine hits all rows alike).
 More rows (e.g. training a vocabulary) plug in as further entries of the `tasks` list in main().
+
+Two more tables (skip them with --no-train):
+- training a vocabulary: mingpt.bpe_train.train_bpe (pure Python) against Hugging Face's `tokenizers`
+  BpeTrainer (Rust), --train-vocab tokens (default 4096) on the same text; best of --train-repeats runs.
+- compression: bytes per token of vocabularies trained on the first 90% of tiny shakespeare (4096 and 8192
+  tokens) against GPT-2's 50257, on held-out text: the last 10% of tiny shakespeare (in domain), and War and
+  Peace and WikiText-2 valid (out of domain).
 """
 
 import argparse
@@ -25,6 +32,7 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from mingpt.bpe import get_encoder  # noqa: E402
+from mingpt.bpe_train import train_bpe  # noqa: E402
 
 
 def load_text(path, n_bytes):
@@ -51,11 +59,71 @@ def get_tiktoken():
         return None
 
 
+def training_table(text, vocab_size, repeats):
+    """Seconds to train a vocab_size vocabulary on text: mingpt against HF tokenizers (if installed)."""
+    n_bytes = len(text.encode('utf-8'))
+    tasks = [(f'mingpt bpe_train.train_bpe (Python), vocab {vocab_size}', lambda: train_bpe(text, vocab_size))]
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        def hf_train():
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            tok.train_from_iterator([text], trainer=trainers.BpeTrainer(
+                vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        tasks.append((f'HF tokenizers BpeTrainer (Rust), vocab {vocab_size}', hf_train))
+    except ImportError:
+        print('(tokenizers not installed: no Hugging Face row)\n')
+    best = {name: float('inf') for name, _ in tasks}
+    for _ in range(repeats):
+        for name, fn in tasks:
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(f'\nTraining a byte-level BPE vocabulary on the same {n_bytes:,} bytes; best of {repeats}, '
+          f'load average {os.getloadavg()[0]:.1f}\n')
+    print('| trainer | seconds | MB/s |')
+    print('|---|---:|---:|')
+    for name, _ in tasks:
+        print(f'| {name} | {best[name]:.2f} | {n_bytes / best[name] / 1e6:.2f} |')
+
+
+def compression_table(gpt2):
+    """Bytes per token on held-out text: vocabularies trained on tiny shakespeare's first 90% vs GPT-2's."""
+    shakespeare = SHARED_DATA / 'tinyshakespeare.txt'
+    if not shakespeare.is_file():
+        from mingpt.download import get_tiny_shakespeare
+        shakespeare = get_tiny_shakespeare()
+    text = shakespeare.read_text(encoding='utf-8')
+    n = int(len(text) * 0.9)
+    columns = [('GPT-2 (50257)', gpt2)]
+    for vocab_size in (4096, 8192):
+        t0 = time.perf_counter()
+        vocab = train_bpe(text[:n], vocab_size)
+        columns.append((f'ours {vocab_size} ({time.perf_counter() - t0:.0f}s to train)', vocab.to_encoder()))
+    held_out = [('tiny shakespeare, last 10% (in domain)', text[n:])]
+    for name, label in (('warpeace.txt', 'War and Peace (out of domain)'),
+                        ('wikitext-2/valid.txt', 'WikiText-2 valid (out of domain)')):
+        if (SHARED_DATA / name).is_file():
+            held_out.append((label, (SHARED_DATA / name).read_text(encoding='utf-8')))
+    print('\nCompression: UTF-8 bytes per token (higher is better) of vocabularies trained on the first 90% of '
+          'tiny shakespeare, against GPT-2\'s\n')
+    print('| held-out text | bytes | ' + ' | '.join(name for name, _ in columns) + ' |')
+    print('|---|---:|' + '---:|' * len(columns))
+    for label, t in held_out:
+        n_bytes = len(t.encode('utf-8'))
+        cells = [f'{n_bytes / len(enc.encode(t)):.2f}' for _, enc in columns]
+        print(f'| {label} | {n_bytes:,} | ' + ' | '.join(cells) + ' |')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--mb', type=float, default=1.0, help='megabytes (10^6 bytes) of text to encode')
     parser.add_argument('--repeats', type=int, default=5, help='runs per row; the best is reported')
     parser.add_argument('--file', default=None, help='text file to encode (default: War and Peace)')
+    parser.add_argument('--train-vocab', type=int, default=4096, help='vocabulary size of the training rows')
+    parser.add_argument('--train-repeats', type=int, default=2, help='runs per training row; the best is reported')
+    parser.add_argument('--no-train', action='store_true', help='skip the training and compression tables')
     args = parser.parse_args()
 
     print('command: `' + ' '.join(['python'] + [shlex.quote(a) for a in sys.argv]) + '`\n')
@@ -94,6 +162,10 @@ def main():
         seconds = best[name]
         ratio = f'{tik_time / seconds:.2f}x' if tik_time else 'n/a'
         print(f'| {name} | {seconds:.3f} | {n_bytes / seconds / 1e6:.2f} | {ratio} |')
+
+    if not args.no_train:
+        training_table(text, args.train_vocab, args.train_repeats)
+        compression_table(enc)
 
 
 if __name__ == '__main__':
