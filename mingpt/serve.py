@@ -1,0 +1,331 @@
+"""
+Web chat: a small ASGI app (Starlette, served by uvicorn) with one page, mingpt/static/chat.html.
+
+    pip install starlette uvicorn        # or: pip install -e '.[serve]'
+    python -m mingpt.serve --model out/chat/model
+    # then open http://127.0.0.1:8000
+
+The server keeps no conversation: the page sends the whole conversation with every message, and the
+reply streams back as server-sent events, one per piece of text (mingpt.chat.stream_reply: the one
+generation engine, cut at the end of the turn, never splitting a UTF-8 character).
+
+    GET  /          the page
+    GET  /config    limits and defaults, for the page's settings
+    GET  /health    {"status": "ok", "active": generations running, "completed", "cancelled", ...}
+    POST /chat      {"messages": [...], "temperature": 0.8, "max_tokens": 256, "top_k": 50,
+                     "top_p": null, "seed": null}  ->  text/event-stream of
+                    data: {"token": "..."}                        as the reply is generated
+                    data: {"done": true, "finish_reason": "stop"|"length", "tokens": n, ...}
+                    data: {"error": "..."}                        if generation failed midway
+
+Errors a user can cause are JSON {"error": "what is wrong and what to do"} with a status: 400 (a bad
+request), 413 (the message does not fit: --max-prompt-tokens, or the model's context), 429 (all
+--max-concurrent generation slots stayed busy for --queue-timeout seconds; Retry-After says when to
+try again). The page shows each of them.
+
+Generation runs in a worker thread per request, so the event loop keeps serving other requests (and
+noticing disconnects) while the model computes. When the client goes away (the page's Stop button
+aborts its fetch), the stream is cancelled and the worker stops at the next token. The server binds
+to 127.0.0.1 by default: it has no authentication, so expose it (--host 0.0.0.0) only on purpose.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+import weakref
+from pathlib import Path
+
+from mingpt.chat import PromptTooLong, add_sampling_args, check_messages, load_chat_model, stream_reply
+from mingpt.download import DownloadError
+from mingpt.generate import check_sampling_args
+
+logger = logging.getLogger(__name__)
+
+PAGE = Path(__file__).resolve().parent / 'static' / 'chat.html'
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is parsed
+
+
+class RequestError(Exception):
+    """ a request we refuse: the HTTP status and a message saying what to change """
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class Slots:
+    """
+    At most n generations at once. A thread-safe counter rather than an asyncio.Semaphore: slots
+    are given back by the worker threads, when generation really stops, which may be well after
+    the request that took the slot has gone.
+    """
+
+    def __init__(self, n):
+        self.n = n
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def try_acquire(self):
+        with self.lock:
+            if self.active >= self.n:
+                return False
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return True
+
+    def release(self):
+        with self.lock:
+            self.active -= 1
+
+    async def acquire(self, timeout):
+        """ wait up to timeout seconds for a slot (polling: a wait here is the exception) """
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+# -----------------------------------------------------------------------------
+
+def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
+               max_concurrent=2, queue_timeout=10.0, temperature=0.8, top_k=50, top_p=None,
+               default_max_tokens=256):
+    """
+    The Starlette app serving model (in eval mode) with its ChatTokenizer. Limits: max_new_tokens
+    (the most a request may ask for), max_prompt_tokens (default: the model's context less room
+    for the reply; older turns are dropped to fit, a single message that does not is a 413),
+    max_concurrent generations at once, and how long a request waits for a slot (queue_timeout
+    seconds, then 429). temperature, top_k, top_p, default_max_tokens: defaults for requests that
+    do not say.
+    """
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    if not PAGE.is_file():
+        raise FileNotFoundError(f"the chat page {PAGE} is missing from the installed package; "
+                                "reinstall mingpt (pip install -e .)")
+    page = PAGE.read_text(encoding='utf-8')
+    if max_new_tokens < 1 or max_concurrent < 1 or queue_timeout < 0:
+        raise ValueError("max_new_tokens and max_concurrent must be >= 1, queue_timeout >= 0")
+    default_max_tokens = min(default_max_tokens, max_new_tokens)
+    slots = Slots(max_concurrent)
+    stats_lock = threading.Lock()
+    stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'rejected': 0, 'tokens': 0}
+
+    def count(**kv):
+        with stats_lock:
+            for k, v in kv.items():
+                stats[k] += v
+
+    def parse(body):
+        """ the request body -> (messages, sampling kwargs); RequestError (400) if anything is off """
+        if not isinstance(body, dict):
+            raise RequestError(400, 'the request body must be a JSON object: {"messages": [...]}')
+        messages = body.get('messages')
+        try:
+            check_messages(messages)
+        except ValueError as e:
+            raise RequestError(400, f"bad messages: {e}") from None
+        if not messages or messages[-1]['role'] != 'user':
+            raise RequestError(400, "the conversation must end with a user message to reply to")
+        if not messages[-1]['content'].strip():
+            raise RequestError(400, "the message is empty; type something to send")
+
+        def number(name, default, kind):
+            v = body.get(name, default)
+            if v is None:
+                return None
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or (kind is int and v != int(v)):
+                raise RequestError(400, f"{name} must be {'an integer' if kind is int else 'a number'} "
+                                        f"(got {v!r})")
+            return kind(v)
+
+        n = number('max_tokens', default_max_tokens, int)
+        if n is None or not 1 <= n <= max_new_tokens:
+            raise RequestError(400, f"max_tokens must be between 1 and {max_new_tokens} (this server's "
+                                    f"limit; got {n})")
+        kw = dict(max_new_tokens=n, temperature=number('temperature', temperature, float),
+                  top_k=number('top_k', top_k, int), top_p=number('top_p', top_p, float),
+                  seed=number('seed', None, int))
+        if kw['temperature'] is None:
+            kw['temperature'] = temperature
+        if kw['top_k'] == 0:
+            kw['top_k'] = None
+        try:
+            check_sampling_args(kw['temperature'], kw['top_k'], kw['top_p'])
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        return messages, kw
+
+    async def homepage(request):
+        return HTMLResponse(page)
+
+    async def config(request):
+        return JSONResponse({
+            'model': model_name, 'block_size': model.block_size, 'max_new_tokens': max_new_tokens,
+            'max_prompt_tokens': max_prompt_tokens, 'max_concurrent': max_concurrent,
+            'defaults': {'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
+                         'max_tokens': default_max_tokens},
+        })
+
+    async def health(request):
+        with stats_lock:
+            s = dict(stats)
+        return JSONResponse({'status': 'ok', 'active': slots.active, 'peak_active': slots.peak, **s})
+
+    async def chat(request):
+        try:
+            size = int(request.headers.get('content-length') or 0)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(413, f"the request is {size} bytes; at most {MAX_BODY_BYTES} are "
+                                        "accepted: shorten the conversation")
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError):
+                raise RequestError(400, 'the request body is not valid JSON; send {"messages": '
+                                        '[{"role": "user", "content": "..."}]}') from None
+            messages, kw = parse(body)
+            info = {}
+            stop = threading.Event()  # set when nobody listens any more: the worker then stops
+            try:
+                # renders (and checks the length of) the prompt now; tokens come when iterated
+                pieces = stream_reply(model, tokenizer, messages, max_prompt_tokens=max_prompt_tokens,
+                                      info=info, should_stop=stop.is_set, **kw)
+            except PromptTooLong as e:
+                raise RequestError(413, str(e)) from None
+            except ValueError as e:
+                raise RequestError(400, str(e)) from None
+            if not await slots.acquire(queue_timeout):
+                count(rejected=1)
+                retry = max(1, math.ceil(queue_timeout))
+                raise RequestError(429, f"the server is busy: all {max_concurrent} generation slots "
+                                        f"are in use; try again in a few seconds", {'Retry-After': str(retry)})
+        except RequestError as e:
+            return JSONResponse({'error': e.message}, status_code=e.status, headers=e.headers)
+        queue = start_generation(pieces, info, stop)
+        events = stream_events(queue, stop)
+        # if the response never starts (the client left at once), the events' finally never
+        # runs: stop the worker when the generator object goes away instead
+        weakref.finalize(events, stop.set)
+        return StreamingResponse(events, media_type='text/event-stream',
+                                 headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
+
+    def start_generation(pieces, info, stop):
+        """
+        Run pieces in a worker thread (the slot is already taken; the worker gives it back when
+        it stops, at the next token once stop is set). -> a queue of ('token', str) ... then
+        ('done', info) or ('error', message)
+        """
+        loop = asyncio.get_running_loop()
+        queue = asyncio.Queue()
+        info['t0'] = time.monotonic()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
+                stop.set()
+
+        def work():
+            outcome = 'cancelled'
+            try:
+                for piece in pieces:
+                    put(('token', piece))
+                if info['finish_reason'] != 'cancelled':
+                    outcome = 'completed'
+                    put(('done', info))
+            except Exception as e:  # a bug or an out-of-memory: tell the client, keep serving
+                logger.exception("generation failed")
+                outcome = 'failed'
+                put(('error', f"generation failed: {type(e).__name__}: {e}"))
+            finally:
+                pieces.close()  # stops the engine's generator (and frees its KV cache) now
+                count(**{outcome: 1, 'tokens': info.get('tokens', 0)})
+                slots.release()
+
+        threading.Thread(target=work, name='mingpt-generate', daemon=True).start()
+        return queue
+
+    async def stream_events(queue, stop):
+        """ the worker's output as server-sent events """
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == 'token':
+                    yield sse({'token': value})
+                elif kind == 'done':
+                    yield sse({'done': True, 'finish_reason': value['finish_reason'],
+                               'tokens': value['tokens'], 'prompt_tokens': value['prompt_tokens'],
+                               'seconds': round(time.monotonic() - value['t0'], 3)})
+                    return
+                else:
+                    yield sse({'error': value})
+                    return
+        finally:
+            # reached on completion, and on cancellation when the client disconnects: either way
+            # the worker must not go on generating for nobody
+            stop.set()
+
+    app = Starlette(routes=[
+        Route('/', homepage),
+        Route('/config', config),
+        Route('/health', health),
+        Route('/chat', chat, methods=['POST']),
+    ])
+    app.state.slots, app.state.stats = slots, stats
+    return app
+
+
+def sse(obj):
+    """ one server-sent event carrying obj as JSON (JSON escapes newlines, so one data: line) """
+    return f"data: {json.dumps(obj)}\n\n"
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='python -m mingpt.serve', description=__doc__.split('\n\n')[0])
+    add_sampling_args(parser)  # --model, and the defaults of --temperature, --top-k, --top-p
+    parser.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: '
+                                                            'this machine only)')
+    parser.add_argument('--port', type=int, default=8000)
+    parser.add_argument('--max-tokens-limit', type=int, default=512,
+                        help='the most new tokens a request may ask for (default 512)')
+    parser.add_argument('--max-prompt-tokens', type=int, default=None,
+                        help="longest prompt in tokens (default: the model's context less room for "
+                             "the reply); older turns are dropped to fit")
+    parser.add_argument('--max-concurrent', type=int, default=2,
+                        help='generations at once (default 2); more requests wait')
+    parser.add_argument('--queue-timeout', type=float, default=10.0,
+                        help='seconds a request waits for a free slot before a 429 (default 10)')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
+    try:
+        import uvicorn
+        import starlette  # noqa: F401
+    except ImportError:
+        parser.exit(2, "error: the web server needs starlette and uvicorn: pip install starlette uvicorn "
+                       "(or pip install -e '.[serve]')\n")
+    try:
+        check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+        model, tokenizer = load_chat_model(args.model, args.device)
+        app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model),
+                         max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                         max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
+                         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit))
+    except (ValueError, OSError, DownloadError) as e:
+        parser.exit(2, f"error: {e}\n")
+    logger.info("chat with %s at http://%s:%d", args.model, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level='warning')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,273 @@
+"""
+Tests for mingpt/serve.py through HTTP: the page and settings, a reply streamed as server-sent events
+(the same text the chat engine gives in-process), every limit a clear JSON error with the right
+status, and on a real uvicorn server on 127.0.0.1: events arriving while the model still generates,
+the event loop answering during generation, generation stopping when the client disconnects, and 8
+parallel requests that all complete or get 429, as configured.
+"""
+
+import contextlib
+import json
+import re
+import threading
+import time
+import unittest
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from starlette.testclient import TestClient
+
+from mingpt.chat import stream_reply
+from mingpt.serve import create_app
+from tests.test_chat import tiny_chat_model
+
+
+def sse_events(lines):
+    """ the JSON payloads of an SSE stream's 'data: ' lines """
+    return [json.loads(line[6:]) for line in lines if line.startswith('data: ')]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """ serve app with uvicorn on 127.0.0.1 at a free port, in a thread; yields the base URL """
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=0, log_level='warning',
+                                           lifespan='off'))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_until(predicate, timeout=20.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+class ServeTestCase(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        # never_stop: greedy replies always run to max_tokens, so a test controls their length
+        cls.model, cls.tok = tiny_chat_model(block_size=64, never_stop=True)
+
+    def app(self, **kwargs):
+        kwargs.setdefault('max_new_tokens', 2000)
+        kwargs.setdefault('temperature', 0.0)
+        return create_app(self.model, self.tok, model_name='tiny', **kwargs)
+
+    def expected(self, messages, n):
+        return ''.join(stream_reply(self.model, self.tok, messages, n, temperature=0))
+
+
+HELLO = [{'role': 'user', 'content': 'Good morrow, sweet lady.'}]
+
+
+class TestServeHTTP(ServeTestCase):
+    """ in-process, through Starlette's TestClient """
+
+    def test_page_is_self_contained(self):
+        with TestClient(self.app()) as client:
+            r = client.get('/')
+        self.assertEqual(r.status_code, 200)
+        self.assertIn('text/html', r.headers['content-type'])
+        for element in ('id="messages"', 'id="input"', 'id="send"', 'id="stop"', 'id="temperature"',
+                        'id="max-tokens"', 'AbortController'):
+            self.assertIn(element, r.text)
+        # no CDN, no external asset of any kind: the page works offline
+        self.assertIsNone(re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', r.text))
+        self.assertNotIn('@import', r.text)
+
+    def test_config_and_health(self):
+        with TestClient(self.app(max_new_tokens=300, max_concurrent=3)) as client:
+            cfg = client.get('/config').json()
+            health = client.get('/health').json()
+        self.assertEqual((cfg['model'], cfg['block_size'], cfg['max_new_tokens'], cfg['max_concurrent']),
+                         ('tiny', 64, 300, 3))
+        self.assertEqual(cfg['defaults']['max_tokens'], 256)
+        self.assertEqual((health['status'], health['active'], health['completed']), ('ok', 0, 0))
+
+    def test_reply_streams_as_events(self):
+        messages = [{'role': 'system', 'content': 'You are Juliet.'}] + HELLO
+        with TestClient(self.app()) as client:
+            with client.stream('POST', '/chat', json={'messages': messages, 'max_tokens': 20}) as r:
+                self.assertEqual(r.status_code, 200)
+                self.assertTrue(r.headers['content-type'].startswith('text/event-stream'))
+                events = sse_events(r.iter_lines())
+            health = client.get('/health').json()
+        tokens = [e['token'] for e in events if 'token' in e]
+        self.assertGreater(len(tokens), 1)
+        self.assertEqual(''.join(tokens), self.expected(messages, 20))
+        done = events[-1]
+        self.assertEqual((done['done'], done['finish_reason'], done['tokens']), (True, 'length', 20))
+        self.assertEqual(done['prompt_tokens'], len(self.tok.render_for_completion(messages)))
+        self.assertEqual((health['completed'], health['tokens'], health['active']), (1, 20, 0))
+
+    def test_sampling_parameters_are_used(self):
+        body = {'messages': HELLO, 'max_tokens': 12, 'temperature': 1.3, 'top_k': 40, 'top_p': 0.95,
+                'seed': 7}
+        with TestClient(self.app()) as client:
+            a = sse_events(client.post('/chat', json=body).text.splitlines())
+            b = sse_events(client.post('/chat', json={**body, 'seed': 8}).text.splitlines())
+        text = ''.join(e.get('token', '') for e in a)
+        self.assertEqual(text, ''.join(stream_reply(self.model, self.tok, HELLO, 12, temperature=1.3,
+                                                    top_k=40, top_p=0.95, seed=7)))
+        self.assertNotEqual(text, ''.join(e.get('token', '') for e in b))
+
+    def assertError(self, response, status, pattern):
+        self.assertEqual(response.status_code, status, response.text)
+        self.assertRegex(response.json()['error'], pattern)
+
+    def test_bad_requests_are_clear_errors(self):
+        with TestClient(self.app(max_new_tokens=100)) as client:
+            post = lambda body: client.post('/chat', json=body)
+            self.assertError(client.post('/chat', content=b'{not json'), 400, 'not valid JSON')
+            self.assertError(post([1, 2]), 400, 'JSON object')
+            self.assertError(post({'messages': 'hi'}), 400, 'bad messages: .*list of messages')
+            self.assertError(post({'messages': [{'role': 'wizard', 'content': 'hi'}]}), 400, "role 'wizard'")
+            self.assertError(post({'messages': HELLO + [{'role': 'assistant', 'content': 'x'}]}), 400,
+                             'must end with a user message')
+            self.assertError(post({'messages': [{'role': 'user', 'content': '  '}]}), 400, 'empty')
+            self.assertError(post({'messages': HELLO, 'temperature': -1}), 400, 'temperature must be >= 0')
+            self.assertError(post({'messages': HELLO, 'temperature': 'hot'}), 400, 'temperature must be a number')
+            self.assertError(post({'messages': HELLO, 'top_p': 1.5}), 400, 'top_p')
+            self.assertError(post({'messages': HELLO, 'max_tokens': 101}), 400,
+                             r'max_tokens must be between 1 and 100')
+            self.assertError(post({'messages': HELLO, 'max_tokens': 0}), 400, 'between 1 and 100')
+            self.assertError(post({'messages': HELLO, 'max_tokens': 2.5}), 400, 'integer')
+            self.assertEqual(client.get('/chat').status_code, 405)
+            self.assertEqual(client.get('/health').json()['active'], 0)
+
+    def test_prompt_limits(self):
+        long_message = [{'role': 'user', 'content': 'word ' * 40}]
+        with TestClient(self.app(max_prompt_tokens=20)) as client:
+            r = client.post('/chat', json={'messages': long_message, 'max_tokens': 5})
+            self.assertError(r, 413, 'too long: the prompt is \\d+ tokens but at most 20 fit')
+            # a long history is fine: its oldest turns are dropped to fit
+            history = [{'role': 'user', 'content': 'word ' * 10}, {'role': 'assistant', 'content': 'yes'},
+                       {'role': 'user', 'content': 'Hi'}]
+            r = client.post('/chat', json={'messages': history, 'max_tokens': 5})
+            self.assertEqual(r.status_code, 200, r.text)
+            self.assertEqual(sse_events(r.text.splitlines())[-1]['prompt_tokens'],
+                             len(self.tok.render_for_completion(history[2:])))
+            r = client.post('/chat', content=b' ' * (2 << 20), headers={'content-type': 'application/json'})
+            self.assertError(r, 413, 'at most 1048576')
+        # the model's context is a limit too: a reply needs room in it
+        with TestClient(self.app()) as client:
+            r = client.post('/chat', json={'messages': [{'role': 'user', 'content': 'word ' * 70}],
+                                           'max_tokens': 5})
+            self.assertError(r, 413, 'too long')
+
+    def test_busy_is_429(self):
+        app = self.app(max_concurrent=1, queue_timeout=0)
+        with TestClient(app) as client:
+            self.assertTrue(app.state.slots.try_acquire())  # someone else is generating
+            r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
+            self.assertError(r, 429, 'busy.*try again')
+            self.assertEqual(r.headers['retry-after'], '1')
+            self.assertEqual(client.get('/health').json()['rejected'], 1)
+            app.state.slots.release()
+            r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
+            self.assertEqual(r.status_code, 200)
+            self.assertTrue(sse_events(r.text.splitlines())[-1]['done'])
+
+
+class TestServeUvicorn(ServeTestCase):
+    """ a real server on 127.0.0.1, real connections """
+
+    def test_events_arrive_while_generating_and_disconnect_stops_it(self):
+        app = self.app()
+        with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            body = {'messages': HELLO, 'max_tokens': 2000}  # ~seconds of generation
+            with client.stream('POST', '/chat', json=body) as r:
+                self.assertEqual(r.status_code, 200)
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith('data: '))
+                self.assertIn('token', json.loads(first[6:]))
+                # the first event came while the generation is still running: it was streamed
+                t0 = time.monotonic()
+                health = client.get('/health').json()
+                self.assertLess(time.monotonic() - t0, 2.0, "the event loop is blocked by generation")
+                self.assertEqual(health['active'], 1)
+                second = next(line for line in lines if line.startswith('data: '))
+                self.assertIn('token', json.loads(second[6:]))
+            # closing the response disconnects: the server stops generating long before 2000 tokens
+            health = wait_until(lambda: (h := client.get('/health').json())['active'] == 0 and h)
+            self.assertTrue(health, "generation went on after the client disconnected")
+            self.assertEqual((health['cancelled'], health['completed']), (1, 0))
+            self.assertLess(health['tokens'], 2000)
+            # and the freed slot serves the next request
+            r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 8})
+            self.assertEqual(sse_events(r.text.splitlines())[-1]['tokens'], 8)
+
+    def parallel(self, url, n=8, max_tokens=100):
+        def one(i):
+            with httpx.Client(base_url=url, timeout=120) as c:
+                r = c.post('/chat', json={'messages': [{'role': 'user', 'content': f'Request {i}'}],
+                                          'max_tokens': max_tokens})
+                return r.status_code, (sse_events(r.text.splitlines()) if r.status_code == 200
+                                       else r.json())
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(one, range(n)))
+
+    def assertCompleted(self, result, i, max_tokens):
+        status, events = result
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1].get('tokens'), max_tokens, events[-1])
+        text = ''.join(e.get('token', '') for e in events)
+        self.assertEqual(text, self.expected([{'role': 'user', 'content': f'Request {i}'}], max_tokens))
+
+    def test_parallel_requests_all_complete(self):
+        app = self.app(max_concurrent=8)
+        with running_server(app) as url:
+            results = self.parallel(url)
+            health = httpx.get(url + '/health').json()
+        for i, result in enumerate(results):
+            self.assertCompleted(result, i, 100)
+        self.assertEqual((health['completed'], health['rejected'], health['active']), (8, 0, 0))
+        self.assertLessEqual(health['peak_active'], 8)
+
+    def test_parallel_requests_wait_for_a_slot(self):
+        app = self.app(max_concurrent=2, queue_timeout=120)
+        with running_server(app) as url:
+            results = self.parallel(url, max_tokens=40)
+            health = httpx.get(url + '/health').json()
+        for i, result in enumerate(results):
+            self.assertCompleted(result, i, 40)
+        self.assertEqual((health['completed'], health['rejected']), (8, 0))
+        self.assertEqual(health['peak_active'], 2)  # never more at once
+
+    def test_parallel_requests_over_the_limit_get_429(self):
+        app = self.app(max_concurrent=2, queue_timeout=0)
+        with running_server(app) as url:
+            results = self.parallel(url, max_tokens=400)
+            health = httpx.get(url + '/health').json()
+        done = [i for i, (status, _) in enumerate(results) if status == 200]
+        busy = [i for i, (status, _) in enumerate(results) if status == 429]
+        self.assertEqual(len(done) + len(busy), 8, results)
+        self.assertGreaterEqual(len(done), 1)
+        self.assertGreaterEqual(len(busy), 1)
+        for i in done:
+            self.assertCompleted(results[i], i, 400)
+        for i in busy:
+            self.assertIn('busy', results[i][1]['error'])
+        self.assertEqual((health['completed'], health['rejected']), (len(done), len(busy)))
+        self.assertLessEqual(health['peak_active'], 2)
+
+
+if __name__ == '__main__':
+    unittest.main()
