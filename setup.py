@@ -8,6 +8,7 @@ setup(
     long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mingpt', 'mingpt.*']),
+    package_data={'mingpt': ['static/*.html']},
     python_requires='>=3.9',
     install_requires=[
         'torch>=2.1',
@@ -18,7 +19,13 @@ setup(
         'safetensors',
     ],
     extras_require={
+        'serve': ['starlette', 'uvicorn'],
+        'plot': ['matplotlib'],
         'test': [
+            'starlette',
+            'uvicorn',
+            'httpx',
+            'playwright',
             'pytest',
             'transformers',
             'tiktoken',
