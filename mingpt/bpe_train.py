@@ -214,7 +214,8 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
     heapq.heapify(heap)
 
     merges = []
-    bar = tqdm(total=max(0, n_tokens - len(token_bytes)), desc='merges', unit='merge', disable=not progress)
+    bar = tqdm(total=max(0, n_tokens - len(token_bytes)), desc='merges', unit='merge',
+               disable=None if progress else True)  # None: only on a terminal
     while len(token_bytes) < n_tokens and heap:
         neg, _, _, a, b = heapq.heappop(heap)
         c = counts.get((a, b), 0)

@@ -26,8 +26,10 @@ checkpoint) may carry its tokenizer, looked for in this order:
   work too.
 - chars.json: a character vocabulary, a JSON list of strings of one character each, the index of a
   character being its id, e.g. ["\\n", " ", "!", ..., "z"] (CharTokenizer below).
-A model without tokenizer files is assumed to use GPT-2's BPE when its vocab_size is 50257 (or 50304,
-GPT-2's vocabulary padded to a multiple of 64 as nanoGPT and llm.c do). --tokenizer overrides all this.
+A trainer checkpoint (work_dir/ckpt, a directory with trainer.pt) is replaced whole at every save, so its
+tokenizer files may instead sit in the run directory above it (work_dir). A model without tokenizer files is
+assumed to use GPT-2's BPE when its vocab_size is 50257 (or 50304, GPT-2's vocabulary padded to a multiple
+of 64 as nanoGPT and llm.c do). --tokenizer overrides all this.
 """
 
 import argparse
@@ -122,12 +124,18 @@ def find_tokenizer(directory):
 
 
 def load_tokenizer(path):
-    """'gpt2' (GPT-2's BPE), a directory with tokenizer files, or a chars.json file."""
+    """'gpt2' (GPT-2's BPE), a directory with tokenizer files, or a file: a JSON list of characters (chars.json,
+    or any name), or one of the BPE files (the vocabulary is then read from its directory)."""
     if str(path) == 'gpt2':
         return get_encoder()
     p = Path(path)
-    if p.is_file() and p.suffix == '.json' and p.name not in ('encoder.json', 'vocab.json'):
-        return CharTokenizer.load(p)
+    if p.is_file() and p.suffix == '.json':
+        try:
+            content = json.loads(p.read_text(encoding='utf-8'))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f'cannot read the tokenizer file {p}: {e}') from None
+        if isinstance(content, list):
+            return CharTokenizer(content)
     tokenizer = find_tokenizer(p if p.is_dir() else p.parent)
     if tokenizer is None:
         raise FileNotFoundError(f'no tokenizer at {path}: expected "gpt2", a directory with encoder.json + vocab.bpe '
@@ -136,14 +144,18 @@ def load_tokenizer(path):
 
 
 def tokenizer_for_model(source, vocab_size):
-    """The tokenizer of the model loaded from source (a name or path): its directory's tokenizer files,
-    else GPT-2's BPE for a GPT-2-sized vocabulary; a ValueError saying what to do otherwise."""
+    """The tokenizer of the model loaded from source (a name or path): the tokenizer files of its directory
+    (for a trainer checkpoint, a directory with trainer.pt, also of the run directory above it), else GPT-2's
+    BPE for a GPT-2-sized vocabulary; a ValueError saying what to do otherwise."""
     p = Path(source).expanduser()
     if p.exists():
-        tokenizer = find_tokenizer(p if p.is_dir() else p.parent)
-        if tokenizer is not None:
-            logger.info('tokenizer: from %s', p if p.is_dir() else p.parent)
-            return tokenizer
+        d = p if p.is_dir() else p.parent
+        places = [d, d.parent] if (d / 'trainer.pt').is_file() else [d]
+        for place in places:
+            tokenizer = find_tokenizer(place)
+            if tokenizer is not None:
+                logger.info('tokenizer: from %s', place)
+                return tokenizer
     if vocab_size in GPT2_VOCAB_SIZES:
         logger.info('tokenizer: GPT-2 BPE (no tokenizer files with the model, and vocab_size=%d)', vocab_size)
         return get_encoder()
@@ -231,7 +243,8 @@ def evaluate(model, tokenizer, text, *, block_size=None, stride=None, batch_size
     spans = windows(len(ids), block_size, stride)
     total_nats, n_scored = 0.0, 0
     try:
-        for i in tqdm(range(0, len(spans), batch_size), desc='evaluating', unit='batch', disable=not progress):
+        for i in tqdm(range(0, len(spans), batch_size), desc='evaluating', unit='batch',
+                      disable=None if progress else True):  # None: only on a terminal
             batch = spans[i:i + batch_size]
             T = max(end - start for start, end, _ in batch)
             x = torch.zeros((len(batch), T), dtype=torch.long)
@@ -264,7 +277,9 @@ def main(argv=None):
     parser.add_argument('--tokenizer', default=None,
                         help=f'"gpt2", a directory with encoder.json + vocab.bpe or {CHARS_FILE}, or a {CHARS_FILE} '
                              f'file (default: the files in the model directory, else GPT-2 for a 50257-token model)')
-    parser.add_argument('--batch-size', type=int, default=8, help='windows per forward pass (default 8)')
+    parser.add_argument('--batch-size', type=int, default=8,
+                        help='windows per forward pass (default 8); the logits take batch-size x block-size x '
+                             'vocab-size floats, 1.6 GB for GPT-2 at 8 x 1024')
     parser.add_argument('--block-size', type=int, default=None, help="window length (default: the model's)")
     parser.add_argument('--stride', type=int, default=None,
                         help='tokens between window starts (default block-size/2; block-size = disjoint windows)')

@@ -126,6 +126,16 @@ class TrainerTest(unittest.TestCase):
         without = train_bpe(text, 300)  # as plain text it is merged like any other
         self.assertTrue([t for t in without.encoder if 'endoftext' in t])
 
+    def test_long_text_is_pretokenized_in_chunks_exactly(self):
+        import mingpt.bpe_train as bpe_train
+        text = shakespeare_split()[1][:20_000] + ' déjà vu\n\n  ' * 50
+        whole = count_words(text)
+        old, bpe_train.CHUNK_CHARS = bpe_train.CHUNK_CHARS, 97
+        try:
+            self.assertEqual(count_words(text), whole)
+        finally:
+            bpe_train.CHUNK_CHARS = old
+
     def test_runs_out_of_pairs(self):
         with self.assertLogs('mingpt.bpe_train', logging.WARNING) as logs:
             vocab = train_bpe('ab ab', 1000, special_tokens=['<|endoftext|>'])

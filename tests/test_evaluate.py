@@ -206,6 +206,33 @@ class ModelTokenizerTest(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn('no tokenizer at', err)
 
+    def test_trainer_checkpoint_finds_the_tokenizer_of_its_run(self):
+        # a trainer checkpoint is work_dir/ckpt, rewritten whole at each save: chars.json lives in work_dir
+        from mingpt.trainer import save_checkpoint
+        tok = CharTokenizer.from_text(shakespeare(1_115_394))
+        model = tiny_gpt(tok.n_vocab, block_size=32)
+        work_dir = self.tmp / 'run'
+        work_dir.mkdir()
+        save_checkpoint(str(work_dir / 'ckpt'), model, {'iter_num': 7}, info={'model': model.config.to_dict()})
+        _, err, code = run_cli(['--model', str(work_dir / 'ckpt'), '--data', str(self.data)])
+        self.assertEqual(code, 2)
+        self.assertIn('cannot tell which tokenizer', err)
+        tok.save(work_dir)
+        out, err, code = run_cli(['--model', str(work_dir / 'ckpt'), '--data', str(self.data)])
+        self.assertIsNone(code, err)
+        expected = evaluate(model, tok, self.data.read_text(encoding='utf-8'))
+        self.assertIn(f'| {expected["bits_per_byte"]:.4f} |', out)
+        # a plain model directory does not look above itself
+        model.save_pretrained(work_dir / 'export')
+        with self.assertRaisesRegex(ValueError, 'cannot tell which tokenizer'):
+            tokenizer_for_model(work_dir / 'export', tok.n_vocab)
+        # --tokenizer takes a JSON list of characters under any name (chargpt's vocab.json, say)
+        (work_dir / 'vocab.json').write_text(json.dumps(tok.chars), encoding='utf-8')
+        out, err, code = run_cli(['--model', str(work_dir / 'export'), '--data', str(self.data),
+                                  '--tokenizer', str(work_dir / 'vocab.json')])
+        self.assertIsNone(code, err)
+        self.assertIn(f'| {expected["bits_per_byte"]:.4f} |', out)
+
     def test_hf_file_names(self):
         vocab = train_bpe(shakespeare(20_000), 300)
         vocab.save(self.tmp)
