@@ -1,8 +1,8 @@
 """
 Chat: the conversation format a model is fine-tuned on, and a command-line chat with such a model.
 
-    python -m mingpt.chat --model out/chat/model          # a REPL; /reset, /quit
-    echo "Good morrow" | python -m mingpt.chat --model out/chat/model   # one reply per input line
+    python -m mingpt.chat --model out/chat/sft/model      # a REPL; /reset, /quit
+    echo "Good morrow" | python -m mingpt.chat --model out/chat/sft/model   # one reply per input line
 
 The format. A conversation is a list of messages, [{'role': 'system'|'user'|'assistant',
 'content': str}, ...]. It becomes one token sequence, each message wrapped in special tokens:
@@ -296,7 +296,7 @@ def add_sampling_args(parser):
     """ the flags the CLI and the web server share """
     parser.add_argument('--model', required=True,
                         help='a chat model directory (config.json, model.safetensors, encoder.json, '
-                             'vocab.bpe), e.g. out/chat/model from projects/chat/sft.py')
+                             'vocab.bpe), e.g. out/chat/sft/model from projects/chat/sft.py')
     parser.add_argument('--temperature', type=float, default=0.8, help='0 is greedy (default 0.8)')
     parser.add_argument('--top-k', type=int, default=50, help='sample from the k likeliest tokens '
                                                               '(default 50; 0 for all)')
@@ -321,12 +321,24 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout):
     kwargs = sampling_kwargs(args)
     if interactive:
         stdout.write("Chatting with %s. /reset starts over, /quit (or Ctrl-D) leaves.\n" % args.model)
+    use_input = interactive and stdin is sys.stdin and stdout is sys.stdout
+    if use_input:
+        try:
+            import readline  # noqa: F401  (input() then gets line editing and history)
+        except ImportError:
+            pass
     turn = 0
     while True:
-        if interactive:
-            stdout.write('\nyou> ')
-            stdout.flush()
-        line = stdin.readline()
+        if use_input:
+            try:
+                line = input('\nyou> ') + '\n'
+            except EOFError:
+                line = ''
+        else:
+            if interactive:
+                stdout.write('\nyou> ')
+                stdout.flush()
+            line = stdin.readline()
         if not line:  # EOF
             if interactive:
                 stdout.write('\n')

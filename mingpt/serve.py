@@ -2,7 +2,7 @@
 Web chat: a small ASGI app (Starlette, served by uvicorn) with one page, mingpt/static/chat.html.
 
     pip install starlette uvicorn        # or: pip install -e '.[serve]'
-    python -m mingpt.serve --model out/chat/model
+    python -m mingpt.serve --model out/chat/sft/model
     # then open http://127.0.0.1:8000
 
 The server keeps no conversation: the page sends the whole conversation with every message, and the
@@ -316,7 +316,7 @@ def main(argv=None):
     try:
         check_sampling_args(args.temperature, args.top_k or None, args.top_p)
         model, tokenizer = load_chat_model(args.model, args.device)
-        app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model),
+        app = create_app(model, tokenizer, model_name=str(args.model),
                          max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
