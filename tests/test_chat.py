@@ -360,6 +360,77 @@ class TestLoadChatModel(unittest.TestCase):
                 load_chat_model(d)
 
 # -----------------------------------------------------------------------------
+# projects/chat/sft.py: supervised fine-tuning with the mask
+
+def load_sft():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('chat_sft', REPO / 'projects' / 'chat' / 'sft.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestSFT(unittest.TestCase):
+
+    def test_packed_conversations(self):
+        sft = load_sft()
+        tok = ChatTokenizer(add_chat_tokens(small_encoder()))
+        convs = [CONVERSATION, CONVERSATION[1:3], [{'role': 'user', 'content': 'x ' * 100},
+                                                   {'role': 'assistant', 'content': 'too long'}]] * 3
+        ds = sft.PackedConversations(convs, tok, block_size=64)
+        self.assertEqual((ds.skipped, ds.n_conversations), (3, 6))
+        x, y = ds[0]
+        self.assertEqual((tuple(x.shape), tuple(y.shape)), ((64,), (64,)))
+        self.assertEqual(int(x[0]), tok.bos_id)  # every row starts with a whole conversation
+        # the learned targets are exactly the assistant tokens of the packed conversations
+        masks = [tok.render_conversation(c)[1] for c in convs[:2]]
+        self.assertEqual(int((ds.y != -1).sum()), 3 * sum(map(sum, masks)))
+        learned = ds.y[ds.y != -1].tolist()
+        self.assertEqual(learned.count(tok.end_id), 3 * 3)  # two replies + one, three times
+        for row_x, row_y in zip(ds.x, ds.y):
+            for t in range(63):  # y is x shifted by one wherever it counts
+                if row_y[t] != -1 and row_y[t + 1] != -1:
+                    self.assertEqual(int(row_y[t]), int(row_x[t + 1]))
+
+    def test_sft_end_to_end(self):
+        sft = load_sft()
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            enc = small_encoder()  # a base model: no chat tokens yet
+            tiny_gpt(enc.n_vocab, tie_weights=True).save_pretrained(d / 'base')
+            save_tokenizer(enc, d / 'base')
+            rows = [{'messages': [{'role': 'user', 'content': f'Hail, {name}!'},
+                                  {'role': 'assistant', 'content': f'Good day to thee, {name}.'}]}
+                    for name in ('Romeo', 'Juliet', 'Tybalt', 'Mercutio', 'Benvolio', 'Paris')]
+            for split in ('train', 'val'):
+                with open(d / f'{split}.jsonl', 'w') as f:
+                    f.writelines(json.dumps(r) + '\n' for r in rows)
+            results = sft.main([f'--model.init_from={d / "base"}', f'--system.work_dir={d / "sft"}',
+                                f'--data.train={d / "train.jsonl"}', f'--data.val={d / "val.jsonl"}',
+                                '--trainer.max_iters=100', '--trainer.batch_size=2', '--trainer.eval_interval=100', '--model.dropout=0.0',
+                                '--trainer.learning_rate=0.005', '--trainer.warmup_iters=0',
+                                '--sample.n_prompts=2', '--sample.max_new_tokens=20', '--sample.temperature=0.0'])
+            self.assertLess(results['val_loss_after'], results['val_loss_before'] - 1.0)
+            for name in ('metrics.jsonl', 'loss.png', 'results.json', 'ckpt', 'model/encoder.json'):
+                self.assertTrue((d / 'sft' / name).exists(), name)
+            model, tok = load_chat_model(d / 'sft' / 'model')  # everything --model needs
+            self.assertEqual(model.config.vocab_size, enc.n_vocab + 5)
+            reply = ''.join(stream_reply(model, tok, [{'role': 'user', 'content': 'Hail, Romeo!'}], 20,
+                                         temperature=0))
+            self.assertTrue(reply.startswith('Good day to thee'), reply)
+            self.assertEqual(results['stop_rate_after'], 1.0)
+
+    def test_bad_conversation_file(self):
+        sft = load_sft()
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / 'bad.jsonl'
+            path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot"}]}\n')
+            with self.assertRaisesRegex(SystemExit, r'bad.jsonl:2: not a conversation'):
+                sft.read_conversations(path)
+            with self.assertRaisesRegex(SystemExit, 'make_data.py'):
+                sft.read_conversations(Path(d) / 'missing.jsonl')
+
+# -----------------------------------------------------------------------------
 # the CLI, as a user runs it: a subprocess with stdin piped
 
 def run_cli(model_dir, stdin, *args, timeout=300):

@@ -1,0 +1,155 @@
+"""
+Pretrains a small base model for the chat project: a GPT on tiny shakespeare with a BPE vocabulary,
+sized to learn something in a few minutes on a CPU. sft.py then teaches it to converse.
+
+    python projects/chat/base.py                                  # -> out/chat/base
+    python projects/chat/base.py --trainer.max_iters=3000 --model.n_layer=6   # longer, better
+
+The vocabulary is GPT-2's BPE cut to its first --data.n_merges merges (4,000 of 50,000): GPT-2's
+tokens and ids up to 256 + n_merges, its exact encoding otherwise. Common words stay one token,
+rarer ones split into a few, and the model's embedding and output layer are 12x smaller than with
+the full vocabulary, which is most of a small model's compute on a CPU. (With a GPU, or a GPT-2
+checkpoint, skip this script: sft.py fine-tunes any model GPT.from_pretrained reads.)
+
+The result, work_dir/model, is a Hugging Face directory (config.json, model.safetensors) holding
+the tokenizer too (encoder.json, vocab.bpe), which is what sft.py's --model.init_from expects.
+Running the same command again continues from work_dir/ckpt.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+from mingpt.bpe import Encoder, get_encoder
+from mingpt.chat import save_tokenizer
+from mingpt.model import GPT
+from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
+from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+
+logger = logging.getLogger('chat.base')
+
+# -----------------------------------------------------------------------------
+
+def get_config():
+    C = CN()
+
+    C.system = CN()
+    C.system.seed = 3407
+    C.system.work_dir = './out/chat/base'
+
+    C.data = CN()
+    C.data.path = None  # None: tiny shakespeare (downloaded once into the mingpt cache)
+    C.data.n_merges = 4000  # GPT-2's first n merges: a vocabulary of 256 + n_merges tokens
+    C.data.block_size = 256  # the model's context, in tokens; chat conversations must fit in it
+    C.data.val_fraction = 0.1  # the last 10% of the tokens
+
+    # about 0.8M parameters in the blocks, 0.5M in the embeddings: sized for a few CPU minutes
+    C.model = GPT.get_default_config()
+    C.model.model_type = None
+    C.model.n_layer = 4
+    C.model.n_head = 4
+    C.model.n_embd = 128
+    C.model.tie_weights = True  # GPT-2's tying: the embedding doubles as the output layer
+    C.model.embd_pdrop = C.model.resid_pdrop = C.model.attn_pdrop = 0.0  # underfits, never overfits
+
+    C.trainer = Trainer.get_default_config()
+    C.trainer.learning_rate = 2e-3
+    C.trainer.min_lr = 2e-4
+    C.trainer.warmup_iters = 50
+    C.trainer.lr_schedule = 'cosine'
+    C.trainer.max_iters = 300  # ~10 minutes on one busy core; the loss is still falling here
+    C.trainer.batch_size = 8
+    C.trainer.eval_interval = 100
+    C.trainer.eval_iters = 5
+    C.trainer.checkpoint_interval = 100
+    C.trainer.resume = 'auto'
+    return C
+
+# -----------------------------------------------------------------------------
+
+def gpt2_prefix_vocab(n_merges):
+    """ GPT-2's BPE with its first n_merges merges only; GPT-2's token ids are 256 + merge rank """
+    full = get_encoder()
+    if not 0 <= n_merges <= len(full.bpe_ranks):
+        raise SystemExit(f"error: --data.n_merges must be in [0, {len(full.bpe_ranks)}], got {n_merges}")
+    merges = sorted(full.bpe_ranks, key=full.bpe_ranks.get)[:n_merges]
+    n = 256 + n_merges
+    return Encoder({t: i for t, i in full.encoder.items() if i < n}, merges)
+
+
+def read_text(path=None):
+    if path is None:
+        from mingpt.download import get_tiny_shakespeare
+        path = get_tiny_shakespeare()
+    logger.info("pretraining on %s", path)
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+class TokenDataset(Dataset):
+    """ every window of block_size + 1 tokens (x: the first block_size, y: shifted by one) """
+
+    def __init__(self, ids, block_size):
+        if len(ids) <= block_size:
+            raise ValueError(f"{len(ids)} tokens are too few for windows of {block_size}; use more text")
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self):
+        return len(self.ids) - self.block_size
+
+    def __getitem__(self, i):
+        chunk = self.ids[i:i + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    config = get_config()
+    config.merge_from_args(args)
+    config.trainer.work_dir = config.system.work_dir
+    setup_logging(config)
+    set_seed(config.system.seed)
+
+    enc = gpt2_prefix_vocab(config.data.n_merges)
+    text = read_text(config.data.path)
+    ids = torch.tensor(enc.encode(text), dtype=torch.long)
+    n_val = int(len(ids) * config.data.val_fraction)
+    B = config.data.block_size
+    train_dataset = TokenDataset(ids[:len(ids) - n_val], B)
+    val_dataset = TokenDataset(ids[len(ids) - n_val:], B)
+    logger.info("vocabulary of %d tokens; %d characters -> %d tokens (%d to validate on)",
+                enc.n_vocab, len(text), len(ids), n_val)
+
+    config.model.vocab_size, config.model.block_size = enc.n_vocab, B
+    model = GPT(config.model)
+    trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    trainer.run()
+    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+
+    best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
+    if best is not None:
+        model.load_state_dict(load_checkpoint(best)[0])
+    out = os.path.join(config.system.work_dir, 'model')
+    model.save_pretrained(out)
+    save_tokenizer(enc, out)
+    val_loss = trainer.evaluate()
+
+    model.eval()
+    prompt = torch.tensor([enc.encode('ROMEO:\n')])
+    sample = enc.decode(model.generate(prompt, 120, do_sample=True, temperature=0.8, top_k=50, seed=0)[0])
+    results = {'val_loss': val_loss, 'iters': trainer.iter_num, 'vocab_size': enc.n_vocab,
+               'model': out, 'sample': sample}
+    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f"--- sample (val loss {val_loss:.4f}) ---\n{sample}\n")
+    print(f"base model in {out}; next: python projects/chat/make_data.py && "
+          f"python projects/chat/sft.py --model.init_from={out}")
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
