@@ -49,26 +49,42 @@ CONFIGS = {
 }
 
 
-def rss_mb():
-    """ the current resident set size """
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+def rss_mb(field='VmRSS'):
+    """ the current (VmRSS) or peak (VmHWM) resident set size of this process, in MB """
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    # VmHWM belongs to this process image only: getrusage's ru_maxrss survives fork + exec on
+    # Linux, so a child of a big driver would report the driver's peak
+    try:
+        return rss_mb('VmHWM')
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def matmul_peak_flops(n=2048, reps=5):
-    """ FLOP/s of an (n, n) @ (n, n) fp32 matmul: the ceiling MFU is measured against """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(reps):
+class MatmulPeak:
+    """
+    FLOP/s of an (n, n) @ (n, n) fp32 matmul: the ceiling MFU is measured against. It takes its
+    turn with the configurations, so that it is measured under the same conditions as they are.
+    """
+
+    def __init__(self, n=2048):
+        self.n, self.a, self.b = n, torch.randn(n, n), torch.randn(n, n)
+        self.a @ self.b  # warm-up
+        self.times = []
+
+    def step(self):
         t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+        self.a @ self.b
+        self.times.append(time.perf_counter() - t0)
+
+    def flops(self):
+        return 2 * self.n**3 / statistics.median(self.times)
 
 
 def make_mingpt():
@@ -160,11 +176,13 @@ def batches(n, seed=0):
         yield data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def measure(names, warmup, steps):
+def measure(names, warmup, steps, peak=None):
     """ the configurations in turn, one step each; returns {name: [step seconds]}, {name: first loss} """
     runners = [Runner(n) for n in names]
     losses = {}
     for i, (x, y) in enumerate(batches(warmup + steps)):
+        if peak is not None and i >= warmup:
+            peak.step()
         for r in runners:
             dt, loss = r.step(x, y)
             if i == 0:
@@ -187,6 +205,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     if args.only:
+        if CONFIGS[args.only][0] == 'transformers':
+            import transformers  # noqa: F401  (a library's import is not its training memory)
         base = rss_mb()
         times, _ = measure([args.only], args.warmup, args.steps)
         print(json.dumps({'name': args.only, 'median_s': statistics.median(times[args.only]),
@@ -194,16 +214,7 @@ def main():
         return
 
     names = args.configs.split(',')
-    peak = matmul_peak_flops()
-    print(f"matmul peak ({args.threads} threads, fp32 2048^3): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
-    times, first_losses = measure(names, args.warmup, args.steps)
-    # the same weights and batch: every row's first loss must agree (bf16 approximately)
-    ref = first_losses[names[0]]
-    for n, l in first_losses.items():
-        tol = 5e-2 if CONFIGS[n][2] is not None else 1e-3
-        if abs(l - ref) > tol:
-            raise RuntimeError(f"{n} starts from loss {l:.5f}, {names[0]} from {ref:.5f}: not the same model")
-
+    # memory first, while this driver is still small (its own peak is not the children's anyway)
     rss = {}
     if not args.no_rss:
         for n in names:
@@ -211,6 +222,17 @@ def main():
                    '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
+            print(f"  {n}: peak RSS {rss[n]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+
+    matmul = MatmulPeak()
+    times, first_losses = measure(names, args.warmup, args.steps, matmul)
+    peak = matmul.flops()
+    # the same weights and batch: every row's first loss must agree (bf16 approximately)
+    ref = first_losses[names[0]]
+    for n, l in first_losses.items():
+        tol = 5e-2 if CONFIGS[n][2] is not None else 1e-3
+        if abs(l - ref) > tol:
+            raise RuntimeError(f"{n} starts from loss {l:.5f}, {names[0]} from {ref:.5f}: not the same model")
 
     tokens = BATCH * BLOCK
     flops_per_token = 6 * matmul_params(make_mingpt()) + 12 * N_LAYER * BLOCK * N_EMBD
@@ -221,7 +243,8 @@ def main():
     print(f"\ngpt-mini training step (n_layer {N_LAYER}, n_head {N_HEAD}, n_embd {N_EMBD}; batch {BATCH}, "
           f"block {BLOCK}, vocab {VOCAB}), torch {torch.__version__}, {args.threads} threads, median of "
           f"{args.steps} steps after {args.warmup} warm-up, configurations alternated step by step.")
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32); {flops_per_token / 1e6:.2f} MFLOP per token\n")
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32 2048^3, median, taking turns with the steps); "
+          f"{flops_per_token / 1e6:.2f} MFLOP per token\n")
     print("| configuration | tokens/s | vs transformers | MFU | peak RSS (MB) | RSS after imports (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for n, tps in rows:

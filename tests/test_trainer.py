@@ -315,8 +315,9 @@ class TestEvaluation(unittest.TestCase):
             C = quiet_config(max_iters=12, batch_size=16, learning_rate=3e-3, eval_interval=5, eval_iters=2,
                              work_dir=d, checkpoint_interval=100)
             trainer = Trainer(C, model, RepeatDataset(), val_dataset=RepeatDataset(n=64))
-            evals = []
+            evals, saves = [], []
             trainer.add_callback('on_eval_end', lambda t: evals.append((t.iter_num, t.val_loss, t.best_val_loss)))
+            trainer.add_callback('on_checkpoint', lambda t: saves.append(t.iter_num))
             trainer.run()
             self.assertEqual([i for i, _, _ in evals], [5, 10, 12])  # every 5, and at the end
             self.assertEqual(trainer.best_val_loss, min(v for _, v, _ in evals))
@@ -326,6 +327,8 @@ class TestEvaluation(unittest.TestCase):
             best_iter = min(evals, key=lambda e: e[1])[0]
             self.assertEqual(best['iter_num'], best_iter)
             self.assertEqual(best['best_val_loss'], trainer.best_val_loss)
+            self.assertIn(best_iter, saves)  # ckpt_best ...
+            self.assertEqual(saves[-1], 12)  # ... and the final ckpt
             with open(os.path.join(d, 'metrics.jsonl')) as f:
                 records = [json.loads(line) for line in f]
             self.assertEqual([r['iter'] for r in records if 'val_loss' in r], [5, 10, 12])

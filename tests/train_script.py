@@ -8,7 +8,6 @@ Rank 0 writes the final weights to --out/final.safetensors and the per-iteration
 """
 
 import argparse
-import ast
 import json
 import os
 import signal
@@ -63,10 +62,7 @@ def main():
     C.num_workers = 0
     C.learning_rate = 3e-3
     C.progress_bar = False
-    C.merge_from_args([a if a.startswith('--') else '--' + a for a in args.trainer])
-    for k in ('resume',):  # merge_from_args keeps 'auto' as a string, True/False as bools
-        if isinstance(getattr(C, k), str) and getattr(C, k) in ('True', 'False'):
-            setattr(C, k, ast.literal_eval(getattr(C, k)))
+    C.merge_from_args(['--' + a for a in args.trainer])
     trainer = Trainer(C, model, CountDataset())
 
     losses = {}
