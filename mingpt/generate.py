@@ -24,6 +24,7 @@ Shapes in comments: B batch, T prompt length (padded), L tokens so far, V vocab_
 
 import logging
 import numbers
+import threading
 import weakref
 
 import torch
@@ -176,6 +177,9 @@ def _window_inputs(real):
 # a weight layout for batch-1 decoding
 
 _decode_weights = weakref.WeakKeyDictionary()  # model -> (weight versions, {name: weight})
+# functional_call swaps a module's weights for the call and back: two threads swapping the same
+# model at once (a server's concurrent requests) could restore each other's copies as the weights
+_swap_lock = threading.Lock()
 
 
 def decode_weights(model):
@@ -186,7 +190,8 @@ def decode_weights(model):
     x @ W runs ~30% faster over that layout than over nn.Linear's, where each output is a dot
     product over a row. The copy costs as much memory again as these weights, so it is opt-in
     (fast_weights=True); it is kept for the model's next calls, and redone once any of the
-    weights changed (in-place updates such as optimizer steps bump a tensor's version).
+    weights changed (in-place updates such as optimizer steps bump a tensor's version). A weight
+    already stored that way is used as it is, without a copy.
     """
     linears = {f'{name}.weight': m.weight for name, m in model.named_modules()
                if isinstance(m, nn.Linear)}
@@ -275,7 +280,8 @@ def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
         weights = decode_weights(model)
 
         def forward(*args, **kwargs):  # the model, with its Linear weights swapped for the copies
-            return torch.func.functional_call(model, weights, args, kwargs, tie_weights=False)
+            with _swap_lock:
+                return torch.func.functional_call(model, weights, args, kwargs, tie_weights=False)
     return idx, _decode(model, forward, idx, real, max_new_tokens, keep, use_cache, eos_token_id,
                         pad_token_id, how)
 

@@ -129,6 +129,28 @@ class TestCacheMatchesRecompute(unittest.TestCase):
             self.assertTrue(torch.equal(w, model.transformer.h[0].mlp.c_fc.weight))
             self.assertTrue(torch.equal(model.generate(idx, 12, fast_weights=True), model.generate(idx, 12)))
 
+    def test_fast_weights_from_threads_leave_the_model_intact(self):
+        # a server generates for several requests at once; the weight swap must not interleave
+        import threading
+        model = tiny_gpt()
+        params = dict(model.named_parameters())
+        idx = torch.randint(0, 13, (1, 3))
+        expected = model.generate(idx, 30)
+        results = []
+
+        def work():
+            results.append(model.generate(idx, 30, fast_weights=True))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 4)
+        self.assertTrue(all(torch.equal(r, expected) for r in results))
+        after = dict(model.named_parameters())
+        self.assertEqual(after.keys(), params.keys())
+        self.assertTrue(all(after[k] is params[k] for k in params))
+
     def test_output_is_an_ordinary_tensor(self):
         # decoding runs under inference_mode; what it hands out must still work in place and in
         # autograd, as minGPT's no_grad output did (e.g. to train on generated sequences)
