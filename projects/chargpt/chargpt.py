@@ -1,0 +1,220 @@
+"""
+Trains a character-level language model.
+
+    python projects/chargpt/chargpt.py                              # tiny shakespeare, CPU-sized
+    python projects/chargpt/chargpt.py --data.path=my_text.txt
+    python projects/chargpt/chargpt.py --model.model_type=gpt-mini  # a preset instead of the CPU sizes
+
+The text comes from --data.path, else ./input.txt (minGPT's convention), else tiny shakespeare,
+downloaded once into the mingpt cache. The first 90% of the text is trained on, the last 10% is
+the validation split. Running the same command again continues from work_dir/ckpt.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+from mingpt.model import GPT
+from mingpt.trainer import Trainer, find_checkpoint
+from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+
+logger = logging.getLogger('chargpt')
+
+# -----------------------------------------------------------------------------
+
+def get_config():
+
+    C = CN()
+
+    # system
+    C.system = CN()
+    C.system.seed = 3407
+    C.system.work_dir = './out/chargpt'
+    C.system.num_threads = None  # torch threads; None: torch's default (one per core)
+
+    # data
+    C.data = CN()
+    C.data.path = None  # None: ./input.txt if it exists, else tiny shakespeare
+    C.data.block_size = 128
+    C.data.val_fraction = 0.1  # the last 10% of the text
+
+    # model: sized for a CPU (about 1.8M parameters); see the README for a GPU-sized run.
+    # No dropout: in a run this short the model underfits, it does not overfit
+    C.model = GPT.get_default_config()
+    C.model.model_type = None
+    C.model.n_layer = 4
+    C.model.n_head = 4
+    C.model.n_embd = 192
+    C.model.embd_pdrop = 0.0
+    C.model.resid_pdrop = 0.0
+    C.model.attn_pdrop = 0.0
+
+    # trainer: a high learning rate, warmed up and decayed along a cosine to a tenth of it
+    C.trainer = Trainer.get_default_config()
+    C.trainer.learning_rate = 2e-3
+    C.trainer.min_lr = 2e-4
+    C.trainer.warmup_iters = 100
+    C.trainer.lr_schedule = 'cosine'
+    C.trainer.max_iters = 2000
+    C.trainer.batch_size = 32
+    C.trainer.eval_interval = 250
+    C.trainer.eval_iters = 20
+    C.trainer.checkpoint_interval = 250
+    C.trainer.resume = 'auto'  # continue from work_dir/ckpt when there is one
+
+    # sampling: after every evaluation and at the end
+    C.sample = CN()
+    C.sample.prompt = 'O God, O God!'
+    C.sample.max_new_tokens = 500
+    C.sample.temperature = 1.0
+    C.sample.top_k = None
+
+    return C
+
+# -----------------------------------------------------------------------------
+
+def read_text(path=None):
+    """ the training text: path, else ./input.txt, else tiny shakespeare from the mingpt cache """
+    if path is None and os.path.isfile('input.txt'):
+        path = 'input.txt'
+    if path is None:
+        from mingpt.download import DownloadError, get_tiny_shakespeare
+        try:
+            path = get_tiny_shakespeare()
+        except DownloadError as e:
+            raise SystemExit(f"error: no --data.path was given and there is no input.txt here, so "
+                             f"tiny shakespeare was to be downloaded, which failed:\n{e}\n"
+                             f"Pass --data.path=<a text file> to train on any text.") from e
+    logger.info("training on %s", path)
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+class CharVocab:
+    """ the characters of a text, sorted: character <-> id """
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def __len__(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r} "
+                             f"({', '.join(map(repr, unknown))}); the model knows only these "
+                             f"{len(self.chars)}: {''.join(self.chars)!r}")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return ''.join(self.chars[i] for i in ids)
+
+
+class CharDataset(Dataset):
+    """ every window of block_size + 1 characters of ids (x: the first block_size, y: shifted by one) """
+
+    def __init__(self, ids, block_size, vocab_size):
+        if len(ids) <= block_size:
+            raise ValueError(f"a split of {len(ids)} characters is too short for windows of "
+                             f"block_size={block_size}; use more text or a smaller --data.block_size")
+        self.ids = ids  # (N,) LongTensor
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+
+    def get_vocab_size(self):
+        return self.vocab_size
+
+    def get_block_size(self):
+        return self.block_size
+
+    def __len__(self):
+        return len(self.ids) - self.block_size
+
+    def __getitem__(self, idx):
+        chunk = self.ids[idx:idx + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    config = get_config()
+    if any(a.startswith('--model.model_type=') for a in args):
+        # naming a preset replaces the CPU sizes above: the model takes one or the other
+        config.model.n_layer = config.model.n_head = config.model.n_embd = None
+    config.merge_from_args(args)
+    config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
+    setup_logging(config)
+    set_seed(config.system.seed)
+    if config.system.num_threads:
+        torch.set_num_threads(config.system.num_threads)
+
+    # the text, its vocabulary (kept in the work dir: a resumed run must use the same ids) and the
+    # two splits: the first 90% to train on, the last 10% to validate on, as nanoGPT does
+    text = read_text(config.data.path)
+    vocab = CharVocab.from_text(text)
+    vocab_path = os.path.join(config.system.work_dir, 'vocab.json')
+    if find_checkpoint(os.path.join(config.system.work_dir, 'ckpt')) and os.path.exists(vocab_path):
+        with open(vocab_path, encoding='utf-8') as f:
+            if json.load(f) != vocab.chars:
+                raise SystemExit(f"error: {config.system.work_dir} holds a run on a text with another "
+                                 f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
+    with open(vocab_path, 'w', encoding='utf-8') as f:
+        json.dump(vocab.chars, f)
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
+    n_val = int(len(ids) * config.data.val_fraction)
+    train_dataset = CharDataset(ids[:len(ids) - n_val], config.data.block_size, len(vocab))
+    val_dataset = CharDataset(ids[len(ids) - n_val:], config.data.block_size, len(vocab))
+    logger.info("%d characters, %d distinct: %d to train on, %d to validate on",
+                len(text), len(vocab), len(ids) - n_val, n_val)
+    try:  # check the prompt now, not after training
+        prompt = torch.tensor([vocab.encode(str(config.sample.prompt))], dtype=torch.long)
+    except ValueError as e:
+        raise SystemExit(f"error: --sample.prompt={config.sample.prompt!r} has {e}") from e
+
+    # the model
+    config.model.vocab_size = len(vocab)
+    config.model.block_size = config.data.block_size
+    model = GPT(config.model)
+
+    # the trainer evaluates, keeps work_dir/ckpt_best and resumes; we add samples and the plot
+    trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+
+    def sample(trainer):
+        S = config.sample
+        model.eval()
+        out = model.generate(prompt.to(trainer.device), S.max_new_tokens, temperature=S.temperature,
+                             do_sample=True, top_k=S.top_k)
+        model.train()
+        return vocab.decode(out[0].tolist())
+
+    def on_eval_end(trainer):
+        logger.info("iter %d: sample\n%s", trainer.iter_num, sample(trainer))
+        trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+
+    trainer.add_callback('on_eval_end', on_eval_end)
+    trainer.run()
+
+    # (a run resumed after it had finished trains no further, and has not evaluated yet)
+    val_loss = trainer.val_loss if trainer.val_loss is not None else trainer.evaluate()
+    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+    results = {'iters': trainer.iter_num, 'val_loss': val_loss, 'best_val_loss': trainer.best_val_loss}
+    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    print(sample(trainer))
+    print(f"\nval loss {val_loss:.4f} (best {trainer.best_val_loss:.4f}) after {trainer.iter_num} "
+          f"iterations; checkpoints, metrics.jsonl and loss.png in {config.system.work_dir}")
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,186 @@
+"""
+Fine-tunes a pretrained GPT (GPT-2 by default) on a text file, with GPT-2's BPE tokenizer.
+
+    python projects/finetune/finetune.py --data.path=my_text.txt
+    python projects/finetune/finetune.py --model.init_from=gpt2-medium --trainer.device=cuda
+
+--model.init_from is anything GPT.from_pretrained reads: a hub name (gpt2, gpt2-medium, ...,
+downloaded once into the mingpt cache), a Hugging Face directory (mingpt's own exports are these),
+an OpenAI TensorFlow checkpoint or an llm.c .bin file. The text comes from --data.path, else
+./input.txt, else tiny shakespeare. The first 90% of its tokens are trained on, the last 10% are
+the validation split; the validation loss and a sample are shown before and after fine-tuning.
+The model with the best validation loss is exported to work_dir/model (a Hugging Face directory).
+Running the same command again continues from work_dir/ckpt.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+from mingpt.bpe import get_encoder
+from mingpt.model import GPT
+from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
+from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+
+logger = logging.getLogger('finetune')
+
+# -----------------------------------------------------------------------------
+
+def get_config():
+
+    C = CN()
+
+    # system
+    C.system = CN()
+    C.system.seed = 3407
+    C.system.work_dir = './out/finetune'
+    C.system.num_threads = None  # torch threads; None: torch's default (one per core)
+
+    # model: where the pretrained weights come from, and its dropout while fine-tuning
+    C.model = CN()
+    C.model.init_from = 'gpt2'
+    C.model.dropout = None  # None: the checkpoint's own (0.1 for OpenAI's GPT-2s)
+
+    # data
+    C.data = CN()
+    C.data.path = None  # None: ./input.txt if it exists, else tiny shakespeare
+    C.data.block_size = 128  # tokens per training window; at most the model's context (1024 for GPT-2)
+    C.data.val_fraction = 0.1  # the last 10% of the tokens
+
+    # trainer: a pretrained model needs small steps, and few of them (sized for a CPU; on a GPU
+    # raise batch_size and block_size)
+    C.trainer = Trainer.get_default_config()
+    C.trainer.learning_rate = 1e-4
+    C.trainer.min_lr = 1e-5
+    C.trainer.warmup_iters = 10
+    C.trainer.lr_schedule = 'cosine'
+    C.trainer.max_iters = 100
+    C.trainer.batch_size = 4
+    C.trainer.eval_interval = 25
+    C.trainer.eval_iters = 10
+    C.trainer.checkpoint_interval = 25
+    C.trainer.resume = 'auto'  # continue from work_dir/ckpt when there is one
+
+    # sampling, before and after fine-tuning (same seed, so the two compare)
+    C.sample = CN()
+    C.sample.prompt = '\n'
+    C.sample.max_new_tokens = 100
+    C.sample.temperature = 0.8
+    C.sample.top_k = 40
+    C.sample.seed = 0
+
+    return C
+
+# -----------------------------------------------------------------------------
+
+def read_text(path=None):
+    """ the training text: path, else ./input.txt, else tiny shakespeare from the mingpt cache """
+    if path is None and os.path.isfile('input.txt'):
+        path = 'input.txt'
+    if path is None:
+        from mingpt.download import DownloadError, get_tiny_shakespeare
+        try:
+            path = get_tiny_shakespeare()
+        except DownloadError as e:
+            raise SystemExit(f"error: no --data.path was given and there is no input.txt here, so "
+                             f"tiny shakespeare was to be downloaded, which failed:\n{e}\n"
+                             f"Pass --data.path=<a text file> to train on any text.") from e
+    logger.info("fine-tuning on %s", path)
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+class TokenDataset(Dataset):
+    """ every window of block_size + 1 tokens of ids (x: the first block_size, y: shifted by one) """
+
+    def __init__(self, ids, block_size):
+        if len(ids) <= block_size:
+            raise ValueError(f"a split of {len(ids)} tokens is too short for windows of "
+                             f"block_size={block_size}; use more text or a smaller --data.block_size")
+        self.ids = ids  # (N,) LongTensor
+        self.block_size = block_size
+
+    def __len__(self):
+        return len(self.ids) - self.block_size
+
+    def __getitem__(self, idx):
+        chunk = self.ids[idx:idx + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    config = get_config()
+    config.merge_from_args(args)
+    config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
+    setup_logging(config)
+    set_seed(config.system.seed)
+    if config.system.num_threads:
+        torch.set_num_threads(config.system.num_threads)
+
+    # the pretrained model
+    dropout = {} if config.model.dropout is None else dict(
+        embd_pdrop=config.model.dropout, resid_pdrop=config.model.dropout, attn_pdrop=config.model.dropout)
+    model = GPT.from_pretrained(config.model.init_from, **dropout)
+    if config.data.block_size > model.block_size:
+        raise SystemExit(f"error: --data.block_size={config.data.block_size} is longer than the "
+                         f"model's context of {model.block_size} tokens; use at most that")
+
+    # the text as GPT-2 tokens, split 90/10 (tokenizing a megabyte takes a couple of seconds)
+    enc = get_encoder()
+    text = read_text(config.data.path)
+    ids = torch.tensor(enc.encode(text), dtype=torch.long)
+    if int(ids.max()) >= model.config.vocab_size:
+        raise SystemExit(f"error: the model's vocabulary has {model.config.vocab_size} tokens, fewer "
+                         "than GPT-2's tokenizer produces; fine-tune a model with GPT-2's vocabulary")
+    n_val = int(len(ids) * config.data.val_fraction)
+    train_dataset = TokenDataset(ids[:len(ids) - n_val], config.data.block_size)
+    val_dataset = TokenDataset(ids[len(ids) - n_val:], config.data.block_size)
+    logger.info("%d characters, %d tokens: %d to train on, %d to validate on",
+                len(text), len(ids), len(ids) - n_val, n_val)
+
+    trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    prompt = torch.tensor([enc.encode(str(config.sample.prompt))], dtype=torch.long)
+
+    def sample():
+        S = config.sample
+        model.eval()
+        out = model.generate(prompt.to(trainer.device), S.max_new_tokens, do_sample=True,
+                             temperature=S.temperature, top_k=S.top_k, seed=S.seed)
+        model.train()
+        return enc.decode(out[0].tolist())
+
+    # before: the pretrained model as it is (also when resuming, so the numbers always compare)
+    loss_before = trainer.evaluate()
+    sample_before = sample()
+    logger.info("before fine-tuning: val loss %.4f", loss_before)
+
+    trainer.run()
+    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+
+    # after: the weights with the best validation loss, exported where from_pretrained reads them
+    best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
+    if best is not None:
+        state_dict, _ = load_checkpoint(best)
+        model.load_state_dict(state_dict)
+    model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
+    loss_after = trainer.evaluate()
+    sample_after = sample()
+
+    results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num,
+               'model': str(model_dir), 'sample_before': sample_before, 'sample_after': sample_after}
+    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f"--- sample before fine-tuning (val loss {loss_before:.4f}) ---\n{sample_before}\n")
+    print(f"--- sample after fine-tuning (val loss {loss_after:.4f}) ---\n{sample_after}\n")
+    print(f"fine-tuned model in {model_dir}; checkpoints, metrics.jsonl and loss.png in "
+          f"{config.system.work_dir}")
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

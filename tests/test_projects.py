@@ -1,0 +1,265 @@
+"""
+The projects run end to end: each script is run as a user runs it (a subprocess, config overrides
+on the command line) for a few steps with tiny settings, and we check what it writes and that the
+loss went down. The datasets' own logic is checked in-process, where that is cheaper.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.common import REPO, data_file, free_port_url, use_shared_gpt2_vocab
+
+PROJECTS = REPO / 'projects'
+
+
+def run_project(name, *args, cwd=None, env=None, timeout=600):
+    """ run projects/<name>/<name>.py with args; returns the CompletedProcess (text output) """
+    env = dict(os.environ if env is None else env)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+    return subprocess.run([sys.executable, str(PROJECTS / name / f'{name}.py'), *args], cwd=cwd or REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_project(name):
+    """ import projects/<name>/<name>.py as a module (the projects are scripts, not a package) """
+    spec = importlib.util.spec_from_file_location(f'project_{name}', PROJECTS / name / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_metrics(work_dir):
+    with open(Path(work_dir) / 'metrics.jsonl') as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [r['loss'] for r in records if 'loss' in r]
+    val = [(r['iter'], r['val_loss']) for r in records if 'val_loss' in r]
+    return records, train, val
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+class ProjectTestCase(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
+
+    def assertRan(self, proc):
+        self.assertEqual(proc.returncode, 0, f"exit code {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                             f"stderr:\n{proc.stderr[-3000:]}")
+
+    def assertWorkDir(self, work_dir, *extra):
+        """ what every project leaves in its work dir """
+        for name in ('config.json', 'args.txt', 'metrics.jsonl', 'loss.png', 'results.json', *extra):
+            self.assertTrue((Path(work_dir) / name).exists(), f"{name} missing from {work_dir}: "
+                                                              f"{sorted(os.listdir(work_dir))}")
+        self.assertGreater((Path(work_dir) / 'loss.png').stat().st_size, 1000)
+        with open(Path(work_dir) / 'config.json') as f:
+            self.assertIn('trainer', json.load(f))
+
+    def assertLossWentDown(self, work_dir):
+        _, train, val = read_metrics(work_dir)
+        self.assertGreaterEqual(len(train), 10)
+        k = max(1, len(train) // 5)
+        self.assertLess(mean(train[-k:]), mean(train[:k]) - 0.1, f"train loss did not go down: {train}")
+        self.assertGreaterEqual(len(val), 2)
+        self.assertLess(val[-1][1], val[0][1], f"val loss did not go down: {val}")
+
+# -----------------------------------------------------------------------------
+
+class TestAdder(ProjectTestCase):
+
+    def test_dataset_split_is_disjoint_and_complete(self):
+        adder = load_project('adder')
+        config = adder.AdditionDataset.get_default_config()
+        train, test = adder.AdditionDataset(config, 'train'), adder.AdditionDataset(config, 'test')
+        train_ids = set(train.problem_ids(np.arange(len(train))).tolist())
+        test_ids = set(test.problem_ids(np.arange(len(test))).tolist())
+        self.assertEqual((len(train_ids), len(test_ids)), (8000, 2000))
+        self.assertEqual(train_ids & test_ids, set())
+        self.assertEqual(train_ids | test_ids, set(range(10000)))
+        # 4 digits: 10^8 problems, indexed without a permutation of them all
+        config.ndigit = 4
+        train, test = adder.AdditionDataset(config, 'train'), adder.AdditionDataset(config, 'test')
+        self.assertEqual((len(train), len(test)), (10 ** 8 - 10000, 10000))
+        probe = np.random.default_rng(0).integers(0, len(train), size=100000)
+        self.assertFalse(np.isin(train.problem_ids(probe), test.test_ids).any())
+        self.assertEqual(train.problem_ids([len(train) - 1]).tolist(), [10 ** 8 - 1])
+        # consecutive train positions are the consecutive ids with the test ids left out
+        ids = train.problem_ids(np.arange(5_000_000, 5_200_000))
+        everything = np.arange(ids[0], ids[-1] + 1)
+        self.assertGreater(len(everything) - len(ids), 5)  # some test ids fall in this range
+        np.testing.assert_array_equal(ids, np.setdiff1d(everything, test.test_ids))
+
+    def test_encoding_reverses_the_sum_and_masks_the_operands(self):
+        adder = load_project('adder')
+        config = adder.AdditionDataset.get_default_config()
+        dataset = adder.AdditionDataset(config, 'train')
+        self.assertEqual(dataset.encode([8550]).tolist(), [[8, 5, 5, 0, 5, 3, 1]])  # 85 + 50 = 135
+        self.assertEqual(dataset.encode([99 * 100 + 99, 7]).tolist(), [[9, 9, 9, 9, 8, 9, 1], [0, 0, 0, 7, 7, 0, 0]])
+        self.assertEqual(dataset.get_block_size(), 6)
+        i = int(np.nonzero(dataset.problem_ids(np.arange(len(dataset))) == 8550)[0][0])
+        x, y = dataset[i]
+        self.assertEqual(x.tolist(), [8, 5, 5, 0, 5, 3])
+        self.assertEqual(y.tolist(), [-1, -1, -1, 5, 3, 1])
+        # a batch fetched through __getitems__ (as the DataLoader does) is the same examples
+        xs, ys = zip(*dataset.__getitems__([i, 0]))
+        self.assertEqual((xs[0].tolist(), ys[0].tolist()), (x.tolist(), y.tolist()))
+        self.assertEqual(dataset.encode(dataset.problem_ids([0]))[0, :-1].tolist(), xs[1].tolist())
+
+    def test_learns_to_add_saves_the_best_model_and_stops_by_itself(self):
+        from mingpt.model import GPT
+        work_dir = self.tmp / 'adder'
+        # the default command, stopped early: at the first evaluation with 30% of the test split right
+        proc = run_project('adder', f'--system.work_dir={work_dir}', '--trainer.device=cpu',
+                           '--trainer.eval_interval=50', '--eval.stop_at=0.3')
+        self.assertRan(proc)
+        self.assertWorkDir(work_dir, 'best/config.json', 'best/model.safetensors')
+        self.assertLossWentDown(work_dir)
+        with open(work_dir / 'results.json') as f:
+            results = json.load(f)
+        self.assertGreaterEqual(results['best_test_acc'], 0.3)
+        self.assertLess(results['iters'], 700)  # it stopped by itself, at an evaluation, before max_iters
+        self.assertEqual(results['iters'] % 50, 0)
+        self.assertEqual(results['iter'], results['iters'])
+        self.assertIn('best test accuracy', proc.stdout)
+        self.assertRegex(proc.stderr, r'exact match train [\d.]+%, test [\d.]+%')
+        self.assertRegex(proc.stderr, r'test: GPT claims that \d+ \+ \d+ = \d+ but it is \d+')
+        # the best model is an HF directory that adds as well as the run said, on its test split
+        adder = load_project('adder')
+        model = GPT.from_pretrained(work_dir / 'best')
+        test = adder.AdditionDataset(adder.AdditionDataset.get_default_config(), 'test')
+        self.assertAlmostEqual(adder.exact_match(model, test), results['best_test_acc'])
+
+# -----------------------------------------------------------------------------
+
+class TestCharGPT(ProjectTestCase):
+
+    TINY = ['--trainer.device=cpu', '--model.n_layer=1', '--model.n_head=2', '--model.n_embd=32',
+            '--data.block_size=32', '--trainer.batch_size=16', '--trainer.warmup_iters=5',
+            '--trainer.eval_interval=20', '--trainer.checkpoint_interval=20', '--trainer.eval_iters=4',
+            '--sample.max_new_tokens=30', '--sample.prompt=ROMEO:']
+
+    def setUp(self):
+        super().setUp()
+        # 50,000 characters of Shakespeare, as ./input.txt of the run's working directory
+        with open(data_file('tinyshakespeare.txt'), encoding='utf-8') as f:
+            (self.tmp / 'input.txt').write_text(f.read(50000), encoding='utf-8')
+
+    def test_trains_on_input_txt_samples_checkpoints_and_resumes(self):
+        work_dir = self.tmp / 'out'
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=60',
+                           *self.TINY, cwd=self.tmp)
+        self.assertRan(proc)
+        self.assertIn('training on input.txt', proc.stderr)
+        self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'vocab.json')
+        self.assertLossWentDown(work_dir)
+        self.assertIn('ROMEO:', proc.stdout)  # the final sample continues the prompt
+        self.assertEqual(proc.stderr.count('sample\nROMEO:'), 3)  # one after each evaluation
+        with open(work_dir / 'results.json') as f:
+            self.assertEqual(json.load(f)['iters'], 60)
+
+        # the same command with a longer schedule continues from iteration 60
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=80',
+                           *self.TINY, cwd=self.tmp)
+        self.assertRan(proc)
+        self.assertIn('resuming from', proc.stderr)
+        records, _, val = read_metrics(work_dir)
+        iters = [r['iter'] for r in records if 'loss' in r]
+        self.assertEqual(iters, list(range(1, 81)))  # every iteration once: nothing redone, nothing lost
+        self.assertEqual([i for i, _ in val], [20, 40, 60, 80])
+
+    def test_prompt_outside_the_vocabulary_is_a_clear_error(self):
+        proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--sample.prompt=ROMEO: €ë',
+                           *self.TINY[:-1], cwd=self.tmp)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--sample.prompt='ROMEO: €ë' has characters not in the vocabulary: 'ë€'", proc.stderr)
+        self.assertNotIn('Traceback', proc.stderr)
+
+    def test_offline_without_data_says_to_pass_data_path(self):
+        empty = self.tmp / 'empty'
+        empty.mkdir()
+        env = dict(os.environ, MINGPT_CACHE=str(self.tmp / 'cache'), MINGPT_TINYSHAKESPEARE_URL=free_port_url())
+        proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', *self.TINY, cwd=empty, env=env)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn('--data.path', proc.stderr)
+        self.assertIn('could not download', proc.stderr)
+
+    def test_a_preset_replaces_the_cpu_sizes(self):
+        chargpt = load_project('chargpt')
+        config = chargpt.get_config()
+        self.assertEqual((config.model.n_layer, config.model.n_head, config.model.n_embd), (4, 4, 192))
+        # the preset path is exercised through main's argument handling, up to building the model
+        proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--model.model_type=gpt-nano',
+                           '--trainer.max_iters=1', '--trainer.eval_iters=1', '--data.block_size=16',
+                           '--sample.max_new_tokens=1', '--trainer.device=cpu', cwd=self.tmp)
+        self.assertRan(proc)
+        with open(self.tmp / 'out' / 'config.json') as f:  # the run's config, as given
+            model = json.load(f)['model']
+        self.assertEqual((model['model_type'], model['n_layer'], model['n_embd']), ('gpt-nano', None, None))
+        with open(self.tmp / 'out' / 'ckpt' / 'config.json') as f:  # the model that was trained
+            model = json.load(f)['model']
+        self.assertEqual((model['model_type'], model['n_layer'], model['n_embd']), ('gpt-nano', 3, 48))
+
+# -----------------------------------------------------------------------------
+
+class TestFinetune(ProjectTestCase):
+
+    def test_finetunes_a_local_checkpoint(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from mingpt.model import GPT
+        torch.manual_seed(0)
+        # GPT-2's vocabulary (so the BPE ids fit), everything else tiny and random
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+        hf.save_pretrained(self.tmp / 'tiny')
+        text = self.tmp / 'text.txt'
+        with open(data_file('tinyshakespeare.txt'), encoding='utf-8') as f:
+            text.write_text(f.read(40000), encoding='utf-8')
+        work_dir = self.tmp / 'out'
+        with use_shared_gpt2_vocab():
+            proc = run_project('finetune', f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',
+                               f'--data.path={text}', '--data.block_size=32', '--trainer.device=cpu',
+                               '--trainer.max_iters=30', '--trainer.batch_size=8', '--trainer.learning_rate=3e-3',
+                               '--trainer.warmup_iters=3', '--trainer.eval_interval=10', '--trainer.eval_iters=4',
+                               '--sample.max_new_tokens=10')
+        self.assertRan(proc)
+        self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors',
+                           'model/config.json', 'model/model.safetensors')
+        self.assertLossWentDown(work_dir)
+        with open(work_dir / 'results.json') as f:
+            results = json.load(f)
+        self.assertLess(results['val_loss_after'], results['val_loss_before'] - 0.3)
+        self.assertIn('sample before fine-tuning', proc.stdout)
+        self.assertIn('sample after fine-tuning', proc.stdout)
+        self.assertNotEqual(results['sample_before'], results['sample_after'])
+        # the export is the best checkpoint, readable by from_pretrained (and by transformers)
+        model = GPT.from_pretrained(work_dir / 'model')
+        _, _, val = read_metrics(work_dir)
+        self.assertAlmostEqual(results['val_loss_after'], min(v for _, v in val), places=4)
+        self.assertEqual(model.config.n_embd, 32)
+        GPT2LMHeadModel.from_pretrained(work_dir / 'model')
+
+    def test_block_size_longer_than_the_context_is_a_clear_error(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+                        ).save_pretrained(self.tmp / 'tiny')
+        proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}', f'--model.init_from={self.tmp / "tiny"}',
+                           '--data.block_size=32', '--trainer.device=cpu')
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
+
+
+if __name__ == '__main__':
+    unittest.main()
