@@ -59,6 +59,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mingpt.bpe import Encoder, bytes_to_unicode, _SAFE_CUT_AFTER
+from mingpt.data import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -274,24 +275,6 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def read_text_file(path) -> str:
-    """A UTF-8 text file, or a ValueError that says why it cannot be trained (or evaluated) on."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such file')
-    data = path.read_bytes()
-    if not data:
-        raise ValueError(f'{path} is empty; give a file with some text in it')
-    if b'\x00' in data:
-        raise ValueError(f'{path} contains NUL bytes (at byte {data.index(0)}), so it is binary, not text; '
-                         f'give a UTF-8 text file')
-    try:
-        return data.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise ValueError(f'{path} is not valid UTF-8 (bad byte at offset {e.start}); convert it to UTF-8 first, '
-                         f'e.g. iconv -f latin1 -t utf-8') from None
 
 
 def main(argv=None):

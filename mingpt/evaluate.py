@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mingpt.bpe import Encoder, get_encoder
-from mingpt.bpe_train import read_text_file
+from mingpt.data import read_text_file
 
 logger = logging.getLogger(__name__)
 

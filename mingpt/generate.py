@@ -24,11 +24,8 @@ Shapes in comments: B batch, T prompt length (padded), L tokens so far, V vocab_
 
 import logging
 import numbers
-import threading
-import weakref
 
 import torch
-import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
@@ -174,41 +171,11 @@ def _window_inputs(real):
     return pos, mask
 
 # -----------------------------------------------------------------------------
-# a weight layout for batch-1 decoding
-
-_decode_weights = weakref.WeakKeyDictionary()  # model -> (weight versions, {name: weight})
-# functional_call swaps a module's weights for the call and back: two threads swapping the same
-# model at once (a server's concurrent requests) could restore each other's copies as the weights
-_swap_lock = threading.Lock()
-
-
-def decode_weights(model):
-    """
-    {name: weight} for every nn.Linear of the model: the same values and (out, in) shapes, but
-    each stored (in, out) in memory, as transformers' Conv1D stores GPT-2's. With one token per
-    step every Linear is a matrix-vector product that reads its whole weight, and on CPU (MKL)
-    x @ W runs ~30% faster over that layout than over nn.Linear's, where each output is a dot
-    product over a row. The copy costs as much memory again as these weights, so it is opt-in
-    (fast_weights=True); it is kept for the model's next calls, and redone once any of the
-    weights changed (in-place updates such as optimizer steps bump a tensor's version). A weight
-    already stored that way is used as it is, without a copy.
-    """
-    linears = {f'{name}.weight': m.weight for name, m in model.named_modules()
-               if isinstance(m, nn.Linear)}
-    versions = [(w.data_ptr(), w._version) for w in linears.values()]
-    cached = _decode_weights.get(model)
-    if cached is None or cached[0] != versions:
-        with torch.no_grad():
-            weights = {name: w.t().contiguous().t() for name, w in linears.items()}
-        _decode_weights[model] = cached = (versions, weights)
-    return cached[1]
-
-# -----------------------------------------------------------------------------
 # the engine
 
 def stream(model, idx, max_new_tokens, *, temperature=1.0, do_sample=False, top_k=None,
            top_p=None, generator=None, seed=None, eos_token_id=None, pad_token_id=None,
-           attention_mask=None, use_cache=True, window_keep=None, fast_weights=False):
+           attention_mask=None, use_cache=True, window_keep=None):
     """
     Generate up to max_new_tokens tokens after the prompt(s), yielding each step's new token ids
     as a (B,) LongTensor, one per row (in the prompt's row order). Arguments are checked when
@@ -224,14 +191,11 @@ def stream(model, idx, max_new_tokens, *, temperature=1.0, do_sample=False, top_
     use_cache: False recomputes the whole window every step (minGPT's way; for comparison).
     window_keep: how many of the most recent tokens to re-prefill when the sequence fills the
       context (default block_size: identical to minGPT's cropping; see the module docstring).
-    fast_weights: decode with a copy of the Linear weights laid out for batch-1 matmuls (see
-      `decode_weights`): faster per token on CPU, but as much memory again as those weights.
     """
     _, steps = _start(model, idx, max_new_tokens, temperature=temperature, do_sample=do_sample,
                       top_k=top_k, top_p=top_p, generator=generator, seed=seed,
                       eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      attention_mask=attention_mask, use_cache=use_cache, window_keep=window_keep,
-                      fast_weights=fast_weights)
+                      attention_mask=attention_mask, use_cache=use_cache, window_keep=window_keep)
     return steps
 
 
@@ -252,7 +216,7 @@ def generate(model, idx, max_new_tokens, **kwargs):
 
 def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
            generator=None, seed=None, eos_token_id=None, pad_token_id=None, attention_mask=None,
-           use_cache=True, window_keep=None, fast_weights=False):
+           use_cache=True, window_keep=None):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
     check_sampling_args(temperature, top_k, top_p)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -275,22 +239,14 @@ def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     how = dict(temperature=temperature, do_sample=do_sample, top_k=top_k, top_p=top_p,
                generator=generator)
-    forward = model
-    if fast_weights:
-        weights = decode_weights(model)
-
-        def forward(*args, **kwargs):  # the model, with its Linear weights swapped for the copies
-            with _swap_lock:
-                return torch.func.functional_call(model, weights, args, kwargs, tie_weights=False)
-    return idx, _decode(model, forward, idx, real, max_new_tokens, keep, use_cache, eos_token_id,
+    return idx, _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id,
                         pad_token_id, how)
 
 
-def _decode(model, forward, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad_token_id,
+def _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad_token_id,
             how):
     """
-    The decoding loop: yields (B,) new ids per step. forward is model itself or the model with
-    other weights (fast_weights); `how` are the arguments of `sample`.
+    The decoding loop: yields (B,) new ids per step; `how` are the arguments of `sample`.
     """
     B, T = idx.shape
     device = idx.device
@@ -332,7 +288,7 @@ def _decode(model, forward, idx, real, max_new_tokens, keep, use_cache, eos_toke
                 if real is not None:
                     pos, mask = _window_inputs(real[:, L - n:L])
                     next_pos = pos[:, -1:] + 1
-            logits, _ = forward(x, kv_cache=cache, cache_pos=cache_pos, pos=pos, attn_mask=mask,
+            logits, _ = model(x, kv_cache=cache, cache_pos=cache_pos, pos=pos, attn_mask=mask,
                                 last_only=True)  # (B, 1, V)
             if cache is not None:
                 cache_len = cache_pos + x.size(1)
@@ -371,16 +327,23 @@ def stream_text(model, idx, max_new_tokens, decode, **kwargs):
 
 def decode_text(ids, decode):
     """
-    Turn an iterable of token ids into text pieces, each yielded as soon as it decodes cleanly.
-    Byte-level BPE can split one UTF-8 character over several tokens, which decode to U+FFFD
-    until its last byte arrives, so such text is held back (and flushed at the end as it is).
+    Turn an iterable of token ids into text pieces, each yielded as soon as it is final.
+    Byte-level BPE can split one UTF-8 character over several tokens, and a token can also end
+    inside the next character. An incomplete character at the end of the bytes decodes to exactly
+    one U+FFFD, and everything before it is final, so only that last character is held back until
+    its remaining bytes arrive (or flushed at the end as it is). decode(list of ids) -> str must
+    replace undecodable bytes (errors='replace'), as bpe.Encoder.decode does.
     """
-    pending = []  # ids not yet yielded as text
+    pending, sent = [], 0  # ids since the text last decoded whole; characters of theirs yielded
     for t in ids:
         pending.append(t)
         text = decode(pending)
-        if not text.endswith('\ufffd'):
-            yield text
-            pending = []
+        complete = not text.endswith('\ufffd')
+        final = text if complete else text[:-1]
+        if len(final) > sent:
+            yield final[sent:]
+        pending, sent = ([], 0) if complete else (pending, len(final))
     if pending:
-        yield decode(pending)
+        rest = decode(pending)[sent:]
+        if rest:
+            yield rest

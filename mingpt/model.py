@@ -77,6 +77,26 @@ def resolve_config(config):
         raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     return config
 
+
+def store_transposed(model):
+    """
+    Keep every nn.Linear weight of model (out, in) shaped, as nn.Linear wants, but stored (in, out)
+    in memory, the way transformers' Conv1D stores GPT-2's: weight.t() is contiguous. Decoding one
+    token makes every Linear a matrix-vector product that reads its whole weight, and on CPU
+    x @ W.t() runs ~30% faster over this layout than over nn.Linear's own, where each output is a
+    dot product along a row. Nothing else notices: the values, shapes and names are the same,
+    autograd gives each gradient its weight's layout, AdamW works elementwise, and load_state_dict,
+    .to() and deepcopy keep a tensor's layout. A weight shared with an Embedding (a tied lm_head)
+    stays as it is, since an embedding lookup wants whole rows. Returns model.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for m in model.modules():
+            w = m.weight if isinstance(m, nn.Linear) else None
+            if w is not None and id(w) not in embeddings and not w.t().is_contiguous():
+                m.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
+    return model
+
 # -----------------------------------------------------------------------------
 
 class KVCache(nn.Module):
@@ -228,6 +248,7 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
+        store_transposed(self)  # the fast layout for decoding, see there
         if getattr(config, 'tie_weights', False):
             self.lm_head.weight = self.transformer.wte.weight
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import tests.test_bpe as test_bpe  # its SAMPLES and random_text (imported as a module: no test collected twice)
 from mingpt.bpe import BPETokenizer, get_encoder
-from mingpt.bpe_train import _learn_merges, count_words, main, make_vocab, read_text_file, train_bpe
+from mingpt.bpe_train import _learn_merges, count_words, main, make_vocab, train_bpe
+from mingpt.data import read_text_file
 from tests.common import data_file, english_text
 
 

@@ -202,5 +202,63 @@ class TestOptimizer(unittest.TestCase):
                 self.assertTrue(opt.defaults.get('fused') or opt.defaults.get('foreach'))
 
 
+class TestWeightLayout(unittest.TestCase):
+    """ Linear weights are stored (in, out) in memory (store_transposed), and stay so """
+
+    def assertTransposedLayout(self, model, tied=False):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight
+                expected = (w.size(1), 1) if tied and name == 'lm_head' else (1, w.size(0))
+                self.assertEqual(w.stride(), expected, name)
+
+    def test_layout_after_init_conversion_and_loading(self):
+        import copy
+        for tie in (False, True):
+            with self.subTest(tie_weights=tie):
+                set_seed(0)
+                model = GPT(make_config(tie_weights=tie))
+                self.assertTransposedLayout(model, tied=tie)
+                self.assertTransposedLayout(model.to(torch.float64), tied=tie)
+                self.assertTransposedLayout(copy.deepcopy(model), tied=tie)
+                # a state dict of ordinary contiguous tensors is copied into the layout
+                sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+                other = GPT(make_config(tie_weights=tie)).to(torch.float64)
+                other.load_state_dict(sd)
+                self.assertTransposedLayout(other, tied=tie)
+                for k, v in other.state_dict().items():
+                    self.assertTrue(torch.equal(v, sd[k]), k)
+
+    def test_training_matches_the_ordinary_layout(self):
+        # the same model with nn.Linear's own (out, in) layout must train to the same weights:
+        # gradients take their weight's layout and fused AdamW updates elementwise
+        from mingpt.trainer import Trainer
+        set_seed(0)
+        model = GPT(make_config(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0))
+        plain = GPT(make_config(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0))
+        plain.load_state_dict(model.state_dict())
+        for m in plain.modules():
+            if isinstance(m, nn.Linear):
+                m.weight = nn.Parameter(m.weight.detach().contiguous())
+        self.assertTrue(plain.lm_head.weight.is_contiguous())
+        config = Trainer.get_default_config()
+        config.learning_rate = 1e-2
+        opts = [m.configure_optimizers(config) for m in (model, plain)]
+        idx = torch.randint(0, 11, (4, 16))
+        before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+        for _ in range(3):
+            for m, opt in zip((model, plain), opts):
+                _, loss = m(idx[:, :-1], idx[:, 1:])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.assertTransposedLayout(model)
+        w = model.transformer.h[0].mlp.c_fc.weight
+        self.assertEqual(w.grad.stride(), w.stride())
+        for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=k)
+        self.assertFalse(torch.equal(w, before))
+
+
 if __name__ == '__main__':
     unittest.main()

@@ -5,6 +5,7 @@ loss went down. The datasets' own logic is checked in-process, where that is che
 """
 
 import importlib.util
+import math
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mingpt.model import GPT
 from tests.common import REPO, data_file, free_port_url, use_shared_gpt2_vocab
 
 PROJECTS = REPO / 'projects'
@@ -147,8 +149,8 @@ class TestAdder(ProjectTestCase):
 
 class TestCharGPT(ProjectTestCase):
 
-    TINY = ['--trainer.device=cpu', '--model.n_layer=1', '--model.n_head=2', '--model.n_embd=32',
-            '--data.block_size=32', '--trainer.batch_size=16', '--trainer.warmup_iters=5',
+    TINY = ['--trainer.device=cpu', '--system.num_threads=1', '--model.n_layer=1', '--model.n_head=2',
+            '--model.n_embd=32', '--data.block_size=32', '--trainer.batch_size=16', '--trainer.warmup_iters=5',
             '--trainer.eval_interval=20', '--trainer.checkpoint_interval=20', '--trainer.eval_iters=4',
             '--sample.max_new_tokens=30', '--sample.prompt=ROMEO:']
 
@@ -164,12 +166,22 @@ class TestCharGPT(ProjectTestCase):
                            *self.TINY, cwd=self.tmp)
         self.assertRan(proc)
         self.assertIn('training on input.txt', proc.stderr)
-        self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'vocab.json')
+        self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'chars.json')
         self.assertLossWentDown(work_dir)
         self.assertIn('ROMEO:', proc.stdout)  # the final sample continues the prompt
         self.assertEqual(proc.stderr.count('sample\nROMEO:'), 3)  # one after each evaluation
         with open(work_dir / 'results.json') as f:
             self.assertEqual(json.load(f)['iters'], 60)
+        # mingpt.evaluate finds the character vocabulary next to the best checkpoint
+        from mingpt.evaluate import CharTokenizer, evaluate, tokenizer_for_model
+        model = GPT.from_pretrained(work_dir / 'ckpt_best')
+        tokenizer = tokenizer_for_model(work_dir / 'ckpt_best', model.config.vocab_size)
+        self.assertIsInstance(tokenizer, CharTokenizer)
+        with open(self.tmp / 'input.txt', encoding='utf-8') as f:
+            held_out = f.read()[-2000:]
+        result = evaluate(model.eval(), tokenizer, held_out)
+        self.assertEqual(result['bytes'], len(held_out.encode('utf-8')) - 1)  # all but the first character
+        self.assertLess(result['bits_per_byte'], math.log2(tokenizer.n_vocab))  # better than uniform
 
         # the same command with a longer schedule continues from iteration 60
         proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=80',
@@ -185,7 +197,7 @@ class TestCharGPT(ProjectTestCase):
         proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--sample.prompt=ROMEO: €ë',
                            *self.TINY[:-1], cwd=self.tmp)
         self.assertNotEqual(proc.returncode, 0)
-        self.assertIn("--sample.prompt='ROMEO: €ë' has characters not in the vocabulary: 'ë€'", proc.stderr)
+        self.assertIn("--sample.prompt='ROMEO: €ë': the text has 2 character(s) that are not in the vocabulary: 'ë€'", proc.stderr)
         self.assertNotIn('Traceback', proc.stderr)
 
     def test_offline_without_data_says_to_pass_data_path(self):
@@ -204,7 +216,8 @@ class TestCharGPT(ProjectTestCase):
         # the preset path is exercised through main's argument handling, up to building the model
         proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--model.model_type=gpt-nano',
                            '--trainer.max_iters=1', '--trainer.eval_iters=1', '--data.block_size=16',
-                           '--sample.max_new_tokens=1', '--trainer.device=cpu', cwd=self.tmp)
+                           '--sample.max_new_tokens=1', '--trainer.device=cpu', '--system.num_threads=1',
+                           cwd=self.tmp)
         self.assertRan(proc)
         with open(self.tmp / 'out' / 'config.json') as f:  # the run's config, as given
             model = json.load(f)['model']
@@ -231,6 +244,7 @@ class TestFinetune(ProjectTestCase):
         with use_shared_gpt2_vocab():
             proc = run_project('finetune', f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',
                                f'--data.path={text}', '--data.block_size=32', '--trainer.device=cpu',
+                               '--system.num_threads=1',
                                '--trainer.max_iters=30', '--trainer.batch_size=8', '--trainer.learning_rate=3e-3',
                                '--trainer.warmup_iters=3', '--trainer.eval_interval=10', '--trainer.eval_iters=4',
                                '--sample.max_new_tokens=10')
@@ -255,8 +269,9 @@ class TestFinetune(ProjectTestCase):
         from transformers import GPT2Config, GPT2LMHeadModel
         GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
                         ).save_pretrained(self.tmp / 'tiny')
+        (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
         proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}', f'--model.init_from={self.tmp / "tiny"}',
-                           '--data.block_size=32', '--trainer.device=cpu')
+                           f'--data.path={self.tmp / "text.txt"}', '--data.block_size=32', '--trainer.device=cpu')
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
 

@@ -16,8 +16,10 @@ import os
 import sys
 
 import torch
-from torch.utils.data import Dataset
 
+from mingpt.data import split_windows, training_text
+from mingpt.download import DownloadError
+from mingpt.evaluate import CharTokenizer
 from mingpt.model import GPT
 from mingpt.trainer import Trainer, find_checkpoint
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
@@ -77,75 +79,6 @@ def get_config():
 
 # -----------------------------------------------------------------------------
 
-def read_text(path=None):
-    """ the training text: path, else ./input.txt, else tiny shakespeare from the mingpt cache """
-    if path is None and os.path.isfile('input.txt'):
-        path = 'input.txt'
-    if path is None:
-        from mingpt.download import DownloadError, get_tiny_shakespeare
-        try:
-            path = get_tiny_shakespeare()
-        except DownloadError as e:
-            raise SystemExit(f"error: no --data.path was given and there is no input.txt here, so "
-                             f"tiny shakespeare was to be downloaded, which failed:\n{e}\n"
-                             f"Pass --data.path=<a text file> to train on any text.") from e
-    logger.info("training on %s", path)
-    with open(path, encoding='utf-8') as f:
-        return f.read()
-
-
-class CharVocab:
-    """ the characters of a text, sorted: character <-> id """
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    def __len__(self):
-        return len(self.chars)
-
-    def encode(self, text):
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r} "
-                             f"({', '.join(map(repr, unknown))}); the model knows only these "
-                             f"{len(self.chars)}: {''.join(self.chars)!r}")
-        return [self.stoi[ch] for ch in text]
-
-    def decode(self, ids):
-        return ''.join(self.chars[i] for i in ids)
-
-
-class CharDataset(Dataset):
-    """ every window of block_size + 1 characters of ids (x: the first block_size, y: shifted by one) """
-
-    def __init__(self, ids, block_size, vocab_size):
-        if len(ids) <= block_size:
-            raise ValueError(f"a split of {len(ids)} characters is too short for windows of "
-                             f"block_size={block_size}; use more text or a smaller --data.block_size")
-        self.ids = ids  # (N,) LongTensor
-        self.block_size = block_size
-        self.vocab_size = vocab_size
-
-    def get_vocab_size(self):
-        return self.vocab_size
-
-    def get_block_size(self):
-        return self.block_size
-
-    def __len__(self):
-        return len(self.ids) - self.block_size
-
-    def __getitem__(self, idx):
-        chunk = self.ids[idx:idx + self.block_size + 1]
-        return chunk[:-1], chunk[1:]
-
-# -----------------------------------------------------------------------------
-
 def main(args):
     config = get_config()
     if any(a.startswith('--model.model_type=') for a in args):
@@ -158,31 +91,35 @@ def main(args):
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
 
-    # the text, its vocabulary (kept in the work dir: a resumed run must use the same ids) and the
-    # two splits: the first 90% to train on, the last 10% to validate on, as nanoGPT does
-    text = read_text(config.data.path)
-    vocab = CharVocab.from_text(text)
-    vocab_path = os.path.join(config.system.work_dir, 'vocab.json')
+    # the text, its vocabulary and the two splits: the first 90% to train on, the last 10% to
+    # validate on, as nanoGPT does. The vocabulary is kept in the work dir as chars.json: a resumed
+    # run must use the same ids, and `python -m mingpt.evaluate` finds it there
+    try:
+        text = training_text(config.data.path)
+    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
+        raise SystemExit(f"error: {e}") from e
+    vocab = CharTokenizer.from_text(text)
+    vocab_path = os.path.join(config.system.work_dir, 'chars.json')
     if find_checkpoint(os.path.join(config.system.work_dir, 'ckpt')) and os.path.exists(vocab_path):
-        with open(vocab_path, encoding='utf-8') as f:
-            if json.load(f) != vocab.chars:
-                raise SystemExit(f"error: {config.system.work_dir} holds a run on a text with another "
-                                 f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
-    with open(vocab_path, 'w', encoding='utf-8') as f:
-        json.dump(vocab.chars, f)
+        if CharTokenizer.load(vocab_path).chars != vocab.chars:
+            raise SystemExit(f"error: {config.system.work_dir} holds a run on a text with another "
+                             f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
+    vocab.save(config.system.work_dir)
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
-    n_val = int(len(ids) * config.data.val_fraction)
-    train_dataset = CharDataset(ids[:len(ids) - n_val], config.data.block_size, len(vocab))
-    val_dataset = CharDataset(ids[len(ids) - n_val:], config.data.block_size, len(vocab))
-    logger.info("%d characters, %d distinct: %d to train on, %d to validate on",
-                len(text), len(vocab), len(ids) - n_val, n_val)
+    try:
+        train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction,
+                                                   vocab_size=vocab.n_vocab)
+    except ValueError as e:  # a text too short for the windows
+        raise SystemExit(f"error: {e}") from e
+    logger.info("%d characters, %d distinct: %d to train on, %d to validate on", len(text),
+                vocab.n_vocab, len(train_dataset.ids), len(val_dataset.ids))
     try:  # check the prompt now, not after training
         prompt = torch.tensor([vocab.encode(str(config.sample.prompt))], dtype=torch.long)
     except ValueError as e:
-        raise SystemExit(f"error: --sample.prompt={config.sample.prompt!r} has {e}") from e
+        raise SystemExit(f"error: --sample.prompt={config.sample.prompt!r}: {e}") from e
 
     # the model
-    config.model.vocab_size = len(vocab)
+    config.model.vocab_size = vocab.n_vocab
     config.model.block_size = config.data.block_size
     model = GPT(config.model)
 

@@ -22,10 +22,11 @@ import os
 import sys
 
 import torch
-from torch.utils.data import Dataset
 
 from mingpt.bpe import Encoder, get_encoder
 from mingpt.chat import save_tokenizer
+from mingpt.data import split_windows, training_text
+from mingpt.download import DownloadError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
@@ -81,30 +82,6 @@ def gpt2_prefix_vocab(n_merges):
     return Encoder({t: i for t, i in full.encoder.items() if i < n}, merges)
 
 
-def read_text(path=None):
-    if path is None:
-        from mingpt.download import get_tiny_shakespeare
-        path = get_tiny_shakespeare()
-    logger.info("pretraining on %s", path)
-    with open(path, encoding='utf-8') as f:
-        return f.read()
-
-
-class TokenDataset(Dataset):
-    """ every window of block_size + 1 tokens (x: the first block_size, y: shifted by one) """
-
-    def __init__(self, ids, block_size):
-        if len(ids) <= block_size:
-            raise ValueError(f"{len(ids)} tokens are too few for windows of {block_size}; use more text")
-        self.ids, self.block_size = ids, block_size
-
-    def __len__(self):
-        return len(self.ids) - self.block_size
-
-    def __getitem__(self, i):
-        chunk = self.ids[i:i + self.block_size + 1]
-        return chunk[:-1], chunk[1:]
-
 # -----------------------------------------------------------------------------
 
 def main(args):
@@ -115,14 +92,15 @@ def main(args):
     set_seed(config.system.seed)
 
     enc = gpt2_prefix_vocab(config.data.n_merges)
-    text = read_text(config.data.path)
+    try:
+        text = training_text(config.data.path)
+    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
+        raise SystemExit(f"error: {e}") from e
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
-    n_val = int(len(ids) * config.data.val_fraction)
     B = config.data.block_size
-    train_dataset = TokenDataset(ids[:len(ids) - n_val], B)
-    val_dataset = TokenDataset(ids[len(ids) - n_val:], B)
+    train_dataset, val_dataset = split_windows(ids, B, config.data.val_fraction)
     logger.info("vocabulary of %d tokens; %d characters -> %d tokens (%d to validate on)",
-                enc.n_vocab, len(text), len(ids), n_val)
+                enc.n_vocab, len(text), len(ids), len(val_dataset.ids))
 
     config.model.vocab_size, config.model.block_size = enc.n_vocab, B
     model = GPT(config.model)

@@ -19,9 +19,10 @@ import os
 import sys
 
 import torch
-from torch.utils.data import Dataset
 
 from mingpt.bpe import get_encoder
+from mingpt.data import split_windows, training_text
+from mingpt.download import DownloadError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
@@ -77,42 +78,6 @@ def get_config():
 
 # -----------------------------------------------------------------------------
 
-def read_text(path=None):
-    """ the training text: path, else ./input.txt, else tiny shakespeare from the mingpt cache """
-    if path is None and os.path.isfile('input.txt'):
-        path = 'input.txt'
-    if path is None:
-        from mingpt.download import DownloadError, get_tiny_shakespeare
-        try:
-            path = get_tiny_shakespeare()
-        except DownloadError as e:
-            raise SystemExit(f"error: no --data.path was given and there is no input.txt here, so "
-                             f"tiny shakespeare was to be downloaded, which failed:\n{e}\n"
-                             f"Pass --data.path=<a text file> to train on any text.") from e
-    logger.info("fine-tuning on %s", path)
-    with open(path, encoding='utf-8') as f:
-        return f.read()
-
-
-class TokenDataset(Dataset):
-    """ every window of block_size + 1 tokens of ids (x: the first block_size, y: shifted by one) """
-
-    def __init__(self, ids, block_size):
-        if len(ids) <= block_size:
-            raise ValueError(f"a split of {len(ids)} tokens is too short for windows of "
-                             f"block_size={block_size}; use more text or a smaller --data.block_size")
-        self.ids = ids  # (N,) LongTensor
-        self.block_size = block_size
-
-    def __len__(self):
-        return len(self.ids) - self.block_size
-
-    def __getitem__(self, idx):
-        chunk = self.ids[idx:idx + self.block_size + 1]
-        return chunk[:-1], chunk[1:]
-
-# -----------------------------------------------------------------------------
-
 def main(args):
     config = get_config()
     config.merge_from_args(args)
@@ -121,6 +86,12 @@ def main(args):
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
+
+    # the text first: a wrong path is better found before a model download
+    try:
+        text = training_text(config.data.path)
+    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
+        raise SystemExit(f"error: {e}") from e
 
     # the pretrained model
     dropout = {} if config.model.dropout is None else dict(
@@ -132,16 +103,16 @@ def main(args):
 
     # the text as GPT-2 tokens, split 90/10 (tokenizing a megabyte takes a couple of seconds)
     enc = get_encoder()
-    text = read_text(config.data.path)
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
     if int(ids.max()) >= model.config.vocab_size:
         raise SystemExit(f"error: the model's vocabulary has {model.config.vocab_size} tokens, fewer "
                          "than GPT-2's tokenizer produces; fine-tune a model with GPT-2's vocabulary")
-    n_val = int(len(ids) * config.data.val_fraction)
-    train_dataset = TokenDataset(ids[:len(ids) - n_val], config.data.block_size)
-    val_dataset = TokenDataset(ids[len(ids) - n_val:], config.data.block_size)
+    try:
+        train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction)
+    except ValueError as e:  # a text too short for the windows
+        raise SystemExit(f"error: {e}") from e
     logger.info("%d characters, %d tokens: %d to train on, %d to validate on",
-                len(text), len(ids), len(ids) - n_val, n_val)
+                len(text), len(ids), len(train_dataset.ids), len(val_dataset.ids))
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     prompt = torch.tensor([enc.encode(str(config.sample.prompt))], dtype=torch.long)
