@@ -35,7 +35,6 @@ import torch.nn as nn
 from mingpt import generate as generation
 from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mingpt.download import DownloadError
-from mingpt.model import store_transposed
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +118,6 @@ def resize_token_embeddings(model, vocab_size):
             new_head.weight[:old] = h
             new_head.weight[old:] = h.mean(dim=0)
         model.lm_head = new_head
-        store_transposed(model)
     model.config.vocab_size = vocab_size
     logger.info("resized the vocabulary from %d to %d tokens%s", old, vocab_size,
                 " (lm_head tied to wte)" if tied else "")

@@ -270,10 +270,21 @@ class TestFinetune(ProjectTestCase):
         GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
                         ).save_pretrained(self.tmp / 'tiny')
         (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
-        proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}', f'--model.init_from={self.tmp / "tiny"}',
-                           f'--data.path={self.tmp / "text.txt"}', '--data.block_size=32', '--trainer.device=cpu')
+        with use_shared_gpt2_vocab():
+            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
+                               f'--model.init_from={self.tmp / "tiny"}', f'--data.path={self.tmp / "text.txt"}',
+                               '--data.block_size=32', '--trainer.device=cpu')
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
+
+    def test_a_missing_checkpoint_is_a_clear_error(self):
+        (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
+        with use_shared_gpt2_vocab():
+            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
+                               f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(f'error: --model.init_from={self.tmp / "nowhere"}', proc.stderr)
+        self.assertNotIn('Traceback', proc.stderr)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import unittest
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mingpt.model import GPT
@@ -277,6 +278,45 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
         self.assertEqual(set(dtypes), {torch.bfloat16})
         self.assertEqual(model.lm_head.weight.dtype, torch.float32)  # master weights stay fp32
         self.assertLess(sum(losses[-3:]) / 3, 0.7 * losses[0])
+
+    def test_auto_dtype_is_bfloat16_only_with_bf16_hardware(self):
+        from unittest import mock
+        from mingpt.trainer import fast_dtype
+        for avx512_bf16, amx, expected in [(False, False, 'float32'), (True, False, 'bfloat16'),
+                                          (False, True, 'bfloat16')]:
+            with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, create=True), \
+                    mock.patch.object(torch.cpu, '_is_amx_tile_supported', lambda: amx, create=True):
+                self.assertEqual(fast_dtype('cpu'), expected)
+                trainer = Trainer(quiet_config(max_iters=1, dtype='auto'), tiny_model(), RepeatDataset())
+                self.assertEqual(trainer.config.dtype, expected)  # resolved once, then used as given
+        self.assertEqual(fast_dtype('mps'), 'float32')
+        with self.assertRaisesRegex(ValueError, "or 'auto'"):
+            Trainer(quiet_config(dtype='fp8'), tiny_model(), RepeatDataset())
+
+    def test_attention_runs_in_fp32_under_cpu_autocast(self):
+        # torch's CPU attention kernel is slow in bf16: under autocast it gets fp32 inputs, and the
+        # result equals fp32 attention on the bf16-rounded q, k, v
+        from unittest import mock
+        import mingpt.model as model_module
+        set_seed(0)
+        model = tiny_model()
+        calls = []
+        real_sdpa = F.scaled_dot_product_attention
+
+        def recording_sdpa(q, k, v, **kwargs):
+            calls.append((q.dtype, torch.is_autocast_enabled('cpu')))
+            return real_sdpa(q, k, v, **kwargs)
+        x = torch.randint(0, 5, (2, 8))
+        with mock.patch.object(model_module.F, 'scaled_dot_product_attention', recording_sdpa):
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                logits, loss = model(x, x)
+            loss.backward()  # and gradients flow through the fp32 attention
+            self.assertEqual(set(calls), {(torch.float32, False)})
+            calls.clear()
+            model(x)  # without autocast: plain fp32, unchanged
+            self.assertEqual(set(calls), {(torch.float32, False)})
+        self.assertEqual(logits.dtype, torch.bfloat16)
+        self.assertTrue(all(p.grad is not None for p in model.parameters()))
 
     def test_compiled_training_writes_plain_checkpoints(self):
         # the 'eager' backend runs torch.compile's graph capture without inductor's C++ build,

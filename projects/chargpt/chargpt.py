@@ -61,7 +61,9 @@ def get_config():
     C.trainer.min_lr = 2e-4
     C.trainer.warmup_iters = 100
     C.trainer.lr_schedule = 'cosine'
-    C.trainer.max_iters = 2000
+    C.trainer.max_iters = 3000
+    # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it: twice the steps per minute here
+    C.trainer.dtype = 'auto'
     C.trainer.batch_size = 32
     C.trainer.eval_interval = 250
     C.trainer.eval_iters = 20

@@ -60,6 +60,7 @@ def get_config():
     C.trainer.warmup_iters = 10
     C.trainer.lr_schedule = 'cosine'
     C.trainer.max_iters = 100
+    C.trainer.dtype = 'auto'  # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it
     C.trainer.batch_size = 4
     C.trainer.eval_interval = 25
     C.trainer.eval_iters = 10
@@ -87,22 +88,25 @@ def main(args):
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
 
-    # the text first: a wrong path is better found before a model download
+    # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     try:
         text = training_text(config.data.path)
-    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
+        enc = get_encoder()
+    except (OSError, ValueError, DownloadError) as e:  # a bad file, or offline without the files
         raise SystemExit(f"error: {e}") from e
 
     # the pretrained model
     dropout = {} if config.model.dropout is None else dict(
         embd_pdrop=config.model.dropout, resid_pdrop=config.model.dropout, attn_pdrop=config.model.dropout)
-    model = GPT.from_pretrained(config.model.init_from, **dropout)
+    try:
+        model = GPT.from_pretrained(config.model.init_from, **dropout)
+    except (OSError, ValueError, DownloadError) as e:  # no such checkpoint, a bad one, or offline
+        raise SystemExit(f"error: --model.init_from={config.model.init_from}: {e}") from e
     if config.data.block_size > model.block_size:
         raise SystemExit(f"error: --data.block_size={config.data.block_size} is longer than the "
                          f"model's context of {model.block_size} tokens; use at most that")
 
     # the text as GPT-2 tokens, split 90/10 (tokenizing a megabyte takes a couple of seconds)
-    enc = get_encoder()
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
     if int(ids.max()) >= model.config.vocab_size:
         raise SystemExit(f"error: the model's vocabulary has {model.config.vocab_size} tokens, fewer "
