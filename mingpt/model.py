@@ -78,7 +78,6 @@ def resolve_config(config):
     return config
 
 
-
 def _cpu_autocast_enabled():
     # torch.is_autocast_enabled takes a device type from torch 2.4 on; before, the CPU had its own
     if hasattr(torch, 'get_autocast_dtype'):
@@ -150,7 +149,7 @@ class CausalSelfAttention(nn.Module):
         if x.device.type == 'cpu' and _cpu_autocast_enabled():
             # mixed precision on CPU: autocast's bf16 matmuls are fast (AMX), but torch's CPU attention
             # kernel is slower in bf16 than in fp32, forward and backward, so attention stays in fp32
-            # (measured: a gpt-mini training step 1.6x faster than with bf16 attention)
+            # (measured: a gpt-mini training step 1.8x faster than with bf16 attention)
             with torch.autocast('cpu', enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                    dropout_p=dropout_p, is_causal=is_causal)
