@@ -43,7 +43,7 @@ def get_config():
     C.system.work_dir = './out/chat/base'
 
     C.data = CN()
-    C.data.path = None  # None: tiny shakespeare (downloaded once into the mingpt cache)
+    C.data.path = None  # None: ./input.txt if there is one, else tiny shakespeare (downloaded once)
     C.data.n_merges = 4000  # GPT-2's first n merges: a vocabulary of 256 + n_merges tokens
     C.data.block_size = 256  # the model's context, in tokens; chat conversations must fit in it
     C.data.val_fraction = 0.1  # the last 10% of the tokens
