@@ -404,6 +404,7 @@ class Trainer:
         self.val_loss = None
         self.best_val_loss = float('inf')
         self.history = defaultdict(list)  # iter/loss/lr and val_iter/val_loss, for plot()
+        self._stop_requested = False
 
     def _check_config(self):
         C = self.config
@@ -443,6 +444,13 @@ class Trainer:
     def trigger_callbacks(self, onevent: str):
         for callback in self.callbacks.get(onevent, []):
             callback(self)
+
+    def stop(self):
+        """
+        End run() after the current iteration, e.g. from a callback once a target is reached. That
+        iteration is then the last one: it is evaluated (if it was not already) and checkpointed.
+        """
+        self._stop_requested = True
 
     # -------------------------------------------------------------------------
 
@@ -543,7 +551,8 @@ class Trainer:
         model.train()
         self.iter_time = time.time()
         data_iter = iter(train_loader)
-        while config.max_iters is None or self.iter_num < config.max_iters:
+        self._stop_requested = False
+        while not self._stop_requested and (config.max_iters is None or self.iter_num < config.max_iters):
             t0 = time.time()
 
             # fetch the next grad_accum_steps batches (x, y) and re-init iterator if needed
@@ -568,9 +577,10 @@ class Trainer:
             self.tokens_per_sec = sum(b[0].numel() for b in batches) * self.world_size / max(tnow - t0, 1e-9)
             self._record(pbar)
 
-            last = config.max_iters is not None and self.iter_num >= config.max_iters
+            last = self._stop_requested or (config.max_iters is not None and self.iter_num >= config.max_iters)
             if self.val_dataset is not None and (self.iter_num % config.eval_interval == 0 or last):
                 self._eval_and_keep_best()
+            last = last or self._stop_requested  # an 'on_eval_end' callback may have stopped the run
             if config.work_dir is not None and (self.iter_num % config.checkpoint_interval == 0 or last):
                 self.save_checkpoint()
 

@@ -124,6 +124,24 @@ class TestTrainerRun(unittest.TestCase):
         first, last = seen[0][1], sum(l for _, l in seen[-5:]) / 5
         self.assertLess(last, 0.5 * first)
 
+    def test_stop_from_a_callback_ends_the_run_with_a_last_eval_and_checkpoint(self):
+        from mingpt.trainer import find_checkpoint, load_checkpoint
+        for event, at in (('on_batch_end', 7), ('on_eval_end', 10)):
+            with self.subTest(event=event), tempfile.TemporaryDirectory() as d:
+                C = quiet_config(max_iters=100, batch_size=8, eval_interval=5, eval_iters=1,
+                                 checkpoint_interval=50, work_dir=d)
+                trainer = Trainer(C, tiny_model(), RepeatDataset(), val_dataset=RepeatDataset(n=16))
+                evals = []
+                trainer.add_callback('on_eval_end', lambda t: evals.append(t.iter_num))
+                # on_batch_end sees iter_num before it counts the iteration just done
+                done = (lambda t: t.iter_num + 1) if event == 'on_batch_end' else (lambda t: t.iter_num)
+                trainer.add_callback(event, lambda t: t.stop() if done(t) == at else None)
+                trainer.run()
+                self.assertEqual(trainer.iter_num, at)
+                self.assertEqual(evals[-1], at)  # the last iteration was evaluated, once
+                self.assertEqual(evals.count(at), 1)
+                self.assertEqual(load_checkpoint(find_checkpoint(os.path.join(d, 'ckpt')))[1]['iter_num'], at)
+
     def test_set_callback_replaces_add_callback_appends(self):
         calls = []
         self.trainer.add_callback('on_batch_end', lambda t: calls.append('a'))

@@ -237,8 +237,7 @@ def main(args):
             model.save_pretrained(best_dir)
         if ev.stop_at is not None and test_acc >= ev.stop_at:
             logger.info("test accuracy %.2f%% reached %.2f%%: stopping", 100 * test_acc, 100 * ev.stop_at)
-            # the Trainer has no stop() yet: lowering max_iters ends its loop after this iteration
-            trainer.config.max_iters = trainer.iter_num
+            trainer.stop()
 
     trainer.add_callback('on_eval_end', eval_accuracy)
     trainer.run()
