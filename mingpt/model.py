@@ -78,11 +78,13 @@ def resolve_config(config):
     return config
 
 
-def _cpu_autocast_enabled():
-    # torch.is_autocast_enabled takes a device type from torch 2.4 on; before, the CPU had its own
-    if hasattr(torch, 'get_autocast_dtype'):
+# torch.is_autocast_enabled takes a device type from torch 2.4 on; before, the CPU had its own.
+# Chosen once here: attention asks on every forward of every layer
+if hasattr(torch, 'get_autocast_dtype'):
+    def _cpu_autocast_enabled():
         return torch.is_autocast_enabled('cpu')
-    return torch.is_autocast_cpu_enabled()
+else:
+    _cpu_autocast_enabled = torch.is_autocast_cpu_enabled
 
 # -----------------------------------------------------------------------------
 
