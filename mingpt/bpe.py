@@ -15,7 +15,9 @@ How, in the order text flows through encode():
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
 3. A miss runs BPE on the piece's UTF-8 bytes (_merge): merge the adjacent pair whose concatenation has
-   the lowest rank, until none makes a token, and remember the result.
+   the lowest rank, until none makes a token, and remember the result. The parts are small ints (a
+   token's "rank id" orders tokens by merge rank), and a table of every way to write a token as two
+   tokens answers "do these two merge, and into what?" with one dict lookup of an int.
 
 Vocabulary files are GPT-2's encoder.json (token string -> id, with bytes shown through bytes_to_unicode)
 and vocab.bpe (the merges in order). Any vocabulary in that format works, e.g. one trained later on your
@@ -26,7 +28,8 @@ tokens (GPT-2 has one, <|endoftext|> = 50256), produced only when allowed via al
 import json
 import logging
 import re
-from itertools import chain, repeat
+import sys
+from itertools import chain
 from pathlib import Path
 
 import regex
@@ -53,8 +56,13 @@ PATTERN = r""" ?\p{L}+|'(?:[sdmt]|ll|ve|re)| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 
 # The same pattern spelled for ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s (Unicode
 # White_Space) is [\t\n\v\f\r ]. Note \x1c-\x1f are not White_Space, though str.isspace() says they are.
+# From Python 3.11 on, `re` has possessive repeats (++): no piece ever gives back a character of a letter,
+# digit or punctuation run, so the engine need not keep the states to backtrack into (~10% faster).
+# The whitespace run before (?!\S) must stay backtracking: it gives back its last space to the next word.
 _WS = r'\t\n\x0b\x0c\r '
-ASCII_PATTERN = rf""" ?[A-Za-z]+|'(?:[sdmt]|ll|ve|re)| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"""
+_RUN = '++' if sys.version_info >= (3, 11) else '+'
+ASCII_PATTERN = (rf"""[ ]?[A-Za-z]{_RUN}|'(?:[sdmt]|ll|ve|re)|[ ]?[0-9]{_RUN}|[ ]?[^{_WS}A-Za-z0-9]{_RUN}"""
+                 rf"""|[{_WS}]+(?![^{_WS}])|[{_WS}]{_RUN}""")
 _NON_ASCII = re.compile(r'[^\x00-\x7f]')
 # A "safe cut": an ASCII non-space character followed by an ASCII space character. No piece spans it,
 # and no piece before it looks past it, so text on either side can be pre-tokenized independently.
@@ -125,19 +133,27 @@ class Encoder:
             str_to_bytes[self.byte_encoder[b]] = bytes([b])
         # rank of a token = position of the merge that creates it. Like tiktoken, two adjacent parts may merge
         # whenever their concatenation is a token, and the lowest-ranked such pair merges first.
-        self._ranks = {}
+        # BPE itself runs on "rank ids": byte b is b, the token made by merge r is 256 + r, so a part is a small
+        # int, comparing rank ids compares ranks, and the part a merge makes is the pair's rank id itself.
+        self._rank_id = {bytes([b]): b for b in range(256)}  # token bytes -> rank id
         for rank, (a, b) in enumerate(bpe_merges):
             merged = to_bytes(a + b)
             if a + b not in encoder:
                 raise ValueError(f'merge #{rank} {a!r} + {b!r} of vocab.bpe makes a token that encoder.json lacks; '
                                  f'encoder.json and vocab.bpe must come from the same vocabulary')
-            self._ranks.setdefault(merged, rank)
+            self._rank_id.setdefault(merged, 256 + rank)
             str_to_bytes[a + b] = merged
         self._bytes_to_id = {tb: encoder[ts] for ts, tb in str_to_bytes.items()}  # the "ordinary" tokens
         self.special_tokens = {ts: i for ts, i in encoder.items() if ts not in str_to_bytes}
         self._id_to_bytes = {i: tb for tb, i in self._bytes_to_id.items()}
         self._id_to_bytes.update({i: ts.encode('utf-8') for ts, i in self.special_tokens.items()})
-        self._single_bytes = [bytes([b]) for b in range(256)]
+        n_rank_ids = 256 + len(bpe_merges)
+        self._rank_id_bytes = [None] * n_rank_ids  # rank id -> token bytes (None: a merge that repeats a token)
+        for tb, r in self._rank_id.items():
+            self._rank_id_bytes[r] = tb
+        self._rank_id_to_id = [None if tb is None else self._bytes_to_id[tb] for tb in self._rank_id_bytes]
+        self._pair_shift = n_rank_ids.bit_length()  # a pair of rank ids (a, b) is the int a << shift | b
+        self._pairs = None  # pair -> rank id of the concatenation; built on the first BPE (see _merge)
         whole_tokens = {}
         for tb, i in self._bytes_to_id.items():
             try:
@@ -238,33 +254,52 @@ class Encoder:
         i = self._bytes_to_id.get(b)
         if i is not None:  # the whole piece is a token (tiktoken checks this first too)
             return (i,)
-        return tuple(map(self._bytes_to_id.__getitem__, self._merge(b)))
+        return tuple(map(self._rank_id_to_id.__getitem__, self._merge(b)))
+
+    def _build_pairs(self) -> dict:
+        """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b. That is more than
+        the merges of vocab.bpe (about twice as many for GPT-2), since any two adjacent parts whose
+        concatenation is a token merge. An absent pair is one that never merges."""
+        pairs, rank_id = {}, self._rank_id.get
+        shift = self._pair_shift
+        for tb, r in self._rank_id.items():
+            for j in range(1, len(tb)):
+                a = rank_id(tb[:j])
+                if a is not None:
+                    b = rank_id(tb[j:])
+                    if b is not None:
+                        pairs[a << shift | b] = r
+        return pairs
 
     def _merge(self, b: bytes) -> list:
         """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
-        has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts."""
-        parts = list(map(self._single_bytes.__getitem__, b))
-        rank, NONE = self._ranks.get, 1 << 62
-        # ranks[i] = rank of parts[i] + parts[i+1]; kept up to date instead of recomputed after each merge
-        ranks = list(map(rank, map(bytes.__add__, parts, parts[1:]), repeat(NONE)))
+        has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts as
+        rank ids. Everything here is small ints, so a merge step costs a few list operations and two
+        lookups of an int in a dict, and makes no new bytes objects."""
+        if self._pairs is None:
+            self._pairs = self._build_pairs()
+        rank, shift, NONE = self._pairs.get, self._pair_shift, 1 << 62
+        parts = list(b)  # the rank id of a single byte is the byte
+        # ranks[i] = rank id of parts[i] + parts[i+1] (NONE: they never merge), updated after each merge
+        ranks = [rank(x << shift | y, NONE) for x, y in zip(parts, parts[1:])]
         while ranks:
             r = min(ranks)
             if r == NONE:
                 break
             i = ranks.index(r)
-            parts[i:i + 2] = (parts[i] + parts[i + 1],)
+            parts[i:i + 2] = (r,)
             del ranks[i]
             # only the pairs touching the new part changed
             if i > 0:
-                ranks[i - 1] = rank(parts[i - 1] + parts[i], NONE)
+                ranks[i - 1] = rank(parts[i - 1] << shift | r, NONE)
             if i < len(ranks):
-                ranks[i] = rank(parts[i] + parts[i + 1], NONE)
+                ranks[i] = rank(r << shift | parts[i + 1], NONE)
         return parts
 
     def bpe(self, token: str) -> str:
         """minGPT's bpe(): one pre-token in bytes_to_unicode form -> its BPE parts joined by spaces."""
         b = self._to_bytes(token)
-        parts = [b] if b in self._bytes_to_id else self._merge(b)
+        parts = [b] if b in self._bytes_to_id else map(self._rank_id_bytes.__getitem__, self._merge(b))
         return ' '.join(''.join(self.byte_encoder[x] for x in p) for p in parts)
 
     def encode_and_show_work(self, text: str) -> dict:

@@ -332,5 +332,28 @@ class CustomVocabularyTest(unittest.TestCase):
         self.assertEqual(tok.decode(idx, mask), ['a', 'a b c'])
 
 
+class MergeRuleTest(unittest.TestCase):
+    """Two adjacent parts merge whenever their concatenation is a token (tiktoken's rule), not only when
+    they are the pair vocab.bpe lists for it: 'abc' is made from 'ab' + 'c', but in 'abcabca' the pairs
+    'bc' merge first (lower rank), and each 'a' + 'bc' must still become 'abc'."""
+
+    def test_a_token_is_made_from_any_two_parts(self):
+        import tiktoken
+        byte_encoder = bytes_to_unicode()
+        merges = [('b', 'c'), ('a', 'b'), ('ab', 'c'), ('c', 'a')]
+        tokens = [byte_encoder[b] for b in range(256)] + [a + b for a, b in merges]
+        e = Encoder(dict(zip(tokens, range(len(tokens)))), merges)
+        ranks = {bytes([b]): b for b in range(256)}
+        ranks.update({(a + b).encode(): 256 + r for r, (a, b) in enumerate(merges)})
+        ref = tiktoken.Encoding(name='abc', pat_str=e.pat.pattern, special_tokens={}, mergeable_ranks=ranks)
+        abc, bc = 256 + 2, 256
+        self.assertEqual(e.encode('abc'), [abc])
+        self.assertEqual(e.encode('abcabca'), [abc, abc, ord('a')])  # 'ca' (rank 3) loses to 'bc', 'ab'
+        self.assertEqual(e.encode('bcab'), [bc, 256 + 1])
+        for text in ['abc', 'abcabca', 'bcab', 'cabc', 'aabbcc', 'cbacba', 'abcbca', 'x abc abcab cabca']:
+            self.assertEqual(e.encode(text), ref.encode_ordinary(text), text)
+        self.assertEqual(e.bpe('abcabca'), 'abc abc a')
+
+
 if __name__ == '__main__':
     unittest.main()
