@@ -118,6 +118,34 @@ class TestArchitecture(unittest.TestCase):
         self.assertIsNot(GPT(make_config()).lm_head.weight, GPT(make_config()).transformer.wte.weight)
 
 
+    def test_linear_weights_are_stored_in_out(self):
+        # (out, in) shaped, (in, out) in memory: the fast layout for one-token matrix-vector products
+        for tie in (False, True):
+            model = GPT(make_config(tie_weights=tie))
+            for name, m in model.named_modules():
+                if isinstance(m, nn.Linear) and not (tie and name == 'lm_head'):
+                    self.assertEqual(m.weight.shape, (m.out_features, m.in_features), name)
+                    self.assertTrue(m.weight.t().is_contiguous(), name)
+            self.assertEqual(model.lm_head.weight.is_contiguous(), tie)  # a tied head keeps wte's rows
+        # the layout changes nothing a user sees: the same values give the same logits and gradients
+        set_seed(0)
+        model = GPT(make_config())
+        plain = GPT(make_config())
+        plain.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+        for m in plain.modules():
+            if isinstance(m, nn.Linear):
+                m.weight = nn.Parameter(m.weight.detach().contiguous())
+        idx = torch.randint(0, 11, (2, 16))
+        for m in (model, plain):
+            m.eval()
+            _, loss = m(idx, idx)
+            loss.backward()
+        torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+            self.assertEqual(p.grad.stride(), p.stride(), name)  # gradients take their weight's layout
+
+
 class TestForward(unittest.TestCase):
 
     def setUp(self):
