@@ -123,8 +123,21 @@ class GPT2EncoderTest(unittest.TestCase):
                 self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
 
     def test_lone_surrogates_like_tiktoken(self):
-        for text in ['a\ud800b', 'x \udfff', '\ud83d\ude00 paired', 'ok ' * 10 + '\udc80']:
+        # the last text has enough new pieces to take the batched BPE path, the others not
+        many_new_words = ' '.join(f'qz{chr(97 + i % 26)}{chr(97 + i // 26)}xv' for i in range(200))  # 200 new
+        for text in ['a\ud800b', 'x \udfff', '\ud83d\ude00 paired', 'ok ' * 10 + '\udc80',
+                     many_new_words + ' \udc80 ' + many_new_words]:
+            self.e.clear_cache()
             self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+            self.assertNotIn(None, self.e._cache.values())  # no piece left half-done by the retry
+
+    def test_batched_bpe_equals_one_piece_at_a_time(self):
+        # encode() merges the pieces new to the cache all at once (numpy) when there are many of them,
+        # one by one when there are few: the two must agree on any bytes, not only on regex pieces
+        rng = random.Random(5)
+        pieces = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 24))) for _ in range(2000)]
+        pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e._pretokenize(english_text(100_000)))]
+        self.assertEqual(self.e._merge_many(pieces), [self.e._merge(p) for p in pieces])
 
     def test_endoftext_is_plain_text_by_default(self):
         text = 'one<|endoftext|>two <|endoftext|>'
