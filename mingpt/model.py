@@ -87,8 +87,8 @@ def store_transposed(model):
     this layout at 16-21 GB/s and nn.Linear's own at 10-12 GB/s (bench/generate.py; Intel CPUs run
     both about alike). Nothing else notices: values, shapes and names are the same, autograd gives
     each gradient its weight's layout, AdamW works elementwise, and load_state_dict, .to() and
-    deepcopy keep a tensor's layout (fp32 training steps measured 3% slower, 1.16 s vs 1.20 s on
-    gpt-mini). A weight shared with an Embedding (a tied lm_head) stays as it is, since an
+    deepcopy keep a tensor's layout (fp32 training steps of gpt-mini measured 1-3% slower, bf16 ones
+    alike). A weight shared with an Embedding (a tied lm_head) stays as it is, since an
     embedding lookup wants whole rows. Returns model.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

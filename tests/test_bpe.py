@@ -131,6 +131,18 @@ class GPT2EncoderTest(unittest.TestCase):
             self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
             self.assertNotIn(None, self.e._cache.values())  # no piece left half-done by the retry
 
+    def test_concurrent_encodes_share_the_cache_safely(self):
+        # a server encodes in threads: each lookup pass must see its own new pieces merged, never another
+        # thread's half-done ones
+        from concurrent.futures import ThreadPoolExecutor
+        text = english_text(400_000)
+        chunks = [text[i:i + 50_000] for i in range(0, len(text), 50_000)]
+        expected = [self.tik.encode_ordinary(c) for c in chunks]
+        self.e.clear_cache()
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(self.e.encode, chunks))
+        self.assertEqual(got, expected)
+
     def test_batched_bpe_equals_one_piece_at_a_time(self):
         # encode() merges the pieces new to the cache all at once (numpy) when there are many of them,
         # one by one when there are few: the two must agree on any bytes, not only on regex pieces
