@@ -1,5 +1,5 @@
 """
-Tokenizer throughput: mingpt's pure-Python GPT-2 BPE against tiktoken (Rust), on 1 MB of English.
+Tokenizer throughput: mingpt's GPT-2 BPE (Python and numpy) against tiktoken (Rust), on 1 MB of English.
 
     python bench/tokenizer.py [--mb 1] [--repeats 5] [--file path/to/text.txt]
 

@@ -1,9 +1,9 @@
 """
 Byte-level BPE as used by GPT-2, with minGPT's API (get_encoder, Encoder, BPETokenizer).
 
-The ids are identical to tiktoken's "gpt2" encoding on any text. In pure Python (and numpy), encoding new
-text runs at about 0.55x tiktoken's (Rust) speed, and text made of pieces seen before at about 1.0x
-(bench/tokenizer.py). How, in the order text flows through encode():
+The ids are identical to tiktoken's "gpt2" encoding on any text. In Python and numpy (no compiled code
+of its own), encoding new text runs at 0.55-0.6x tiktoken's (Rust) speed, and text made of pieces seen
+before at about 1.0x (bench/tokenizer.py). How, in the order text flows through encode():
 
 1. Pre-tokenize: GPT-2's regex splits the text into pieces (words with their leading space, numbers,
    punctuation runs, whitespace runs); BPE never merges across pieces. This is a third of the time, so
