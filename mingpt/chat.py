@@ -35,6 +35,7 @@ import torch.nn as nn
 from mingpt import generate as generation
 from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mingpt.download import DownloadError
+from mingpt.model import GPT, Linear
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def resize_token_embeddings(model, vocab_size):
         model.lm_head.weight = new_wte.weight
     else:
         h = head.weight
-        new_head = nn.Linear(h.size(1), vocab_size, bias=False, device=h.device, dtype=h.dtype)
+        new_head = Linear(h.size(1), vocab_size, bias=False, device=h.device, dtype=h.dtype)
         with torch.no_grad():
             new_head.weight[:old] = h
             new_head.weight[old:] = h.mean(dim=0)
@@ -276,7 +277,6 @@ def load_chat_model(path, device='cpu'):
     (model in eval mode, ChatTokenizer) from a chat model directory: weights via
     GPT.from_pretrained, the tokenizer from the same directory (else GPT-2's).
     """
-    from mingpt.model import GPT
     model = GPT.from_pretrained(path).to(device).eval()
     local = Path(path).is_dir() and all((Path(path) / f).is_file() for f in TOKENIZER_FILES)
     try:

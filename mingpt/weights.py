@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mingpt.model import GPT, store_transposed
+from mingpt.model import GPT
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,6 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=GPT, **ov
     if config.tie_weights:
         # assign=True gave lm_head its own Parameter object: share wte's again, as GPT.__init__ does
         model.lm_head.weight = model.transformer.wte.weight
-    store_transposed(model)
     assert not any(t.is_meta for t in model.state_dict().values()), "a weight was left on meta"
     return model
 

@@ -24,7 +24,7 @@ from mingpt.chat import (ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, ChatTokenize
                          add_chat_tokens, check_messages, load_chat_model, prompt_budget,
                          resize_token_embeddings, save_tokenizer, stream_reply)
 from mingpt.generate import generate
-from mingpt.model import GPT
+from mingpt.model import GPT, Linear
 from tests.common import REPO, data_file
 
 # -----------------------------------------------------------------------------
@@ -157,6 +157,7 @@ class TestResize(unittest.TestCase):
         self.assertEqual(tuple(after.shape), (2, 10, 305))
         torch.testing.assert_close(after[..., :300], before, rtol=0, atol=0)
         self.assertEqual(model.lm_head.weight is model.transformer.wte.weight, tie_weights)
+        self.assertIsInstance(model.lm_head, Linear)  # the model's own layer (fast inference path)
         # the new tokens start below the likely ones: the model does not emit them untrained
         self.assertTrue((after[..., 300:].max(-1).values < after[..., :300].max(-1).values).all())
         # the new ids are usable as inputs and targets, and train

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from mingpt.generate import check_sampling_args, filter_logits, stream, stream_text, generate, decode_text
-from mingpt.model import GPT
+from mingpt.model import GPT, ONEDNN_MIN_WEIGHT
 
 
 _threads = None
@@ -75,6 +75,18 @@ class TestCacheMatchesRecompute(unittest.TestCase):
                     self.assertEqual(cached.shape, (B, T + n))
                     self.assertTrue(torch.equal(cached, ref))
                     self.assertTrue(torch.equal(model.generate(idx, n, use_cache=False), ref))
+
+    def test_cached_equals_uncached_with_onednn_sized_layers(self):
+        # n_embd 384: most products are big enough for the oneDNN kernel (model.Linear), the
+        # attention output projection is not, so decode steps and prefills mix both kernels
+        model = tiny_gpt(n_layer=2, n_head=4, n_embd=384, vocab_size=13, block_size=12)
+        self.assertGreaterEqual(model.transformer.h[0].mlp.c_fc.weight.numel(), ONEDNN_MIN_WEIGHT)
+        for T, B in ((1, 1), (5, 2)):
+            with self.subTest(T=T, B=B):
+                idx = torch.randint(0, 13, (B, T))
+                ref = mingpt_reference(model, idx, 15)
+                self.assertTrue(torch.equal(model.generate(idx, 15), ref))
+                self.assertTrue(torch.equal(model.generate(idx, 15, use_cache=False), ref))
 
     def test_cache_logits_match_full_forward(self):
         # the decode path itself (prefill + one step) against a full forward, not just argmaxes
