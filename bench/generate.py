@@ -1,8 +1,7 @@
 """
-Benchmark batch-1 greedy generation on CPU: mingpt with the KV cache (as loaded, lm_head tied to
-the token embedding, and with a separate head: from_pretrained(..., tie_weights=False)), mingpt
-without the cache, and transformers' GPT2LMHeadModel.generate, all on the same random GPT-2 124M
-weights (saved by transformers, loaded by mingpt), fp32, in one process.
+Benchmark batch-1 greedy generation on CPU: mingpt with the KV cache, mingpt without the cache,
+and transformers' GPT2LMHeadModel.generate, all on the same random GPT-2 124M weights (saved by
+transformers, loaded by mingpt), fp32, in one process.
 
     python bench/generate.py              # the full benchmark (a few minutes)
     python bench/generate.py --quick      # fewer tokens, to try a change
@@ -106,9 +105,6 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model = GPT.from_pretrained(d).eval()
-        # GPT-2 ties lm_head to the token embedding, whose rows the lookup needs; a separate head
-        # (+154 MB) can be stored (in, out) like the other Linear layers, the faster layout here
-        untied = GPT.from_pretrained(d, tie_weights=False).eval()
 
     bandwidth = memory_bandwidth()
     step_bytes = weight_bytes_per_step(model)
@@ -121,7 +117,6 @@ def main():
         idx = torch.randint(0, cfg.vocab_size, (1, T))
         engines = {
             'mingpt, KV cache': lambda k: time_mingpt(model, idx, k),
-            'mingpt, KV cache, untied head': lambda k: time_mingpt(untied, idx, k),
             'mingpt, no cache': lambda k: time_mingpt(model, idx, k, use_cache=False),
             'transformers generate': lambda k: time_hf(hf, idx, k),
         }
@@ -160,12 +155,11 @@ def main():
               f'{frac:.0%} | {same} |')
     by = {(r[0], r[1]): r for r in rows}
     for case in dict.fromkeys(r[0] for r in rows):
-        for label in ('mingpt, KV cache', 'mingpt, KV cache, untied head'):
-            ours = by[(case, label)][2]
-            line = f"{case} {label}: {ours / by[(case, 'transformers generate')][2]:.2f}x transformers"
-            if (case, 'mingpt, no cache') in by:
-                line += f", {ours / by[(case, 'mingpt, no cache')][2]:.1f}x mingpt without the cache"
-            print(line)
+        ours = by[(case, 'mingpt, KV cache')][2]
+        line = f"{case} mingpt, KV cache: {ours / by[(case, 'transformers generate')][2]:.2f}x transformers"
+        if (case, 'mingpt, no cache') in by:
+            line += f", {ours / by[(case, 'mingpt, no cache')][2]:.1f}x mingpt without the cache"
+        print(line)
     print(f"\ncommand: python bench/generate.py {' '.join(sys.argv[1:])}".rstrip())
 
 
