@@ -5,7 +5,6 @@ rows (same global batches, same gradients), only rank 0 writes, and every rank's
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,12 +19,6 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_script.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 class TestDDP(unittest.TestCase):
 
     def test_two_ranks_of_8_equal_one_process_of_16(self):
@@ -35,8 +28,9 @@ class TestDDP(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             env = dict(os.environ, OMP_NUM_THREADS='1')
             ddp = subprocess.run(
-                [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                 '--master_addr=127.0.0.1', f'--master_port={free_port()}',
+                # --standalone: torchrun binds a free local port itself (no window in which
+                # another process can take a port picked here)
+                [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                  SCRIPT, '--out', os.path.join(d, 'ddp'), *common, 'batch_size=8',
                  f'work_dir={os.path.join(d, "w")}'],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
