@@ -2,7 +2,8 @@
 Trains a GPT to add n-digit numbers.
 
     python projects/adder/adder.py                    # 2-digit addition, stops at 100% on the test split
-    python projects/adder/adder.py --data.ndigit=3 --model.n_layer=4 --model.n_embd=128 ...
+    python projects/adder/adder.py --data.ndigit=3 --model.n_layer=3 --model.n_embd=64 \
+        --trainer.learning_rate=2e-3 --trainer.max_iters=5000 --trainer.eval_interval=250
 
 The task is minGPT's: "85 + 50 = 135" is written as the digits 8550531 (the sum reversed, because
 addition produces its low digit first), and the model is only trained on, and scored on, the sum.
