@@ -119,6 +119,7 @@ class TestArchitecture(unittest.TestCase):
         self.assertIs(model.lm_head.weight, model.transformer.wte.weight)
         self.assertIsNot(GPT(make_config()).lm_head.weight, GPT(make_config()).transformer.wte.weight)
 
+
 class TestLinear(unittest.TestCase):
     """ mingpt.model.Linear: nn.Linear, with oneDNN's kernel for fp32 CPU inference of big weights """
 
