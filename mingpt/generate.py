@@ -3,9 +3,22 @@ The one generation engine: prefill the prompt into the KV cache, then decode one
 yielding each step's new tokens. `GPT.generate`, the chat CLI and the web server all consume
 `stream`; there is no other decoding loop in the library.
 
-    from mingpt.generate import stream, stream_text, generate
+    from mingpt.generate import stream, stream_text, complete
     for tok in stream(model, idx, 50, do_sample=True, top_p=0.9, seed=0):   # tok: (B,) ids
         ...
+    out = complete(model, idx, 50)                     # (B, T + 50): what GPT.generate returns
+
+The model interface this engine relies on, which mingpt.model.GPT provides (any module that does
+can be decoded here):
+
+    model.block_size, model.config.vocab_size       the context length; ids must be below vocab_size
+    model.training                                  dropout on: warned about
+    model.parameters()                              the first one's device is where decoding runs
+    model.make_kv_cache(batch_size, max_len)        a list, one cache per layer, for max_len positions
+    model(idx, kv_cache=, cache_pos=, pos=, attn_mask=, last_only=True) -> (logits, _)
+        idx (B, T) the new tokens, written into kv_cache at positions [cache_pos, cache_pos + T);
+        pos (B, T) position ids (None: cache_pos, cache_pos + 1, ...); attn_mask (B, 1, T, cache_pos + T)
+        bool, True where a query may attend (None: causal); logits (B, 1, V) of the last position
 
 Context window. A GPT sees at most block_size tokens. minGPT's generate crops the sequence to
 its last block_size tokens at every step, and that is what we do by default too: once the
@@ -91,7 +104,7 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
     left-padded here with pad_token_id (default 0; its value never matters, it is masked).
     Returns idx (B, T) on the model's device and real (B, T) bool, or None when nothing is padded.
     """
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     if isinstance(idx, (list, tuple)):
         if attention_mask is not None:
             raise ValueError("attention_mask is only for a (B, T) tensor of prompts; a list of "
@@ -199,7 +212,7 @@ def stream(model, idx, max_new_tokens, *, temperature=1.0, do_sample=False, top_
     return steps
 
 
-def generate(model, idx, max_new_tokens, **kwargs):
+def complete(model, idx, max_new_tokens, **kwargs):
     """
     Run `stream` (same keyword arguments) to the end and return the prompt(s) followed by the new
     tokens: (B, T + n), T the (padded) prompt length and n = max_new_tokens, or fewer when
@@ -267,7 +280,7 @@ def _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad
     L = T
     for _ in range(max_new_tokens):
         # inference_mode, not just no_grad: no version counters or view tracking on the ~300 small
-        # ops of a decode step (measured ~10% of their overhead). Tensors made here are inference
+        # ops of a decode step, a real share of their overhead. Tensors made here are inference
         # tensors; the buffers above were made outside, so they stay ordinary tensors.
         with torch.inference_mode():
             pos = mask = None

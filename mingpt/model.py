@@ -11,7 +11,6 @@ References:
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C // nh).
 """
 
-import inspect
 import logging
 import math
 
@@ -19,7 +18,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt import generate as generation
+from mingpt.generate import complete
+from mingpt.errors import ConfigError
+from mingpt.hardware import Linear
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def resolve_config(config):
     because a half-specified model is always a mistake the user wants to hear about.
     """
     if config.vocab_size is None or config.block_size is None:
-        raise ValueError("the model config needs vocab_size and block_size (got vocab_size="
+        raise ConfigError("the model config needs vocab_size and block_size (got vocab_size="
                          f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
                          "config.vocab_size = train_dataset.get_vocab_size()")
     sizes = {k: getattr(config, k) for k in ('n_layer', 'n_head', 'n_embd')}
@@ -61,66 +62,22 @@ def resolve_config(config):
     sizes_given = [k for k, v in sizes.items() if v is not None]
     presets = ', '.join(PRESETS)
     if type_given and sizes_given:
-        raise ValueError(f"give either model_type ({config.model_type!r}) or explicit sizes "
+        raise ConfigError(f"give either model_type ({config.model_type!r}) or explicit sizes "
                          f"({', '.join(sizes_given)}), not both: set model_type=None to use "
                          "explicit sizes")
     if type_given:
         if config.model_type not in PRESETS:
-            raise ValueError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
+            raise ConfigError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
                              "(or set model_type=None and give n_layer, n_head, n_embd)")
         config.merge_from_dict(PRESETS[config.model_type])
     elif len(sizes_given) < 3:
         missing = [k for k, v in sizes.items() if v is None]
-        raise ValueError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
+        raise ConfigError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
                          f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
     if config.n_embd % config.n_head != 0:
-        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     return config
 
-
-# torch.is_autocast_enabled takes a device type from torch 2.4 on; before, the CPU had its own.
-# Chosen once here: attention asks on every forward of every layer
-if hasattr(torch, 'get_autocast_dtype'):
-    def _cpu_autocast_enabled():
-        return torch.is_autocast_enabled('cpu')
-else:
-    _cpu_autocast_enabled = torch.is_autocast_cpu_enabled
-
-# torch.compiler.is_compiling arrived in torch 2.3; code being traced by torch.compile should use
-# plain F.linear, which inductor lowers itself
-_is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or (lambda: False)
-
-# -----------------------------------------------------------------------------
-
-# torch's oneDNN linear kernel (the one inductor's CPU backend calls), or None where torch has none
-_onednn_linear = (getattr(torch.ops.mkldnn, '_linear_pointwise', None)
-                  if torch.backends.mkldnn.is_available() else None)
-
-# below this many weight elements (1 MB in fp32) a oneDNN call's fixed cost (~20 us, measured)
-# outweighs its faster reads, and toy models' products stay with F.linear
-ONEDNN_MIN_WEIGHT = 1 << 18
-
-
-class Linear(nn.Linear):
-    """
-    nn.Linear whose fp32 CPU products run on oneDNN's kernel when nothing needs gradients.
-    Why: decoding one token makes every layer a matrix-vector product that reads its whole weight
-    once, so a decode step runs at the speed weights stream from memory, and on an AMD EPYC torch's
-    default path (MKL) reads nn.Linear's (out, in) weights at 10-12 GB/s where oneDNN reads the same
-    tensor at 20-25 GB/s (decode steps of GPT-2 124M 1.6x faster; prompts of 16-512 tokens 10-25%
-    faster). oneDNN takes the weight as it is (no packed copy), so parameters, state dict and init
-    are nn.Linear's; training (grad enabled), autocast, torch.compile, other devices and dtypes, and
-    small weights take F.linear. The two agree to fp32 rounding (tested).
-    """
-
-    def forward(self, x):
-        w = self.weight
-        if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == 'cpu'
-                and x.dtype == torch.float32 and w.dtype == torch.float32
-                and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous()
-                and not _cpu_autocast_enabled() and not _is_compiling()):
-            return _onednn_linear(x, w, self.bias, 'none', [], '')
-        return F.linear(x, w, self.bias)
 
 # -----------------------------------------------------------------------------
 
@@ -184,10 +141,10 @@ class CausalSelfAttention(nn.Module):
         # a single new query (T == 1) may see every cached key, so it needs no mask at all
         is_causal = attn_mask is None and T > 1
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if x.device.type == 'cpu' and _cpu_autocast_enabled():
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
             # mixed precision on CPU: autocast's bf16 matmuls are fast (AVX512-BF16, AMX), but torch's
             # CPU attention kernel is slower in bf16 than in fp32, forward and backward, so attention
-            # stays in fp32 (measured: a gpt-mini training step 1.8x faster than with bf16 attention)
+            # stays in fp32
             with torch.autocast('cpu', enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                    dropout_p=dropout_p, is_causal=is_causal)
@@ -316,13 +273,45 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         # the fused kernel does the whole update in one pass over memory; foreach is the fallback
-        extra = {}
-        device_type = params[0].device.type
-        if 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu'):
-            extra['fused'] = True
+        fused = params[0].device.type in ('cuda', 'cpu')
+        return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas,
+                                 fused=fused, foreach=None if fused else True)
+
+    def resize_token_embeddings(self, vocab_size):
+        """
+        Grow the vocabulary to vocab_size tokens, in place: new rows at the end of the token embedding
+        (wte) and of lm_head, the old rows untouched, so every old token's logits stay exactly what
+        they were. A tied lm_head stays tied to the new wte. The new rows start at the mean of the old
+        ones: the new tokens' logits then start at the average logit, far below the likely tokens',
+        so the model does not emit them before it is trained to. Returns the model.
+        """
+        old = self.config.vocab_size
+        if vocab_size == old:
+            return self
+        if vocab_size < old:
+            raise ConfigError(f"resize_token_embeddings only grows the vocabulary (the model has {old} "
+                              f"tokens, asked for {vocab_size}); removing tokens would renumber nothing "
+                              "but lose their rows")
+
+        def grown(w):  # (old, C) -> (vocab_size, C), new rows at the mean of the old
+            return torch.cat([w, w.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        wte = self.transformer.wte.weight
+        self.transformer.wte = nn.Embedding(vocab_size, wte.size(1), device=wte.device, dtype=wte.dtype)
+        with torch.no_grad():
+            self.transformer.wte.weight.copy_(grown(wte))
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
         else:
-            extra['foreach'] = True
-        return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas, **extra)
+            head = self.lm_head.weight
+            self.lm_head = Linear(head.size(1), vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(grown(head))
+        self.config.vocab_size = vocab_size
+        logger.info("resized the vocabulary from %d to %d tokens%s", old, vocab_size,
+                    " (lm_head tied to wte)" if tied else "")
+        return self
 
     @classmethod
     def from_pretrained(cls, model_type_or_path, **kwargs):
@@ -354,7 +343,7 @@ class GPT(nn.Module):
         device = idx.device
         b, t = idx.size()
         if cache_pos + t > self.block_size:
-            raise ValueError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
+            raise ConfigError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
                              f"block_size (context length) is only {self.block_size}; crop the "
                              f"input to its last {self.block_size} tokens")
         if pos is None:
@@ -398,5 +387,5 @@ class GPT(nn.Module):
         generator, eos_token_id, pad_token_id, attention_mask (or pass idx as a list of 1-D
         prompts), use_cache, window_keep; see mingpt.generate.stream, the engine this runs.
         """
-        return generation.generate(self, idx, max_new_tokens, temperature=temperature,
+        return complete(self, idx, max_new_tokens, temperature=temperature,
                                    do_sample=do_sample, top_k=top_k, **kwargs)

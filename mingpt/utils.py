@@ -1,6 +1,7 @@
 """
-Small utilities shared by the library and the projects: seeding, work-dir setup and CfgNode,
-the tiny attribute-dict that every config in mingpt is made of.
+Small utilities shared by the library and the projects: seeding, work-dir setup, writing files
+atomically, running a script's main with clear errors, and CfgNode, the tiny attribute-dict that
+every config in mingpt is made of.
 """
 
 import ast
@@ -9,9 +10,12 @@ import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from mingpt.errors import MinGPTError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,49 @@ def setup_logging(config):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s',
                             datefmt='%H:%M:%S')
+
+
+def atomic_write(path, content):
+    """
+    Write the file at path so that it holds either its old content or the whole new one, never a
+    half-written file (a crash or Ctrl-C mid-write leaves only path.tmp behind). content is str,
+    bytes, or a callable write(tmp_path) for writers that want a path (safetensors, torch.save).
+    The data is fsynced before the rename, so the rename never outlives it in a power cut; the file
+    gets the permissions of the user's umask, as open() would give it. Returns path as a Path.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    if callable(content):
+        content(tmp)
+    else:
+        tmp.write_bytes(content.encode('utf-8') if isinstance(content, str) else content)
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create files 0600 whatever the umask
+    os.replace(tmp, path)
+    return path
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def run_script(main, *args):
+    """
+    Run a command-line entry point: an error a user can cause (a MinGPTError, or the ValueError,
+    OSError or KeyError a library call raises for bad input) ends the program with one line on
+    stderr, "error: ...", and exit status 2, not a traceback. MINGPT_DEBUG=1 shows the traceback.
+    """
+    try:
+        return main(*args)
+    except (MinGPTError, ValueError, OSError, KeyError) as e:
+        if os.environ.get('MINGPT_DEBUG'):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 # -----------------------------------------------------------------------------
 

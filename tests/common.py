@@ -9,6 +9,9 @@ Helpers shared by the tests.
 - use_shared_gpt2_vocab(): a temporary MINGPT_CACHE holding GPT-2's encoder.json and vocab.bpe, so that
   get_encoder() / BPETokenizer() work offline and never touch the user's real cache.
 - tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
+- tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
+- @slow: marks a test that trains for more than a few seconds; MINGPT_FAST=1 skips those, so that
+  `MINGPT_FAST=1 python -m pytest tests -q` is the quick suite (CI runs everything).
 """
 
 import contextlib
@@ -18,6 +21,7 @@ import re
 import shutil
 import tempfile
 import threading
+import unittest
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +30,42 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 logger = logging.getLogger(__name__)
+
+slow = unittest.skipIf(os.environ.get('MINGPT_FAST') == '1',
+                       'slow (trains for more than a few seconds): MINGPT_FAST=1 skips it')
+
+
+def tiny_gpt(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=False, seed=0,
+             sharpen=1.0):
+    """
+    A small random GPT (explicit sizes, no preset) in eval mode, seeded. sharpen > 1 scales the matrices
+    up: sharper distributions, so that greedy decoding is not one token repeated and a wrong context or
+    position actually changes the argmax.
+    """
+    import torch
+    from mingpt.model import GPT
+    torch.manual_seed(seed)
+    c = GPT.get_default_config()
+    c.model_type = None
+    c.n_layer, c.n_head, c.n_embd = n_layer, n_head, n_embd
+    c.vocab_size, c.block_size, c.tie_weights = vocab_size, block_size, tie_weights
+    model = GPT(c).eval()
+    if sharpen != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(sharpen)
+    return model
+
+
+class TempDirTestCase(unittest.TestCase):
+    """ a test case whose every test gets a fresh temporary directory, self.tmp (a Path), removed after it """
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
 
 
 def data_file(name: str) -> Path:

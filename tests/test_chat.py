@@ -23,7 +23,7 @@ from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mingpt.chat import (ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, ChatTokenizer, PromptTooLong,
                          add_chat_tokens, check_messages, load_chat_model, prompt_budget,
                          resize_token_embeddings, save_tokenizer, stream_reply)
-from mingpt.generate import generate
+from mingpt.generate import complete
 from mingpt.model import GPT, Linear
 from tests.common import REPO, data_file
 
@@ -296,7 +296,7 @@ class TestStreamReply(unittest.TestCase):
             text = ''.join(stream_reply(model, tok, messages, max_new_tokens=20, temperature=1.0,
                                         seed=seed, info=info))
             ids = tok.render_for_completion(messages)
-            out = generate(model, [ids], 20, do_sample=True, temperature=1.0, seed=seed,
+            out = complete(model, [ids], 20, do_sample=True, temperature=1.0, seed=seed,
                            eos_token_id=tok.end_id)[0, len(ids):].tolist()
             stop = next((i for i, t in enumerate(out) if t in tok.stop_ids), None)
             self.assertEqual(text, tok.decode(out[:stop]))

@@ -12,9 +12,11 @@ import unittest
 import torch
 from torch.nn import functional as F
 
-from mingpt.generate import check_sampling_args, filter_logits, stream, stream_text, generate, decode_text
-from mingpt.model import GPT, ONEDNN_MIN_WEIGHT
+from mingpt.generate import check_sampling_args, filter_logits, stream, stream_text, decode_text
+from mingpt.hardware import ONEDNN_MIN_WEIGHT
+from mingpt.model import GPT
 
+from tests import common
 
 _threads = None
 
@@ -31,19 +33,7 @@ def tearDownModule():
 
 
 def tiny_gpt(n_layer=2, n_head=2, n_embd=16, vocab_size=13, block_size=8, seed=0):
-    torch.manual_seed(seed)
-    c = GPT.get_default_config()
-    c.model_type = None
-    c.n_layer, c.n_head, c.n_embd = n_layer, n_head, n_embd
-    c.vocab_size, c.block_size = vocab_size, block_size
-    model = GPT(c).eval()
-    # bigger weights than the init's: sharper distributions, so that greedy decoding is not a
-    # repeated single token and a wrong context or position actually changes the argmax
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(8)
-    return model
+    return common.tiny_gpt(vocab_size, block_size, n_layer, n_head, n_embd, seed=seed, sharpen=8)
 
 
 def mingpt_reference(model, idx, max_new_tokens):

@@ -5,14 +5,12 @@ its initialisation, forward/loss, generate and the optimizer groups.
 
 import math
 import unittest
-from unittest import mock
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt import model as model_module
-from mingpt.model import GPT, PRESETS, Linear, ONEDNN_MIN_WEIGHT
+from mingpt.model import GPT, PRESETS
 from mingpt.utils import set_seed
 
 
@@ -118,79 +116,6 @@ class TestArchitecture(unittest.TestCase):
         model = GPT(make_config(tie_weights=True))
         self.assertIs(model.lm_head.weight, model.transformer.wte.weight)
         self.assertIsNot(GPT(make_config()).lm_head.weight, GPT(make_config()).transformer.wte.weight)
-
-
-class TestLinear(unittest.TestCase):
-    """ mingpt.model.Linear: nn.Linear, with oneDNN's kernel for fp32 CPU inference of big weights """
-
-    def counting(self):
-        """ patch the oneDNN op with a wrapper that counts its calls; returns (patcher, calls) """
-        calls = []
-        op = model_module._onednn_linear
-
-        def counted(*args):
-            calls.append(args[1].shape)
-            return op(*args)
-        return mock.patch.object(model_module, '_onednn_linear', counted if op else None), calls
-
-    def test_gpt_uses_it_with_nn_linear_weights(self):
-        for tie in (False, True):
-            model = GPT(make_config(tie_weights=tie))
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            self.assertEqual(len(linears), 4 * 3 + 1)
-            for m in linears:
-                self.assertIsInstance(m, Linear)
-                self.assertEqual(m.weight.shape, (m.out_features, m.in_features))
-                self.assertTrue(m.weight.is_contiguous())
-
-    def test_inference_path_agrees_with_f_linear(self):
-        torch.manual_seed(0)
-        big = Linear(512, 1024)  # 524,288 weights: over ONEDNN_MIN_WEIGHT
-        head = Linear(512, 600, bias=False)
-        self.assertGreaterEqual(big.weight.numel(), ONEDNN_MIN_WEIGHT)
-        patch, calls = self.counting()
-        with patch:
-            for layer in (big, head):
-                for x in (torch.randn(1, 1, 512), torch.randn(3, 7, 512), torch.randn(5, 512)):
-                    with torch.no_grad():
-                        y = layer(x)
-                    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias),
-                                               rtol=1e-5, atol=1e-5)
-        expected = 6 if model_module._onednn_linear is not None else 0
-        self.assertEqual(len(calls), expected)
-
-    def test_training_autocast_and_small_weights_take_f_linear(self):
-        torch.manual_seed(0)
-        big, small = Linear(512, 1024), Linear(16, 16)
-        patch, calls = self.counting()
-        with patch:
-            x = torch.randn(2, 3, 512, requires_grad=True)
-            big(x).sum().backward()  # grad enabled: autograd's path, gradients flow
-            torch.testing.assert_close(x.grad, big.weight.sum(0).expand(2, 3, 512))
-            self.assertIsNotNone(big.weight.grad)
-            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-                self.assertEqual(big(torch.randn(2, 512)).dtype, torch.bfloat16)
-            with torch.no_grad():
-                small(torch.randn(2, 16))
-                big.double()(torch.randn(2, 512, dtype=torch.float64))
-        self.assertEqual(calls, [])
-
-    def test_gpt_logits_same_with_and_without_grad(self):
-        # a model whose layers are big enough for the oneDNN path: inference and training forwards
-        # (the two kernels) give the same logits
-        set_seed(0)
-        model = GPT(make_config(model_type=None, n_layer=2, n_head=4, n_embd=384, vocab_size=700,
-                                tie_weights=True)).eval()
-        idx = torch.randint(0, 700, (2, 16))
-        patch, calls = self.counting()
-        with patch:
-            with torch.no_grad():
-                fast, _ = model(idx)
-            slow, _ = model(idx)
-        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-        if model_module._onednn_linear is not None:
-            # c_attn (1152 x 384), c_fc, mlp.c_proj and the head are big enough; attn.c_proj is not
-            self.assertEqual(len(calls), 2 * 3 + 1)
 
 
 class TestForward(unittest.TestCase):

@@ -1,0 +1,41 @@
+"""
+The errors a user can cause, in one small hierarchy.
+
+Every error the library raises for bad input, a bad file or a failed download is a MinGPTError, so a
+command-line tool catches that one type and prints its message as one line (mingpt.utils.run_script).
+Each is also the built-in type a caller would catch anyway, so plain Python code needs to know nothing
+of this module:
+
+    MinGPTError
+      ConfigError       ValueError   a config value or an argument that cannot work (says what to set)
+      WeightsError      ValueError   a model checkpoint that cannot be loaded (missing, corrupt, mismatched)
+      CheckpointError   ValueError   a trainer checkpoint that cannot be resumed
+      PromptTooLong     ValueError   a conversation that does not fit in the model's context
+      DownloadError     OSError      a file that could not be fetched or failed its checks
+
+Messages say what is wrong and what to do about it. `assert` stays for the library's own invariants.
+"""
+
+
+class MinGPTError(Exception):
+    """ the base of every error a user can cause; its message is meant to be read by that user """
+
+
+class ConfigError(MinGPTError, ValueError):
+    """ a config value or argument that cannot work: out of range, of the wrong type, or inconsistent """
+
+
+class WeightsError(MinGPTError, ValueError):
+    """ a checkpoint that cannot be loaded: missing, corrupt, or not the shape its config says """
+
+
+class CheckpointError(MinGPTError, ValueError):
+    """ a trainer checkpoint that is missing, unreadable, or does not fit this model / config """
+
+
+class PromptTooLong(MinGPTError, ValueError):
+    """ the conversation does not fit in the token budget even with its old turns dropped """
+
+
+class DownloadError(MinGPTError, OSError):
+    """ a file could not be fetched or failed its checks; the message says what to do instead """

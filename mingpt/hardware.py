@@ -1,0 +1,95 @@
+"""
+Speed choices that depend on the machine, kept in one place so that the model and the trainer read as
+plain PyTorch:
+
+- Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off).
+- fast_dtype: what Trainer(dtype='auto') trains in on this device.
+- default_num_workers: DataLoader workers that pay for themselves on this many cores.
+"""
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# the oneDNN linear
+
+def _find_onednn_linear():
+    """ torch's oneDNN linear kernel (the op inductor's CPU backend calls), or None: absent, or turned off """
+    if os.environ.get('MINGPT_ONEDNN', '1') == '0':
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+
+
+_onednn_linear = _find_onednn_linear()
+
+# below this many weight elements (1 MB in fp32) the fixed cost of a oneDNN call outweighs its faster
+# reads, so toy models' products stay with F.linear
+ONEDNN_MIN_WEIGHT = 1 << 18
+
+
+class Linear(nn.Linear):
+    """
+    nn.Linear whose fp32 CPU products run on oneDNN's kernel when nothing needs gradients.
+
+    Why: decoding one token makes every layer a matrix-vector product that reads its whole weight once,
+    so a decode step runs at the speed weights stream from memory, and oneDNN's kernel reads
+    nn.Linear's (out, in) weight faster than torch's default CPU path does on some CPUs (bench/README.md
+    has the measurements). oneDNN takes the weight as it is (no packed copy), so parameters, state dict
+    and init are nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes,
+    and small weights take F.linear; the two agree to fp32 rounding.
+
+    The kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call fails
+    (a torch whose op takes other arguments), every product takes F.linear, the latter after one
+    debug log line.
+    """
+
+    def forward(self, x):
+        global _onednn_linear
+        w = self.weight
+        if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == 'cpu'
+                and x.dtype == torch.float32 and w.dtype == torch.float32
+                and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous()
+                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
+            try:
+                return _onednn_linear(x, w, self.bias, 'none', [], '')
+            except (RuntimeError, TypeError) as e:
+                logger.debug("oneDNN linear failed (%s); using F.linear from now on", e)
+                _onednn_linear = None
+        return F.linear(x, w, self.bias)
+
+# -----------------------------------------------------------------------------
+# training
+
+def fast_dtype(device_type):
+    """
+    What dtype='auto' trains in: 'bfloat16' where the hardware has bf16 arithmetic, else 'float32'.
+    That is a CUDA GPU of compute capability 8 (Ampere) or newer, or a CPU with AVX512-BF16 or AMX
+    instructions, where autocast's bf16 matmuls run at about twice the speed of fp32 ones. Without
+    them the bf16 matmuls are emulated, and slower than fp32.
+    """
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.get_device_capability()[0] >= 8 else 'float32'
+    if device_type == 'cpu':
+        # torch.cpu's feature checks are private; a torch without them just gets float32
+        checks = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+        if any(check is not None and check() for check in checks):
+            return 'bfloat16'
+    return 'float32'
+
+
+def default_num_workers():
+    """
+    DataLoader workers that pay for themselves: each is a process that copies the dataset, and with
+    only a couple of cores it competes with the training step itself. Keep one core for the main
+    process and never go past 4.
+    """
+    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(4, n_cpu - 2))

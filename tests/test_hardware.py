@@ -1,0 +1,168 @@
+"""
+mingpt.hardware: the oneDNN linear (taken exactly when it should be, equal to F.linear, with a fallback
+and an opt-out), and the machine-dependent training defaults.
+"""
+
+import os
+import subprocess
+import sys
+import unittest
+from unittest import mock
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from mingpt import hardware
+from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype
+from mingpt.model import GPT
+from mingpt.utils import set_seed
+
+from tests.common import REPO, tiny_gpt
+
+
+def counting():
+    """ patch the oneDNN op with a wrapper that counts its calls; returns (patcher, calls) """
+    calls = []
+    op = hardware._onednn_linear
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return op(*args)
+    return mock.patch.object(hardware, '_onednn_linear', counted if op else None), calls
+
+
+def onednn_gpt(vocab_size=700, tie_weights=True):
+    """ a GPT whose c_attn, c_fc, mlp.c_proj and head (>= ONEDNN_MIN_WEIGHT) take the oneDNN path """
+    return tiny_gpt(n_layer=2, n_head=4, n_embd=384, vocab_size=vocab_size, block_size=24,
+                    tie_weights=tie_weights)
+
+
+class TestLinear(unittest.TestCase):
+
+    def test_gpt_uses_it_with_nn_linear_weights(self):
+        for tie in (False, True):
+            model = tiny_gpt(tie_weights=tie)
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            self.assertEqual(len(linears), 4 * model.config.n_layer + 1)
+            for m in linears:
+                self.assertIsInstance(m, Linear)
+                self.assertEqual(m.weight.shape, (m.out_features, m.in_features))
+                self.assertTrue(m.weight.is_contiguous())
+
+    def test_inference_path_agrees_with_f_linear(self):
+        torch.manual_seed(0)
+        big = Linear(512, 1024)  # 524,288 weights: over ONEDNN_MIN_WEIGHT
+        head = Linear(512, 600, bias=False)
+        self.assertGreaterEqual(big.weight.numel(), ONEDNN_MIN_WEIGHT)
+        patch, calls = counting()
+        with patch:
+            for layer in (big, head):
+                # the last one is a non-contiguous slice, as the last position of a batch is
+                for x in (torch.randn(1, 1, 512), torch.randn(3, 7, 512), torch.randn(5, 512),
+                          torch.randn(3, 7, 512)[:, -1:, :]):
+                    with torch.no_grad():
+                        y = layer(x)
+                    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        self.assertEqual(len(calls), 8 if hardware._onednn_linear is not None else 0)
+
+    def test_training_autocast_and_small_weights_take_f_linear(self):
+        torch.manual_seed(0)
+        big, small = Linear(512, 1024), Linear(16, 16)
+        patch, calls = counting()
+        with patch:
+            x = torch.randn(2, 3, 512, requires_grad=True)
+            big(x).sum().backward()  # grad enabled: autograd's path, gradients flow
+            torch.testing.assert_close(x.grad, big.weight.sum(0).expand(2, 3, 512))
+            self.assertIsNotNone(big.weight.grad)
+            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+                self.assertEqual(big(torch.randn(2, 512)).dtype, torch.bfloat16)
+            with torch.no_grad():
+                small(torch.randn(2, 16))
+                big.double()(torch.randn(2, 512, dtype=torch.float64))
+        self.assertEqual(calls, [])
+
+    def test_gpt_logits_same_with_and_without_grad(self):
+        model = onednn_gpt()
+        idx = torch.randint(0, 700, (2, 16))
+        patch, calls = counting()
+        with patch:
+            with torch.no_grad():
+                fast, _ = model(idx)
+            slow, _ = model(idx)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        if hardware._onednn_linear is not None:
+            # c_attn (1152 x 384), c_fc, mlp.c_proj and the head are big enough; attn.c_proj is not
+            self.assertEqual(len(calls), 2 * 3 + 1)
+
+    def test_batched_decoding_through_a_onednn_head(self):
+        # B > 1 decoding feeds the head the last position of every row, a non-contiguous (B, 1, C)
+        # slice: prompts of three lengths, batched, give each prompt's tokens generated alone, and the
+        # same tokens (and logits) as with the oneDNN path off
+        model = onednn_gpt(tie_weights=False)
+        self.assertGreaterEqual(model.lm_head.weight.numel(), ONEDNN_MIN_WEIGHT)
+        prompts = [torch.randint(0, 700, (n,)) for n in (3, 9, 1)]
+        patch, calls = counting()
+        with patch:
+            batched = model.generate(prompts, 10)[:, -10:]
+            alone = torch.cat([model.generate(p[None], 10)[:, -10:] for p in prompts])
+            with torch.no_grad():
+                logits_fast = model(batched)[0]
+        with mock.patch.object(hardware, '_onednn_linear', None):
+            reference = model.generate(prompts, 10)[:, -10:]
+            with torch.no_grad():
+                logits_slow = model(batched)[0]
+        self.assertTrue(torch.equal(batched, alone))
+        self.assertTrue(torch.equal(batched, reference))
+        torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-5, atol=1e-5)
+        if hardware._onednn_linear is not None:
+            self.assertIn(model.lm_head.weight.shape, calls)
+
+    def test_a_failing_kernel_falls_back_to_f_linear_once(self):
+        torch.manual_seed(0)
+        big = Linear(512, 1024)
+        x = torch.randn(2, 512)
+        calls = []
+
+        def wrong_signature(*args):  # what a torch whose private op takes other arguments does
+            calls.append(1)
+            raise RuntimeError("_linear_pointwise() expected at most 5 argument(s) but received 6")
+        with mock.patch.object(hardware, '_onednn_linear', wrong_signature), torch.no_grad():
+            with self.assertLogs('mingpt.hardware', level='DEBUG') as logs:
+                first = big(x)
+            second = big(x)
+            self.assertIsNone(hardware._onednn_linear)  # off for the rest of the process
+        torch.testing.assert_close(first, F.linear(x, big.weight, big.bias))
+        torch.testing.assert_close(second, first)
+        self.assertEqual(len(calls), 1)
+        self.assertIn('F.linear', '\n'.join(logs.output))
+
+    def test_env_var_turns_it_off(self):
+        code = "import mingpt.hardware as h; print(h._onednn_linear is None)"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        for value, expected in (('0', 'True'), ('1', str(hardware._onednn_linear is None))):
+            with self.subTest(MINGPT_ONEDNN=value):
+                out = subprocess.run([sys.executable, '-c', code], env=dict(env, MINGPT_ONEDNN=value),
+                                     capture_output=True, text=True, check=True)
+                self.assertEqual(out.stdout.strip(), expected)
+
+
+class TestTrainingDefaults(unittest.TestCase):
+
+    def test_fast_dtype_is_float32_without_bf16_hardware(self):
+        self.assertIn(fast_dtype('cpu'), ('float32', 'bfloat16'))
+        self.assertEqual(fast_dtype('mps'), 'float32')
+        with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', lambda: False, create=True), \
+                mock.patch.object(torch.cpu, '_is_amx_tile_supported', lambda: False, create=True):
+            self.assertEqual(fast_dtype('cpu'), 'float32')
+        with mock.patch.object(torch.cpu, '_is_amx_tile_supported', lambda: True, create=True):
+            self.assertEqual(fast_dtype('cpu'), 'bfloat16')
+
+    def test_workers_leave_cores_for_training(self):
+        for cores, expected in ((1, 0), (2, 0), (3, 1), (6, 4), (64, 4)):
+            with mock.patch.object(os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)), create=True):
+                self.assertEqual(default_num_workers(), expected)
+
+
+if __name__ == '__main__':
+    unittest.main()
