@@ -24,6 +24,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from mingpt.errors import DownloadError
+
 try:
     import fcntl  # POSIX only; used to make concurrent processes (e.g. DDP ranks) download a file once
 except ImportError:  # Windows: no lock, the atomic rename still keeps every cached file whole
@@ -47,17 +49,13 @@ DATASETS = {
 }
 
 
-class DownloadError(RuntimeError):
-    """A file could not be fetched or failed its checks; the message says what to do instead."""
-
-
 def cache_dir() -> Path:
     """$MINGPT_CACHE if set, else ~/.cache/mingpt; created on demand."""
     path = _cache_path()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RuntimeError(f'cannot create the mingpt cache directory {path} ({e}); '
+        raise DownloadError(f'cannot create the mingpt cache directory {path} ({e}); '
                            f'set the MINGPT_CACHE environment variable to a writable directory') from e
     return path
 
@@ -126,16 +124,27 @@ def _is_valid(path: Path, sha256) -> bool:
 @contextlib.contextmanager
 def _locked(dest: Path):
     """Exclusive lock on dest for the duration of a download, so that processes started together
-    (torchrun ranks, parallel test workers) do not write the same .part file at once."""
+    (torchrun ranks, parallel test workers) do not write the same .part file at once. The lock file
+    is removed afterwards; a process that opened it just before the removal finds, once it holds the
+    lock, that the path now names another file (or none), and locks afresh."""
     if fcntl is None:
         yield
         return
-    with open(dest.with_name(dest.name + '.lock'), 'w') as f:
+    lock = dest.with_name(dest.name + '.lock')
+    while True:
+        f = open(lock, 'w')
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it, so no one can lock the removed file unseen
+        f.close()  # closing releases the lock
 
 
 def _download(url, dest: Path, sha256, desc, expected_size):

@@ -3,10 +3,12 @@
 import hashlib
 import os
 import tempfile
+import threading
 import unittest
 from pathlib import Path
 
 from mingpt import download as dl
+from mingpt.errors import MinGPTError
 from mingpt.download import DownloadError, cache_dir, cached_download, download, sha256sum
 from tests.common import (RangeRequestHandler, data_file, free_port_url, local_http_server, patched_env)
 
@@ -124,7 +126,9 @@ class DownloadTest(unittest.TestCase):
         self.assertIn(str(self.dest), msg)  # where to put the file by hand
         self.assertIn('MINGPT_CACHE', msg)
         self.assertFalse(self.dest.exists())
-        self.assertIsInstance(cm.exception, RuntimeError)
+        self.assertIsInstance(cm.exception, OSError)  # what a caller catches for files and the network
+        self.assertIsInstance(cm.exception, MinGPTError)
+        self.assertEqual(list(self.dest.parent.glob('*.lock')), [])  # no lock file left behind
 
     def test_http_error_raises(self):
         with self.serve() as url, self.assertRaises(DownloadError) as cm:
@@ -176,6 +180,22 @@ class CacheTest(unittest.TestCase):
             self.assertEqual(cached_download(f'{url}/blob.bin', 'blob.bin', sha256=PAYLOAD_SHA), path)
         self.assertEqual(len(log), 1)
         self.assertEqual(path.read_bytes(), PAYLOAD)
+
+    def test_concurrent_downloads_fetch_once_and_leave_no_lock(self):
+        # eight threads ask for the same file at once: the lock makes one of them download it, the
+        # others find it complete; the lock file is removed afterwards
+        log, results = [], []
+        with local_http_server(self.served, requests_log=log) as url:
+            threads = [threading.Thread(target=lambda: results.append(
+                cached_download(f'{url}/blob.bin', 'blob.bin', sha256=PAYLOAD_SHA))) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        self.assertEqual(results, [self.cache / 'blob.bin'] * 8)
+        self.assertEqual(len(log), 1)
+        self.assertEqual((self.cache / 'blob.bin').read_bytes(), PAYLOAD)
+        self.assertEqual(sorted(p.name for p in self.cache.iterdir()), ['blob.bin'])
 
     def test_gpt2_url_override(self):
         with patched_env(MINGPT_GPT2_BASE_URL=None):
