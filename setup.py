@@ -8,7 +8,7 @@ setup(
     long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mingpt', 'mingpt.*']),
-    package_data={'mingpt': ['static/*.html']},
+    package_data={'mingpt': ['static/*.html', 'assets/gpt2/*']},
     python_requires='>=3.9',
     install_requires=[
         'torch>=2.1',

@@ -51,7 +51,7 @@ DATASETS = {
 
 def cache_dir() -> Path:
     """$MINGPT_CACHE if set, else ~/.cache/mingpt; created on demand."""
-    path = _cache_path()
+    path = cache_path()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -60,7 +60,8 @@ def cache_dir() -> Path:
     return path
 
 
-def _cache_path() -> Path:
+def cache_path() -> Path:
+    """Where the cache is ($MINGPT_CACHE, else ~/.cache/mingpt), without creating it."""
     return Path(os.environ.get('MINGPT_CACHE') or Path.home() / '.cache' / 'mingpt').expanduser()
 
 
@@ -232,7 +233,7 @@ def _failure_message(url, dest, reason) -> str:
     reason = str(reason).split('Caused by ')[-1].rstrip(')')
     return (f'could not download {url} ({reason}).\n'
             f'If this machine has no internet access, download that file elsewhere and put it at {dest} '
-            f'(files are cached under {_cache_path()}; set the MINGPT_CACHE environment variable to use another '
+            f'(files are cached under {cache_path()}; set the MINGPT_CACHE environment variable to use another '
             f'directory).')
 
 

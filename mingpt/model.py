@@ -344,8 +344,15 @@ class GPT(nn.Module):
         b, t = idx.size()
         if cache_pos + t > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
-                             f"block_size (context length) is only {self.block_size}; crop the "
-                             f"input to its last {self.block_size} tokens")
+                              f"block_size (context length) is only {self.block_size}; crop the "
+                              f"input to its last {self.block_size} tokens")
+        if kv_cache is None and not torch.compiler.is_compiling():
+            # an id outside the vocabulary would otherwise be torch's "index out of range in self";
+            # one fused min/max per call (the decoding engine checks its prompts itself, and every
+            # token it generates is in range, so its cached steps skip this)
+            self._check_ids(idx, 'idx', 0)
+            if targets is not None:
+                self._check_ids(targets, 'targets', -1)
         if pos is None:
             pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
 
@@ -365,6 +372,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
         return logits, loss
+
+    def _check_ids(self, ids, name, lowest):
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < lowest or hi >= self.config.vocab_size:
+            raise ConfigError(f"{name} holds token ids from {lo} to {hi}, but this model's vocabulary "
+                              f"has ids 0 to {self.config.vocab_size - 1}"
+                              + (" (and -1 for targets that do not count)" if lowest < 0 else "")
+                              + "; was the text encoded with another tokenizer, or is vocab_size too small?")
 
     def make_kv_cache(self, batch_size, max_len=None, dtype=None, device=None):
         """ one preallocated KVCache per layer, for up to max_len (default block_size) positions """

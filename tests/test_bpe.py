@@ -6,14 +6,16 @@ import shutil
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import regex
 import torch
 
+from mingpt import bpe
 from mingpt.bpe import (BPETokenizer, DownloadError, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES)
 from mingpt.download import sha256sum
-from tests.common import (data_file, english_text, free_port_url, local_http_server, patched_env, tiktoken_gpt2,
-                          use_shared_gpt2_vocab)
+from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
+                          tiktoken_gpt2, use_shared_gpt2_vocab)
 
 # OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
 OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -248,12 +250,29 @@ class BPETokenizerTest(unittest.TestCase):
             self.tok.decode(torch.zeros(1, 1, 1, dtype=torch.long))
 
 
-class VocabularyFilesTest(unittest.TestCase):
+class VocabularyFilesTest(TempDirTestCase):
 
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+    def without_shipped_copy(self):
+        """ as if the package had no copy of GPT-2's files: the caches and the download are used """
+        return mock.patch.object(bpe, 'GPT2_VOCAB_DIR', self.tmp / 'not-shipped')
+
+    def test_shipped_files_are_gpt2s_and_need_no_network_or_cache(self):
+        for name, sha in GPT2_VOCAB_FILES.items():
+            self.assertEqual(sha256sum(bpe.GPT2_VOCAB_DIR / name), sha)
+        cache = self.tmp / 'cache'
+        with patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()):
+            self.assertEqual(BPETokenizer()('Hello world').tolist(), [[15496, 995]])
+        self.assertFalse(cache.exists())  # nothing looked up, created or downloaded
+
+    def test_reads_mingpts_cache(self):
+        # minGPT keeps encoder.json and vocab.bpe directly in ~/.cache/mingpt
+        cache = self.tmp / 'cache'
+        cache.mkdir()
+        for name in GPT2_VOCAB_FILES:
+            shutil.copy(data_file(name), cache / name)
+        with self.without_shipped_copy(), patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()):
+            self.assertEqual(get_encoder().encode('Hello world'), [15496, 995])
+        self.assertEqual(sorted(p.name for p in cache.iterdir()), sorted(GPT2_VOCAB_FILES))
 
     def test_downloads_and_checks_gpt2_files(self):
         # the real download path, from a local server laid out like OpenAI's bucket
@@ -262,7 +281,7 @@ class VocabularyFilesTest(unittest.TestCase):
         for name in GPT2_VOCAB_FILES:
             shutil.copy(data_file(name), models / name)
         cache = self.tmp / 'cache'
-        with local_http_server(self.tmp / 'served') as url, \
+        with self.without_shipped_copy(), local_http_server(self.tmp / 'served') as url, \
                 patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=url):
             e = get_encoder()
         self.assertEqual(e.encode('Hello world'), [15496, 995])
@@ -272,7 +291,7 @@ class VocabularyFilesTest(unittest.TestCase):
         # a server handing out a different file is refused, and nothing is left in the cache
         (models / 'vocab.bpe').write_text('#version: 0.2\nĠ t\n', encoding='utf-8')
         (cache / 'gpt2' / 'vocab.bpe').unlink()
-        with local_http_server(self.tmp / 'served') as url, \
+        with self.without_shipped_copy(), local_http_server(self.tmp / 'served') as url, \
                 patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=url), self.assertRaises(DownloadError) as cm:
             get_encoder()
         self.assertIn('sha256 mismatch', str(cm.exception))
@@ -280,7 +299,7 @@ class VocabularyFilesTest(unittest.TestCase):
 
     def test_offline_error_says_which_files_where(self):
         cache = self.tmp / 'cache'
-        with patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()), \
+        with self.without_shipped_copy(), patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()), \
                 self.assertRaises(DownloadError) as cm:
             BPETokenizer()
         msg = str(cm.exception)

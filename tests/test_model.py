@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from mingpt.errors import MinGPTError
 from mingpt.model import GPT, PRESETS
 from mingpt.utils import set_seed
 
@@ -145,6 +146,18 @@ class TestForward(unittest.TestCase):
     def test_sequence_longer_than_block_size_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, 'block_size'):
             self.model(torch.zeros(1, 17, dtype=torch.long))
+
+    def test_ids_outside_the_vocabulary_are_a_clear_error(self):
+        ok = torch.randint(0, 11, (2, 8))
+        for idx, targets, name in ((torch.full((2, 8), 11), None, 'idx'), (ok.neg() - 1, None, 'idx'),
+                                   (ok, torch.full((2, 8), 11), 'targets'), (ok, torch.full((2, 8), -2), 'targets')):
+            with self.subTest(name=name, value=int(idx.view(-1)[0] if name == 'idx' else targets.view(-1)[0])):
+                with self.assertRaisesRegex(ValueError, f'{name} holds token ids .* ids 0 to 10') as cm:
+                    self.model(idx, targets)
+                self.assertIsInstance(cm.exception, MinGPTError)
+        targets = ok.clone()
+        targets[:, :3] = -1  # -1 is the ignore index, not an error
+        self.assertTrue(torch.isfinite(self.model(ok, targets)[1]))
 
     def test_dropout_only_in_training(self):
         idx = torch.randint(0, 11, (2, 8))
