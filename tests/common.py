@@ -125,12 +125,25 @@ def use_shared_gpt2_vocab():
 
 
 def tiktoken_gpt2():
-    """tiktoken.get_encoding('gpt2'); uses SHARED_DATA/tiktoken_cache so that it needs no network."""
+    """
+    tiktoken's "gpt2" encoding, the reference for exactness, with no network: tiktoken's own cache from
+    SHARED_DATA when it is there, else the encoding tiktoken defines for "gpt2" built from the copy of
+    OpenAI's files that ships with mingpt, checked against the sha256 tiktoken pins for them.
+    """
+    import tiktoken
     cache = SHARED_DATA / 'tiktoken_cache'
     if cache.is_dir() and 'TIKTOKEN_CACHE_DIR' not in os.environ:
         os.environ['TIKTOKEN_CACHE_DIR'] = str(cache)
-    import tiktoken
-    return tiktoken.get_encoding('gpt2')
+        return tiktoken.get_encoding('gpt2')
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext import openai_public
+    from mingpt.bpe import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES
+    # what openai_public.gpt2() builds, with the files read from disk instead of OpenAI's URLs
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(GPT2_VOCAB_DIR / 'vocab.bpe'), encoder_json_file=str(GPT2_VOCAB_DIR / 'encoder.json'),
+        vocab_bpe_hash=GPT2_VOCAB_FILES['vocab.bpe'], encoder_json_hash=GPT2_VOCAB_FILES['encoder.json'])
+    return tiktoken.Encoding(name='gpt2', explicit_n_vocab=50257, pat_str=openai_public.r50k_pat_str,
+                             mergeable_ranks=ranks, special_tokens={openai_public.ENDOFTEXT: 50256})
 
 
 # -----------------------------------------------------------------------------
