@@ -19,12 +19,19 @@ generation engine, cut at the end of the turn, never splitting a UTF-8 character
                     data: {"error": "..."}                        if generation failed midway
 
 Errors a user can cause are JSON {"error": "what is wrong and what to do"} with a status: 400 (a bad
-request), 413 (the message does not fit: --max-prompt-tokens, or the model's context), 429 (all
---max-concurrent generation slots stayed busy for --queue-timeout seconds; Retry-After says when to
-try again). The page shows each of them.
+request), 403 (a Host or Origin this server does not answer, see below), 413 (a body over 1 MB, more
+than MAX_MESSAGES messages, or a message that does not fit: --max-prompt-tokens, or the model's
+context), 415 (a /chat body that is not application/json), 429 (all --max-concurrent generation slots
+stayed busy for --queue-timeout seconds; Retry-After says when to try again). The page shows each.
 
-Generation runs in a worker thread per request, so the event loop keeps serving other requests (and
-noticing disconnects) while the model computes. When the client goes away (the page's Stop button
+Any web page the user visits could send requests to a server on localhost. So the server answers only
+requests whose Host is a name of this machine's loopback (or one given with --allowed-hosts), which
+defeats DNS rebinding; refuses a request whose Origin is not its own (a page elsewhere posting to it);
+takes /chat bodies only as application/json, which a cross-origin page cannot send without the
+browser asking first; and /config names the model without its path.
+
+Rendering a conversation into tokens and generation both run in worker threads, so the event loop
+keeps serving other requests (and noticing disconnects) while the model computes. When the client goes away (the page's Stop button
 aborts its fetch), the stream is cancelled and the worker stops at the next token. The server binds
 to 127.0.0.1 by default: it has no authentication, so expose it (--host 0.0.0.0) only on purpose.
 """
@@ -46,7 +53,9 @@ from mingpt.generate import check_sampling_args
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / 'static' / 'chat.html'
-MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is parsed
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused, counted as it arrives
+MAX_MESSAGES = 1000  # more messages than a context of a few thousand tokens can hold (each is >= 3 tokens)
+LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
 
 class RequestError(Exception):
@@ -55,6 +64,30 @@ class RequestError(Exception):
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+def host_name(value):
+    """ the host of a Host header or of an Origin's netloc, without its port: 'a:8000' -> 'a', '[::1]:80' -> '::1' """
+    value = value.strip().lower()
+    if value.startswith('['):
+        return value[1:value.find(']')] if ']' in value else value
+    return value.rsplit(':', 1)[0] if value.count(':') == 1 else value
+
+
+def check_origin(headers, allowed_hosts):
+    """
+    Refuse (RequestError 403) a request whose Host is not one of allowed_hosts (None: any), or whose
+    Origin, when the browser sends one, is not this server's own origin (scheme and the same Host).
+    """
+    host = headers.get('host', '')
+    if allowed_hosts is not None and host_name(host) not in allowed_hosts:
+        raise RequestError(403, f"this server does not answer requests for host {host!r}; open it at "
+                                "http://127.0.0.1:<port>, or start it with --allowed-hosts NAME to allow "
+                                "another name")
+    origin = headers.get('origin')
+    if origin is not None and origin.lower() not in (f'http://{host}'.lower(), f'https://{host}'.lower()):
+        raise RequestError(403, f"cross-origin request from {origin!r} refused: only this server's own "
+                                "page may use it")
 
 
 class Slots:
@@ -95,14 +128,15 @@ class Slots:
 
 def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
                max_concurrent=2, queue_timeout=10.0, temperature=0.8, top_k=50, top_p=None,
-               default_max_tokens=256):
+               default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
     """
     The Starlette app serving model (in eval mode) with its ChatTokenizer. Limits: max_new_tokens
     (the most a request may ask for), max_prompt_tokens (default: the model's context less room
     for the reply; older turns are dropped to fit, a single message that does not is a 413),
     max_concurrent generations at once, and how long a request waits for a slot (queue_timeout
     seconds, then 429). temperature, top_k, top_p, default_max_tokens: defaults for requests that
-    do not say.
+    do not say. allowed_hosts: the host names (without port) requests may be addressed to; None
+    allows any. model_name is shown on the page: a name, never a path.
     """
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -115,6 +149,7 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     if max_new_tokens < 1 or max_concurrent < 1 or queue_timeout < 0:
         raise ValueError("max_new_tokens and max_concurrent must be >= 1, queue_timeout >= 0")
     default_max_tokens = min(default_max_tokens, max_new_tokens)
+    allowed_hosts = None if allowed_hosts is None else frozenset(h.lower().strip('[]') for h in allowed_hosts)
     slots = Slots(max_concurrent)
     stats_lock = threading.Lock()
     stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'rejected': 0, 'tokens': 0}
@@ -129,6 +164,10 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
         if not isinstance(body, dict):
             raise RequestError(400, 'the request body must be a JSON object: {"messages": [...]}')
         messages = body.get('messages')
+        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+            raise RequestError(413, f"the conversation has {len(messages)} messages; at most {MAX_MESSAGES} "
+                                    "are accepted (older turns are dropped to fit the context anyway): "
+                                    "send only the recent ones")
         try:
             check_messages(messages)
         except ValueError as e:
@@ -165,6 +204,30 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
             raise RequestError(400, str(e)) from None
         return messages, kw
 
+    def guarded(handler):
+        """ handler, answering only requests that pass check_origin """
+        async def guarded_handler(request):
+            try:
+                check_origin(request.headers, allowed_hosts)
+            except RequestError as e:
+                return JSONResponse({'error': e.message}, status_code=e.status)
+            return await handler(request)
+        return guarded_handler
+
+    async def read_body(request):
+        """ the body, counted as it arrives: a chunked body has no Content-Length to check first """
+        too_big = RequestError(413, f"the request body is over {MAX_BODY_BYTES} bytes, the most accepted: "
+                                    "shorten the conversation")
+        declared = request.headers.get('content-length', '')
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_big
+        return bytes(body)
+
     async def homepage(request):
         return HTMLResponse(page)
 
@@ -183,12 +246,12 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
 
     async def chat(request):
         try:
-            size = int(request.headers.get('content-length') or 0)
-            if size > MAX_BODY_BYTES:
-                raise RequestError(413, f"the request is {size} bytes; at most {MAX_BODY_BYTES} are "
-                                        "accepted: shorten the conversation")
+            content_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
+            if content_type != 'application/json':
+                raise RequestError(415, f"send the conversation as JSON (Content-Type: application/json), "
+                                        f"not {content_type or 'a body without a type'}")
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await read_body(request))
             except (ValueError, UnicodeDecodeError):
                 raise RequestError(400, 'the request body is not valid JSON; send {"messages": '
                                         '[{"role": "user", "content": "..."}]}') from None
@@ -196,9 +259,11 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
             info = {}
             stop = threading.Event()  # set when nobody listens any more: the worker then stops
             try:
-                # renders (and checks the length of) the prompt now; tokens come when iterated
-                pieces = stream_reply(model, tokenizer, messages, max_prompt_tokens=max_prompt_tokens,
-                                      info=info, should_stop=stop.is_set, **kw)
+                # renders (and checks the length of) the prompt now, off the event loop (a long
+                # conversation takes a while to tokenize); tokens come when iterated
+                pieces = await asyncio.to_thread(stream_reply, model, tokenizer, messages,
+                                                 max_prompt_tokens=max_prompt_tokens, info=info,
+                                                 should_stop=stop.is_set, **kw)
             except PromptTooLong as e:
                 raise RequestError(413, str(e)) from None
             except ValueError as e:
@@ -275,10 +340,10 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
             stop.set()
 
     app = Starlette(routes=[
-        Route('/', homepage),
-        Route('/config', config),
-        Route('/health', health),
-        Route('/chat', chat, methods=['POST']),
+        Route('/', guarded(homepage)),
+        Route('/config', guarded(config)),
+        Route('/health', guarded(health)),
+        Route('/chat', guarded(chat), methods=['POST']),
     ])
     app.state.slots, app.state.stats = slots, stats
     return app
@@ -290,12 +355,27 @@ def sse(obj):
 
 # -----------------------------------------------------------------------------
 
+def port_number(value):
+    """ argparse type: a TCP port, 1 to 65535 """
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1 to 65535)")
+    return port
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m mingpt.serve', description=__doc__.split('\n\n')[0])
     add_sampling_args(parser)  # --model, and the defaults of --temperature, --top-k, --top-p
     parser.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: '
                                                             'this machine only)')
-    parser.add_argument('--port', type=int, default=8000)
+    parser.add_argument('--port', type=port_number, default=8000, help='port to listen on (default 8000)')
+    parser.add_argument('--allowed-hosts', default=None, metavar='NAMES',
+                        help='comma-separated host names (besides 127.0.0.1, localhost and ::1) that requests '
+                             'may be addressed to, e.g. the machine\'s name when serving with --host 0.0.0.0; '
+                             '"*" allows any')
     parser.add_argument('--max-tokens-limit', type=int, default=512,
                         help='the most new tokens a request may ask for (default 512)')
     parser.add_argument('--max-prompt-tokens', type=int, default=None,
@@ -316,7 +396,12 @@ def main(argv=None):
     try:
         check_sampling_args(args.temperature, args.top_k or None, args.top_p)
         model, tokenizer = load_chat_model(args.model, args.device)
-        app = create_app(model, tokenizer, model_name=str(args.model),
+        allowed = LOCAL_HOSTS + ((args.host,) if args.host not in ('0.0.0.0', '::') else ())
+        if args.allowed_hosts:
+            extra = [h.strip() for h in args.allowed_hosts.split(',') if h.strip()]
+            allowed = None if '*' in extra else allowed + tuple(extra)
+        app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model),
+                         allowed_hosts=allowed,
                          max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,

@@ -7,19 +7,27 @@ parallel requests that all complete or get 429, as configured.
 """
 
 import contextlib
+import io
 import json
 import re
 import threading
 import time
 import unittest
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import httpx
 from starlette.testclient import TestClient
 
 from mingpt.chat import stream_reply
-from mingpt.serve import create_app
+from mingpt.serve import MAX_MESSAGES, create_app
 from tests.test_chat import tiny_chat_model
+
+
+def local_client(app):
+    """ Starlette's TestClient addressing the app as a browser on this machine does (its default host,
+    'testserver', is not one the server answers) """
+    return TestClient(app, base_url='http://127.0.0.1:8000')
 
 
 def sse_events(lines):
@@ -70,6 +78,10 @@ class ServeTestCase(unittest.TestCase):
         kwargs.setdefault('temperature', 0.0)
         return create_app(self.model, self.tok, model_name='tiny', **kwargs)
 
+    def assertError(self, response, status, pattern):
+        self.assertEqual(response.status_code, status, response.text)
+        self.assertRegex(response.json()['error'], pattern)
+
     def expected(self, messages, n):
         return ''.join(stream_reply(self.model, self.tok, messages, n, temperature=0))
 
@@ -81,7 +93,7 @@ class TestServeHTTP(ServeTestCase):
     """ in-process, through Starlette's TestClient """
 
     def test_page_is_self_contained(self):
-        with TestClient(self.app()) as client:
+        with local_client(self.app()) as client:
             r = client.get('/')
         self.assertEqual(r.status_code, 200)
         self.assertIn('text/html', r.headers['content-type'])
@@ -93,7 +105,7 @@ class TestServeHTTP(ServeTestCase):
         self.assertNotIn('@import', r.text)
 
     def test_config_and_health(self):
-        with TestClient(self.app(max_new_tokens=300, max_concurrent=3)) as client:
+        with local_client(self.app(max_new_tokens=300, max_concurrent=3)) as client:
             cfg = client.get('/config').json()
             health = client.get('/health').json()
         self.assertEqual((cfg['model'], cfg['block_size'], cfg['max_new_tokens'], cfg['max_concurrent']),
@@ -103,7 +115,7 @@ class TestServeHTTP(ServeTestCase):
 
     def test_reply_streams_as_events(self):
         messages = [{'role': 'system', 'content': 'You are Juliet.'}] + HELLO
-        with TestClient(self.app()) as client:
+        with local_client(self.app()) as client:
             with client.stream('POST', '/chat', json={'messages': messages, 'max_tokens': 20}) as r:
                 self.assertEqual(r.status_code, 200)
                 self.assertTrue(r.headers['content-type'].startswith('text/event-stream'))
@@ -120,7 +132,7 @@ class TestServeHTTP(ServeTestCase):
     def test_sampling_parameters_are_used(self):
         body = {'messages': HELLO, 'max_tokens': 12, 'temperature': 1.3, 'top_k': 40, 'top_p': 0.95,
                 'seed': 7}
-        with TestClient(self.app()) as client:
+        with local_client(self.app()) as client:
             a = sse_events(client.post('/chat', json=body).text.splitlines())
             b = sse_events(client.post('/chat', json={**body, 'seed': 8}).text.splitlines())
         text = ''.join(e.get('token', '') for e in a)
@@ -128,14 +140,11 @@ class TestServeHTTP(ServeTestCase):
                                                     top_k=40, top_p=0.95, seed=7)))
         self.assertNotEqual(text, ''.join(e.get('token', '') for e in b))
 
-    def assertError(self, response, status, pattern):
-        self.assertEqual(response.status_code, status, response.text)
-        self.assertRegex(response.json()['error'], pattern)
-
     def test_bad_requests_are_clear_errors(self):
-        with TestClient(self.app(max_new_tokens=100)) as client:
+        with local_client(self.app(max_new_tokens=100)) as client:
             post = lambda body: client.post('/chat', json=body)
-            self.assertError(client.post('/chat', content=b'{not json'), 400, 'not valid JSON')
+            self.assertError(client.post('/chat', content=b'{not json', headers={'content-type': 'application/json'}),
+                             400, 'not valid JSON')
             self.assertError(post([1, 2]), 400, 'JSON object')
             self.assertError(post({'messages': 'hi'}), 400, 'bad messages: .*list of messages')
             self.assertError(post({'messages': [{'role': 'wizard', 'content': 'hi'}]}), 400, "role 'wizard'")
@@ -154,7 +163,7 @@ class TestServeHTTP(ServeTestCase):
 
     def test_prompt_limits(self):
         long_message = [{'role': 'user', 'content': 'word ' * 40}]
-        with TestClient(self.app(max_prompt_tokens=20)) as client:
+        with local_client(self.app(max_prompt_tokens=20)) as client:
             r = client.post('/chat', json={'messages': long_message, 'max_tokens': 5})
             self.assertError(r, 413, 'too long: the prompt is \\d+ tokens but at most 20 fit')
             # a long history is fine: its oldest turns are dropped to fit
@@ -165,16 +174,16 @@ class TestServeHTTP(ServeTestCase):
             self.assertEqual(sse_events(r.text.splitlines())[-1]['prompt_tokens'],
                              len(self.tok.render_for_completion(history[2:])))
             r = client.post('/chat', content=b' ' * (2 << 20), headers={'content-type': 'application/json'})
-            self.assertError(r, 413, 'at most 1048576')
+            self.assertError(r, 413, 'over 1048576 bytes')
         # the model's context is a limit too: a reply needs room in it
-        with TestClient(self.app()) as client:
+        with local_client(self.app()) as client:
             r = client.post('/chat', json={'messages': [{'role': 'user', 'content': 'word ' * 70}],
                                            'max_tokens': 5})
             self.assertError(r, 413, 'too long')
 
     def test_busy_is_429(self):
         app = self.app(max_concurrent=1, queue_timeout=0)
-        with TestClient(app) as client:
+        with local_client(app) as client:
             self.assertTrue(app.state.slots.try_acquire())  # someone else is generating
             r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
             self.assertError(r, 429, 'busy.*try again')
@@ -184,6 +193,99 @@ class TestServeHTTP(ServeTestCase):
             r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
             self.assertEqual(r.status_code, 200)
             self.assertTrue(sse_events(r.text.splitlines())[-1]['done'])
+
+
+class TestServeRefuses(ServeTestCase):
+    """ what a web page elsewhere, or a careless or hostile client, must not get served """
+
+    def test_only_local_hosts_are_answered(self):
+        # DNS rebinding: evil.example resolving to 127.0.0.1 reaches the server with its own name as Host
+        app = self.app()
+        for base in ('http://evil.example', 'http://127.0.0.1.evil.example:8000', 'http://10.0.0.5:8000'):
+            with self.subTest(base=base), TestClient(app, base_url=base) as client:
+                for path in ('/', '/config', '/health'):
+                    self.assertError(client.get(path), 403, 'does not answer requests for host')
+                self.assertError(client.post('/chat', json={'messages': HELLO}), 403, 'host')
+        for base in ('http://127.0.0.1:8000', 'http://localhost:1234', 'http://[::1]:8000', 'http://LOCALHOST'):
+            with self.subTest(base=base), TestClient(app, base_url=base) as client:
+                self.assertEqual(client.get('/health').status_code, 200)
+        with TestClient(self.app(allowed_hosts=['myhost']), base_url='http://myhost:8000') as client:
+            self.assertEqual(client.get('/health').status_code, 200)
+        with TestClient(self.app(allowed_hosts=None), base_url='http://anything.example') as client:
+            self.assertEqual(client.get('/health').status_code, 200)
+
+    def test_cross_origin_and_non_json_posts_are_refused(self):
+        body = json.dumps({'messages': HELLO, 'max_tokens': 3})
+        with local_client(self.app()) as client:
+            # what a form or fetch on another site sends: no preflight for text/plain
+            r = client.post('/chat', content=body, headers={'content-type': 'text/plain',
+                                                             'origin': 'http://evil.example'})
+            self.assertError(r, 403, "cross-origin request from 'http://evil.example' refused")
+            r = client.post('/chat', content=body, headers={'content-type': 'text/plain'})
+            self.assertError(r, 415, 'application/json')
+            self.assertError(client.post('/chat', content=body), 415, 'application/json')
+            # the page itself: same origin, JSON
+            r = client.post('/chat', content=body, headers={'content-type': 'application/json; charset=utf-8',
+                                                             'origin': 'http://127.0.0.1:8000'})
+            self.assertEqual(r.status_code, 200, r.text)
+            self.assertTrue(sse_events(r.text.splitlines())[-1]['done'])
+            self.assertEqual(client.get('/health').json()['completed'], 1)
+
+    def test_too_many_messages_is_413(self):
+        turns = [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}] * (MAX_MESSAGES // 2)
+        with local_client(self.app()) as client:
+            r = client.post('/chat', json={'messages': turns + HELLO, 'max_tokens': 3})
+            self.assertError(r, 413, f'{MAX_MESSAGES + 1} messages; at most {MAX_MESSAGES}')
+            r = client.post('/chat', json={'messages': turns[2:] + HELLO, 'max_tokens': 3})
+            self.assertEqual(r.status_code, 200, r.text)
+
+    def test_chunked_body_over_the_limit_is_413_without_reading_it_all(self):
+        app, received = self.app(), []
+
+        async def counting(scope, receive, send):  # the app, counting the body bytes it reads
+            async def counted_receive():
+                message = await receive()
+                received.append(len(message.get('body', b'')))
+                return message
+            await app(scope, counted_receive, send)
+
+        def body():  # a chunked upload (no Content-Length) of 50 MB
+            for _ in range(50 * 16):
+                yield b' ' * (1 << 16)
+        with running_server(counting) as url, httpx.Client(base_url=url, timeout=60) as client:
+            try:
+                r = client.post('/chat', content=body(), headers={'content-type': 'application/json'})
+                self.assertError(r, 413, 'over 1048576 bytes')
+            except httpx.HTTPError:
+                pass  # the server may close the connection before the client has sent everything
+            self.assertEqual(client.get('/health').json()['status'], 'ok')
+        self.assertLess(sum(received), 2 << 20)  # it stopped reading soon after 1 MB, not at 50 MB
+
+    def test_cli_shows_no_path_checks_port_and_allowed_hosts(self):
+        import uvicorn
+        from mingpt import serve
+        apps = []
+        with mock.patch.object(serve, 'load_chat_model', lambda path, device: (self.model, self.tok)), \
+                mock.patch.object(uvicorn, 'run', lambda app, **kw: apps.append((app, kw))):
+            serve.main(['--model', '/home/someone/secret/mymodel', '--port', '8123'])
+            serve.main(['--model', 'm', '--host', '0.0.0.0', '--allowed-hosts', 'box.lan, other'])
+        (app, kw), (lan_app, _) = apps
+        self.assertEqual((kw['host'], kw['port']), ('127.0.0.1', 8123))
+        with local_client(app) as client:
+            r = client.get('/config')
+        self.assertEqual(r.json()['model'], 'mymodel')
+        self.assertNotIn('secret', r.text)
+        with TestClient(lan_app, base_url='http://box.lan:8000') as client:
+            self.assertEqual(client.get('/health').status_code, 200)
+        with TestClient(lan_app, base_url='http://0.0.0.0:8000') as client:
+            self.assertEqual(client.get('/health').status_code, 403)
+        for port in ('99999', '0', 'http'):
+            with self.subTest(port=port), mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                with self.assertRaises(SystemExit) as cm:
+                    serve.main(['--model', 'm', '--port', port])
+                self.assertEqual(cm.exception.code, 2)
+                self.assertIn(f"{port!r} is not a port number (1 to 65535)", err.getvalue())
+                self.assertNotIn('Traceback', err.getvalue())
 
 
 class TestServeUvicorn(ServeTestCase):
