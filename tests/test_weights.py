@@ -22,8 +22,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mingpt.download import DownloadError
 from mingpt.model import GPT
-from mingpt.weights import (LLMC_MAGIC, WeightsError, crc32c, detect_format, load_pretrained, param_names,
-                            read_llmc, read_tf_checkpoint, save_hf, save_llmc)
+from mingpt.formats import param_names
+from mingpt.formats.llmc import LLMC_MAGIC, read_llmc
+from mingpt.formats.tf_bundle import crc32c, read_tf_checkpoint
+from mingpt.weights import WeightsError, detect_format, load_pretrained, save_hf, save_llmc
 from tests.common import RangeRequestHandler, free_port_url, local_http_server, patched_env
 
 TF_FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'tf_gpt2_tiny'
