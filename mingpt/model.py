@@ -320,12 +320,12 @@ class GPT(nn.Module):
         'distilgpt2'), a Hugging Face directory (mingpt's own checkpoints are these), an OpenAI
         TensorFlow checkpoint directory or an llm.c .bin file. See mingpt.weights.load_pretrained.
         """
-        from mingpt.weights import load_pretrained  # lazy: weights.py imports this module
+        from mingpt.weights import load_pretrained  # here: importing the model loads no checkpoint format
         return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
         """ write a Hugging Face GPT-2 directory (config.json + model.safetensors); see mingpt.weights.save_hf """
-        from mingpt.weights import save_hf
+        from mingpt.weights import save_hf  # here, like from_pretrained's import
         return save_hf(self, directory, **kwargs)
 
     def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,

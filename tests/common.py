@@ -10,11 +10,14 @@ Helpers shared by the tests.
   get_encoder() / BPETokenizer() work offline and never touch the user's real cache.
 - tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
 - tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
+- tiny_hf(seed, **config): a small random transformers GPT2LMHeadModel (TINY_HF sizes), the reference the
+  checkpoint-format tests compare against; edit_json(path, **changes): rewrite some keys of a JSON file.
 - @slow: marks a test that trains for more than a few seconds; MINGPT_FAST=1 skips those, so that
   `MINGPT_FAST=1 python -m pytest tests -q` is the quick suite (CI runs everything).
 """
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -66,6 +69,33 @@ class TempDirTestCase(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.tmp = Path(tmp.name)
+
+
+# the sizes of tiny_hf: no <|endoftext|> in a 100-token vocabulary
+TINY_HF = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
+
+
+def tiny_hf(seed=0, **overrides):
+    """ a small random transformers GPT2LMHeadModel in eval mode; overrides are GPT2Config fields """
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()  # no notes about generation configs in the test output
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**{**TINY_HF, 'bos_token_id': 0, 'eos_token_id': None, **overrides})
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    # random LayerNorm gains and biases too, so that a swapped weight/bias cannot go unnoticed
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if n.endswith('ln_1.weight') or n.endswith('ln_2.weight') else 0.0, 0.1)
+    return hf
+
+
+def edit_json(path, **changes):
+    """ rewrite the JSON file at path with these keys changed (a config.json, an hparams.json) """
+    path = Path(path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def data_file(name: str) -> Path:
