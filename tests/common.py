@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+FIXTURES = REPO / 'tests' / 'fixtures'
 
 logger = logging.getLogger(__name__)
 
@@ -99,26 +100,48 @@ def edit_json(path, **changes):
 
 
 def data_file(name: str) -> Path:
-    """Path of a data file: SHARED_DATA/name if present, else downloaded through mingpt itself."""
-    path = SHARED_DATA / name
-    if path.is_file():
-        return path
-    if name == 'tinyshakespeare.txt':
-        from mingpt.download import get_tiny_shakespeare
-        return get_tiny_shakespeare()
+    """
+    Path of a data file: GPT-2's encoder.json / vocab.bpe (shipped with mingpt), else SHARED_DATA/name.
+    Tests that need a file only SHARED_DATA has are marked @needs_shared_data(name).
+    """
     if name in ('encoder.json', 'vocab.bpe'):
-        from mingpt.bpe import gpt2_vocab_files
-        encoder_path, vocab_path = gpt2_vocab_files()
-        return encoder_path if name == 'encoder.json' else vocab_path
-    raise FileNotFoundError(f'test data file {name!r} is not in {SHARED_DATA} and mingpt has no download for it; '
-                            f'put a copy there')
+        from mingpt.bpe import GPT2_VOCAB_DIR
+        return GPT2_VOCAB_DIR / name
+    path = SHARED_DATA / name
+    if not path.is_file():
+        raise FileNotFoundError(f'test data file {name!r} is not in {SHARED_DATA}; mark the test '
+                                f'@needs_shared_data({name!r})')
+    return path
+
+
+def needs_shared_data(*names):
+    """
+    Skip a test, with the reason, when a file it needs is not in SHARED_DATA (a clone without the
+    project's shared folder). Under CI, which always has SHARED_DATA, it is never skipped: it runs,
+    and fails if the file is missing.
+    """
+    missing = [n for n in names if not (SHARED_DATA / n).is_file()]
+    return unittest.skipIf(bool(missing) and os.environ.get('CI') != 'true',
+                           f'needs {", ".join(missing)} from {SHARED_DATA}, which this checkout does not have')
+
+
+def shakespeare(n_chars=None, start=0) -> str:
+    """
+    Tiny shakespeare's text[start:start + n_chars]: the whole 1.1 MB from SHARED_DATA when it is there,
+    else the first 200 KB, which tests/fixtures keeps (ask for no more than that without @needs_shared_data).
+    """
+    path = SHARED_DATA / 'tinyshakespeare.txt'
+    if not path.is_file():
+        path = FIXTURES / 'shakespeare.txt'
+    text = path.read_text(encoding='utf-8')
+    return text[start:] if n_chars is None else text[start:start + n_chars]
 
 
 def english_text(n_bytes: int = 1_000_000) -> str:
-    """About n_bytes of English prose: War and Peace from SHARED_DATA, else tiny shakespeare (downloaded)."""
+    """About n_bytes of English prose: War and Peace from SHARED_DATA, else tiny shakespeare's excerpt."""
     path = SHARED_DATA / 'warpeace.txt'
     if not path.is_file():
-        path = data_file('tinyshakespeare.txt')
+        return shakespeare()[:n_bytes]
     return path.read_bytes()[:n_bytes].decode('utf-8', errors='ignore')
 
 

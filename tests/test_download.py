@@ -217,5 +217,15 @@ class CacheTest(unittest.TestCase):
         self.assertIn('tinyshakespeare', str(cm.exception))
 
 
+class SuiteIsolationTest(unittest.TestCase):
+
+    def test_the_suite_never_uses_the_users_cache(self):
+        import tests  # its import gave this process (and its subprocesses) a temporary cache
+        self.assertEqual(os.environ['MINGPT_CACHE'], tests.TEST_CACHE)
+        self.assertEqual(cache_dir(), Path(tests.TEST_CACHE))
+        self.assertNotEqual(Path(tests.TEST_CACHE).resolve(), Path(tests.USER_CACHE).resolve())
+        self.assertTrue(Path(tests.TEST_CACHE).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()))
+
+
 if __name__ == '__main__':
     unittest.main()
