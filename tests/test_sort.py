@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
+from tests.common import slow
 
 
 class SortDataset(Dataset):
@@ -59,6 +60,7 @@ class SortDataset(Dataset):
 
 class TestLearnsToSort(unittest.TestCase):
 
+    @slow
     def test_gpt_nano_sorts_held_out_inputs(self):
         set_seed(3407)
         train_dataset = SortDataset('train')
