@@ -208,12 +208,12 @@ class ModelTokenizerTest(unittest.TestCase):
 
     def test_trainer_checkpoint_finds_the_tokenizer_of_its_run(self):
         # a trainer checkpoint is work_dir/ckpt, rewritten whole at each save: chars.json lives in work_dir
-        from mingpt.trainer import save_checkpoint
+        from mingpt.checkpoint import write_checkpoint
         tok = CharTokenizer.from_text(shakespeare(1_115_394))
         model = tiny_gpt(tok.n_vocab, block_size=32)
         work_dir = self.tmp / 'run'
         work_dir.mkdir()
-        save_checkpoint(str(work_dir / 'ckpt'), model, {'iter_num': 7}, info={'model': model.config.to_dict()})
+        write_checkpoint(str(work_dir / 'ckpt'), model, {'iter_num': 7}, info={'model': model.config.to_dict()})
         _, err, code = run_cli(['--model', str(work_dir / 'ckpt'), '--data', str(self.data)])
         self.assertEqual(code, 2)
         self.assertIn('cannot tell which tokenizer', err)

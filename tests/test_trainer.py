@@ -2,7 +2,8 @@
 The Trainer's minGPT contract: config fields and defaults, callbacks, the attributes callbacks
 read, and a run that actually lowers the loss. Then the additive features that run in one
 process: schedule, accumulation, precision, compile, evaluation, observability, divergence.
-(Checkpoint/resume: test_trainer_resume.py; DDP: test_trainer_ddp.py.)
+(Checkpoint/resume: test_trainer_resume.py; DDP: test_trainer_ddp.py; the schedule, checkpoint
+files and metrics log on their own: test_schedule.py, test_checkpoint.py, test_metrics.py.)
 """
 
 import contextlib
@@ -18,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mingpt.checkpoint import find_checkpoint, read_checkpoint
+from mingpt.hardware import default_num_workers, fast_dtype
 from mingpt.model import GPT
-from mingpt.trainer import (GlobalBatchSampler, Trainer, clean_state_dict, default_num_workers,
-                            get_lr, load_checkpoint, save_checkpoint)
+from mingpt.schedule import get_lr
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
 
 
@@ -125,7 +128,6 @@ class TestTrainerRun(unittest.TestCase):
         self.assertLess(last, 0.5 * first)
 
     def test_stop_from_a_callback_ends_the_run_with_a_last_eval_and_checkpoint(self):
-        from mingpt.trainer import find_checkpoint, load_checkpoint
         for event, at in (('on_batch_end', 7), ('on_eval_end', 10)):
             with self.subTest(event=event), tempfile.TemporaryDirectory() as d:
                 C = quiet_config(max_iters=100, batch_size=8, eval_interval=5, eval_iters=1,
@@ -140,7 +142,7 @@ class TestTrainerRun(unittest.TestCase):
                 self.assertEqual(trainer.iter_num, at)
                 self.assertEqual(evals[-1], at)  # the last iteration was evaluated, once
                 self.assertEqual(evals.count(at), 1)
-                self.assertEqual(load_checkpoint(find_checkpoint(os.path.join(d, 'ckpt')))[1]['iter_num'], at)
+                self.assertEqual(read_checkpoint(find_checkpoint(os.path.join(d, 'ckpt')))[1]['iter_num'], at)
 
     def test_set_callback_replaces_add_callback_appends(self):
         calls = []
@@ -192,21 +194,6 @@ class TestConfigValidation(unittest.TestCase):
 
 
 class TestLearningRateSchedule(unittest.TestCase):
-
-    def test_warmup_then_cosine_to_min_lr(self):
-        C = quiet_config(learning_rate=1.0, lr_schedule='cosine', warmup_iters=10, lr_decay_iters=110,
-                         min_lr=0.1, max_iters=200)
-        self.assertAlmostEqual(get_lr(0, C), 0.1)
-        self.assertAlmostEqual(get_lr(4, C), 0.5)
-        self.assertAlmostEqual(get_lr(9, C), 1.0)
-        self.assertAlmostEqual(get_lr(10, C), 1.0)
-        self.assertAlmostEqual(get_lr(60, C), 0.55)  # halfway down the cosine
-        self.assertAlmostEqual(get_lr(110, C), 0.1)
-        self.assertAlmostEqual(get_lr(150, C), 0.1)
-        lrs = [get_lr(i, C) for i in range(10, 111)]
-        self.assertTrue(all(a >= b for a, b in zip(lrs, lrs[1:])))
-        C.min_lr = None  # the default: a tenth of the peak
-        self.assertAlmostEqual(get_lr(110, C), 0.1)
 
     def test_trainer_applies_the_schedule_and_exposes_lr(self):
         set_seed(0)
@@ -264,22 +251,6 @@ class TestGradientAccumulation(unittest.TestCase):
     def test_seeded_sampler(self):
         self.check(data_seed=123)
 
-    def test_global_batch_is_split_not_redrawn(self):
-        # what one process of 16 rows draws, 2 ranks x 8 rows and 2 micro-steps x 4 rows x 2 ranks draw
-        one = GlobalBatchSampler(1000, 16, 1, seed=5)
-        ranks = [GlobalBatchSampler(1000, 8, 1, seed=5, rank=r, world_size=2) for r in range(2)]
-        micro = [GlobalBatchSampler(1000, 4, 2, seed=5, rank=r, world_size=2) for r in range(2)]
-        it_one, it_ranks, it_micro = iter(one), [iter(s) for s in ranks], [iter(s) for s in micro]
-        for step in range(3):
-            rows = next(it_one)
-            self.assertEqual(rows, next(it_ranks[0]) + next(it_ranks[1]))
-            m0 = [next(it_micro[0]), next(it_micro[0])]  # rank 0: micro-steps 0 and 1
-            m1 = [next(it_micro[1]), next(it_micro[1])]
-            self.assertEqual(rows, m0[0] + m1[0] + m0[1] + m1[1])
-        # and resuming at iteration 2 starts from the same batch
-        self.assertEqual(next(iter(GlobalBatchSampler(1000, 16, 1, seed=5, start_iter=2))), rows)
-        self.assertNotEqual(next(iter(GlobalBatchSampler(1000, 16, 1, seed=6, start_iter=2))), rows)
-
 
 class TestMixedPrecisionAndCompile(unittest.TestCase):
 
@@ -299,7 +270,6 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
 
     def test_auto_dtype_is_bfloat16_only_with_bf16_hardware(self):
         from unittest import mock
-        from mingpt.trainer import fast_dtype
         for avx512_bf16, amx, expected in [(False, False, 'float32'), (True, False, 'bfloat16'),
                                           (False, True, 'bfloat16')]:
             with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, create=True), \
@@ -346,22 +316,13 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
             trainer = Trainer(C, model, RepeatDataset())
             trainer.run()
             self.assertTrue(hasattr(trainer._train_model, '_orig_mod'))  # it really was compiled
-            sd, state = load_checkpoint(os.path.join(d, 'ckpt'))
+            sd, state = read_checkpoint(os.path.join(d, 'ckpt'))
             self.assertFalse(any('_orig_mod' in k for k in sd))
             fresh = tiny_model()
             fresh.load_state_dict(sd, strict=True)  # loads into an uncompiled model
             for a, b in zip(fresh.parameters(), model.parameters()):
                 self.assertTrue(torch.equal(a, b))
             self.assertEqual(state['iter_num'], 2)
-
-    def test_prefixes_are_stripped(self):
-        sd = {'_orig_mod.lm_head.weight': 1, 'module._orig_mod.transformer.wte.weight': 2, 'a.b': 3}
-        self.assertEqual(clean_state_dict(sd), {'lm_head.weight': 1, 'transformer.wte.weight': 2, 'a.b': 3})
-        with tempfile.TemporaryDirectory() as d:
-            model = tiny_model()
-            save_checkpoint(os.path.join(d, 'c'), torch.compile(model), {'iter_num': 0, 'version': 1})
-            sd, _ = load_checkpoint(os.path.join(d, 'c'))
-            self.assertEqual(set(sd), set(model.state_dict()))
 
 
 class TestEvaluation(unittest.TestCase):
@@ -381,7 +342,7 @@ class TestEvaluation(unittest.TestCase):
             self.assertEqual(trainer.best_val_loss, min(v for _, v, _ in evals))
             self.assertLess(evals[-1][1], evals[0][1])
             self.assertAlmostEqual(trainer.evaluate(), evals[-1][1], places=6)  # same batches each time
-            _, best = load_checkpoint(os.path.join(d, 'ckpt_best'))
+            _, best = read_checkpoint(os.path.join(d, 'ckpt_best'))
             best_iter = min(evals, key=lambda e: e[1])[0]
             self.assertEqual(best['iter_num'], best_iter)
             self.assertEqual(best['best_val_loss'], trainer.best_val_loss)
@@ -438,6 +399,23 @@ class TestObservability(unittest.TestCase):
             with open(png, 'rb') as f:
                 self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
 
+    def test_without_matplotlib_the_run_ends_well_with_one_warning(self):
+        import logging
+        from tests.test_metrics import without_matplotlib
+        set_seed(0)
+        with tempfile.TemporaryDirectory() as d, without_matplotlib(), \
+                self.assertLogs('mingpt', logging.WARNING) as logs:
+            C = quiet_config(max_iters=4, batch_size=4, work_dir=d, eval_interval=2, eval_iters=1)
+            trainer = Trainer(C, tiny_model(), RepeatDataset(), val_dataset=RepeatDataset(n=8))
+            # as chargpt does: a plot after every evaluation, and one at the end
+            trainer.add_callback('on_eval_end', lambda t: t.plot(os.path.join(d, 'loss.png')))
+            trainer.run()
+            self.assertIsNone(trainer.plot(os.path.join(d, 'loss.png')))
+            self.assertEqual(trainer.iter_num, 4)
+            self.assertFalse(os.path.exists(os.path.join(d, 'loss.png')))
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn('pip install matplotlib', logs.output[0])
+
     def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
         set_seed(0)
         config = GPT.get_default_config()
@@ -453,7 +431,7 @@ class TestObservability(unittest.TestCase):
             trainer.add_callback('on_batch_end', poison)
             with self.assertRaisesRegex(FloatingPointError, r"loss is nan at iteration 3.*ckpt"):
                 trainer.run()
-            sd, state = load_checkpoint(os.path.join(d, 'ckpt'))
+            sd, state = read_checkpoint(os.path.join(d, 'ckpt'))
             self.assertEqual(state['iter_num'], 3)
             for k, v in model.state_dict().items():
                 self.assertTrue(torch.isfinite(v).all())

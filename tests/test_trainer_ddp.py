@@ -13,7 +13,8 @@ import unittest
 import torch
 from safetensors.torch import load_file
 
-from mingpt.trainer import load_checkpoint
+from mingpt.checkpoint import read_checkpoint
+from tests.common import slow
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_script.py')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class TestDDP(unittest.TestCase):
 
+    @slow
     def test_two_ranks_of_8_equal_one_process_of_16(self):
         # dropout off, and a small lr: Adam's 1/sqrt(v) magnifies the rounding difference between
         # averaging two half-batch gradients and one full-batch gradient where a gradient is ~0
@@ -53,7 +55,7 @@ class TestDDP(unittest.TestCase):
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
             # rank 0 wrote the checkpoint, with both ranks' RNG states and the global batch size
-            _, state = load_checkpoint(os.path.join(d, 'w', 'ckpt'))
+            _, state = read_checkpoint(os.path.join(d, 'w', 'ckpt'))
             self.assertEqual(state['iter_num'], 5)
             self.assertEqual(len(state['rng']), 2)
             self.assertEqual(state['global_batch'], 16)

@@ -16,9 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mingpt.checkpoint import find_checkpoint, read_checkpoint
+from mingpt.errors import CheckpointError
 from mingpt.model import GPT
-from mingpt.trainer import CheckpointError, Trainer, find_checkpoint, load_checkpoint
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
+from tests.common import slow
 from tests.test_trainer import RepeatDataset, quiet_config
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_script.py')
@@ -63,7 +66,7 @@ class TestCheckpointFiles(unittest.TestCase):
         # the tied lm_head / wte weight is stored once, and comes back tied
         with safe_open(os.path.join(ckpt, 'model.safetensors'), 'pt') as f:
             self.assertEqual(len(list(f.keys())), len(trainer.model.state_dict()) - 1)
-        sd, _ = load_checkpoint(ckpt)
+        sd, _ = read_checkpoint(ckpt)
         model = tiny_model(tie_weights=True)
         model.load_state_dict(sd, strict=True)
         self.assertIs(model.lm_head.weight, model.transformer.wte.weight)
@@ -93,7 +96,7 @@ class TestCheckpointFiles(unittest.TestCase):
     def test_a_kill_between_the_two_renames_falls_back_to_the_previous(self):
         train(self.dir, 4)
         ckpt = os.path.join(self.dir, 'ckpt')
-        # the moment save_checkpoint has moved the old one aside and not yet renamed the new one in
+        # the moment write_checkpoint has moved the old one aside and not yet renamed the new one in
         os.replace(ckpt, ckpt + '.old')
         os.makedirs(ckpt + '.tmp')
         with open(os.path.join(ckpt + '.tmp', 'model.safetensors'), 'wb') as f:
@@ -101,7 +104,7 @@ class TestCheckpointFiles(unittest.TestCase):
         self.assertEqual(find_checkpoint(ckpt), ckpt + '.old')
         trainer = train(self.dir, 6, resume=True)
         self.assertEqual(trainer.iter_num, 6)
-        self.assertEqual(load_checkpoint(ckpt)[1]['iter_num'], 6)
+        self.assertEqual(read_checkpoint(ckpt)[1]['iter_num'], 6)
         self.assertFalse(os.path.exists(ckpt + '.old'))
         self.assertFalse(os.path.exists(ckpt + '.tmp'))
 
@@ -116,7 +119,7 @@ class TestCheckpointErrors(unittest.TestCase):
         train(self.dir, 2)
         with self.assertRaisesRegex(CheckpointError, "already holds a checkpoint.*resume=True"):
             train(self.dir, 4)
-        self.assertEqual(load_checkpoint(os.path.join(self.dir, 'ckpt'))[1]['iter_num'], 2)
+        self.assertEqual(read_checkpoint(os.path.join(self.dir, 'ckpt'))[1]['iter_num'], 2)
 
     def test_resume_needs_a_checkpoint_unless_auto(self):
         with self.assertRaisesRegex(CheckpointError, "no checkpoint"):
@@ -169,6 +172,7 @@ class TestResumeAfterKill(unittest.TestCase):
                 'batch_size=8', 'grad_accum_steps=2', *extra]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
+    @slow
     def test_sigkill_then_resume_is_bit_exact(self):
         with tempfile.TemporaryDirectory() as d:
             p = self.run_script(os.path.join(d, 'straight'), os.path.join(d, 'w1'))
@@ -176,7 +180,7 @@ class TestResumeAfterKill(unittest.TestCase):
             p = self.run_script(os.path.join(d, 'killed'), os.path.join(d, 'w2'), kill_at=10)
             self.assertEqual(p.returncode, -signal.SIGKILL, p.stderr)
             self.assertFalse(os.path.exists(os.path.join(d, 'killed')))  # it never finished
-            self.assertEqual(load_checkpoint(os.path.join(d, 'w2', 'ckpt'))[1]['iter_num'], 8)
+            self.assertEqual(read_checkpoint(os.path.join(d, 'w2', 'ckpt'))[1]['iter_num'], 8)
             p = self.run_script(os.path.join(d, 'resumed'), os.path.join(d, 'w2'), 'resume=True')
             self.assertEqual(p.returncode, 0, p.stderr)
 

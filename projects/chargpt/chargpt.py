@@ -17,11 +17,12 @@ import sys
 
 import torch
 
+from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.download import DownloadError
 from mingpt.evaluate import CharTokenizer
 from mingpt.model import GPT
-from mingpt.trainer import Trainer, find_checkpoint
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')

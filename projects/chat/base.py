@@ -25,10 +25,11 @@ import torch
 
 from mingpt.bpe import Encoder, get_encoder
 from mingpt.chat import save_tokenizer
+from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.download import DownloadError
 from mingpt.model import GPT
-from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
@@ -110,7 +111,7 @@ def main(args):
 
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
-        model.load_state_dict(load_checkpoint(best)[0])
+        model.load_state_dict(read_checkpoint(best)[0])
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(enc, out)

@@ -37,8 +37,9 @@ from torch.utils.data import Dataset
 
 from mingpt.chat import (ChatTokenizer, add_chat_tokens, check_messages, load_tokenizer,
                          resize_token_embeddings, save_tokenizer, stream_reply, TOKENIZER_FILES)
+from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.model import GPT
-from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
@@ -217,7 +218,7 @@ def main(args):
 
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
-        model.load_state_dict(load_checkpoint(best)[0])
+        model.load_state_dict(read_checkpoint(best)[0])
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(encoder, out)

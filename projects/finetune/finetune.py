@@ -21,10 +21,11 @@ import sys
 import torch
 
 from mingpt.bpe import get_encoder
+from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.download import DownloadError
 from mingpt.model import GPT
-from mingpt.trainer import Trainer, find_checkpoint, load_checkpoint
+from mingpt.trainer import Trainer
 from mingpt.utils import set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('finetune')
@@ -140,7 +141,7 @@ def main(args):
     # after: the weights with the best validation loss, exported where from_pretrained reads them
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
-        state_dict, _ = load_checkpoint(best)
+        state_dict, _ = read_checkpoint(best)
         model.load_state_dict(state_dict)
     model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
     loss_after = trainer.evaluate()

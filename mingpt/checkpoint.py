@@ -1,0 +1,267 @@
+"""
+Trainer checkpoints: a directory holding model.safetensors (the weights) and trainer.pt (optimizer,
+loss scaler, RNG states, progress: plain tensors and containers, so it loads with
+torch.load(weights_only=True)), plus config.json (the trainer's and the model's config, for people).
+
+- trainer_state: what trainer.pt holds.
+- write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
+- rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
+- read_resume_state / apply_resume_state: the checks that a checkpoint may continue this run, and
+  putting it back.
+- unwrap / clean_state_dict: the plain model inside torch.compile's and DDP's wrappers.
+
+Nothing here is specific to GPT: the model is any nn.Module, the optimizer any torch optimizer.
+"""
+
+import json
+import logging
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mingpt.errors import CheckpointError
+from mingpt.utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+# -----------------------------------------------------------------------------
+# the plain model inside the wrappers
+
+def unwrap(model):
+    """ the plain nn.Module inside torch.compile's and DDP's wrappers: its keys carry no prefixes """
+    while True:
+        if hasattr(model, '_orig_mod'):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(state_dict):
+    """ strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes from every key """
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(('_orig_mod.', 'module.')):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+# -----------------------------------------------------------------------------
+# RNG state: what a resumed run needs to replay dropout and anything else drawn at random
+
+def rng_state():
+    """ every RNG a training step may touch, as tensors and plain python values """
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """ put back what rng_state() captured """
+    random.setstate(state['python'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def gather_rng_states(world_size=1):
+    """ [rng_state() of rank 0, of rank 1, ...]: dropout streams differ per rank, so each is kept """
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+# -----------------------------------------------------------------------------
+# one checkpoint directory
+
+def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, best_val_loss):
+    """ what trainer.pt holds (apply_resume_state reads it back): plain tensors and containers """
+    return {
+        'version': CHECKPOINT_VERSION,
+        'iter_num': iter_num,
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'rng': rng,  # gather_rng_states(): one per rank
+        'data_seed': data_seed,
+        'global_batch': global_batch,  # rows per iteration, over every micro-step and rank
+        'best_val_loss': best_val_loss,
+    }
+
+
+def write_checkpoint(directory, model, state, info=None):
+    """
+    Write model weights + trainer state (+ info, as config.json) to `directory`, atomically:
+    everything goes to directory.tmp first, and only a complete checkpoint is renamed into place.
+    The previous one is moved to directory.old for the instant between the two renames, and
+    find_checkpoint falls back to it, so a kill at any moment leaves one complete checkpoint on disk.
+    """
+    from safetensors.torch import save_file
+    directory = os.fspath(directory)
+    sd = clean_state_dict(unwrap(model).state_dict())
+    # safetensors refuses tensors that share memory (tied wte / lm_head): store one, alias the rest
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if v.numel() > 0 and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().to('cpu').contiguous()
+    metadata = {'iter_num': str(state['iter_num']), 'aliases': json.dumps(aliases)}
+
+    tmp, old = directory + '.tmp', directory + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
+    os.makedirs(tmp)
+    atomic_write(os.path.join(tmp, 'model.safetensors'), lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(os.path.join(tmp, 'trainer.pt'), lambda p: torch.save(state, p))
+    if info is not None:
+        atomic_write(os.path.join(tmp, 'config.json'), json.dumps(info, indent=2, default=str))
+    if os.path.exists(directory):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    fd = os.open(os.path.dirname(os.path.abspath(directory)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the renames themselves durable
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(directory):
+    """ the complete checkpoint at directory (or its .old twin after an ill-timed kill), or None """
+    directory = os.fspath(directory)
+    for d in (directory, directory + '.old'):
+        if os.path.isdir(d):
+            return d
+    return None
+
+
+def read_checkpoint(directory):
+    """ (model state_dict, trainer state) from a write_checkpoint directory; CheckpointError if bad """
+    from safetensors import safe_open
+    model_path, state_path = os.path.join(directory, 'model.safetensors'), os.path.join(directory, 'trainer.pt')
+    for p in (model_path, state_path):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {os.path.basename(p)} is "
+                                  "missing; delete the directory (or set resume=False and use another "
+                                  "work_dir) to start afresh")
+    try:
+        with safe_open(model_path, framework='pt') as f:
+            metadata = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read {model_path} ({type(e).__name__}: {e}); the file is "
+                              "corrupt or not a safetensors file: delete the checkpoint directory "
+                              "to start afresh") from e
+    try:
+        state = torch.load(state_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {state_path} ({type(e).__name__}: {e}); the file is "
+                              "corrupt: delete the checkpoint directory to start afresh") from e
+    if not isinstance(state, dict) or state.get('version') != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{state_path} is not a mingpt trainer checkpoint of version "
+                              f"{CHECKPOINT_VERSION}")
+    if metadata.get('iter_num') != str(state['iter_num']):
+        raise CheckpointError(f"checkpoint {directory} mixes files of two saves (weights of iteration "
+                              f"{metadata.get('iter_num')}, trainer state of iteration "
+                              f"{state['iter_num']}); delete it to start afresh")
+    for alias, target in json.loads(metadata.get('aliases', '{}')).items():
+        sd[alias] = sd[target]
+    return sd, state
+
+# -----------------------------------------------------------------------------
+# resuming: work_dir/ckpt continues a run only if it fits the model and config of this one
+
+def read_resume_state(work_dir, resume, rank=0, world_size=1):
+    """
+    (model state_dict, trainer state) of work_dir/ckpt to resume from, or None for a fresh start,
+    following config.resume (False: a checkpoint there is an error; True: a missing one is; 'auto').
+    Rank 0 reads the disk and hands the result to the other ranks, so only rank 0's node needs
+    work_dir.
+    """
+    if work_dir is None:
+        return None
+    result = None
+    if rank == 0:
+        try:
+            found = find_checkpoint(os.path.join(work_dir, 'ckpt'))
+            if found is not None and resume is False:
+                raise CheckpointError(f"{work_dir} already holds a checkpoint ({found}); set "
+                                      "resume=True to continue it, or use another work_dir (or "
+                                      "delete it) to start a new run: it is never overwritten")
+            if found is None and resume is True:
+                raise CheckpointError(f"resume=True but there is no checkpoint in {work_dir} "
+                                      "(expected a 'ckpt' directory); check work_dir, or use "
+                                      "resume='auto' to start afresh when there is none")
+            if found is not None:
+                result = read_checkpoint(found)
+                logger.info("resuming from %s at iteration %d", found, result[1]['iter_num'])
+        except CheckpointError as e:
+            result = e
+    if world_size > 1:
+        box = [result if not isinstance(result, CheckpointError) else str(result)]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0] if not isinstance(box[0], str) else CheckpointError(box[0])
+    if isinstance(result, CheckpointError):
+        raise result
+    return result
+
+
+def apply_resume_state(model_sd, state, model, optimizer, scaler, config, rank=0, world_size=1):
+    """
+    Check that a checkpoint fits this run (model, optimizer, dtype, data seed), then load the
+    weights, optimizer and scaler state and, last, this rank's RNG state. config is the trainer's
+    (work_dir, dtype, data_seed, batch_size, grad_accum_steps). The caller takes the progress
+    (iter_num, best_val_loss, data_seed) from state.
+    """
+    where = os.path.join(config.work_dir, 'ckpt')
+    try:
+        unwrap(model).load_state_dict(model_sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint in {where} does not fit this model (was it written "
+                              f"by a model of another size?): {e}") from e
+    try:
+        optimizer.load_state_dict(state['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {where} does not fit this model's "
+                              f"optimizer: {e}") from e
+    if (state['scaler'] is None) != (scaler is None):
+        raise CheckpointError(f"the checkpoint in {where} was written with "
+                              f"{'' if state['scaler'] is not None else 'no '}float16 loss scaling, "
+                              f"this run has dtype={config.dtype!r}; resume with the same dtype")
+    if scaler is not None:
+        scaler.load_state_dict(state['scaler'])
+    if config.data_seed is not None and state['data_seed'] != config.data_seed:
+        raise CheckpointError(f"the checkpoint in {where} used data_seed={state['data_seed']}, "
+                              f"this run asks for {config.data_seed}; set data_seed=None (or the "
+                              "checkpoint's value) to continue the same data order")
+    global_batch = config.batch_size * config.grad_accum_steps * world_size
+    if state['global_batch'] != global_batch and rank == 0:
+        logger.warning("the checkpoint trained on global batches of %d rows, this run uses %d: the "
+                       "data order will not continue the original sequence", state['global_batch'],
+                       global_batch)
+    rng = state['rng']
+    if len(rng) != world_size and rank == 0:
+        logger.warning("the checkpoint holds RNG states of %d processes, this run has %d: dropout "
+                       "will not replay the original run", len(rng), world_size)
+    # last, so that nothing in the setup above can consume the restored streams
+    set_rng_state(rng[rank % len(rng)])

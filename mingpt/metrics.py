@@ -1,0 +1,141 @@
+"""
+What a training run shows while it runs and leaves to look at afterwards:
+
+- MetricsLog: work_dir/metrics.jsonl, one JSON record per line (a training step's {'iter', 'loss',
+  'lr', 'tokens_per_sec', 'time'}, or an evaluation's {'iter', 'val_loss'}), and the same numbers in
+  memory as a history.
+- Progress: the tqdm bar of a run in a terminal.
+- plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
+"""
+
+import contextlib
+import json
+import logging
+import os
+from collections import defaultdict
+
+from mingpt.utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def history_of(records, history=None):
+    """
+    Add metrics records to a history: iter/loss/lr of the training steps, val_iter/val_loss of the
+    evaluations (a defaultdict(list), the shape plot_metrics reads). Returns the history.
+    """
+    history = defaultdict(list) if history is None else history
+    for r in records:
+        if 'loss' in r:
+            for k in ('iter', 'loss', 'lr'):
+                if k in r:
+                    history[k].append(r[k])
+        if 'val_loss' in r:
+            history['val_iter'].append(r['iter'])
+            history['val_loss'].append(r['val_loss'])
+    return history
+
+
+class MetricsLog:
+    """
+    The history of a run and, when it has a work_dir, the same records appended to
+    work_dir/metrics.jsonl. A resumed run keeps the records up to its checkpoint and drops the
+    ones after it, which it is about to redo.
+    """
+
+    def __init__(self):
+        self.history = defaultdict(list)
+        self._file = None
+
+    def open(self, work_dir, resume_iter=None):
+        """ start a run's log (in memory only if work_dir is None); resume_iter: resuming from there """
+        self.close()
+        self.history = defaultdict(list)
+        if work_dir is None:
+            return
+        path = os.path.join(work_dir, 'metrics.jsonl')
+        os.makedirs(work_dir, exist_ok=True)
+        if resume_iter is not None and os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            records = [r for r in records if r.get('iter', 0) <= resume_iter]
+            atomic_write(path, ''.join(json.dumps(r) + '\n' for r in records))
+            history_of(records, self.history)
+        self._file = open(path, 'a' if resume_iter is not None else 'w')
+
+    def log(self, record):
+        """ one record: into the history, and (buffered) into metrics.jsonl """
+        history_of([record], self.history)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + '\n')
+
+    def flush(self):
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Progress(contextlib.ExitStack):
+    """
+    The progress of a run for a person watching it: a tqdm bar (total: max_iters, None when
+    unbounded) with the loss, lr and speed, while log lines print above it. Off: update does nothing.
+    """
+
+    def __init__(self, total, initial=0, bar=False):
+        super().__init__()
+        self.total, self.initial, self.show_bar = total, initial, bar
+        self.bar = None
+
+    def __enter__(self):
+        super().__enter__()
+        if self.show_bar:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self.enter_context(logging_redirect_tqdm())  # log lines print above the bar
+            self.bar = self.enter_context(tqdm(total=self.total, initial=self.initial, unit='it',
+                                               dynamic_ncols=True))
+        return self
+
+    def update(self, iter_num, loss, lr, tokens_per_sec):
+        """ iter_num iterations are done, the last with this loss, lr and speed """
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}", refresh=False)
+            self.bar.update(1)
+
+
+_warned_no_matplotlib = False
+
+
+def plot_metrics(history, path):
+    """
+    Save a PNG of training (and validation) loss against iteration; returns path. history is
+    Trainer.history or a list of metrics.jsonl records. matplotlib is optional: without it this
+    logs one warning (the first time) and returns None, so a run that ends with a plot still ends
+    well. Uses the Agg canvas directly, so it touches no global pyplot backend state.
+    """
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _warned_no_matplotlib:
+            logger.warning("no loss plot: plotting needs matplotlib, which is optional: pip install matplotlib")
+            _warned_no_matplotlib = True
+        return None
+    if isinstance(history, list):  # metrics.jsonl records
+        history = history_of(history)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.plot(history['iter'], history['loss'], lw=0.8, label='train')
+    if history.get('val_loss'):
+        ax.plot(history['val_iter'], history['val_loss'], 'o-', label='val')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

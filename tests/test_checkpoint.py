@@ -1,0 +1,81 @@
+"""
+Checkpoint directories on their own: what write_checkpoint writes and read_checkpoint gives back
+(wrappers' prefixes stripped, tied weights stored once), the .old fallback, RNG capture and restore,
+and clear errors for files that do not belong together. (Resuming a Trainer: test_trainer_resume.py.)
+"""
+
+import os
+import random
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from mingpt.checkpoint import (CHECKPOINT_VERSION, clean_state_dict, find_checkpoint, read_checkpoint,
+                               rng_state, set_rng_state, write_checkpoint)
+from mingpt.errors import CheckpointError
+from tests.common import TempDirTestCase, tiny_gpt
+
+
+def state(iter_num=0):
+    return {'version': CHECKPOINT_VERSION, 'iter_num': iter_num}
+
+
+class TestCheckpointDirectory(TempDirTestCase):
+
+    def test_prefixes_are_stripped(self):
+        sd = {'_orig_mod.lm_head.weight': 1, 'module._orig_mod.transformer.wte.weight': 2, 'a.b': 3}
+        self.assertEqual(clean_state_dict(sd), {'lm_head.weight': 1, 'transformer.wte.weight': 2, 'a.b': 3})
+        model = tiny_gpt()
+        write_checkpoint(os.path.join(self.tmp, 'c'), torch.compile(model), state())
+        sd, _ = read_checkpoint(os.path.join(self.tmp, 'c'))
+        self.assertEqual(set(sd), set(model.state_dict()))
+
+    def test_tied_weights_are_stored_once_and_come_back_tied(self):
+        model = tiny_gpt(tie_weights=True)
+        ckpt = self.tmp / 'ckpt'
+        write_checkpoint(ckpt, model, state(3), info={'model': {'n_embd': 32}})
+        self.assertEqual(sorted(os.listdir(ckpt)), ['config.json', 'model.safetensors', 'trainer.pt'])
+        with safe_open(ckpt / 'model.safetensors', 'pt') as f:
+            self.assertEqual(len(list(f.keys())), len(model.state_dict()) - 1)
+        sd, st = read_checkpoint(ckpt)
+        self.assertEqual(st['iter_num'], 3)
+        fresh = tiny_gpt(tie_weights=True, seed=1)
+        fresh.load_state_dict(sd, strict=True)
+        self.assertIs(fresh.lm_head.weight, fresh.transformer.wte.weight)
+        self.assertTrue(torch.equal(fresh.lm_head.weight, model.lm_head.weight))
+
+    def test_rewrite_replaces_whole_and_old_is_the_fallback(self):
+        ckpt = str(self.tmp / 'ckpt')
+        self.assertIsNone(find_checkpoint(ckpt))
+        write_checkpoint(ckpt, tiny_gpt(), state(1))
+        write_checkpoint(ckpt, tiny_gpt(), state(2))
+        self.assertEqual(sorted(os.listdir(self.tmp)), ['ckpt'])  # no .tmp or .old left behind
+        self.assertEqual(read_checkpoint(ckpt)[1]['iter_num'], 2)
+        os.replace(ckpt, ckpt + '.old')  # a kill between the two renames
+        self.assertEqual(find_checkpoint(ckpt), ckpt + '.old')
+
+    def test_files_of_two_saves_or_another_version_are_errors(self):
+        a, b = str(self.tmp / 'a'), str(self.tmp / 'b')
+        write_checkpoint(a, tiny_gpt(), state(1))
+        write_checkpoint(b, tiny_gpt(), state(2))
+        os.replace(os.path.join(b, 'trainer.pt'), os.path.join(a, 'trainer.pt'))
+        with self.assertRaisesRegex(CheckpointError, "mixes files of two saves"):
+            read_checkpoint(a)
+        write_checkpoint(b, tiny_gpt(), {'version': CHECKPOINT_VERSION + 1, 'iter_num': 0})
+        with self.assertRaisesRegex(CheckpointError, f"version {CHECKPOINT_VERSION}"):
+            read_checkpoint(b)
+
+
+class TestRNGState(TempDirTestCase):
+
+    def test_capture_and_restore_replays_every_stream(self):
+        def draws():
+            return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
+        np.random.randn()  # leaves a cached gaussian behind: part of numpy's state
+        saved = rng_state()
+        first = draws()
+        # through a checkpoint file, as a resumed run gets it
+        torch.save(saved, self.tmp / 'rng.pt')
+        set_rng_state(torch.load(self.tmp / 'rng.pt', weights_only=True))
+        self.assertEqual(draws(), first)
