@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mingpt.errors import MinGPTError
+from mingpt.errors import ConfigError, MinGPTError
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +139,17 @@ class CfgNode:
         Update the config from a list of command-line strings of the form `--arg=value`, where
         arg may be nested (`--model.n_layer=10`, `--trainer.batch_size=32`). The value is parsed as
         a Python literal when it is one (numbers, tuples, True/None) and kept as a string otherwise.
-        Only existing keys can be set: a typo is an error, not a silently ignored option.
+        Only existing keys can be set: a typo is an error, not a silently ignored option. A value
+        must have the type of the key's current value (an int where there is an int, a number where
+        there is a float, ...), or be None; a key whose value is None takes anything.
         """
         for arg in args:
             keyval = arg.split('=', maxsplit=1)
             if len(keyval) != 2 or not keyval[0].startswith('--'):
                 raise ValueError(f"expected an override of the form --key=value, got {arg!r}")
-            key, val = keyval
+            key, raw = keyval
             key = key[2:]  # strip the '--'
+            val = raw
             try:
                 val = ast.literal_eval(val)
             except (ValueError, SyntaxError):
@@ -168,5 +171,30 @@ class CfgNode:
             if isinstance(getattr(obj, leaf), CfgNode):
                 raise KeyError(f"'{key}' is a group of settings, not a value; set one of its keys, "
                                f"e.g. --{key}.{next(iter(getattr(obj, leaf).__dict__), 'x')}=...")
+            val = _typed(key, val, raw, getattr(obj, leaf))
             logger.info("command line overwriting config attribute %s with %r", key, val)
             setattr(obj, leaf, val)
+
+
+def _typed(key, val, raw, current):
+    """ val (parsed from the text raw) checked against the type of the key's current value """
+    if val is None or current is None:
+        return val
+    if isinstance(current, str):
+        return raw  # a string key keeps what was typed, even if it reads as a number
+    if isinstance(current, bool):
+        ok = isinstance(val, bool)
+    elif isinstance(current, int):
+        ok = isinstance(val, int) and not isinstance(val, bool)
+    elif isinstance(current, float):
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool)
+        val = float(val) if ok else val
+    elif isinstance(current, (tuple, list)):
+        ok = isinstance(val, (tuple, list))
+        val = type(current)(val) if ok else val
+    else:
+        ok = True
+    if not ok:
+        kind = {bool: 'True or False', int: 'an integer', float: 'a number'}.get(type(current), type(current).__name__)
+        raise ConfigError(f"--{key}={raw}: expected {kind}, like its default {current!r}")
+    return val

@@ -8,6 +8,7 @@ import unittest
 import numpy as np
 import torch
 
+from mingpt.errors import ConfigError
 from mingpt.utils import CfgNode, set_seed, setup_logging
 
 
@@ -37,6 +38,20 @@ class TestCfgNode(unittest.TestCase):
             C.merge_from_args(['lr=4'])
         with self.assertRaisesRegex(KeyError, 'group of settings'):
             C.merge_from_args(['--model=4'])
+
+    def test_values_must_have_the_keys_type(self):
+        C = CfgNode(batch_size=64, lr=3e-4, compile=False, betas=(0.9, 0.95), prompt='O God', max_iters=None)
+        for arg, expected in (('--batch_size=abc', 'expected an integer, like its default 64'),
+                              ('--batch_size=2.5', 'expected an integer'),
+                              ('--batch_size=True', 'expected an integer'),
+                              ('--lr=abc', 'expected a number, like its default 0.0003'),
+                              ('--compile=1', 'expected True or False'),
+                              ('--betas=0.9', 'expected tuple')):
+            with self.subTest(arg=arg), self.assertRaisesRegex(ConfigError, f'{arg}: {expected}'):
+                C.merge_from_args([arg])
+        C.merge_from_args(['--lr=1', '--prompt=123', '--max_iters=abc', '--betas=[0.8, 0.9]', '--batch_size=None'])
+        self.assertEqual((C.lr, C.prompt, C.max_iters, C.betas, C.batch_size), (1.0, '123', 'abc', (0.8, 0.9), None))
+        self.assertIsInstance(C.lr, float)
 
     def test_merge_from_dict_and_to_dict(self):
         C = self.make()
