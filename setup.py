@@ -11,7 +11,8 @@ setup(
     package_data={'mingpt': ['static/*.html', 'assets/gpt2/*']},
     python_requires='>=3.9',
     install_requires=[
-        'torch>=2.1',
+        # 2.4: CPU fused AdamW and torch.is_autocast_enabled(device); tested on 2.4.1 and 2.13.0
+        'torch>=2.4',
         'numpy',
         'regex',
         'requests',
@@ -21,6 +22,7 @@ setup(
     extras_require={
         'serve': ['starlette', 'uvicorn'],
         'plot': ['matplotlib'],
+        # transformers 5 needs torch >= 2.6; with torch 2.4 or 2.5 use transformers<4.50
         'test': [
             'starlette',
             'uvicorn',
