@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mingpt.bpe_train import train_bpe  # noqa: E402
 from mingpt.data import read_text_file, split_windows, training_text  # noqa: E402
-from mingpt.evaluate import CharTokenizer, evaluate  # noqa: E402
+from mingpt.evaluate import evaluate_text  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
+from mingpt.tokenizers import CharTokenizer  # noqa: E402
 from mingpt.trainer import Trainer  # noqa: E402
 from mingpt.utils import set_seed  # noqa: E402
 
@@ -31,7 +32,7 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def train_and_score(tokenizer, train_text, held_out, args):
-    """ a fresh GPT trained on train_text through tokenizer; returns (params, evaluate's result) """
+    """ a fresh GPT trained on train_text through tokenizer; returns (params, evaluate_text's result) """
     set_seed(args.seed)
     ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     train_dataset, _ = split_windows(ids, args.block_size, val_fraction=0.0)
@@ -47,7 +48,7 @@ def train_and_score(tokenizer, train_text, held_out, args):
     T.log_interval = None
     Trainer(T, model, train_dataset).run()
     params = sum(p.numel() for p in model.parameters())
-    return params, evaluate(model.eval(), tokenizer, held_out, batch_size=16)
+    return params, evaluate_text(model.eval(), tokenizer, held_out, batch_size=16)
 
 
 def main():

@@ -1,15 +1,15 @@
 """
 Byte-level BPE as used by GPT-2, with minGPT's API (get_encoder, Encoder, BPETokenizer).
 
-The ids are identical to tiktoken's "gpt2" encoding on any text. In Python and numpy (no compiled code
-of its own), encoding new text runs at 0.55-0.6x tiktoken's (Rust) speed, and text made of pieces seen
-before at about 1.0x (bench/tokenizer.py). How, in the order text flows through encode():
+The ids are identical to tiktoken's "gpt2" encoding on any text. It is Python and numpy, with no compiled
+code of its own; bench/tokenizer.py measures its speed against tiktoken's. How, in the order text flows
+through encode():
 
 1. Pre-tokenize: GPT-2's regex splits the text into pieces (words with their leading space, numbers,
-   punctuation runs, whitespace runs); BPE never merges across pieces. This is a third of the time, so
-   stretches of pure ASCII text are split with an equivalent ASCII-only pattern and the stdlib `re`
-   (about twice as fast as `regex` with Unicode classes), and only the neighbourhood of the odd non-ASCII
-   character goes through the full Unicode pattern (see _pretokenize for why this is exact).
+   punctuation runs, whitespace runs); BPE never merges across pieces. This is a large part of the time,
+   so stretches of pure ASCII text are split with an equivalent ASCII-only pattern and the stdlib `re`
+   (faster than `regex` with Unicode classes), and only the neighbourhood of the odd non-ASCII character
+   goes through the full Unicode pattern (see Encoder.pretokenize for why this is exact).
 2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
@@ -17,8 +17,8 @@ before at about 1.0x (bench/tokenizer.py). How, in the order text flows through 
    has the lowest rank, until none makes a token; then a second lookup pass finds them all. The parts
    are small ints (a token's "rank id" orders tokens by merge rank), and a table of every way to write a
    token as two tokens answers "do these two merge, and into what?". A few new pieces are merged one at
-   a time (_merge); many, as when a corpus is encoded, all together with numpy (_merge_many), which is
-   ~3x faster than a Python loop per piece.
+   a time (_merge); many, as when a corpus is encoded, all together with numpy (_merge_many), a few array
+   operations per round over all of them instead of a Python loop per piece.
 
 Vocabulary files are GPT-2's encoder.json (token string -> id, with bytes shown through bytes_to_unicode)
 and vocab.bpe (the merges in order). Any vocabulary in that format works, e.g. one trained later on your
@@ -63,7 +63,7 @@ PATTERN = r""" ?\p{L}+|'(?:[sdmt]|ll|ve|re)| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 # The same pattern spelled for ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s (Unicode
 # White_Space) is [\t\n\v\f\r ]. Note \x1c-\x1f are not White_Space, though str.isspace() says they are.
 # From Python 3.11 on, `re` has possessive repeats (++): no piece ever gives back a character of a letter,
-# digit or punctuation run, so the engine need not keep the states to backtrack into (~10% faster).
+# digit or punctuation run, so the engine need not keep the states to backtrack into.
 # The whitespace run before (?!\S) must stay backtracking: it gives back its last space to the next word.
 _WS = r'\t\n\x0b\x0c\r '
 _RUN = '++' if sys.version_info >= (3, 11) else '+'
@@ -93,6 +93,31 @@ def bytes_to_unicode():
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+def special_tokens_regex(tokens):
+    """A compiled regex that matches any of the strings tokens, longest first: a special token that is a
+    prefix of another must not win over the longer one."""
+    return re.compile('|'.join(map(re.escape, sorted(tokens, key=len, reverse=True))))
+
+
+def without_lone_surrogates(text: str) -> str:
+    """text with its lone surrogates (not valid UTF-8; say from a file read with errors='surrogateescape')
+    paired up where they pair up and the rest replaced with U+FFFD, as tiktoken does."""
+    return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+
+
+def safe_chunks(text: str, n_chars: int):
+    """Yield text in consecutive chunks of at least n_chars characters (the last may be shorter), each
+    ending at a "safe cut" (see Encoder.pretokenize): pre-tokenizing the chunks one at a time gives exactly
+    the pieces of the whole text, with the memory of one chunk."""
+    pos = 0
+    while pos < len(text):
+        end = pos + n_chars
+        cut = _SAFE_CUT_AFTER.search(text, end) if end < len(text) else None
+        end = cut.start() if cut else len(text)
+        yield text[pos:end]
+        pos = end
 
 
 class _PieceCache(dict):
@@ -205,9 +230,8 @@ class Encoder:
         if not allowed:
             return self.encode_ordinary(text)
         pat = self._special_pats.get(allowed)
-        if pat is None:  # longest first, so that a special token that is a prefix of another does not win
-            alternatives = sorted(allowed, key=len, reverse=True)
-            pat = self._special_pats[allowed] = re.compile('|'.join(map(re.escape, alternatives)))
+        if pat is None:
+            pat = self._special_pats[allowed] = special_tokens_regex(allowed)
         ids, start = [], 0
         for m in pat.finditer(text):
             ids += self.encode_ordinary(text[start:m.start()])
@@ -219,12 +243,9 @@ class Encoder:
     def encode_ordinary(self, text: str) -> list:
         """Text -> token ids, treating special tokens as plain text."""
         try:
-            return self._lookup(self._pretokenize(text))
-        except UnicodeEncodeError:
-            # Lone surrogates (say from a file read with errors='surrogateescape') are not valid UTF-8.
-            # Do what tiktoken does: pair up what pairs up, replace the rest with U+FFFD.
-            text = text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
-            return self._lookup(self._pretokenize(text))
+            return self._lookup(self.pretokenize(text))
+        except UnicodeEncodeError:  # lone surrogates, which are not valid UTF-8
+            return self._lookup(self.pretokenize(without_lone_surrogates(text)))
 
     def _lookup(self, pieces: list) -> list:
         """pieces -> their ids, through the cache; the pieces it lacks are merged together, then looked up."""
@@ -252,8 +273,9 @@ class Encoder:
         for piece, parts in zip(pending, merged):
             self._cache[piece] = tuple(map(to_id, parts))
 
-    def _pretokenize(self, text: str) -> list:
-        """self.pat.findall(text), faster: ASCII stretches go through the ASCII-only pattern with `re`.
+    def pretokenize(self, text: str) -> list:
+        """The pieces GPT-2's pre-tokenizer cuts text into: self.pat.findall(text), faster, since ASCII
+        stretches go through the ASCII-only pattern with `re`.
 
         Exactness: we only cut the text at "safe cuts" (an ASCII non-space followed by an ASCII space).
         No piece contains both sides of such a cut (a piece is either all whitespace or has none except an
@@ -285,10 +307,10 @@ class Encoder:
         return pieces
 
     def _pair_ranks(self) -> dict:
-        """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use
-        (~0.15 s for GPT-2), also as sorted numpy arrays (keys, rank ids) for _merge_many. That is more than
-        the merges of vocab.bpe (about twice as many for GPT-2), since any two adjacent parts whose
-        concatenation is a token merge. An absent pair is one that never merges."""
+        """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use,
+        also as sorted numpy arrays (keys, rank ids) for _merge_many. That is more than the merges of
+        vocab.bpe (about twice as many for GPT-2), since any two adjacent parts whose concatenation is a
+        token merge. An absent pair is one that never merges."""
         if self._pairs is None:
             pairs, rank_id = {}, self._rank_id.get
             shift = self._pair_shift
@@ -382,6 +404,10 @@ class Encoder:
         ends = np.cumsum(counts).tolist()
         return [flat[end - n:end] for n, end in zip(counts, ends)]
 
+    def merges(self) -> list:
+        """The merges in rank order, as (a, b) token strings: the lines of vocab.bpe."""
+        return sorted(self.bpe_ranks, key=self.bpe_ranks.get)
+
     def bpe(self, token: str) -> str:
         """minGPT's bpe(): one pre-token in bytes_to_unicode form -> its BPE parts joined by spaces."""
         b = self._to_bytes(token)
@@ -430,8 +456,15 @@ class Encoder:
     @classmethod
     def from_files(cls, encoder_path, vocab_path) -> 'Encoder':
         """Load encoder.json and vocab.bpe (GPT-2's format; HF calls them vocab.json and merges.txt)."""
-        with open(encoder_path, encoding='utf-8') as f:
-            encoder = json.load(f)
+        try:
+            with open(encoder_path, encoding='utf-8') as f:
+                encoder = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f'the tokenizer file {encoder_path} is not valid JSON ({e}): it is truncated or '
+                             f'corrupt') from None
+        if not isinstance(encoder, dict):
+            raise ValueError(f'the tokenizer file {encoder_path} must hold a JSON object of token -> id, not a '
+                             f'{type(encoder).__name__}')
         with open(vocab_path, encoding='utf-8') as f:
             lines = f.read().split('\n')
         merges = []

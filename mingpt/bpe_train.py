@@ -12,9 +12,9 @@ mingpt/bpe.py encodes with it exactly as it encodes with GPT-2's.
 What is trained, in the order it happens:
 
 1. The text is cut at the special tokens (no merge ever spans one), and each part is split into pieces by
-   GPT-2's pre-tokenizer (bpe.PATTERN, through the Encoder's own fast splitter, so training and encoding
+   GPT-2's pre-tokenizer (bpe.PATTERN, through Encoder.pretokenize, the one encoding uses, so the two
    cut text identically). BPE never merges across pieces, so only the distinct pieces and how often each
-   occurs matter: a 1 MB text has ~200k pieces but only ~20k distinct ones ("words" below).
+   occurs matter: the same words recur, so a text has far fewer distinct pieces ("words" below) than pieces.
 2. Every word starts as its UTF-8 bytes. The 256 byte values are the first 256 tokens (id = byte value),
    so any text at all can be encoded.
 3. Repeatedly, the most frequent adjacent pair of tokens (counted over all words, weighted by word count)
@@ -46,10 +46,7 @@ encode(text, allowed_special=...), never from plain text.
 
 import argparse
 import heapq
-import json
 import logging
-import os
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -58,8 +55,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mingpt.bpe import Encoder, bytes_to_unicode, _SAFE_CUT_AFTER
+from mingpt.bpe import Encoder, bytes_to_unicode, safe_chunks, special_tokens_regex, without_lone_surrogates
 from mingpt.data import read_text_file
+from mingpt.tokenizers import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +85,9 @@ class BPEVocab:
         return Encoder(self.encoder, self.merges)
 
     def save(self, directory) -> Path:
-        """Write encoder.json and vocab.bpe into directory (created if needed); returns it as a Path."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        encoder_json = json.dumps(dict(sorted(self.encoder.items(), key=lambda kv: kv[1])), ensure_ascii=False)
-        vocab_bpe = '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in self.merges)  # GPT-2's header line
-        for name, content in (('encoder.json', encoder_json), ('vocab.bpe', vocab_bpe)):
-            tmp = d / (name + '.tmp')  # write then rename: never a half-written vocabulary file
-            tmp.write_text(content, encoding='utf-8', newline='\n')
-            os.replace(tmp, d / name)
+        """Write encoder.json and vocab.bpe into directory (created if needed, mingpt.tokenizers.save_tokenizer);
+        returns it as a Path."""
+        d = save_tokenizer(self.to_encoder(), directory)
         logger.info('saved a %d-token vocabulary (%d merges) to %s', self.vocab_size, len(self.merges), d)
         return d
 
@@ -106,25 +98,14 @@ class BPEVocab:
 def count_words(text: str, special_tokens=()) -> Counter:
     """The distinct pre-tokenized pieces of text and how often each occurs, as {utf-8 bytes: count}.
     Special tokens are cut out first. Lone surrogates (not valid UTF-8) become U+FFFD, as in encoding."""
-    if special_tokens:
-        # longest first, so that a special token that is a prefix of another does not win
-        pat = re.compile('|'.join(map(re.escape, sorted(special_tokens, key=len, reverse=True))))
-        parts = pat.split(text)
-    else:
-        parts = [text]
+    parts = special_tokens_regex(special_tokens).split(text) if special_tokens else [text]
     splitter = _base_encoder()
     counts = Counter()
     for part in parts:
-        if not _is_utf8(part):  # what Encoder.encode_ordinary does: pair up surrogates, replace the rest
-            part = part.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
-        # cut long text into chunks at "safe cuts" (see bpe.Encoder._pretokenize): no piece spans one
-        pos = 0
-        while pos < len(part):
-            end = pos + CHUNK_CHARS
-            cut = _SAFE_CUT_AFTER.search(part, end) if end < len(part) else None
-            end = cut.start() if cut else len(part)
-            counts.update(splitter._pretokenize(part[pos:end]))
-            pos = end
+        if not _is_utf8(part):  # as Encoder.encode_ordinary does
+            part = without_lone_surrogates(part)
+        for chunk in safe_chunks(part, CHUNK_CHARS):
+            counts.update(splitter.pretokenize(chunk))
     return Counter({piece.encode('utf-8'): n for piece, n in counts.items()})
 
 

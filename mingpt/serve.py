@@ -46,8 +46,8 @@ import time
 import weakref
 from pathlib import Path
 
-from mingpt.chat import PromptTooLong, add_sampling_args, check_messages, load_chat_model, stream_reply
-from mingpt.download import DownloadError
+from mingpt.chat import add_sampling_args, check_messages, load_chat_model, stream_reply
+from mingpt.errors import PromptTooLong
 from mingpt.generate import check_sampling_args
 
 logger = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def main(argv=None):
                          max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                          default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit))
-    except (ValueError, OSError, DownloadError) as e:
+    except (ValueError, OSError) as e:  # a DownloadError is an OSError
         parser.exit(2, f"error: {e}\n")
     logger.info("chat with %s at http://%s:%d", args.model, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level='warning')

@@ -103,7 +103,7 @@ class GPT2EncoderTest(unittest.TestCase):
         self.assertExact(text)  # second pass runs from the piece cache
 
     def test_pretokenizer_fast_path_is_exact(self):
-        # mostly-ASCII text goes through the ASCII pattern between "safe cuts" (see Encoder._pretokenize);
+        # mostly-ASCII text goes through the ASCII pattern between "safe cuts" (see Encoder.pretokenize);
         # that must give exactly the pieces of OpenAI's pattern, wherever the rare non-ASCII characters fall
         rng = random.Random(7)
         ascii_pools = ['abcXYZ', '0123', '.,!?-(\'"', "'", "'sdmtlver", ' ', '  \t\n\r\x0b\x0c', '\x1c\x1f\x00']
@@ -120,7 +120,7 @@ class GPT2EncoderTest(unittest.TestCase):
             texts.append(''.join(chars))
         texts += SAMPLES + [random_text(rng, rng.randint(1, 200)) for _ in range(100)]  # dense: the plain path
         for i, text in enumerate(texts):
-            self.assertEqual(self.e._pretokenize(text), OPENAI_PATTERN.findall(text), repr(text[:80]))
+            self.assertEqual(self.e.pretokenize(text), OPENAI_PATTERN.findall(text), repr(text[:80]))
             if i % 4 == 0:  # and the ids (random letters make many new pieces: slow, so only some)
                 self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
 
@@ -150,7 +150,7 @@ class GPT2EncoderTest(unittest.TestCase):
         # one by one when there are few: the two must agree on any bytes, not only on regex pieces
         rng = random.Random(5)
         pieces = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 24))) for _ in range(2000)]
-        pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e._pretokenize(english_text(100_000)))]
+        pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e.pretokenize(english_text(100_000)))]
         self.assertEqual(self.e._merge_many(pieces), [self.e._merge(p) for p in pieces])
 
     def test_endoftext_is_plain_text_by_default(self):

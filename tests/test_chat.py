@@ -1,6 +1,6 @@
 """
-Tests for mingpt/chat.py: the chat tokens added to a BPE vocabulary (and saved with it), the model
-grown to match with every old logit unchanged, the conversation rendered to ids with a loss mask on
+Tests for mingpt/chat/: the chat tokens added to a BPE vocabulary, the model grown to match
+(GPT.resize_token_embeddings) with every old logit unchanged, the conversation rendered to ids with a loss mask on
 the assistant's tokens only, the prompt for a reply (old turns dropped to fit), the reply streamed
 from the generation engine and cut at the end of the turn, and the CLI driven through a pipe.
 
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
+from mingpt.bpe import ENDOFTEXT, Encoder
 from mingpt.chat import (ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, ChatTokenizer, PromptTooLong,
-                         add_chat_tokens, check_messages, load_chat_model, prompt_budget,
-                         resize_token_embeddings, save_tokenizer, stream_reply)
+                         add_chat_tokens, check_messages, load_chat_model, prompt_budget, stream_reply,
+                         tokenizer_or_gpt2)
+from mingpt.errors import ConfigError, WeightsError
 from mingpt.generate import complete
 from mingpt.model import GPT, Linear
-from tests.common import REPO, data_file
+from mingpt.tokenizers import CharTokenizer, save_tokenizer
+from tests.common import REPO, TempDirTestCase, data_file, slow, tiny_gpt, use_shared_gpt2_vocab
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -47,15 +49,6 @@ def small_encoder(n_merges=500):
     return Encoder({t: i for t, i in encoder.items() if i < n}, merges[:n_merges])
 
 
-def tiny_gpt(vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, tie_weights=False, seed=0):
-    torch.manual_seed(seed)
-    c = GPT.get_default_config()
-    c.model_type = None
-    c.n_layer, c.n_head, c.n_embd = n_layer, n_head, n_embd
-    c.vocab_size, c.block_size, c.tie_weights = vocab_size, block_size, tie_weights
-    return GPT(c).eval()
-
-
 def tiny_chat_model(block_size=64, n_merges=500, never_stop=False, seed=0):
     """
     (model, ChatTokenizer): a random tiny GPT on a small GPT-2 vocabulary, grown for the chat
@@ -68,7 +61,7 @@ def tiny_chat_model(block_size=64, n_merges=500, never_stop=False, seed=0):
     enc = small_encoder(n_merges)
     model = tiny_gpt(enc.n_vocab, block_size, seed=seed)
     enc = add_chat_tokens(enc)
-    resize_token_embeddings(model, enc.n_vocab)
+    model.resize_token_embeddings(enc.n_vocab)
     tok = ChatTokenizer(enc)
     if never_stop:
         partial = [i for i in range(enc.n_vocab) if '\ufffd' in enc.decode([i])]
@@ -128,28 +121,21 @@ class TestChatTokens(unittest.TestCase):
         self.assertEqual(chat.encoder[ENDOFTEXT], 50256)
         self.assertEqual([chat.encoder[t] for t in CHAT_TOKENS], [50257, 50258, 50259, 50260])
 
-    def test_save_and_load_tokenizer(self):
-        chat = add_chat_tokens(small_encoder())
-        with tempfile.TemporaryDirectory() as d:
-            save_tokenizer(chat, d)
-            loaded = get_encoder(d)
-        self.assertEqual(loaded.encoder, chat.encoder)
-        self.assertEqual(loaded.special_tokens, chat.special_tokens)
-        text = "Whether 'tis nobler in the mind to suffer\nThe slings and arrows"
-        self.assertEqual(loaded.encode(text), chat.encode(text))
-
     def test_chat_tokenizer_needs_the_chat_tokens(self):
-        with self.assertRaisesRegex(ValueError, r"lacks the chat tokens .*add_chat_tokens"):
+        with self.assertRaisesRegex(ConfigError, r"lacks the chat tokens .*add_chat_tokens"):
             ChatTokenizer(small_encoder())
+        with self.assertRaisesRegex(ConfigError, "needs a BPE tokenizer"):
+            ChatTokenizer(CharTokenizer('abc'))
 
 
-class TestResize(unittest.TestCase):
+class TestResize(TempDirTestCase):
+    """ GPT.resize_token_embeddings, as the chat tokens need it """
 
     def check_resize(self, tie_weights):
         model = tiny_gpt(300, tie_weights=tie_weights)
         x = torch.randint(0, 300, (2, 10))
         before, _ = model(x)
-        resize_token_embeddings(model, 305)
+        self.assertIs(model.resize_token_embeddings(305), model)
         after, _ = model(x)
         self.assertEqual(model.config.vocab_size, 305)
         self.assertEqual(tuple(model.transformer.wte.weight.shape), (305, 32))
@@ -177,17 +163,16 @@ class TestResize(unittest.TestCase):
 
     def test_resized_model_saves_and_loads(self):
         model = tiny_gpt(300, tie_weights=True)
-        resize_token_embeddings(model, 305)
+        model.resize_token_embeddings(305)
         x = torch.randint(0, 305, (1, 12))
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)
-            loaded = GPT.from_pretrained(d).eval()
+        model.save_pretrained(self.tmp)
+        loaded = GPT.from_pretrained(self.tmp).eval()
         self.assertEqual(loaded.config.vocab_size, 305)
         torch.testing.assert_close(loaded(x)[0], model(x)[0])
 
     def test_resize_never_shrinks(self):
         with self.assertRaisesRegex(ValueError, "only grows"):
-            resize_token_embeddings(tiny_gpt(300), 200)
+            tiny_gpt(300).resize_token_embeddings(200)
 
 
 class TestRender(unittest.TestCase):
@@ -227,7 +212,7 @@ class TestRender(unittest.TestCase):
         y[torch.tensor(mask[1:]) == 0] = -1
         # every counted target is an assistant token, predicted from everything before it
         self.assertEqual(int((y != -1).sum()), sum(mask))
-        model = tiny_gpt(self.tok.n_vocab)
+        model = tiny_gpt(self.tok.n_vocab, block_size=64)
         _, loss = model(x[None], y[None])
         logits, _ = model(x[None])
         keep = y != -1
@@ -342,39 +327,51 @@ class TestStreamReply(unittest.TestCase):
             stream_reply(model, tok, [{'role': 'user', 'content': 'x'}], 16, temperature=-1)
 
 
-class TestLoadChatModel(unittest.TestCase):
+class TestLoadChatModel(TempDirTestCase):
 
     def test_load_chat_model_dir(self):
-        with tempfile.TemporaryDirectory() as d:
-            make_chat_model_dir(d)
-            model, tok = load_chat_model(d)
-            self.assertFalse(model.training)
-            self.assertEqual(model.config.vocab_size, tok.n_vocab)
-            self.assertEqual(tok.n_vocab, 256 + 500 + 5)
+        make_chat_model_dir(self.tmp)
+        model, tok = load_chat_model(self.tmp)
+        self.assertFalse(model.training)
+        self.assertEqual(model.config.vocab_size, tok.n_vocab)
+        self.assertEqual(tok.n_vocab, 256 + 500 + 5)
 
     def test_base_model_is_a_clear_error(self):
-        with tempfile.TemporaryDirectory() as d:
-            enc = small_encoder()
-            tiny_gpt(enc.n_vocab).save_pretrained(d)
-            save_tokenizer(enc, d)
-            with self.assertRaisesRegex(ValueError, "lacks the chat tokens.*[Ff]ine-tune"):
-                load_chat_model(d)
+        enc = small_encoder()
+        tiny_gpt(enc.n_vocab).save_pretrained(self.tmp)
+        save_tokenizer(enc, self.tmp)
+        with self.assertRaisesRegex(WeightsError, "lacks the chat tokens.*[Ff]ine-tune"):
+            load_chat_model(self.tmp)
+
+    def test_tokenizer_or_gpt2(self):
+        # the directory's own tokenizer; GPT-2's only where there is none, never over a broken one
+        enc = small_encoder()
+        save_tokenizer(enc, self.tmp / 'model')
+        self.assertEqual(tokenizer_or_gpt2(self.tmp / 'model').encoder, enc.encoder)
+        (self.tmp / 'bare').mkdir()
+        with use_shared_gpt2_vocab():
+            self.assertEqual(tokenizer_or_gpt2(self.tmp / 'bare').n_vocab, 50257)
+            self.assertEqual(tokenizer_or_gpt2('gpt2').n_vocab, 50257)
+        (self.tmp / 'model' / 'encoder.json').write_text('{"!": 0, "', encoding='utf-8')
+        with self.assertRaisesRegex(WeightsError, 'encoder.json'):
+            tokenizer_or_gpt2(self.tmp / 'model')
 
 # -----------------------------------------------------------------------------
 # projects/chat/sft.py: supervised fine-tuning with the mask
 
-def load_sft():
+def load_script(name='sft'):
+    """ projects/chat/<name>.py as a module (the projects are scripts, not a package) """
     import importlib.util
-    spec = importlib.util.spec_from_file_location('chat_sft', REPO / 'projects' / 'chat' / 'sft.py')
+    spec = importlib.util.spec_from_file_location(f'chat_{name}', REPO / 'projects' / 'chat' / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-class TestSFT(unittest.TestCase):
+class TestSFT(TempDirTestCase):
 
     def test_packed_conversations(self):
-        sft = load_sft()
+        sft = load_script()
         tok = ChatTokenizer(add_chat_tokens(small_encoder()))
         convs = [CONVERSATION, CONVERSATION[1:3], [{'role': 'user', 'content': 'x ' * 100},
                                                    {'role': 'assistant', 'content': 'too long'}]] * 3
@@ -393,43 +390,50 @@ class TestSFT(unittest.TestCase):
                 if row_y[t] != -1 and row_y[t + 1] != -1:
                     self.assertEqual(int(row_y[t]), int(row_x[t + 1]))
 
+    @slow
     def test_sft_end_to_end(self):
-        sft = load_sft()
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            enc = small_encoder()  # a base model: no chat tokens yet
-            tiny_gpt(enc.n_vocab, tie_weights=True).save_pretrained(d / 'base')
-            save_tokenizer(enc, d / 'base')
-            rows = [{'messages': [{'role': 'user', 'content': f'Hail, {name}!'},
-                                  {'role': 'assistant', 'content': f'Good day to thee, {name}.'}]}
-                    for name in ('Romeo', 'Juliet', 'Tybalt', 'Mercutio', 'Benvolio', 'Paris')]
-            for split in ('train', 'val'):
-                with open(d / f'{split}.jsonl', 'w') as f:
-                    f.writelines(json.dumps(r) + '\n' for r in rows)
-            results = sft.main([f'--model.init_from={d / "base"}', f'--system.work_dir={d / "sft"}',
-                                f'--data.train={d / "train.jsonl"}', f'--data.val={d / "val.jsonl"}',
-                                '--trainer.max_iters=100', '--trainer.batch_size=2', '--trainer.eval_interval=100', '--model.dropout=0.0',
-                                '--trainer.learning_rate=0.005', '--trainer.warmup_iters=0',
-                                '--sample.n_prompts=2', '--sample.max_new_tokens=20', '--sample.temperature=0.0'])
-            self.assertLess(results['val_loss_after'], results['val_loss_before'] - 1.0)
-            for name in ('metrics.jsonl', 'loss.png', 'results.json', 'ckpt', 'model/encoder.json'):
-                self.assertTrue((d / 'sft' / name).exists(), name)
-            model, tok = load_chat_model(d / 'sft' / 'model')  # everything --model needs
-            self.assertEqual(model.config.vocab_size, enc.n_vocab + 5)
-            reply = ''.join(stream_reply(model, tok, [{'role': 'user', 'content': 'Hail, Romeo!'}], 20,
-                                         temperature=0))
-            self.assertTrue(reply.startswith('Good day to thee'), reply)
-            self.assertEqual(results['stop_rate_after'], 1.0)
+        sft = load_script()
+        d = self.tmp
+        enc = small_encoder()  # a base model: no chat tokens yet
+        tiny_gpt(enc.n_vocab, block_size=64, tie_weights=True).save_pretrained(d / 'base')
+        save_tokenizer(enc, d / 'base')
+        rows = [{'messages': [{'role': 'user', 'content': f'Hail, {name}!'},
+                              {'role': 'assistant', 'content': f'Good day to thee, {name}.'}]}
+                for name in ('Romeo', 'Juliet', 'Tybalt', 'Mercutio', 'Benvolio', 'Paris')]
+        for split in ('train', 'val'):
+            with open(d / f'{split}.jsonl', 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in rows)
+        results = sft.main([f'--model.init_from={d / "base"}', f'--system.work_dir={d / "sft"}',
+                            f'--data.train={d / "train.jsonl"}', f'--data.val={d / "val.jsonl"}',
+                            '--trainer.max_iters=100', '--trainer.batch_size=2', '--trainer.eval_interval=100',
+                            '--model.dropout=0.0',
+                            '--trainer.learning_rate=0.005', '--trainer.warmup_iters=0',
+                            '--sample.n_prompts=2', '--sample.max_new_tokens=20', '--sample.temperature=0.0'])
+        self.assertLess(results['val_loss_after'], results['val_loss_before'] - 1.0)
+        for name in ('metrics.jsonl', 'loss.png', 'results.json', 'ckpt', 'model/encoder.json'):
+            self.assertTrue((d / 'sft' / name).exists(), name)
+        model, tok = load_chat_model(d / 'sft' / 'model')  # everything --model needs
+        self.assertEqual(model.config.vocab_size, enc.n_vocab + 5)
+        reply = ''.join(stream_reply(model, tok, [{'role': 'user', 'content': 'Hail, Romeo!'}], 20,
+                                     temperature=0))
+        self.assertTrue(reply.startswith('Good day to thee'), reply)
+        self.assertEqual(results['stop_rate_after'], 1.0)
 
     def test_bad_conversation_file(self):
-        sft = load_sft()
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / 'bad.jsonl'
-            path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot"}]}\n')
-            with self.assertRaisesRegex(SystemExit, r'bad.jsonl:2: not a conversation'):
-                sft.read_conversations(path)
-            with self.assertRaisesRegex(SystemExit, 'make_data.py'):
-                sft.read_conversations(Path(d) / 'missing.jsonl')
+        sft = load_script()
+        path = self.tmp / 'bad.jsonl'
+        path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot"}]}\n')
+        with self.assertRaisesRegex(ConfigError, r'bad.jsonl:2: not a conversation'):
+            sft.read_conversations(path)
+        with self.assertRaisesRegex(ConfigError, 'make_data.py'):
+            sft.read_conversations(self.tmp / 'missing.jsonl')
+
+    def test_make_data_from_a_text_that_is_not_a_play(self):
+        make_data = load_script('make_data')
+        path = self.tmp / 'prose.txt'
+        path.write_text('Not a play at all.\n' * 50, encoding='utf-8')
+        with self.assertRaisesRegex(ConfigError, r"found only 0 speeches .*tiny shakespeare's layout"):
+            make_data.main(['--path', str(path), '--out', str(self.tmp / 'data')])
 
 # -----------------------------------------------------------------------------
 # the CLI, as a user runs it: a subprocess with stdin piped

@@ -10,7 +10,6 @@ import tempfile
 import unittest
 
 import torch
-from torch.nn import functional as F
 
 from mingpt.generate import check_sampling_args, filter_logits, stream, stream_text, decode_text
 from mingpt.hardware import ONEDNN_MIN_WEIGHT

@@ -15,8 +15,6 @@ from torch.nn import functional as F
 
 from mingpt import hardware
 from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype
-from mingpt.model import GPT
-from mingpt.utils import set_seed
 
 from tests.common import REPO, tiny_gpt
 

@@ -8,7 +8,6 @@ import os
 import re
 import tempfile
 import unittest
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from mingpt.model import GPT
-from tests.common import REPO, data_file, free_port_url, use_shared_gpt2_vocab
+from tests.common import REPO, TempDirTestCase, data_file, free_port_url, slow, use_shared_gpt2_vocab
 
 PROJECTS = REPO / 'projects'
 
@@ -51,12 +50,7 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-class ProjectTestCase(unittest.TestCase):
-
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+class ProjectTestCase(TempDirTestCase):
 
     def assertRan(self, proc):
         self.assertEqual(proc.returncode, 0, f"exit code {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
@@ -121,6 +115,7 @@ class TestAdder(ProjectTestCase):
         self.assertEqual((xs[0].tolist(), ys[0].tolist()), (x.tolist(), y.tolist()))
         self.assertEqual(dataset.encode(dataset.problem_ids([0]))[0, :-1].tolist(), xs[1].tolist())
 
+    @slow
     def test_learns_to_add_saves_the_best_model_and_stops_by_itself(self):
         from mingpt.model import GPT
         work_dir = self.tmp / 'adder'
@@ -160,6 +155,7 @@ class TestCharGPT(ProjectTestCase):
         with open(data_file('tinyshakespeare.txt'), encoding='utf-8') as f:
             (self.tmp / 'input.txt').write_text(f.read(50000), encoding='utf-8')
 
+    @slow
     def test_trains_on_input_txt_samples_checkpoints_and_resumes(self):
         work_dir = self.tmp / 'out'
         proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=60',
@@ -172,14 +168,15 @@ class TestCharGPT(ProjectTestCase):
         self.assertEqual(proc.stderr.count('sample\nROMEO:'), 3)  # one after each evaluation
         with open(work_dir / 'results.json') as f:
             self.assertEqual(json.load(f)['iters'], 60)
-        # mingpt.evaluate finds the character vocabulary next to the best checkpoint
-        from mingpt.evaluate import CharTokenizer, evaluate, tokenizer_for_model
+        # mingpt.tokenizers finds the character vocabulary next to the best checkpoint
+        from mingpt.evaluate import evaluate_text
+        from mingpt.tokenizers import CharTokenizer, tokenizer_for_model
         model = GPT.from_pretrained(work_dir / 'ckpt_best')
         tokenizer = tokenizer_for_model(work_dir / 'ckpt_best', model.config.vocab_size)
         self.assertIsInstance(tokenizer, CharTokenizer)
         with open(self.tmp / 'input.txt', encoding='utf-8') as f:
             held_out = f.read()[-2000:]
-        result = evaluate(model.eval(), tokenizer, held_out)
+        result = evaluate_text(model.eval(), tokenizer, held_out)
         self.assertEqual(result['bytes'], len(held_out.encode('utf-8')) - 1)  # all but the first character
         self.assertLess(result['bits_per_byte'], math.log2(tokenizer.n_vocab))  # better than uniform
 
@@ -230,6 +227,7 @@ class TestCharGPT(ProjectTestCase):
 
 class TestFinetune(ProjectTestCase):
 
+    @slow
     def test_finetunes_a_local_checkpoint(self):
         from transformers import GPT2Config, GPT2LMHeadModel
         from mingpt.model import GPT

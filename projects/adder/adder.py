@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('adder')
 
@@ -255,4 +255,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

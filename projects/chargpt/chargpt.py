@@ -19,11 +19,11 @@ import torch
 
 from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
-from mingpt.download import DownloadError
-from mingpt.evaluate import CharTokenizer
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
+from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -98,29 +98,23 @@ def main(args):
     # the text, its vocabulary and the two splits: the first 90% to train on, the last 10% to
     # validate on, as nanoGPT does. The vocabulary is kept in the work dir as chars.json: a resumed
     # run must use the same ids, and `python -m mingpt.evaluate` finds it there
-    try:
-        text = training_text(config.data.path)
-    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
-        raise SystemExit(f"error: {e}") from e
+    text = training_text(config.data.path)
     vocab = CharTokenizer.from_text(text)
     vocab_path = os.path.join(config.system.work_dir, 'chars.json')
     if find_checkpoint(os.path.join(config.system.work_dir, 'ckpt')) and os.path.exists(vocab_path):
         if CharTokenizer.load(vocab_path).chars != vocab.chars:
-            raise SystemExit(f"error: {config.system.work_dir} holds a run on a text with another "
-                             f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
+            raise ConfigError(f"{config.system.work_dir} holds a run on a text with another "
+                              f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
     vocab.save(config.system.work_dir)
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
-    try:
-        train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction,
-                                                   vocab_size=vocab.n_vocab)
-    except ValueError as e:  # a text too short for the windows
-        raise SystemExit(f"error: {e}") from e
+    train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction,
+                                               vocab_size=vocab.n_vocab)
     logger.info("%d characters, %d distinct: %d to train on, %d to validate on", len(text),
                 vocab.n_vocab, len(train_dataset.ids), len(val_dataset.ids))
     try:  # check the prompt now, not after training
         prompt = torch.tensor([vocab.encode(str(config.sample.prompt))], dtype=torch.long)
     except ValueError as e:
-        raise SystemExit(f"error: --sample.prompt={config.sample.prompt!r}: {e}") from e
+        raise ConfigError(f"--sample.prompt={config.sample.prompt!r}: {e}") from None
 
     # the model
     config.model.vocab_size = vocab.n_vocab
@@ -158,4 +152,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

@@ -24,13 +24,13 @@ import sys
 import torch
 
 from mingpt.bpe import Encoder, get_encoder
-from mingpt.chat import save_tokenizer
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
-from mingpt.download import DownloadError
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
+from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
 
@@ -77,8 +77,8 @@ def gpt2_prefix_vocab(n_merges):
     """ GPT-2's BPE with its first n_merges merges only; GPT-2's token ids are 256 + merge rank """
     full = get_encoder()
     if not 0 <= n_merges <= len(full.bpe_ranks):
-        raise SystemExit(f"error: --data.n_merges must be in [0, {len(full.bpe_ranks)}], got {n_merges}")
-    merges = sorted(full.bpe_ranks, key=full.bpe_ranks.get)[:n_merges]
+        raise ConfigError(f"--data.n_merges must be in [0, {len(full.bpe_ranks)}], got {n_merges}")
+    merges = full.merges()[:n_merges]
     n = 256 + n_merges
     return Encoder({t: i for t, i in full.encoder.items() if i < n}, merges)
 
@@ -93,10 +93,7 @@ def main(args):
     set_seed(config.system.seed)
 
     enc = gpt2_prefix_vocab(config.data.n_merges)
-    try:
-        text = training_text(config.data.path)
-    except (OSError, ValueError, DownloadError) as e:  # a bad file, or no network for the default
-        raise SystemExit(f"error: {e}") from e
+    text = training_text(config.data.path)
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
     B = config.data.block_size
     train_dataset, val_dataset = split_windows(ids, B, config.data.val_fraction)
@@ -131,4 +128,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

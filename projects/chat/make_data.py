@@ -27,6 +27,10 @@ import logging
 import os
 import random
 import re
+import sys
+
+from mingpt.errors import ConfigError
+from mingpt.utils import run_script
 
 logger = logging.getLogger('chat.make_data')
 
@@ -92,8 +96,8 @@ def main(argv=None):
     with open(path, encoding='utf-8') as f:
         speeches = read_speeches(f.read())
     if len(speeches) < 10:
-        raise SystemExit(f"error: found only {len(speeches)} speeches in {path}; the text must have "
-                         "speakers' names alone on a line ending with ':' (tiny shakespeare's layout)")
+        raise ConfigError(f"found only {len(speeches)} speeches in {path}; the text must have "
+                          "speakers' names alone on a line ending with ':' (tiny shakespeare's layout)")
     split = int(len(speeches) * (1 - args.val_fraction))
     os.makedirs(args.out, exist_ok=True)
     counts = {'train': 0, 'val': 0}
@@ -112,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main, sys.argv[1:])

@@ -35,12 +35,13 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mingpt.chat import (ChatTokenizer, add_chat_tokens, check_messages, load_tokenizer,
-                         resize_token_embeddings, save_tokenizer, stream_reply, TOKENIZER_FILES)
+from mingpt.chat import ChatTokenizer, add_chat_tokens, check_messages, stream_reply, tokenizer_or_gpt2
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
+from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
 
@@ -90,9 +91,9 @@ def get_config():
 def read_conversations(path):
     """ a JSONL file of conversations -> list of message lists; errors name the line """
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no conversation file {path}; make one with "
-                         "python projects/chat/make_data.py, or pass --data.train=/--data.val= "
-                         "JSONL files of {\"messages\": [...]}")
+        raise ConfigError(f"no conversation file {path}; make one with "
+                          "python projects/chat/make_data.py, or pass --data.train=/--data.val= "
+                          "JSONL files of {\"messages\": [...]}")
     conversations = []
     with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
@@ -103,13 +104,13 @@ def read_conversations(path):
                 messages = row['messages'] if isinstance(row, dict) else row
                 check_messages(messages)
             except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"error: {path}:{lineno}: not a conversation ({type(e).__name__}: "
-                                 f"{e}); each line must be {{\"messages\": [{{\"role\": ..., "
-                                 "\"content\": ...}, ...]}") from None
+                raise ConfigError(f"{path}:{lineno}: not a conversation ({type(e).__name__}: "
+                                  f"{e}); each line must be {{\"messages\": [{{\"role\": ..., "
+                                  "\"content\": ...}, ...]}") from None
             if any(m['role'] == 'assistant' for m in messages):  # else nothing to learn
                 conversations.append(messages)
     if not conversations:
-        raise SystemExit(f"error: {path} has no conversation with an assistant message to learn from")
+        raise ConfigError(f"{path} has no conversation with an assistant message to learn from")
     return conversations
 
 
@@ -188,16 +189,14 @@ def main(args):
     dropout = {} if config.model.dropout is None else dict(
         embd_pdrop=config.model.dropout, resid_pdrop=config.model.dropout, attn_pdrop=config.model.dropout)
     model = GPT.from_pretrained(init, **dropout)
-    local = os.path.isdir(init) and all(os.path.isfile(os.path.join(init, f)) for f in TOKENIZER_FILES)
-    logger.info("tokenizer: %s", os.path.join(init, 'encoder.json') if local else "GPT-2's")
-    encoder = add_chat_tokens(load_tokenizer(init if local else None))
-    resize_token_embeddings(model, max(model.config.vocab_size, encoder.n_vocab))
+    encoder = add_chat_tokens(tokenizer_or_gpt2(init))
+    model.resize_token_embeddings(max(model.config.vocab_size, encoder.n_vocab))
     tokenizer = ChatTokenizer(encoder)
 
     block_size = config.data.block_size or model.block_size
     if block_size > model.block_size:
-        raise SystemExit(f"error: --data.block_size={block_size} is longer than the model's context "
-                         f"of {model.block_size} tokens; use at most that")
+        raise ConfigError(f"--data.block_size={block_size} is longer than the model's context "
+                          f"of {model.block_size} tokens; use at most that")
     train_conv = read_conversations(config.data.train)
     val_conv = read_conversations(config.data.val)
     train_dataset = PackedConversations(train_conv, tokenizer, block_size, seed=config.system.seed)
@@ -241,4 +240,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

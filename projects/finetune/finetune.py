@@ -23,10 +23,10 @@ import torch
 from mingpt.bpe import get_encoder
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
-from mingpt.download import DownloadError
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.utils import set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('finetune')
 
@@ -90,32 +90,26 @@ def main(args):
         torch.set_num_threads(config.system.num_threads)
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
-    try:
-        text = training_text(config.data.path)
-        enc = get_encoder()
-    except (OSError, ValueError, DownloadError) as e:  # a bad file, or offline without the files
-        raise SystemExit(f"error: {e}") from e
+    text = training_text(config.data.path)
+    enc = get_encoder()
 
     # the pretrained model
     dropout = {} if config.model.dropout is None else dict(
         embd_pdrop=config.model.dropout, resid_pdrop=config.model.dropout, attn_pdrop=config.model.dropout)
     try:
         model = GPT.from_pretrained(config.model.init_from, **dropout)
-    except (OSError, ValueError, DownloadError) as e:  # no such checkpoint, a bad one, or offline
-        raise SystemExit(f"error: --model.init_from={config.model.init_from}: {e}") from e
+    except (OSError, ValueError) as e:  # no such checkpoint, a bad one, or offline (a DownloadError)
+        raise ConfigError(f"--model.init_from={config.model.init_from}: {e}") from e
     if config.data.block_size > model.block_size:
-        raise SystemExit(f"error: --data.block_size={config.data.block_size} is longer than the "
-                         f"model's context of {model.block_size} tokens; use at most that")
+        raise ConfigError(f"--data.block_size={config.data.block_size} is longer than the "
+                          f"model's context of {model.block_size} tokens; use at most that")
 
     # the text as GPT-2 tokens, split 90/10 (tokenizing a megabyte takes a couple of seconds)
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
     if int(ids.max()) >= model.config.vocab_size:
-        raise SystemExit(f"error: the model's vocabulary has {model.config.vocab_size} tokens, fewer "
-                         "than GPT-2's tokenizer produces; fine-tune a model with GPT-2's vocabulary")
-    try:
-        train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction)
-    except ValueError as e:  # a text too short for the windows
-        raise SystemExit(f"error: {e}") from e
+        raise ConfigError(f"the model's vocabulary has {model.config.vocab_size} tokens, fewer "
+                          "than GPT-2's tokenizer produces; fine-tune a model with GPT-2's vocabulary")
+    train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction)
     logger.info("%d characters, %d tokens: %d to train on, %d to validate on",
                 len(text), len(ids), len(train_dataset.ids), len(val_dataset.ids))
 
@@ -159,4 +153,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

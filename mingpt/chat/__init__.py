@@ -1,7 +1,8 @@
 """
-Chat: the conversation format a model is fine-tuned on, and a command-line chat with such a model.
+Chat: the conversation format a model is fine-tuned on, and replies streamed from such a model.
+The terminal chat is in __main__.py:
 
-    python -m mingpt.chat --model out/chat/sft/model      # a REPL; /reset, /quit
+    python -m mingpt.chat --model out/chat/sft/model      # a REPL; /help lists the commands
     echo "Good morrow" | python -m mingpt.chat --model out/chat/sft/model   # one reply per input line
 
 The format. A conversation is a list of messages, [{'role': 'system'|'user'|'assistant',
@@ -10,7 +11,7 @@ The format. A conversation is a list of messages, [{'role': 'system'|'user'|'ass
     <|endoftext|> <|system|> ... <|end|> <|user|> ... <|end|> <|assistant|> ... <|end|> <|user|> ...
 
 The special tokens are new entries of the BPE vocabulary (add_chat_tokens) and new rows of the
-model's embedding and output layer (resize_token_embeddings). Message text is always encoded as
+model's embedding and output layer (GPT.resize_token_embeddings). Message text is always encoded as
 ordinary text, so a user who types "<|end|>" gets the characters, never the control token.
 
 Fine-tuning (projects/chat/sft.py) trains only on what the assistant says: render_conversation
@@ -20,38 +21,34 @@ rendered up to an open <|assistant|> (render_for_completion) and the one generat
 (mingpt.generate.stream) runs until the model emits <|end|> (or any other special token).
 
 A model directory for chatting is a Hugging Face directory (GPT.save_pretrained) that also holds
-the tokenizer, encoder.json + vocab.bpe (save_tokenizer); without them GPT-2's tokenizer is used.
+the tokenizer, encoder.json + vocab.bpe (mingpt.tokenizers.save_tokenizer); without them GPT-2's
+tokenizer is used.
 """
 
-import argparse
-import json
 import logging
-import sys
 from pathlib import Path
-
-import torch
-import torch.nn as nn
 
 from mingpt import generate as generation
 from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
-from mingpt.download import DownloadError
-from mingpt.model import GPT, Linear
+from mingpt.errors import ConfigError, PromptTooLong, WeightsError
+from mingpt.model import GPT
+from mingpt.tokenizers import find_tokenizer
 
 logger = logging.getLogger(__name__)
 
 SYSTEM, USER, ASSISTANT, END = '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'
 CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
 ROLES = {'system': SYSTEM, 'user': USER, 'assistant': ASSISTANT}
-TOKENIZER_FILES = ('encoder.json', 'vocab.bpe')
 
 # -----------------------------------------------------------------------------
-# the tokenizer: special tokens in, files out
+# the tokenizer: the chat tokens in
 
 def add_chat_tokens(encoder):
     """
     A bpe.Encoder with <|endoftext|> and the chat tokens added at the end of the vocabulary (new
     ids n_vocab, n_vocab + 1, ...), or encoder itself when it already has them all. Every existing
-    token keeps its id, so a model trained on the old vocabulary reads the same ids as before.
+    token keeps its id, so a model trained on the old vocabulary reads the same ids as before
+    (grow the model to match with model.resize_token_embeddings(encoder.n_vocab)).
     """
     missing = [t for t in (ENDOFTEXT, *CHAT_TOKENS) if t not in encoder.encoder]
     if not missing:
@@ -59,94 +56,37 @@ def add_chat_tokens(encoder):
     vocab = dict(encoder.encoder)
     for i, token in enumerate(missing):
         vocab[token] = encoder.n_vocab + i
-    return Encoder(vocab, _merges(encoder))
+    return Encoder(vocab, encoder.merges())
 
 
-def _merges(encoder):
-    """ the merges of an Encoder, in rank order: what vocab.bpe lists """
-    return sorted(encoder.bpe_ranks, key=encoder.bpe_ranks.get)
-
-
-def save_tokenizer(encoder, directory):
-    """ write encoder.json and vocab.bpe (GPT-2's format, which bpe.get_encoder(path) reads) """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / 'encoder.json').write_text(json.dumps(encoder.encoder, ensure_ascii=False), encoding='utf-8')
-    lines = ['#version: 0.2'] + [f'{a} {b}' for a, b in _merges(encoder)]
-    (d / 'vocab.bpe').write_text('\n'.join(lines) + '\n', encoding='utf-8')
-    return d
-
-
-def load_tokenizer(directory=None):
-    """ the Encoder saved in directory (encoder.json + vocab.bpe), else GPT-2's """
-    if directory is not None and all((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
-        return get_encoder(directory)
-    return get_encoder()
-
-# -----------------------------------------------------------------------------
-# the model: room for the new tokens
-
-def resize_token_embeddings(model, vocab_size):
+def tokenizer_or_gpt2(path):
     """
-    Grow the model's vocabulary to vocab_size tokens, in place: new rows at the end of the token
-    embedding (wte) and of lm_head, the old rows untouched, so every old token's logits stay
-    exactly what they were. A tied lm_head stays tied to the new wte. The new rows start at the
-    mean of the old ones: the new tokens' logits then start at the average logit, which is far
-    below the likely tokens', so the model does not emit them before it is trained to.
-    Returns the model.
+    The BPE tokenizer saved with the model at path (encoder.json + vocab.bpe, see mingpt.tokenizers),
+    or GPT-2's when there is none there: path is a hub name, or a directory without tokenizer files.
     """
-    old = model.config.vocab_size
-    if vocab_size == old:
-        return model
-    if vocab_size < old:
-        raise ValueError(f"resize_token_embeddings only grows the vocabulary (the model has {old} "
-                         f"tokens, asked for {vocab_size}); removing tokens would renumber nothing "
-                         "but lose their rows")
-    wte, head = model.transformer.wte, model.lm_head
-    tied = head.weight is wte.weight
-    w = wte.weight
-    new_wte = nn.Embedding(vocab_size, w.size(1), device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new_wte.weight[:old] = w
-        new_wte.weight[old:] = w.mean(dim=0)
-    model.transformer.wte = new_wte
-    if tied:
-        model.lm_head.weight = new_wte.weight
-    else:
-        h = head.weight
-        new_head = Linear(h.size(1), vocab_size, bias=False, device=h.device, dtype=h.dtype)
-        with torch.no_grad():
-            new_head.weight[:old] = h
-            new_head.weight[old:] = h.mean(dim=0)
-        model.lm_head = new_head
-    model.config.vocab_size = vocab_size
-    logger.info("resized the vocabulary from %d to %d tokens%s", old, vocab_size,
-                " (lm_head tied to wte)" if tied else "")
-    return model
+    saved = find_tokenizer(path) if Path(path).is_dir() else None
+    logger.info("tokenizer: %s", "GPT-2's" if saved is None else f"from {path}")
+    return get_encoder() if saved is None else saved
 
 # -----------------------------------------------------------------------------
 # conversations -> token ids
 
-class PromptTooLong(ValueError):
-    """ the conversation does not fit in the token budget even with its old turns dropped """
-
-
 def check_messages(messages):
-    """ raise a ValueError saying what is wrong with a conversation, if anything """
+    """ raise a ConfigError (a ValueError) saying what is wrong with a conversation, if anything """
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"a conversation is a list of messages (got {type(messages).__name__}); "
+        raise ConfigError(f"a conversation is a list of messages (got {type(messages).__name__}); "
                          "e.g. [{'role': 'user', 'content': 'Hello'}]")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content' (got {m!r:.80})")
+            raise ConfigError(f"message {i} must be a dict with 'role' and 'content' (got {m!r:.80})")
         if m['role'] not in ROLES:
-            raise ValueError(f"message {i} has role {m['role']!r}; the roles are "
+            raise ConfigError(f"message {i} has role {m['role']!r}; the roles are "
                              f"{', '.join(map(repr, ROLES))}")
         if not isinstance(m['content'], str):
-            raise ValueError(f"message {i} ({m['role']}) has content of type "
+            raise ConfigError(f"message {i} ({m['role']}) has content of type "
                              f"{type(m['content']).__name__}; it must be a str")
         if m['role'] == 'system' and i != 0:
-            raise ValueError(f"message {i} is a system message; only the first message may be one")
+            raise ConfigError(f"message {i} is a system message; only the first message may be one")
 
 
 class ChatTokenizer:
@@ -159,11 +99,14 @@ class ChatTokenizer:
     """
 
     def __init__(self, encoder):
+        if not isinstance(encoder, Encoder):
+            raise ConfigError(f"a chat model needs a BPE tokenizer (encoder.json + vocab.bpe), not a "
+                              f"{type(encoder).__name__}")
         missing = [t for t in (ENDOFTEXT, *CHAT_TOKENS) if t not in encoder.special_tokens]
         if missing:
-            raise ValueError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: it is a "
-                             "base model's tokenizer. Fine-tune the model on conversations first "
-                             "(projects/chat/sft.py adds them), or call add_chat_tokens(encoder)")
+            raise ConfigError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: it is a "
+                              "base model's tokenizer. Fine-tune the model on conversations first "
+                              "(projects/chat/sft.py adds them), or call add_chat_tokens(encoder)")
         self.encoder = encoder
         self.n_vocab = encoder.n_vocab
         self.bos_id = encoder.special_tokens[ENDOFTEXT]
@@ -205,7 +148,7 @@ class ChatTokenizer:
         """
         check_messages(messages)
         if not messages or messages[-1]['role'] != 'user':
-            raise ValueError("to reply, the conversation must end with a user message (got "
+            raise ConfigError("to reply, the conversation must end with a user message (got "
                              f"{'nothing' if not messages else messages[-1]['role']!r} last)")
         system = list(messages[:1]) if messages[0]['role'] == 'system' else []
         turns = list(messages[len(system):])
@@ -271,6 +214,8 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
 
     return generation.decode_text(token_ids(), tokenizer.decode)
 
+# -----------------------------------------------------------------------------
+# a chat model from its directory, and the flags of the programs that chat with one
 
 def load_chat_model(path, device='cpu'):
     """
@@ -278,22 +223,20 @@ def load_chat_model(path, device='cpu'):
     GPT.from_pretrained, the tokenizer from the same directory (else GPT-2's).
     """
     model = GPT.from_pretrained(path).to(device).eval()
-    local = Path(path).is_dir() and all((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+    encoder = tokenizer_or_gpt2(path)
     try:
-        tokenizer = ChatTokenizer(load_tokenizer(path if local else None))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        tokenizer = ChatTokenizer(encoder)
+    except ConfigError as e:
+        raise WeightsError(f"{path}: {e}") from None
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the model only "
-                         f"{model.config.vocab_size}; the model was not resized for the chat tokens "
-                         "(resize_token_embeddings) or the tokenizer files belong to another model")
+        raise WeightsError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the model only "
+                           f"{model.config.vocab_size}; the model was not resized for the chat tokens "
+                           "(GPT.resize_token_embeddings) or the tokenizer files belong to another model")
     return model, tokenizer
 
-# -----------------------------------------------------------------------------
-# the command-line chat
 
 def add_sampling_args(parser):
-    """ the flags the CLI and the web server share """
+    """ the flags the terminal chat (__main__.py) and the web server (mingpt.serve) share """
     parser.add_argument('--model', required=True,
                         help='a chat model directory (config.json, model.safetensors, encoder.json, '
                              'vocab.bpe), e.g. out/chat/sft/model from projects/chat/sft.py')
@@ -303,103 +246,3 @@ def add_sampling_args(parser):
     parser.add_argument('--top-p', type=float, default=None, help='nucleus sampling, e.g. 0.9')
     parser.add_argument('--max-new-tokens', type=int, default=256, help='longest reply (default 256)')
     parser.add_argument('--device', default='cpu')
-
-
-def sampling_kwargs(args):
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
-
-
-def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout):
-    """
-    Read user messages line by line and stream the replies. On a terminal there is a prompt and
-    the replies are labelled; with stdin piped each reply is written as it is, followed by a
-    newline, so the output is exactly the replies. Ends at EOF or /quit.
-    """
-    interactive = stdin.isatty()
-    messages = [{'role': 'system', 'content': args.system}] if args.system else []
-    fresh = list(messages)
-    kwargs = sampling_kwargs(args)
-    if interactive:
-        stdout.write("Chatting with %s. /reset starts over, /quit (or Ctrl-D) leaves.\n" % args.model)
-    use_input = interactive and stdin is sys.stdin and stdout is sys.stdout
-    if use_input:
-        try:
-            import readline  # noqa: F401  (input() then gets line editing and history)
-        except ImportError:
-            pass
-    turn = 0
-    while True:
-        if use_input:
-            try:
-                line = input('\nyou> ') + '\n'
-            except EOFError:
-                line = ''
-        else:
-            if interactive:
-                stdout.write('\nyou> ')
-                stdout.flush()
-            line = stdin.readline()
-        if not line:  # EOF
-            if interactive:
-                stdout.write('\n')
-            return
-        text = line.rstrip('\r\n')
-        if text.strip() == '/quit':
-            return
-        if text.strip() == '/reset':
-            messages = list(fresh)
-            if interactive:
-                stdout.write('(conversation reset)\n')
-            continue
-        if not text.strip():
-            continue
-        messages.append({'role': 'user', 'content': text})
-        if interactive:
-            stdout.write('bot> ')
-        seed = None if args.seed is None else args.seed + turn
-        turn += 1
-        reply = []
-        try:
-            for piece in stream_reply(model, tokenizer, messages, args.max_new_tokens, seed=seed, **kwargs):
-                reply.append(piece)
-                stdout.write(piece)
-                stdout.flush()
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            stdout.write(' [stopped]')  # Ctrl-C stops the reply, not the chat
-        except PromptTooLong as e:
-            messages.pop()
-            logger.error("%s", e)
-            stdout.write('\n')
-            continue
-        stdout.write('\n')
-        stdout.flush()
-        messages.append({'role': 'assistant', 'content': ''.join(reply)})
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m mingpt.chat', description=__doc__.split('\n\n')[0])
-    add_sampling_args(parser)
-    parser.add_argument('--system', default=None, help='a system message to start every conversation')
-    parser.add_argument('--seed', type=int, default=None, help='make the replies reproducible')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    try:
-        generation.check_sampling_args(args.temperature, args.top_k or None, args.top_p)
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-        model, tokenizer = load_chat_model(args.model, args.device)
-    except (ValueError, OSError, DownloadError) as e:
-        parser.exit(2, f"error: {e}\n")
-    # a reply may hold any character; never die on a terminal's narrower encoding
-    if hasattr(sys.stdout, 'reconfigure'):
-        sys.stdout.reconfigure(errors='replace')
-    try:
-        repl(model, tokenizer, args)
-    except KeyboardInterrupt:
-        sys.stdout.write('\n')
-
-
-if __name__ == '__main__':
-    main()
