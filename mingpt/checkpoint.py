@@ -6,8 +6,8 @@ torch.load(weights_only=True)), plus config.json (the trainer's and the model's 
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
 - rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
-- read_resume_state / apply_resume_state: the checks that a checkpoint may continue this run, and
-  putting it back.
+- read_resume_state / share_resume_state / apply_resume_state: the checks that a checkpoint may
+  continue this run, handing it to every rank, and putting it back.
 - unwrap / clean_state_dict: the plain model inside torch.compile's and DDP's wrappers.
 
 Nothing here is specific to GPT: the model is any nn.Module, the optimizer any torch optimizer.
@@ -16,7 +16,9 @@ Nothing here is specific to GPT: the model is any nn.Module, the optimizer any t
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -106,9 +108,10 @@ def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, bes
     }
 
 
-def write_checkpoint(directory, model, state, info=None):
+def write_checkpoint(directory, model, state, trainer_config=None):
     """
-    Write model weights + trainer state (+ info, as config.json) to `directory`, atomically:
+    Write model weights + trainer state to `directory`, with config.json (the trainer's config and
+    the model's, where the model has a CfgNode .config) for people to read. Atomically:
     everything goes to directory.tmp first, and only a complete checkpoint is renamed into place.
     The previous one is moved to directory.old for the instant between the two renames, and
     find_checkpoint falls back to it, so a kill at any moment leaves one complete checkpoint on disk.
@@ -126,14 +129,16 @@ def write_checkpoint(directory, model, state, info=None):
         seen[key] = k
         tensors[k] = v.detach().to('cpu').contiguous()
     metadata = {'iter_num': str(state['iter_num']), 'aliases': json.dumps(aliases)}
+    model_config = getattr(unwrap(model), 'config', None)
+    info = {'trainer': trainer_config.to_dict() if trainer_config is not None else None,
+            'model': model_config.to_dict() if hasattr(model_config, 'to_dict') else None}
 
     tmp, old = directory + '.tmp', directory + '.old'
     shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
     os.makedirs(tmp)
     atomic_write(os.path.join(tmp, 'model.safetensors'), lambda p: save_file(tensors, p, metadata=metadata))
     atomic_write(os.path.join(tmp, 'trainer.pt'), lambda p: torch.save(state, p))
-    if info is not None:
-        atomic_write(os.path.join(tmp, 'config.json'), json.dumps(info, indent=2, default=str))
+    atomic_write(os.path.join(tmp, 'config.json'), json.dumps(info, indent=2, default=str))
     if os.path.exists(directory):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -174,6 +179,16 @@ def read_checkpoint(directory):
                               "to start afresh") from e
     try:
         state = torch.load(state_path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests loading with weights_only=False, which would run that code
+        refused = re.search(r'GLOBAL (\S+)', str(e))
+        if refused:
+            raise CheckpointError(f"refused to load {state_path}: it holds a Python object "
+                                  f"({refused.group(1)}), i.e. code that could run on load, where a "
+                                  "mingpt checkpoint holds only tensors and plain values; delete the "
+                                  "checkpoint directory to start afresh") from None
+        raise CheckpointError(f"cannot read {state_path}: it is corrupt or not a trainer state "
+                              "file; delete the checkpoint directory to start afresh") from None
     except Exception as e:
         raise CheckpointError(f"cannot read {state_path} ({type(e).__name__}: {e}); the file is "
                               "corrupt: delete the checkpoint directory to start afresh") from e
@@ -189,71 +204,85 @@ def read_checkpoint(directory):
     return sd, state
 
 # -----------------------------------------------------------------------------
-# resuming: work_dir/ckpt continues a run only if it fits the model and config of this one
+# resuming: work_dir/ckpt continues a run only if it fits the model and config of this one.
+# Rank 0 reads and checks it as the Trainer is made, before anything is written to work_dir; run()
+# hands it to the other ranks (so only rank 0's node needs work_dir) and puts it back.
 
-def read_resume_state(work_dir, resume, rank=0, world_size=1):
+def read_resume_state(config, model):
     """
-    (model state_dict, trainer state) of work_dir/ckpt to resume from, or None for a fresh start,
-    following config.resume (False: a checkpoint there is an error; True: a missing one is; 'auto').
-    Rank 0 reads the disk and hands the result to the other ranks, so only rank 0's node needs
-    work_dir.
+    (model state_dict, trainer state) of config.work_dir/ckpt to resume from, checked against model
+    and config, or None for a fresh start. config.resume says which of the two is expected (False:
+    a checkpoint there is an error; True: a missing one is; 'auto': either).
     """
+    work_dir = config.work_dir
     if work_dir is None:
         return None
-    result = None
-    if rank == 0:
-        try:
-            found = find_checkpoint(os.path.join(work_dir, 'ckpt'))
-            if found is not None and resume is False:
-                raise CheckpointError(f"{work_dir} already holds a checkpoint ({found}); set "
-                                      "resume=True to continue it, or use another work_dir (or "
-                                      "delete it) to start a new run: it is never overwritten")
-            if found is None and resume is True:
-                raise CheckpointError(f"resume=True but there is no checkpoint in {work_dir} "
-                                      "(expected a 'ckpt' directory); check work_dir, or use "
-                                      "resume='auto' to start afresh when there is none")
-            if found is not None:
-                result = read_checkpoint(found)
-                logger.info("resuming from %s at iteration %d", found, result[1]['iter_num'])
-        except CheckpointError as e:
-            result = e
+    found = find_checkpoint(os.path.join(work_dir, 'ckpt'))
+    if found is not None and config.resume is False:
+        raise CheckpointError(f"{work_dir} already holds a checkpoint ({found}); set "
+                              "resume=True to continue it, or use another work_dir (or "
+                              "delete it) to start a new run: it is never overwritten")
+    if found is None and config.resume is True:
+        raise CheckpointError(f"resume=True but there is no checkpoint in {work_dir} "
+                              "(expected a 'ckpt' directory); check work_dir, or use "
+                              "resume='auto' to start afresh when there is none")
+    if found is None:
+        return None
+    model_sd, state = read_checkpoint(found)
+    check_fits(model_sd, model, found)
+    if (state['scaler'] is None) != (config.dtype != 'float16'):
+        raise CheckpointError(f"the checkpoint in {found} was written with "
+                              f"{'' if state['scaler'] is not None else 'no '}float16 loss scaling, "
+                              f"this run has dtype={config.dtype!r}; resume with the same dtype")
+    if config.data_seed is not None and state['data_seed'] != config.data_seed:
+        raise CheckpointError(f"the checkpoint in {found} used data_seed={state['data_seed']}, "
+                              f"this run asks for {config.data_seed}; set data_seed=None (or the "
+                              "checkpoint's value) to continue the same data order")
+    logger.info("resuming from %s at iteration %d", found, state['iter_num'])
+    return model_sd, state
+
+
+def check_fits(model_sd, model, where):
+    """ CheckpointError naming (a few of) the tensors of model_sd that model has not, or not in that shape """
+    own = clean_state_dict(unwrap(model).state_dict())
+    problems = [f"{k}: {tuple(model_sd[k].shape)} in the checkpoint, {tuple(v.shape)} in this model"
+                for k, v in own.items() if k in model_sd and model_sd[k].shape != v.shape]
+    problems += [f"{k}: not in the checkpoint" for k in own if k not in model_sd]
+    problems += [f"{k}: not in this model" for k in model_sd if k not in own]
+    if problems:
+        more = f"; and {len(problems) - 3} more tensors" if len(problems) > 3 else ""
+        raise CheckpointError(f"the checkpoint in {where} was written by a model of another size "
+                              f"({'; '.join(problems[:3])}{more}): build the model with the sizes in "
+                              f"{os.path.join(where, 'config.json')}, or use another work_dir")
+
+
+def share_resume_state(resume, world_size=1):
+    """ rank 0's read_resume_state(), on every rank """
     if world_size > 1:
-        box = [result if not isinstance(result, CheckpointError) else str(result)]
+        box = [resume]
         dist.broadcast_object_list(box, src=0)
-        result = box[0] if not isinstance(box[0], str) else CheckpointError(box[0])
-    if isinstance(result, CheckpointError):
-        raise result
-    return result
+        resume = box[0]
+    return resume
 
 
 def apply_resume_state(model_sd, state, model, optimizer, scaler, config, rank=0, world_size=1):
     """
-    Check that a checkpoint fits this run (model, optimizer, dtype, data seed), then load the
-    weights, optimizer and scaler state and, last, this rank's RNG state. config is the trainer's
-    (work_dir, dtype, data_seed, batch_size, grad_accum_steps). The caller takes the progress
-    (iter_num, best_val_loss, data_seed) from state.
+    Load a checkpoint that read_resume_state checked into this run: the weights, the optimizer and
+    scaler state and, last, this rank's RNG state. config is the trainer's (work_dir, batch_size,
+    grad_accum_steps). The caller takes the progress (iter_num, best_val_loss, data_seed) from state.
     """
     where = os.path.join(config.work_dir, 'ckpt')
     try:
         unwrap(model).load_state_dict(model_sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint in {where} does not fit this model (was it written "
-                              f"by a model of another size?): {e}") from e
+        raise CheckpointError(f"the checkpoint in {where} does not fit this model: {e}") from e
     try:
         optimizer.load_state_dict(state['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"the optimizer state in {where} does not fit this model's "
                               f"optimizer: {e}") from e
-    if (state['scaler'] is None) != (scaler is None):
-        raise CheckpointError(f"the checkpoint in {where} was written with "
-                              f"{'' if state['scaler'] is not None else 'no '}float16 loss scaling, "
-                              f"this run has dtype={config.dtype!r}; resume with the same dtype")
     if scaler is not None:
         scaler.load_state_dict(state['scaler'])
-    if config.data_seed is not None and state['data_seed'] != config.data_seed:
-        raise CheckpointError(f"the checkpoint in {where} used data_seed={state['data_seed']}, "
-                              f"this run asks for {config.data_seed}; set data_seed=None (or the "
-                              "checkpoint's value) to continue the same data order")
     global_batch = config.batch_size * config.grad_accum_steps * world_size
     if state['global_batch'] != global_batch and rank == 0:
         logger.warning("the checkpoint trained on global batches of %d rows, this run uses %d: the "

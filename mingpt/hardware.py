@@ -3,6 +3,7 @@ Speed choices that depend on the machine, kept in one place so that the model an
 plain PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off).
+- training_device: the device Trainer(device='auto') trains on, one GPU per process under torchrun.
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
 - default_num_workers: DataLoader workers that pay for themselves on this many cores.
 """
@@ -13,6 +14,8 @@ import os
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from mingpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,24 @@ class Linear(nn.Linear):
 
 # -----------------------------------------------------------------------------
 # training
+
+def training_device(device='auto', local_rank=0, world_size=1):
+    """
+    The device a training process uses: 'auto' is cuda when there is one, else cpu. With several
+    processes on CUDA, each takes the GPU of its local rank (and makes it current).
+    """
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' "
+                          "or 'cuda:N'") from e
+    if world_size > 1 and device == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    return device
+
 
 def fast_dtype(device_type):
     """

@@ -4,7 +4,7 @@ What a training run shows while it runs and leaves to look at afterwards:
 - MetricsLog: work_dir/metrics.jsonl, one JSON record per line (a training step's {'iter', 'loss',
   'lr', 'tokens_per_sec', 'time'}, or an evaluation's {'iter', 'val_loss'}), and the same numbers in
   memory as a history.
-- Progress: the tqdm bar of a run in a terminal.
+- Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise.
 - plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
 """
 
@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 
 from mingpt.utils import atomic_write
@@ -64,13 +65,10 @@ class MetricsLog:
         self._file = open(path, 'a' if resume_iter is not None else 'w')
 
     def log(self, record):
-        """ one record: into the history, and (buffered) into metrics.jsonl """
+        """ one record: into the history, and into metrics.jsonl (flushed: `tail -f` sees it now) """
         history_of([record], self.history)
         if self._file is not None:
             self._file.write(json.dumps(record) + '\n')
-
-    def flush(self):
-        if self._file is not None:
             self._file.flush()
 
     def close(self):
@@ -79,16 +77,24 @@ class MetricsLog:
             self._file = None
 
 
+# seconds between plain progress lines when there is no bar to watch
+PLAIN_PROGRESS_EVERY = 10.0
+
+
 class Progress(contextlib.ExitStack):
     """
-    The progress of a run for a person watching it: a tqdm bar (total: max_iters, None when
-    unbounded) with the loss, lr and speed, while log lines print above it. Off: update does nothing.
+    What a person watching a run sees (on rank 0; enabled=False elsewhere): a tqdm bar with the loss,
+    lr and speed when bar is on, log lines printing above it; a line every log_interval iterations;
+    and without the bar a line about every PLAIN_PROGRESS_EVERY seconds as well, so that a run piped
+    to a file is never silent for minutes. total is max_iters (None: no end, no ETA).
     """
 
-    def __init__(self, total, initial=0, bar=False):
+    def __init__(self, total, initial=0, bar=False, log_interval=None, enabled=True):
         super().__init__()
-        self.total, self.initial, self.show_bar = total, initial, bar
+        self.total, self.initial, self.log_interval, self.enabled = total, initial, log_interval, enabled
+        self.show_bar = bar and enabled
         self.bar = None
+        self.t_start = self.t_line = None  # when the run started, when the last line was logged
 
     def __enter__(self):
         super().__enter__()
@@ -98,13 +104,38 @@ class Progress(contextlib.ExitStack):
             self.enter_context(logging_redirect_tqdm())  # log lines print above the bar
             self.bar = self.enter_context(tqdm(total=self.total, initial=self.initial, unit='it',
                                                dynamic_ncols=True))
+        self.t_start = self.t_line = time.monotonic()
         return self
 
     def update(self, iter_num, loss, lr, tokens_per_sec):
         """ iter_num iterations are done, the last with this loss, lr and speed """
+        if not self.enabled:
+            return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}",
+                                 refresh=False)
             self.bar.update(1)
+        now = time.monotonic()
+        due = self.log_interval and iter_num % self.log_interval == 0
+        if due or (self.bar is None and now - self.t_line >= PLAIN_PROGRESS_EVERY):
+            self.t_line = now
+            total = f"/{self.total}" if self.total else ""
+            eta = ""
+            if self.total and iter_num > self.initial:
+                per_iter = (now - self.t_start) / (iter_num - self.initial)
+                eta = ", ETA " + duration((self.total - iter_num) * per_iter)
+            logger.info("iter %d%s: loss %.4f, lr %.3e, %.0f tokens/s%s", iter_num, total, loss, lr,
+                        tokens_per_sec, eta)
+
+
+def duration(seconds):
+    """ '45s', '3m10s', '2h05m' """
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 _warned_no_matplotlib = False

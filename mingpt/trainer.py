@@ -2,7 +2,7 @@
 The training loop, and everything that wraps one optimizer step: gradient accumulation, mixed
 precision, torch.compile, DDP, evaluation and callbacks. What it draws on lives next door: the
 learning rate and data order in schedule.py, checkpoints and resume in checkpoint.py, the metrics
-log and plot in metrics.py, machine-dependent choices in hardware.py.
+log, progress lines and plot in metrics.py, machine-dependent choices in hardware.py.
 
 Nothing here is specific to GPT: the model only has to provide configure_optimizers(config) and
 forward(x, y) -> (logits, loss), with -1 marking targets that do not count.
@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.dataloader import default_collate
 
-from mingpt.checkpoint import (apply_resume_state, gather_rng_states, read_resume_state, trainer_state, unwrap,
-                               write_checkpoint)
+from mingpt.checkpoint import (apply_resume_state, find_checkpoint, gather_rng_states, read_resume_state,
+                               share_resume_state, trainer_state, write_checkpoint)
 from mingpt.errors import ConfigError
-from mingpt.hardware import default_num_workers, fast_dtype
+from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, plot_metrics
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
@@ -123,18 +123,15 @@ class Trainer:
         self.rank, self.local_rank, self.world_size = dist_env()
         self.is_master = self.rank == 0
 
-        # determine the device we'll train on
-        if config.device == 'auto':
-            self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        else:
-            self.device = config.device
-        if self.world_size > 1 and self.device == 'cuda':
-            self.device = f'cuda:{self.local_rank}'  # one GPU per process
-            torch.cuda.set_device(self.device)
+        # the device we'll train on: one GPU per process under torchrun
+        self.device = training_device(config.device, self.local_rank, self.world_size)
         self.device_type = torch.device(self.device).type
         if config.dtype == 'auto':
             config.dtype = fast_dtype(self.device_type)
         self._check_config()
+        # a run that cannot resume stops here, before anything is written to work_dir (by the
+        # Trainer or, if it makes the Trainer first, by the script); run() loads what was read
+        self._resume = read_resume_state(config, model) if self.is_master else None
         self.model = self.model.to(self.device)
         if self.is_master:
             logger.info("running on device %s%s, %s", self.device,
@@ -167,7 +164,33 @@ class Trainer:
         return self.metrics.history
 
     def _check_config(self):
+        """ every field, before anything runs: a value that cannot work is a ConfigError saying what to set """
         C = self.config
+        is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
+        is_number = lambda v, low: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and math.isfinite(v) and v >= low)
+
+        def need(ok, k, what):
+            if not ok:
+                raise ConfigError(f"trainer config {k}={getattr(C, k)!r} cannot work: set it to {what}")
+        for k in ('batch_size', 'grad_accum_steps', 'eval_interval', 'eval_iters', 'checkpoint_interval'):
+            need(is_int(getattr(C, k), 1), k, "an int >= 1")
+        need(is_int(C.warmup_iters, 0), 'warmup_iters', "an int >= 0")
+        need(C.max_iters is None or is_int(C.max_iters, 0), 'max_iters',
+             "an int >= 0, or None to train until stopped")
+        for k in ('lr_decay_iters', 'data_seed', 'num_workers', 'log_interval'):
+            need(getattr(C, k) is None or is_int(getattr(C, k), 0), k, "an int >= 0, or None")
+        need(is_number(C.learning_rate, 0) and C.learning_rate > 0, 'learning_rate', "a number > 0, e.g. 3e-4")
+        need(C.min_lr is None or is_number(C.min_lr, 0), 'min_lr', "a number >= 0, or None (a tenth of lr)")
+        need(is_number(C.weight_decay, 0), 'weight_decay', "a number >= 0")
+        need(not C.grad_norm_clip or is_number(C.grad_norm_clip, 0), 'grad_norm_clip', "a number > 0, or None")
+        betas_ok = isinstance(C.betas, (tuple, list)) and len(C.betas) == 2
+        need(betas_ok and all(is_number(b, 0) and b < 1 for b in C.betas), 'betas', "two numbers in [0, 1), "
+             "like (0.9, 0.95)")
+        need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
+        need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
+        need(C.progress_bar in (None, False, True), 'progress_bar', "None (a bar when stderr is a terminal), "
+             "True or False")
         if C.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {C.dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
         if C.dtype == 'float16' and self.device_type != 'cuda':
@@ -175,25 +198,11 @@ class Trainer:
                               f"the device is {self.device!r}; use dtype='bfloat16' on CPU, or 'float32'")
         if C.dtype == 'bfloat16' and self.device_type == 'cuda' and not torch.cuda.is_bf16_supported():
             raise ConfigError("this GPU has no bfloat16 support; use dtype='float16' (or 'float32')")
-        if not (isinstance(C.grad_accum_steps, int) and C.grad_accum_steps >= 1):
-            raise ConfigError(f"grad_accum_steps must be an int >= 1, got {C.grad_accum_steps!r}")
-        if C.lr_schedule not in (None, 'cosine'):
-            raise ConfigError(f"unknown lr_schedule {C.lr_schedule!r}; use None (constant) or 'cosine'")
         if C.lr_schedule == 'cosine' and C.lr_decay_iters is None and C.max_iters is None:
             raise ConfigError("lr_schedule='cosine' needs to know when to reach min_lr: set "
                               "lr_decay_iters or max_iters")
-        if C.warmup_iters < 0:
-            raise ConfigError(f"warmup_iters must be >= 0, got {C.warmup_iters}")
-        for k in ('eval_interval', 'eval_iters', 'checkpoint_interval'):
-            v = getattr(C, k)
-            if not (isinstance(v, int) and v >= 1):
-                raise ConfigError(f"{k} must be an int >= 1, got {v!r}")
-        if C.resume not in (False, True, 'auto'):
-            raise ConfigError(f"resume must be False, True or 'auto', got {C.resume!r}")
         if C.resume and C.work_dir is None:
             raise ConfigError(f"resume={C.resume!r} needs the work_dir that holds the checkpoint")
-        if C.data_seed is not None and not (isinstance(C.data_seed, int) and C.data_seed >= 0):
-            raise ConfigError(f"data_seed must be None or an int >= 0, got {C.data_seed!r}")
 
     def add_callback(self, onevent: str, callback):
         self.callbacks[onevent].append(callback)
@@ -249,7 +258,10 @@ class Trainer:
         self.best_val_loss = float('inf')
         seeded = config.data_seed is not None or config.work_dir is not None or ddp
         self.data_seed = None
-        resume = read_resume_state(config.work_dir, config.resume, self.rank, self.world_size)
+        resume, self._resume = self._resume, None  # not kept: a second copy of the weights
+        if resume is None and self.is_master:  # a fresh start, or a second run(): look again
+            resume = read_resume_state(config, model)
+        resume = share_resume_state(resume, self.world_size)
         if resume is not None:
             model_sd, state = resume
             apply_resume_state(model_sd, state, model, self.optimizer, self.scaler, config, self.rank,
@@ -269,7 +281,8 @@ class Trainer:
                               num_workers=num_workers, pin_memory=self.device_type == 'cuda')
 
         show_bar = config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
-        with Progress(config.max_iters, self.iter_num, bar=bool(show_bar) and self.is_master) as progress:
+        with Progress(config.max_iters, self.iter_num, bar=bool(show_bar), log_interval=config.log_interval,
+                      enabled=self.is_master) as progress:
             self._loop(loader, progress)
 
     def _loop(self, train_loader, progress):
@@ -281,15 +294,9 @@ class Trainer:
         while not self._stop_requested and (config.max_iters is None or self.iter_num < config.max_iters):
             t0 = time.time()
 
-            # fetch the next grad_accum_steps batches (x, y) and re-init iterator if needed
-            batches = []
-            for _ in range(config.grad_accum_steps):
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
-                    data_iter = iter(train_loader)
-                    batch = next(data_iter)
-                batches.append([t.to(self.device, non_blocking=True) for t in batch])
+            # the next grad_accum_steps batches (x, y): both samplers draw with replacement, forever
+            batches = [[t.to(self.device, non_blocking=True) for t in next(data_iter)]
+                       for _ in range(config.grad_accum_steps)]
 
             # forward, backward, update
             self._set_lr()
@@ -357,8 +364,9 @@ class Trainer:
         # a diverged loss stops the run before the update, so the weights stay the last good ones
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
-            where = (f"; the last good checkpoint is in {os.path.join(self.config.work_dir, 'ckpt')} "
-                     "(resume=True continues from it)" if self.config.work_dir else "")
+            found = find_checkpoint(os.path.join(config.work_dir, 'ckpt')) if config.work_dir else None
+            where = (f"; the last good checkpoint is in {found} (resume=True continues from it)" if found
+                     else "; no checkpoint had been written yet" if config.work_dir else "")
             raise FloatingPointError(f"loss is {loss_value} at iteration {self.iter_num}: training "
                                      f"diverged and was stopped before the optimizer step{where}. "
                                      "Try a lower learning_rate, more warmup_iters, a grad_norm_clip, "
@@ -425,18 +433,11 @@ class Trainer:
     # observability: the metrics log, log lines, the progress bar, the plot
 
     def _record(self, progress):
-        if not self.is_master:
-            return
-        loss = self.loss.item()
-        self.metrics.log({'iter': self.iter_num, 'loss': loss, 'lr': self.lr,
-                          'tokens_per_sec': round(self.tokens_per_sec, 1), 'time': round(time.time(), 3)})
-        progress.update(self.iter_num, loss, self.lr, self.tokens_per_sec)
-        interval = self.config.log_interval
-        if interval and self.iter_num % interval == 0:
-            logger.info("iter %d%s: loss %.4f, lr %.3e, %.0f tokens/s", self.iter_num,
-                        f"/{self.config.max_iters}" if self.config.max_iters else "", loss, self.lr,
-                        self.tokens_per_sec)
-            self.metrics.flush()
+        if self.is_master:
+            loss = self.loss.item()
+            self.metrics.log({'iter': self.iter_num, 'loss': loss, 'lr': self.lr,
+                              'tokens_per_sec': round(self.tokens_per_sec, 1), 'time': round(time.time(), 3)})
+            progress.update(self.iter_num, loss, self.lr, self.tokens_per_sec)
 
     def plot(self, path):
         """ save a PNG of the loss curves so far; without matplotlib (optional) a warning, no PNG """
@@ -455,12 +456,7 @@ class Trainer:
         state = trainer_state(self.iter_num, self.optimizer, self.scaler, rng, self.data_seed,
                               self.config.batch_size * self.config.grad_accum_steps * self.world_size,
                               self.best_val_loss)
-        model_config = getattr(unwrap(self.model), 'config', None)
-        info = {'trainer': self.config.to_dict(),
-                'model': model_config.to_dict() if hasattr(model_config, 'to_dict') else None}
         directory = os.path.join(self.config.work_dir, name)
-        os.makedirs(self.config.work_dir, exist_ok=True)
-        write_checkpoint(directory, self.model, state, info)
-        self.metrics.flush()
+        write_checkpoint(directory, self.model, state, trainer_config=self.config)
         logger.info("iter %d: saved checkpoint %s", self.iter_num, directory)
         self.trigger_callbacks('on_checkpoint')

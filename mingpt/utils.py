@@ -33,7 +33,7 @@ def setup_logging(config):
     """
     Prepare config.system.work_dir for a run: the exact command line goes to args.txt and the
     full config to config.json, so that every run can be reproduced from its work dir alone.
-    Also routes the library's `logging` output to stderr at INFO level if nobody configured it.
+    Also routes the library's `logging` output to stderr (log_to_stderr).
     """
     work_dir = config.system.work_dir
     os.makedirs(work_dir, exist_ok=True)
@@ -41,6 +41,14 @@ def setup_logging(config):
         f.write(' '.join(sys.argv))
     with open(os.path.join(work_dir, 'config.json'), 'w') as f:
         f.write(json.dumps(config.to_dict(), indent=4))
+    log_to_stderr()
+
+
+def log_to_stderr():
+    """
+    Route the library's `logging` output to stderr at INFO level, unless logging is configured
+    already. For a script that logs before setup_logging may write to its work dir.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s',
                             datefmt='%H:%M:%S')

@@ -4,6 +4,8 @@ Checkpoint directories on their own: what write_checkpoint writes and read_check
 and clear errors for files that do not belong together. (Resuming a Trainer: test_trainer_resume.py.)
 """
 
+import fractions
+import json
 import os
 import random
 
@@ -34,8 +36,9 @@ class TestCheckpointDirectory(TempDirTestCase):
     def test_tied_weights_are_stored_once_and_come_back_tied(self):
         model = tiny_gpt(tie_weights=True)
         ckpt = self.tmp / 'ckpt'
-        write_checkpoint(ckpt, model, state(3), info={'model': {'n_embd': 32}})
+        write_checkpoint(ckpt, model, state(3))
         self.assertEqual(sorted(os.listdir(ckpt)), ['config.json', 'model.safetensors', 'trainer.pt'])
+        self.assertEqual(json.loads((ckpt / 'config.json').read_text())['model']['n_embd'], 32)
         with safe_open(ckpt / 'model.safetensors', 'pt') as f:
             self.assertEqual(len(list(f.keys())), len(model.state_dict()) - 1)
         sd, st = read_checkpoint(ckpt)
@@ -65,6 +68,20 @@ class TestCheckpointDirectory(TempDirTestCase):
         write_checkpoint(b, tiny_gpt(), {'version': CHECKPOINT_VERSION + 1, 'iter_num': 0})
         with self.assertRaisesRegex(CheckpointError, f"version {CHECKPOINT_VERSION}"):
             read_checkpoint(b)
+
+
+    def test_trainer_state_with_python_objects_is_refused(self):
+        ckpt = self.tmp / 'ckpt'
+        write_checkpoint(ckpt, tiny_gpt(), state(0))
+        # a plain pickle of an object: unpickling it would call fractions.Fraction, i.e. run code
+        torch.save({**state(0), 'x': fractions.Fraction(1, 3)}, ckpt / 'trainer.pt')
+        with self.assertRaises(CheckpointError) as ctx:
+            read_checkpoint(ckpt)
+        message = str(ctx.exception)
+        self.assertIn('refused to load', message)
+        self.assertIn('fractions.Fraction', message)
+        self.assertIn('code that could run on load', message)
+        self.assertNotIn('weights_only', message)
 
 
 class TestRNGState(TempDirTestCase):

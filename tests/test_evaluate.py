@@ -205,7 +205,7 @@ class ModelTokenizerTest(TempDirTestCase):
         model = tiny_gpt(tok.n_vocab, block_size=32)
         work_dir = self.tmp / 'run'
         work_dir.mkdir()
-        write_checkpoint(str(work_dir / 'ckpt'), model, {'iter_num': 7}, info={'model': model.config.to_dict()})
+        write_checkpoint(str(work_dir / 'ckpt'), model, {'iter_num': 7})
         _, err, code = run_cli(['--model', str(work_dir / 'ckpt'), '--data', str(self.data)])
         self.assertEqual(code, 2)
         self.assertIn('cannot tell which tokenizer', err)

@@ -14,7 +14,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from mingpt import hardware
-from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype
+from mingpt.errors import ConfigError
+from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, training_device
 
 from tests.common import REPO, tiny_gpt
 
@@ -155,6 +156,13 @@ class TestTrainingDefaults(unittest.TestCase):
             self.assertEqual(fast_dtype('cpu'), 'float32')
         with mock.patch.object(torch.cpu, '_is_amx_tile_supported', lambda: True, create=True):
             self.assertEqual(fast_dtype('cpu'), 'bfloat16')
+
+    def test_training_device(self):
+        with mock.patch.object(torch.cuda, 'is_available', lambda: False):
+            self.assertEqual(training_device('auto'), 'cpu')
+        self.assertEqual(training_device('cpu', local_rank=1, world_size=2), 'cpu')  # only CUDA is split
+        with self.assertRaisesRegex(ConfigError, "device='gpu' is not a device torch knows: use 'auto'"):
+            training_device('gpu')
 
     def test_workers_leave_cores_for_training(self):
         for cores, expected in ((1, 0), (2, 0), (3, 1), (6, 4), (64, 4)):

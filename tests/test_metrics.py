@@ -7,10 +7,11 @@ import builtins
 import contextlib
 import json
 import logging
+import types
 from unittest import mock
 
 from mingpt import metrics
-from mingpt.metrics import MetricsLog, history_of, plot_metrics
+from mingpt.metrics import MetricsLog, Progress, duration, history_of, plot_metrics
 from tests.common import TempDirTestCase
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -72,9 +73,49 @@ class TestMetricsLog(TempDirTestCase):
         log = MetricsLog()
         log.open(None)
         log.log(train_record(1, 1.0))
-        log.flush()
         log.close()
         self.assertEqual(log.history['loss'], [1.0])
+
+
+class TestProgress(TempDirTestCase):
+
+    def run_progress(self, times, initial=0, **kw):
+        """
+        The log lines of a Progress that starts at clock reading times[0] and then finishes one
+        iteration at each further reading.
+        """
+        clock = iter(times)
+        with mock.patch.object(metrics, 'time', types.SimpleNamespace(monotonic=lambda: next(clock))), \
+                self.assertLogs('mingpt.metrics', logging.INFO) as logs:
+            with Progress(initial=initial, **kw) as progress:
+                for i in range(initial + 1, initial + len(times)):
+                    progress.update(i, 1.0 / i, 1e-3, 500.0)
+            logging.getLogger('mingpt.metrics').info('end')  # assertLogs needs one record at least
+        return [line.split(':', 2)[2] for line in logs.output[:-1]]
+
+    def test_plain_line_every_ten_seconds_with_eta(self):
+        # iterations end at 4, 8, 12, ... seconds: lines at 12 s (iter 3) and 24 s (iter 6)
+        lines = self.run_progress([0, 4, 8, 12, 16, 20, 24, 28], total=100)
+        self.assertEqual(lines, ['iter 3/100: loss 0.3333, lr 1.000e-03, 500 tokens/s, ETA 6m28s',
+                                 'iter 6/100: loss 0.1667, lr 1.000e-03, 500 tokens/s, ETA 6m16s'])
+        # a resumed run's rate counts only its own iterations: 2 in 24 s, then 10 to go
+        lines = self.run_progress([0, 12, 24], initial=88, total=100)
+        self.assertEqual(lines, ['iter 89/100: loss 0.0112, lr 1.000e-03, 500 tokens/s, ETA 2m12s',
+                                 'iter 90/100: loss 0.0111, lr 1.000e-03, 500 tokens/s, ETA 2m00s'])
+        # no max_iters: no ETA
+        self.assertEqual(self.run_progress([0, 5, 10], total=None), ['iter 2: loss 0.5000, lr 1.000e-03, 500 tokens/s'])
+
+    def test_log_interval_lines_restart_the_clock(self):
+        # iter 2 (8 s) by the interval, which restarts the clock; iter 4 (16 s) and 6 (24 s) the same
+        lines = self.run_progress([0, 4, 8, 12, 16, 20, 24], total=6, log_interval=2)
+        self.assertEqual([line.split(':')[0] for line in lines], ['iter 2/6', 'iter 4/6', 'iter 6/6'])
+
+    def test_only_rank_0_reports(self):
+        self.assertEqual(self.run_progress([0, 20, 40], total=2, log_interval=1, enabled=False), [])
+
+    def test_duration(self):
+        self.assertEqual([duration(s) for s in (0, 59.4, 61, 3599, 3600 * 2 + 300, -3)],
+                         ['0s', '59s', '1m01s', '59m59s', '2h05m', '0s'])
 
 
 class TestPlot(TempDirTestCase):

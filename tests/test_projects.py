@@ -190,6 +190,20 @@ class TestCharGPT(ProjectTestCase):
         self.assertEqual(iters, list(range(1, 81)))  # every iteration once: nothing redone, nothing lost
         self.assertEqual([i for i, _ in val], [20, 40, 60, 80])
 
+    def test_a_run_that_cannot_resume_overwrites_nothing(self):
+        work_dir = self.tmp / 'out'
+        self.assertRan(run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=2',
+                                   *self.TINY, cwd=self.tmp))
+        before = {p.name: p.read_bytes() for p in work_dir.iterdir() if p.is_file()}
+        self.assertIn('config.json', before)
+        # the same work dir with a wider model: its checkpoint cannot be resumed
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=4', *self.TINY,
+                           '--model.n_embd=48', cwd=self.tmp)
+        self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+        self.assertRegex(proc.stderr, r'error: the checkpoint in .* was written by a model of another size')
+        self.assertNotIn('Traceback', proc.stderr)
+        self.assertEqual({p.name: p.read_bytes() for p in work_dir.iterdir() if p.is_file()}, before)
+
     def test_prompt_outside_the_vocabulary_is_a_clear_error(self):
         proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--sample.prompt=ROMEO: €ë',
                            *self.TINY[:-1], cwd=self.tmp)

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import unittest
 from pathlib import Path
 

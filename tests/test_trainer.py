@@ -9,17 +9,19 @@ files and metrics log on their own: test_schedule.py, test_checkpoint.py, test_m
 import contextlib
 import io
 import json
-import math
 import os
 import tempfile
 import unittest
 import warnings
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mingpt import metrics
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
+from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype
 from mingpt.model import GPT
 from mingpt.schedule import get_lr
@@ -175,13 +177,32 @@ class TestConfigValidation(unittest.TestCase):
             (dict(dtype='float16'), "CUDA"),          # no GradScaler on CPU
             (dict(dtype='fp8'), "unknown dtype"),
             (dict(lr_schedule='cosine'), "lr_decay_iters or max_iters"),
-            (dict(lr_schedule='linear'), "unknown lr_schedule"),
+            (dict(lr_schedule='linear'), r"lr_schedule='linear' cannot work: set it to None \(constant\) or 'cosine'"),
             (dict(grad_accum_steps=0), "grad_accum_steps"),
             (dict(resume=True), "work_dir"),
             (dict(data_seed=-1), "data_seed"),
+            (dict(batch_size=0), r"batch_size=0 cannot work: set it to an int >= 1"),
+            (dict(max_iters=-5), r"max_iters=-5 cannot work: set it to an int >= 0, or None"),
+            (dict(max_iters=2.5), r"max_iters=2.5"),
+            (dict(learning_rate='fast'), r"learning_rate='fast' cannot work: set it to a number > 0"),
+            (dict(learning_rate=0), r"learning_rate=0"),
+            (dict(learning_rate=float('nan')), r"learning_rate=nan"),
+            (dict(betas=(0.9,)), r"betas=\(0.9,\) cannot work: set it to two numbers"),
+            (dict(weight_decay=-0.1), r"weight_decay"),
+            (dict(eval_iters=0), r"eval_iters=0"),
+            (dict(warmup_iters=True), r"warmup_iters=True"),
+            (dict(log_interval=-1), r"log_interval"),
+            (dict(resume='yes'), r"resume='yes' cannot work: set it to False, True or 'auto'"),
+            (dict(progress_bar='on'), r"progress_bar"),
+            (dict(device='gpu'), r"device='gpu' is not a device torch knows"),
         ]
         for kw, message in cases:
-            with self.subTest(**kw), self.assertRaisesRegex(ValueError, message):
+            with self.subTest(**kw), self.assertRaisesRegex(ConfigError, message):
+                Trainer(quiet_config(**kw), model, RepeatDataset())
+        # and what stays allowed: minGPT's defaults, None where None has a meaning, max_iters=0
+        for kw in (dict(max_iters=0), dict(grad_norm_clip=None), dict(grad_norm_clip=0), dict(log_interval=None),
+                   dict(num_workers=2), dict(learning_rate=1), dict(betas=[0.9, 0.99]), dict(min_lr=0)):
+            with self.subTest(**kw):
                 Trainer(quiet_config(**kw), model, RepeatDataset())
 
     def test_old_config_without_new_fields_still_runs(self):
@@ -269,7 +290,6 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
         self.assertLess(sum(losses[-3:]) / 3, 0.7 * losses[0])
 
     def test_auto_dtype_is_bfloat16_only_with_bf16_hardware(self):
-        from unittest import mock
         for avx512_bf16, amx, expected in [(False, False, 'float32'), (True, False, 'bfloat16'),
                                           (False, True, 'bfloat16')]:
             with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, create=True), \
@@ -284,7 +304,6 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
     def test_attention_runs_in_fp32_under_cpu_autocast(self):
         # torch's CPU attention kernel is slow in bf16: under autocast it gets fp32 inputs, and the
         # result equals fp32 attention on the bf16-rounded q, k, v
-        from unittest import mock
         import mingpt.model as model_module
         set_seed(0)
         model = tiny_model()
@@ -384,9 +403,12 @@ class TestObservability(unittest.TestCase):
             C = quiet_config(max_iters=4, batch_size=4, work_dir=d, log_interval=2, progress_bar=True)
             trainer = Trainer(C, tiny_model(), RepeatDataset())
             err = io.StringIO()
-            with self.assertLogs('mingpt.trainer', 'INFO') as logs, contextlib.redirect_stderr(err):
+            # with the bar on, no timed lines however often they would come: only every log_interval
+            with self.assertLogs('mingpt', 'INFO') as logs, contextlib.redirect_stderr(err), \
+                    mock.patch.object(metrics, 'PLAIN_PROGRESS_EVERY', 0.0):
                 trainer.run()
             self.assertTrue(any('iter 2/4: loss' in line and 'tokens/s' in line for line in logs.output))
+            self.assertEqual([line.split('iter ')[1][:3] for line in logs.output if ': loss' in line], ['2/4', '4/4'])
             self.assertIn('4/4', err.getvalue())
             self.assertIn('loss=', err.getvalue())
             with open(os.path.join(d, 'metrics.jsonl')) as f:
@@ -398,6 +420,40 @@ class TestObservability(unittest.TestCase):
             trainer.plot(png)
             with open(png, 'rb') as f:
                 self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
+
+    def test_without_the_bar_a_plain_progress_line_with_eta(self):
+        set_seed(0)
+        C = quiet_config(max_iters=6, batch_size=4, log_interval=None, progress_bar=False)
+        trainer = Trainer(C, tiny_model(), RepeatDataset())
+        with self.assertLogs('mingpt.metrics', 'INFO') as logs, \
+                mock.patch.object(metrics, 'PLAIN_PROGRESS_EVERY', 0.0):  # a line after every iteration
+            trainer.run()
+        lines = [line for line in logs.output if ': loss' in line]
+        self.assertEqual(len(lines), 6)
+        self.assertRegex(lines[0], r'iter 1/6: loss [\d.]+, lr [\d.e+-]+, \d+ tokens/s, ETA \d+s')
+        self.assertRegex(lines[-1], r'iter 6/6: .*ETA 0s')
+        # and at the real cadence, a run of a second or two says nothing more than its log_interval lines
+        trainer = Trainer(quiet_config(max_iters=3, batch_size=4, log_interval=3), tiny_model(), RepeatDataset())
+        with self.assertLogs('mingpt.metrics', 'INFO') as logs:
+            trainer.run()
+        self.assertEqual([line for line in logs.output if ': loss' in line and 'iter 3/3' not in line], [])
+
+    def test_nan_before_any_checkpoint_does_not_point_to_one(self):
+        set_seed(0)
+        config = GPT.get_default_config()
+        config.model_type, config.vocab_size, config.block_size = 'gpt-nano', 5, 8
+        model = PoisonedGPT(config)
+        model.poisoned = True
+        with tempfile.TemporaryDirectory() as d:
+            trainer = Trainer(quiet_config(max_iters=10, batch_size=4, work_dir=d), model, RepeatDataset())
+            with self.assertRaises(FloatingPointError) as ctx:
+                trainer.run()
+            self.assertNotIn('last good checkpoint', str(ctx.exception))
+            self.assertIn('no checkpoint had been written yet', str(ctx.exception))
+            self.assertIsNone(find_checkpoint(os.path.join(d, 'ckpt')))
+        with self.assertRaises(FloatingPointError) as ctx:  # without a work_dir: no word on checkpoints
+            Trainer(quiet_config(max_iters=10, batch_size=4), model, RepeatDataset()).run()
+        self.assertNotIn('checkpoint', str(ctx.exception))
 
     def test_without_matplotlib_the_run_ends_well_with_one_warning(self):
         import logging

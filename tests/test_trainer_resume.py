@@ -121,6 +121,24 @@ class TestCheckpointErrors(unittest.TestCase):
             train(self.dir, 4)
         self.assertEqual(read_checkpoint(os.path.join(self.dir, 'ckpt'))[1]['iter_num'], 2)
 
+    def test_a_run_that_cannot_resume_writes_nothing(self):
+        train(self.dir, 2)
+        before = {name: open(os.path.join(root, name), 'rb').read()
+                  for root, _, names in os.walk(self.dir) for name in names}
+        cases = [(dict(model=tiny_model(n_embd=32), resume=True), "another size"),
+                 (dict(resume=False), "already holds a checkpoint"),
+                 (dict(resume='auto', data_seed=99), "data_seed")]
+        for kw, message in cases:
+            with self.subTest(message):
+                set_seed(0)
+                C = quiet_config(max_iters=4, batch_size=4, work_dir=self.dir, **{k: v for k, v in kw.items()
+                                                                                   if k != 'model'})
+                with self.assertRaisesRegex(CheckpointError, message):
+                    Trainer(C, kw.get('model', tiny_model()), RepeatDataset())  # making it is enough
+        after = {name: open(os.path.join(root, name), 'rb').read()
+                 for root, _, names in os.walk(self.dir) for name in names}
+        self.assertEqual(after, before)
+
     def test_resume_needs_a_checkpoint_unless_auto(self):
         with self.assertRaisesRegex(CheckpointError, "no checkpoint"):
             train(self.dir, 2, resume=True)
@@ -146,13 +164,20 @@ class TestCheckpointErrors(unittest.TestCase):
                         f.write(b'\x00not a checkpoint' * 10)
                 else:
                     os.remove(path)
-                with self.assertRaisesRegex(CheckpointError, name):
+                with self.assertRaisesRegex(CheckpointError, name) as ctx:
                     train(self.dir, 4, resume=True)
+                self.assertNotIn('weights_only', str(ctx.exception))  # never advice to run a file's code
 
     def test_mismatched_model_or_data_seed(self):
         train(self.dir, 2)
-        with self.assertRaisesRegex(CheckpointError, "does not fit this model"):
+        with self.assertRaisesRegex(CheckpointError, "was written by a model of another size") as ctx:
             train(self.dir, 4, model=tiny_model(n_embd=32), resume=True)
+        # one sentence naming a few tensors and both shapes, not torch's dump of every one of them
+        message = str(ctx.exception)
+        self.assertIn("(transformer.wte.weight: (5, 48) in the checkpoint, (5, 32) in this model; ", message)
+        self.assertRegex(message, r"; and \d+ more tensors\): build the model with the sizes in .*config\.json")
+        self.assertNotIn('\n', message)
+        self.assertLess(len(message), 600)
         with self.assertRaisesRegex(CheckpointError, "data_seed"):
             train(self.dir, 4, resume=True, data_seed=12345)
 

@@ -9,6 +9,7 @@ The task is minGPT's: "85 + 50 = 135" is written as the digits 8550531 (the sum 
 addition produces its low digit first), and the model is only trained on, and scored on, the sum.
 """
 
+import copy
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('adder')
 
@@ -205,7 +206,8 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints and metrics.jsonl live there too
-    setup_logging(config)
+    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
+    log_to_stderr()
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
@@ -222,6 +224,7 @@ def main(args):
 
     # the trainer measures the test loss every eval_interval iterations; we add exact-match accuracy
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=test_dataset)
+    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     best_dir = os.path.join(config.system.work_dir, 'best')
     results = {'best_test_acc': -1.0}
 

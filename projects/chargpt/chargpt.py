@@ -10,6 +10,7 @@ downloaded once into the mingpt cache. The first 90% of the text is trained on, 
 the validation split. Running the same command again continues from work_dir/ckpt.
 """
 
+import copy
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -90,7 +91,8 @@ def main(args):
         config.model.n_layer = config.model.n_head = config.model.n_embd = None
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
-    setup_logging(config)
+    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
+    log_to_stderr()
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
@@ -105,7 +107,6 @@ def main(args):
         if CharTokenizer.load(vocab_path).chars != vocab.chars:
             raise ConfigError(f"{config.system.work_dir} holds a run on a text with another "
                               f"vocabulary ({vocab_path}); use another --system.work_dir for this text")
-    vocab.save(config.system.work_dir)
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
     train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction,
                                                vocab_size=vocab.n_vocab)
@@ -123,6 +124,8 @@ def main(args):
 
     # the trainer evaluates, keeps work_dir/ckpt_best and resumes; we add samples and the plot
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
+    vocab.save(config.system.work_dir)
 
     def sample(trainer):
         S = config.sample
