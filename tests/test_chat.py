@@ -1,13 +1,16 @@
 """
 Tests for mingpt/chat/: the chat tokens added to a BPE vocabulary, the model grown to match
-(GPT.resize_token_embeddings) with every old logit unchanged, the conversation rendered to ids with a loss mask on
-the assistant's tokens only, the prompt for a reply (old turns dropped to fit), the reply streamed
-from the generation engine and cut at the end of the turn, and the CLI driven through a pipe.
+(GPT.resize_token_embeddings) with every old logit unchanged, the conversation rendered to ids with a
+loss mask on the assistant's tokens only, the prompt for a reply (old turns dropped to fit), the reply
+streamed from the generation engine and cut at the end of the turn, the terminal chat's commands and
+its history kept within the context, and the CLI driven through a pipe.
 
 The helpers at the top (a small vocabulary, a tiny chat model directory) are shared with
 test_serve.py and test_serve_browser.py.
 """
 
+import argparse
+import io
 import json
 import os
 import subprocess
@@ -16,10 +19,12 @@ import tempfile
 import unittest
 from functools import lru_cache
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from mingpt.bpe import ENDOFTEXT, Encoder
+import mingpt.chat.__main__ as chat_main
 from mingpt.chat import (ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, ChatTokenizer, PromptTooLong,
                          add_chat_tokens, check_messages, load_chat_model, prompt_budget, stream_reply,
                          tokenizer_or_gpt2)
@@ -256,6 +261,18 @@ class TestRender(unittest.TestCase):
         self.assertIn("too long", str(cm.exception))
         self.assertIsInstance(cm.exception, ValueError)
 
+    def test_fit_keeps_the_newest_turns_that_fit(self):
+        prompt = CONVERSATION[:4]
+        n = len(self.tok.render_for_completion(prompt))
+        self.assertEqual(self.tok.fit(prompt), prompt)
+        self.assertEqual(self.tok.fit(prompt, n), prompt)
+        self.assertEqual(self.tok.fit(prompt, n - 1), [prompt[0], prompt[3]])
+        # a history that starts with the assistant (a greeting, say) is kept whole while it fits
+        greeted = [CONVERSATION[0], {'role': 'assistant', 'content': 'Who goes there?'}, CONVERSATION[1]]
+        n = len(self.tok.render_for_completion(greeted))
+        self.assertEqual(self.tok.fit(greeted, n), greeted)
+        self.assertEqual(self.tok.fit(greeted, n - 1), [greeted[0], greeted[2]])
+
     def test_bad_messages(self):
         cases = [
             ('hello', "list of messages"),
@@ -436,6 +453,81 @@ class TestSFT(TempDirTestCase):
             make_data.main(['--path', str(path), '--out', str(self.tmp / 'data')])
 
 # -----------------------------------------------------------------------------
+# the terminal chat's loop, in-process: commands, and a long chat kept within the context
+
+class Terminal(io.StringIO):
+    """ stdin as a terminal: a prompt, labelled replies, notes on stdout """
+
+    def isatty(self):
+        return True
+
+
+class TestREPL(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model, cls.tok = tiny_chat_model(block_size=64, never_stop=True)
+
+    def chat(self, lines, stdin_cls=io.StringIO, system=None, max_new_tokens=8):
+        """ run the REPL on lines; -> (stdout, stderr, the message lists stream_reply was given) """
+        args = argparse.Namespace(model='tiny', system=system, seed=None, temperature=0.0, top_k=0, top_p=None,
+                                  max_new_tokens=max_new_tokens)
+        stdout, stderr, prompts = io.StringIO(), io.StringIO(), []
+
+        def recording_stream_reply(model, tokenizer, messages, *a, **kw):
+            prompts.append(list(messages))
+            return stream_reply(model, tokenizer, messages, *a, **kw)
+
+        with mock.patch.object(chat_main, 'stream_reply', recording_stream_reply):
+            chat_main.repl(self.model, self.tok, args, stdin_cls(''.join(l + '\n' for l in lines)), stdout, stderr)
+        return stdout.getvalue(), stderr.getvalue(), prompts
+
+    def reply(self, messages, n=8):
+        return ''.join(stream_reply(self.model, self.tok, messages, n, temperature=0))
+
+    def test_commands_are_never_sent_to_the_model(self):
+        out, err, prompts = self.chat(['/help', '/frobnicate now', '/etc/hosts, where is it?', '/quit', 'unread'])
+        # only the last line is a message: a path is not a command
+        self.assertEqual(prompts, [[{'role': 'user', 'content': '/etc/hosts, where is it?'}]])
+        self.assertEqual(out, self.reply(prompts[0]) + '\n')  # piped: stdout is only the replies
+        for command in chat_main.COMMANDS:
+            self.assertIn(command, err)
+        self.assertEqual([l for l in err.splitlines() if 'frobnicate' in l],
+                         ['unknown command /frobnicate: /help lists the commands'])
+
+    def test_on_a_terminal_the_notes_go_to_stdout(self):
+        out, err, prompts = self.chat(['/help', '/nope'], stdin_cls=Terminal)
+        self.assertEqual((err, prompts), ('', []))
+        self.assertIn('/help lists the commands', out.splitlines()[0])  # the banner
+        self.assertIn(chat_main.HELP, out)
+        self.assertIn('unknown command /nope: /help lists the commands\n', out)
+
+    def test_a_long_chat_keeps_its_history_within_the_context(self):
+        lines = [f'Tell me of the {i}th star' for i in range(30)]
+        out, err, prompts = self.chat(lines + ['/reset'] + lines[:20], system='You are Puck.')
+        budget = chat_main.prompt_budget(self.model, 8)
+        system = [{'role': 'system', 'content': 'You are Puck.'}]
+        # the replies are those of a history kept whole: the model sees the same newest turns that fit
+        history, expected = list(system), []
+        for i, line in enumerate(lines + lines[:20]):
+            if i == len(lines):
+                history = list(system)  # /reset
+            history.append({'role': 'user', 'content': line})
+            expected.append(self.reply(history))
+            history.append({'role': 'assistant', 'content': expected[-1]})
+        self.assertEqual(out, ''.join(r + '\n' for r in expected))
+        # but the history given to stream_reply stops growing: old turns are gone, not re-rendered each time
+        self.assertEqual(len(prompts), 50)
+        for messages in prompts:
+            self.assertEqual(messages[0], system[0])
+            self.assertLessEqual(len(self.tok.render_for_completion(messages)), budget)
+            self.assertEqual(self.tok.fit(messages, budget), messages)  # nothing left to drop
+        lengths = [len(m) for m in prompts[:30]]
+        self.assertTrue(2 < max(lengths) < 10, lengths)  # earlier turns are kept while they fit, no more
+        # said once per conversation, when the first turn is dropped
+        self.assertEqual(err.count("no longer fits in the model's context of 64 tokens"), 2, err)
+
+# -----------------------------------------------------------------------------
 # the CLI, as a user runs it: a subprocess with stdin piped
 
 def run_cli(model_dir, stdin, *args, timeout=300):
@@ -465,9 +557,10 @@ class TestChatCLI(unittest.TestCase):
     def test_piped_conversation(self):
         n = 12
         system = [{'role': 'system', 'content': 'You are Puck.'}]
-        proc = run_cli(self.model_dir, 'Hello there\nWhat news?\n/reset\nWhat news?\n/quit\nnever read\n',
+        proc = run_cli(self.model_dir, 'Hello there\n/bogus\nWhat news?\n/reset\nWhat news?\n/quit\nnever read\n',
                        '--temperature', '0', '--max-new-tokens', str(n), '--system', 'You are Puck.')
         self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stderr, 'unknown command /bogus: /help lists the commands\n')  # not a message
         r1 = self.reply(system + [{'role': 'user', 'content': 'Hello there'}], n)
         history = system + [{'role': 'user', 'content': 'Hello there'},
                             {'role': 'assistant', 'content': r1},

@@ -144,26 +144,40 @@ class ChatTokenizer:
         """
         messages (ending with a user message) -> ids ending with <|assistant|>, the prompt from
         which the model writes the next reply. With max_tokens, the oldest turns are dropped
-        (the system message is kept) until the prompt fits; PromptTooLong if it never does.
+        (the system message is kept) until the prompt fits (see fit); PromptTooLong if it never does.
+        """
+        return self.render_conversation(self.fit(messages, max_tokens))[0] + [self.assistant_id]
+
+    def fit(self, messages, max_tokens=None):
+        """
+        The newest part of messages (ending with a user message) whose prompt fits in max_tokens:
+        the system message, if any, and the latest turns, from the first or from a user message on;
+        all of messages without max_tokens. Each message is encoded once, whatever the number of turns dropped.
+        PromptTooLong if even the last user message alone does not fit.
         """
         check_messages(messages)
         if not messages or messages[-1]['role'] != 'user':
             raise ConfigError("to reply, the conversation must end with a user message (got "
-                             f"{'nothing' if not messages else messages[-1]['role']!r} last)")
+                              f"{'nothing' if not messages else messages[-1]['role']!r} last)")
+        if max_tokens is None:
+            return list(messages)
         system = list(messages[:1]) if messages[0]['role'] == 'system' else []
-        turns = list(messages[len(system):])
-        while True:
-            ids = self.render_conversation(system + turns)[0] + [self.assistant_id]
-            if max_tokens is None or len(ids) <= max_tokens:
-                return ids
-            # drop the oldest exchange: everything before the next user message after the first
-            nxt = next((i for i in range(1, len(turns)) if turns[i]['role'] == 'user'), None)
-            if nxt is None:
-                raise PromptTooLong(
-                    f"the message is too long: the prompt is {len(ids)} tokens but at most "
-                    f"{max_tokens} fit (with room left for the reply); shorten the message"
-                    + (" or the system prompt" if system else "") + ", or ask for fewer new tokens")
-            turns = turns[nxt:]
+        # a message is <|role|> content <|end|>; the prompt adds <|endoftext|> and <|assistant|>
+        n_tokens = 2 + sum(len(self.encode(m['content'])) + 2 for m in system)
+        start = None  # where the kept turns start: the first turn, or a user message
+        for i in range(len(messages) - 1, len(system) - 1, -1):
+            n_tokens += len(self.encode(messages[i]['content'])) + 2
+            if messages[i]['role'] != 'user' and i > len(system):
+                continue
+            if n_tokens > max_tokens:  # starting earlier only adds tokens
+                break
+            start = i
+        if start is None:
+            raise PromptTooLong(
+                f"the message is too long: the prompt is {n_tokens} tokens but at most "
+                f"{max_tokens} fit (with room left for the reply); shorten the message"
+                + (" or the system prompt" if system else "") + ", or ask for fewer new tokens")
+        return system + list(messages[start:])
 
 # -----------------------------------------------------------------------------
 # replying: the generation engine's stream, cut at the end of the turn, as text

@@ -1,41 +1,61 @@
 """
 The terminal chat with a chat model (see mingpt/chat/__init__.py for the conversation format).
 
-    python -m mingpt.chat --model out/chat/sft/model      # a REPL; /reset, /quit
+    python -m mingpt.chat --model out/chat/sft/model      # a REPL; /help lists the commands
     echo "Good morrow" | python -m mingpt.chat --model out/chat/sft/model   # one reply per input line
 
 On a terminal there is a prompt and the replies are labelled; with stdin piped, each input line is a
-user message and the output is exactly the replies, one per line.
+user message and the output is exactly the replies, one per line (anything else goes to stderr).
+A line whose first word is a /command is never sent to the model: /help, /reset and /quit do what
+they say, and any other /command is refused with a one-line message.
+
+The conversation is kept within the model's context: before each reply the oldest turns that no
+longer fit are dropped from the history itself (the chat says so once), so a reply costs the same in
+a long chat as in a short one. The model sees what it would see if the history were kept whole,
+since a prompt only ever holds the newest turns that fit (ChatTokenizer.fit).
 """
 
 import argparse
 import logging
+import re
 import sys
 
-from mingpt.chat import PromptTooLong, add_sampling_args, load_chat_model, stream_reply
+from mingpt.chat import PromptTooLong, add_sampling_args, load_chat_model, prompt_budget, stream_reply
 from mingpt.errors import ConfigError
 from mingpt.generate import check_sampling_args
 from mingpt.utils import run_script
 
 logger = logging.getLogger('mingpt.chat')
 
+COMMANDS = {
+    '/help': 'list the commands',
+    '/reset': 'start a new conversation (the --system message stays)',
+    '/quit': 'leave (Ctrl-D does too)',
+}
+COMMAND = re.compile(r'/[A-Za-z]\w*')  # the first word of a command line; "/etc/hosts is..." is a message
+HELP = ''.join(f'{name:8} {what}\n' for name, what in COMMANDS.items())
+
 
 def sampling_kwargs(args):
     return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
 
 
-def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout):
+def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr):
     """
-    Read user messages line by line and stream the replies. On a terminal there is a prompt and
-    the replies are labelled; with stdin piped each reply is written as it is, followed by a
-    newline, so the output is exactly the replies. Ends at EOF or /quit.
+    Read user messages line by line and stream the replies. On a terminal there is a prompt, the
+    replies are labelled and notes (/help, a refused command, ...) go to stdout; with stdin piped
+    each reply is written as it is, followed by a newline, so stdout is exactly the replies, and the
+    notes go to stderr. Ends at EOF or /quit.
     """
     interactive = stdin.isatty()
-    messages = [{'role': 'system', 'content': args.system}] if args.system else []
-    fresh = list(messages)
+    notes = stdout if interactive else stderr
+    fresh = [{'role': 'system', 'content': args.system}] if args.system else []
+    messages = list(fresh)
+    budget = prompt_budget(model, args.max_new_tokens)  # the same as stream_reply's
+    said_dropped = False  # the note on dropped turns, once per conversation
     kwargs = sampling_kwargs(args)
     if interactive:
-        stdout.write("Chatting with %s. /reset starts over, /quit (or Ctrl-D) leaves.\n" % args.model)
+        stdout.write("Chatting with %s. /help lists the commands, /quit (or Ctrl-D) leaves.\n" % args.model)
     use_input = interactive and stdin is sys.stdin and stdout is sys.stdout
     if use_input:
         try:
@@ -59,20 +79,41 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout):
                 stdout.write('\n')
             return
         text = line.rstrip('\r\n')
-        if text.strip() == '/quit':
-            return
-        if text.strip() == '/reset':
-            messages = list(fresh)
-            if interactive:
-                stdout.write('(conversation reset)\n')
-            continue
         if not text.strip():
             continue
+        command = text.split(maxsplit=1)[0]
+        if COMMAND.fullmatch(command):
+            if command == '/quit':
+                return
+            if command == '/reset':
+                messages, said_dropped = list(fresh), False
+                if interactive:
+                    stdout.write('(conversation reset)\n')
+            elif command == '/help':
+                notes.write(HELP)
+            else:
+                notes.write(f"unknown command {command}: /help lists the commands\n")
+            notes.flush()
+            continue
         messages.append({'role': 'user', 'content': text})
+        seed = None if args.seed is None else args.seed + turn  # turn i samples with seed + i
+        turn += 1
+        try:
+            kept = tokenizer.fit(messages, budget)
+        except PromptTooLong as e:
+            messages.pop()
+            logger.error("%s", e)
+            stdout.write('\n')
+            continue
+        if len(kept) < len(messages):
+            messages = kept
+            if not said_dropped:
+                said_dropped = True
+                notes.write(f"(the conversation no longer fits in the model's context of {model.block_size} "
+                            "tokens: from now on its oldest turns are dropped)\n")
+                notes.flush()
         if interactive:
             stdout.write('bot> ')
-        seed = None if args.seed is None else args.seed + turn
-        turn += 1
         reply = []
         try:
             for piece in stream_reply(model, tokenizer, messages, args.max_new_tokens, seed=seed, **kwargs):
@@ -83,11 +124,6 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout):
             if not interactive:
                 raise
             stdout.write(' [stopped]')  # Ctrl-C stops the reply, not the chat
-        except PromptTooLong as e:
-            messages.pop()
-            logger.error("%s", e)
-            stdout.write('\n')
-            continue
         stdout.write('\n')
         stdout.flush()
         messages.append({'role': 'assistant', 'content': ''.join(reply)})
