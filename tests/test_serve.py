@@ -9,6 +9,7 @@ parallel requests that all complete or get 429, as configured.
 import contextlib
 import io
 import json
+import random
 import re
 import threading
 import time
@@ -260,6 +261,36 @@ class TestServeRefuses(ServeTestCase):
                 pass  # the server may close the connection before the client has sent everything
             self.assertEqual(client.get('/health').json()['status'], 'ok')
         self.assertLess(sum(received), 2 << 20)  # it stopped reading soon after 1 MB, not at 50 MB
+
+    def test_health_answers_while_the_heaviest_request_is_prepared(self):
+        # the largest body accepted, one message of ~1 MB of varied text: tokenizing it takes seconds,
+        # in a worker thread, while the event loop keeps answering /health
+        rng = random.Random(0)  # words never seen before: every one goes through BPE's merges
+        text = ' '.join(''.join(rng.choices('abcdefghijklmnopqrstuvwxyzé', k=rng.randint(1, 12)))
+                        for _ in range(160_000))
+        text = text.encode()[:(1 << 20) - 100].decode(errors='ignore')
+        body = json.dumps({'messages': [{'role': 'user', 'content': text}], 'max_tokens': 5},
+                          ensure_ascii=False).encode()
+        self.assertLessEqual(len(body), 1 << 20)
+        with running_server(self.app()) as url, httpx.Client(base_url=url, timeout=120) as client:
+            result = {}
+            post = threading.Thread(target=lambda: result.update(r=client.post(
+                '/chat', content=body, headers={'content-type': 'application/json'})))
+            t0 = time.monotonic()
+            post.start()
+            latencies = []
+            with httpx.Client(base_url=url, timeout=10) as health:
+                while post.is_alive():
+                    t = time.monotonic()
+                    self.assertEqual(health.get('/health').status_code, 200)
+                    latencies.append(time.monotonic() - t)
+                    time.sleep(0.02)
+            post.join()
+            busy = time.monotonic() - t0
+        self.assertError(result['r'], 413, 'too long')  # tokenized whole, then refused: too long for the context
+        self.assertGreater(len(latencies), 5, f"the request took only {busy:.2f} s")
+        self.assertLess(max(latencies), 0.1, f"/health latencies while a {busy:.1f} s request was prepared: "
+                                             f"{sorted(latencies)[-5:]}")
 
     def test_cli_shows_no_path_checks_port_and_allowed_hosts(self):
         import uvicorn
