@@ -5,11 +5,8 @@ The ids are identical to tiktoken's "gpt2" encoding on any text. It is Python an
 code of its own; bench/tokenizer.py measures its speed against tiktoken's. How, in the order text flows
 through encode():
 
-1. Pre-tokenize: GPT-2's regex splits the text into pieces (words with their leading space, numbers,
-   punctuation runs, whitespace runs); BPE never merges across pieces. This is a large part of the time,
-   so stretches of pure ASCII text are split with an equivalent ASCII-only pattern and the stdlib `re`
-   (faster than `regex` with Unicode classes), and only the neighbourhood of the odd non-ASCII character
-   goes through the full Unicode pattern (see Encoder.pretokenize for why this is exact).
+1. Pre-tokenize (mingpt/pretokenize.py): GPT-2's regex splits the text into pieces (words with their
+   leading space, numbers, punctuation runs, whitespace runs); BPE never merges across pieces.
 2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
@@ -28,18 +25,16 @@ tokens (GPT-2 has one, <|endoftext|> = 50256), produced only when allowed via al
 
 import json
 import logging
-import re
-import sys
 import threading
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import regex
 import torch
 
 from mingpt.download import cache_path, cached_download, gpt2_url, sha256sum
 from mingpt.errors import DownloadError
+from mingpt.pretokenize import PAT, pretokenize, special_tokens_regex, without_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -52,28 +47,6 @@ GPT2_VOCAB_FILES = {
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
 }
-
-# GPT-2's pre-tokenizer, as published by OpenAI:
-#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# We put the letters alternative first because it is by far the most common match; that changes nothing,
-# since it can only match where the contractions cannot (they start with an apostrophe, which is neither a
-# letter nor a space). \s+(?!\S) keeps the last space of a run for the next word: "a   b" -> "a", "  ", " b".
-PATTERN = r""" ?\p{L}+|'(?:[sdmt]|ll|ve|re)| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-# The same pattern spelled for ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s (Unicode
-# White_Space) is [\t\n\v\f\r ]. Note \x1c-\x1f are not White_Space, though str.isspace() says they are.
-# From Python 3.11 on, `re` has possessive repeats (++): no piece ever gives back a character of a letter,
-# digit or punctuation run, so the engine need not keep the states to backtrack into.
-# The whitespace run before (?!\S) must stay backtracking: it gives back its last space to the next word.
-_WS = r'\t\n\x0b\x0c\r '
-_RUN = '++' if sys.version_info >= (3, 11) else '+'
-ASCII_PATTERN = (rf"""[ ]?[A-Za-z]{_RUN}|'(?:[sdmt]|ll|ve|re)|[ ]?[0-9]{_RUN}|[ ]?[^{_WS}A-Za-z0-9]{_RUN}"""
-                 rf"""|[{_WS}]+(?![^{_WS}])|[{_WS}]{_RUN}""")
-_NON_ASCII = re.compile(r'[^\x00-\x7f]')
-# A "safe cut": an ASCII non-space character followed by an ASCII space character. No piece spans it,
-# and no piece before it looks past it, so text on either side can be pre-tokenized independently.
-_SAFE_CUT_AFTER = re.compile(rf'(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')
-_LAST_SAFE_CUT = regex.compile(rf'(?r)(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')  # (?r): search backwards
 
 MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
 
@@ -93,31 +66,6 @@ def bytes_to_unicode():
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
-
-
-def special_tokens_regex(tokens):
-    """A compiled regex that matches any of the strings tokens, longest first: a special token that is a
-    prefix of another must not win over the longer one."""
-    return re.compile('|'.join(map(re.escape, sorted(tokens, key=len, reverse=True))))
-
-
-def without_lone_surrogates(text: str) -> str:
-    """text with its lone surrogates (not valid UTF-8; say from a file read with errors='surrogateescape')
-    paired up where they pair up and the rest replaced with U+FFFD, as tiktoken does."""
-    return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
-
-
-def safe_chunks(text: str, n_chars: int):
-    """Yield text in consecutive chunks of at least n_chars characters (the last may be shorter), each
-    ending at a "safe cut" (see Encoder.pretokenize): pre-tokenizing the chunks one at a time gives exactly
-    the pieces of the whole text, with the memory of one chunk."""
-    pos = 0
-    while pos < len(text):
-        end = pos + n_chars
-        cut = _SAFE_CUT_AFTER.search(text, end) if end < len(text) else None
-        end = cut.start() if cut else len(text)
-        yield text[pos:end]
-        pos = end
 
 
 class _PieceCache(dict):
@@ -154,8 +102,7 @@ class Encoder:
         self.encoder = encoder
         self.decoder = {v: k for k, v in encoder.items()}
         self.bpe_ranks = dict(zip(map(tuple, bpe_merges), range(len(bpe_merges))))
-        self.pat = regex.compile(PATTERN)
-        self._ascii_pat = re.compile(ASCII_PATTERN)
+        self.pat = PAT  # minGPT's attribute: the pre-tokenizer's regex
 
         # Everything below works on bytes, not on the bytes_to_unicode strings of the files.
         to_bytes = self._to_bytes
@@ -274,37 +221,8 @@ class Encoder:
             self._cache[piece] = tuple(map(to_id, parts))
 
     def pretokenize(self, text: str) -> list:
-        """The pieces GPT-2's pre-tokenizer cuts text into: self.pat.findall(text), faster, since ASCII
-        stretches go through the ASCII-only pattern with `re`.
-
-        Exactness: we only cut the text at "safe cuts" (an ASCII non-space followed by an ASCII space).
-        No piece contains both sides of such a cut (a piece is either all whitespace or has none except an
-        optional leading space), and the only lookahead, (?!\\S), sits at the end of whitespace runs, which
-        never end just before a whitespace character. So findall on the parts between cuts, each treated
-        as its own string (pos/endpos), gives the pieces of the whole.
-        """
-        if text.isascii():
-            return self._ascii_pat.findall(text)
-        n = len(text)
-        if (len(text.encode('utf-8', 'surrogatepass')) - n) * 300 > n:
-            # more than ~1 non-ASCII character in 300: the cut searches would cost more than they save
-            return self.pat.findall(text)
-        pieces, pos = [], 0
-        while pos < n:
-            m = _NON_ASCII.search(text, pos)
-            if m is None:
-                pieces += self._ascii_pat.findall(text, pos)
-                break
-            # [pos, start) is pure ASCII; [start, end) holds the non-ASCII character, between safe cuts
-            cut = _LAST_SAFE_CUT.search(text, pos, m.start())
-            start = cut.start() if cut else pos
-            cut = _SAFE_CUT_AFTER.search(text, m.end())
-            end = cut.start() if cut else n
-            if start > pos:
-                pieces += self._ascii_pat.findall(text, pos, start)
-            pieces += self.pat.findall(text, start, end)
-            pos = end
-        return pieces
+        """The pieces GPT-2's pre-tokenizer cuts text into (mingpt.pretokenize): self.pat.findall(text), faster."""
+        return pretokenize(text)
 
     def _pair_ranks(self) -> dict:
         """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use,

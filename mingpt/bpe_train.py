@@ -12,8 +12,8 @@ mingpt/bpe.py encodes with it exactly as it encodes with GPT-2's.
 What is trained, in the order it happens:
 
 1. The text is cut at the special tokens (no merge ever spans one), and each part is split into pieces by
-   GPT-2's pre-tokenizer (bpe.PATTERN, through Encoder.pretokenize, the one encoding uses, so the two
-   cut text identically). BPE never merges across pieces, so only the distinct pieces and how often each
+   GPT-2's pre-tokenizer (mingpt/pretokenize.py, the one encoding uses, so the two cut text
+   identically). BPE never merges across pieces, so only the distinct pieces and how often each
    occurs matter: the same words recur, so a text has far fewer distinct pieces ("words" below) than pieces.
 2. Every word starts as its UTF-8 bytes. The 256 byte values are the first 256 tokens (id = byte value),
    so any text at all can be encoded.
@@ -55,7 +55,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mingpt.bpe import Encoder, bytes_to_unicode, safe_chunks, special_tokens_regex, without_lone_surrogates
+from mingpt.bpe import Encoder, bytes_to_unicode
+from mingpt.pretokenize import pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 from mingpt.data import read_text_file
 from mingpt.tokenizers import save_tokenizer
 
@@ -99,13 +100,12 @@ def count_words(text: str, special_tokens=()) -> Counter:
     """The distinct pre-tokenized pieces of text and how often each occurs, as {utf-8 bytes: count}.
     Special tokens are cut out first. Lone surrogates (not valid UTF-8) become U+FFFD, as in encoding."""
     parts = special_tokens_regex(special_tokens).split(text) if special_tokens else [text]
-    splitter = _base_encoder()
     counts = Counter()
     for part in parts:
         if not _is_utf8(part):  # as Encoder.encode_ordinary does
             part = without_lone_surrogates(part)
         for chunk in safe_chunks(part, CHUNK_CHARS):
-            counts.update(splitter.pretokenize(chunk))
+            counts.update(pretokenize(chunk))
     return Counter({piece.encode('utf-8'): n for piece, n in counts.items()})
 
 
@@ -116,11 +116,6 @@ def _is_utf8(s: str) -> bool:
     except UnicodeEncodeError:
         return False
 
-
-def _base_encoder() -> Encoder:
-    """The 256-token vocabulary (single bytes, no merges): its pre-tokenizer is the one Encoder uses."""
-    b2u = bytes_to_unicode()
-    return Encoder({b2u[b]: b for b in range(256)}, [])
 
 # -----------------------------------------------------------------------------
 # step 2 and 3: the merges
