@@ -32,21 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mingpt.download import cache_path, cached_download, gpt2_url, sha256sum
-from mingpt.errors import DownloadError
+from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES, gpt2_vocab_files  # noqa: F401 (also bpe's API)
 from mingpt.pretokenize import PAT, pretokenize, special_tokens_regex, without_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = '<|endoftext|>'
-
-# OpenAI's files for the GPT-2 tokenizer (the same for every model size) and their sha256; a copy ships
-# in GPT2_VOCAB_DIR
-GPT2_VOCAB_DIR = Path(__file__).resolve().parent / 'assets' / 'gpt2'
-GPT2_VOCAB_FILES = {
-    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
-    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
-}
 
 MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
 
@@ -397,33 +388,8 @@ class Encoder:
         return cls(encoder, merges)
 
 
-def gpt2_vocab_files():
-    """
-    Paths of GPT-2's encoder.json and vocab.bpe: the copy shipped inside the package (mingpt/assets/gpt2);
-    else minGPT's cache (encoder.json and vocab.bpe directly in ~/.cache/mingpt), else cache_dir()/gpt2,
-    downloaded (and checked against their sha256) if missing. Cached files are used only when their
-    sha256 is right.
-    """
-    if all((GPT2_VOCAB_DIR / name).is_file() for name in GPT2_VOCAB_FILES):
-        return tuple(GPT2_VOCAB_DIR / name for name in GPT2_VOCAB_FILES)
-    mingpt_cache = cache_path()  # not cache_dir(): only look, create nothing
-    if all((mingpt_cache / name).is_file() and sha256sum(mingpt_cache / name) == sha
-           for name, sha in GPT2_VOCAB_FILES.items()):
-        return tuple(mingpt_cache / name for name in GPT2_VOCAB_FILES)
-    paths = []
-    for name, sha256 in GPT2_VOCAB_FILES.items():
-        try:
-            paths.append(cached_download(gpt2_url(f'models/124M/{name}'), name, sha256=sha256, subdir='gpt2'))
-        except DownloadError as e:
-            raise DownloadError(
-                f'{e}\nThe GPT-2 tokenizer needs two files, encoder.json and vocab.bpe (from '
-                f'{gpt2_url("models/124M/")}), in the directory {cache_path() / "gpt2"}. Copy both there, or pass '
-                f'get_encoder(path=...) / BPETokenizer(path=...) a directory that contains them.') from e
-    return tuple(paths)
-
-
 def get_encoder(path=None) -> Encoder:
-    """The GPT-2 tokenizer (its files ship with the package: see gpt2_vocab_files), or the vocabulary in directory
+    """The GPT-2 tokenizer (its files ship with the package: see download.gpt2_vocab_files), or the vocabulary in directory
     `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
     if path is None:
         encoder_path, vocab_path = gpt2_vocab_files()

@@ -1,5 +1,6 @@
 """
-The one download helper of the library: tokenizer files, GPT-2 weights and datasets all come through here.
+The one download helper of the library: tokenizer files, GPT-2 weights and datasets all come through here
+(GPT-2's tokenizer files also ship inside the package: gpt2_vocab_files looks there first).
 
 - Files are cached under cache_dir(): $MINGPT_CACHE if set, else ~/.cache/mingpt.
 - A download streams into `<dest>.part` and is renamed onto `<dest>` only once it is complete and its
@@ -235,6 +236,42 @@ def _failure_message(url, dest, reason) -> str:
             f'If this machine has no internet access, download that file elsewhere and put it at {dest} '
             f'(files are cached under {cache_path()}; set the MINGPT_CACHE environment variable to use another '
             f'directory).')
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's tokenizer files
+
+# OpenAI's files for the GPT-2 tokenizer (the same for every model size) and their sha256; a copy ships
+# in GPT2_VOCAB_DIR
+GPT2_VOCAB_DIR = Path(__file__).resolve().parent / 'assets' / 'gpt2'
+GPT2_VOCAB_FILES = {
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+}
+
+def gpt2_vocab_files():
+    """
+    Paths of GPT-2's encoder.json and vocab.bpe: the copy shipped inside the package (mingpt/assets/gpt2);
+    else minGPT's cache (encoder.json and vocab.bpe directly in ~/.cache/mingpt), else cache_dir()/gpt2,
+    downloaded (and checked against their sha256) if missing. Cached files are used only when their
+    sha256 is right.
+    """
+    if all((GPT2_VOCAB_DIR / name).is_file() for name in GPT2_VOCAB_FILES):
+        return tuple(GPT2_VOCAB_DIR / name for name in GPT2_VOCAB_FILES)
+    mingpt_cache = cache_path()  # not cache_dir(): only look, create nothing
+    if all((mingpt_cache / name).is_file() and sha256sum(mingpt_cache / name) == sha
+           for name, sha in GPT2_VOCAB_FILES.items()):
+        return tuple(mingpt_cache / name for name in GPT2_VOCAB_FILES)
+    paths = []
+    for name, sha256 in GPT2_VOCAB_FILES.items():
+        try:
+            paths.append(cached_download(gpt2_url(f'models/124M/{name}'), name, sha256=sha256, subdir='gpt2'))
+        except DownloadError as e:
+            raise DownloadError(
+                f'{e}\nThe GPT-2 tokenizer needs two files, encoder.json and vocab.bpe (from '
+                f'{gpt2_url("models/124M/")}), in the directory {cache_path() / "gpt2"}. Copy both there, or pass '
+                f'get_encoder(path=...) / BPETokenizer(path=...) a directory that contains them.') from e
+    return tuple(paths)
 
 
 # -----------------------------------------------------------------------------

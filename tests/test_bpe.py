@@ -11,8 +11,9 @@ from unittest import mock
 import regex
 import torch
 
-from mingpt import bpe
-from mingpt.bpe import (BPETokenizer, DownloadError, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES)
+from mingpt import bpe, download
+from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES
+from mingpt.errors import DownloadError
 from mingpt.download import sha256sum
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
                           tiktoken_gpt2, use_shared_gpt2_vocab)
@@ -254,7 +255,7 @@ class VocabularyFilesTest(TempDirTestCase):
 
     def without_shipped_copy(self):
         """ as if the package had no copy of GPT-2's files: the caches and the download are used """
-        return mock.patch.object(bpe, 'GPT2_VOCAB_DIR', self.tmp / 'not-shipped')
+        return mock.patch.object(download, 'GPT2_VOCAB_DIR', self.tmp / 'not-shipped')
 
     def test_shipped_files_are_gpt2s_and_need_no_network_or_cache(self):
         for name, sha in GPT2_VOCAB_FILES.items():
