@@ -16,7 +16,7 @@ from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder, GPT
 from mingpt.errors import DownloadError
 from mingpt.download import sha256sum
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
-                          tiktoken_gpt2, use_shared_gpt2_vocab)
+                          needs_shared_data, tiktoken_gpt2, use_shared_gpt2_vocab)
 
 # OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
 OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -96,8 +96,9 @@ class GPT2EncoderTest(unittest.TestCase):
         text = ''.join(f'a{c}a 1{c}1 !{c}! {c}{c}\n{c} ' for c in map(chr, cps) if not 0xD800 <= ord(c) < 0xE000)
         self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
 
+    @needs_shared_data('warpeace.txt')
     def test_1mb_of_english_matches_tiktoken(self):
-        text = english_text(1_000_000)  # War and Peace (or tiny shakespeare without ../shared)
+        text = english_text(1_000_000)  # War and Peace
         self.assertGreater(len(text), 900_000)
         self.e.clear_cache()
         self.assertExact(text)
