@@ -9,13 +9,12 @@ import tempfile
 import time
 import unittest
 from collections import Counter
-from pathlib import Path
 
 import tests.test_bpe as test_bpe  # its SAMPLES and random_text (imported as a module: no test collected twice)
 from mingpt.bpe import BPETokenizer, get_encoder
 from mingpt.bpe_train import _learn_merges, count_words, main, make_vocab, train_bpe
 from mingpt.data import read_text_file
-from tests.common import data_file, english_text
+from tests.common import TempDirTestCase, data_file, english_text
 
 
 def shakespeare_split():
@@ -251,11 +250,7 @@ class HuggingFaceReferenceTest(unittest.TestCase):
             self.assertEqual(theirs.encode(text).ids, get_encoder(tmp).encode(text))
 
 
-class FilesAndCLITest(unittest.TestCase):
-
-    def setUp(self):
-        self.tmp = Path(tempfile.mkdtemp())
-        self.addCleanup(__import__('shutil').rmtree, self.tmp)
+class FilesAndCLITest(TempDirTestCase):
 
     def test_save_and_load_with_special_tokens(self):
         train, held_out = shakespeare_split()

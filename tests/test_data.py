@@ -4,26 +4,21 @@ download code) and the windows of tokens a language model trains on.
 """
 
 import os
-import tempfile
 import unittest
-from pathlib import Path
 
 import torch
 
 from mingpt.data import TokenWindows, read_text_file, split_windows, training_text
 from mingpt.download import DownloadError
-from tests.common import data_file, free_port_url, local_http_server, patched_env
+from tests.common import TempDirTestCase, data_file, free_port_url, local_http_server, patched_env
 
 
-class TestTrainingText(unittest.TestCase):
+class TestTrainingText(TempDirTestCase):
 
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = Path(self._tmp.name)
-        self.cwd = os.getcwd()
+        super().setUp()
+        self.addCleanup(os.chdir, os.getcwd())
         os.chdir(self.tmp)
-        self.addCleanup(os.chdir, self.cwd)
-        self.addCleanup(self._tmp.cleanup)
 
     def test_a_path_then_input_txt(self):
         (self.tmp / 'mine.txt').write_text('héllo', encoding='utf-8')

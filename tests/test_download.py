@@ -10,7 +10,8 @@ from pathlib import Path
 from mingpt import download as dl
 from mingpt.errors import MinGPTError
 from mingpt.download import DownloadError, cache_dir, cached_download, download, sha256sum
-from tests.common import (RangeRequestHandler, data_file, free_port_url, local_http_server, patched_env)
+from tests.common import (RangeRequestHandler, TempDirTestCase, data_file, free_port_url, local_http_server,
+                          patched_env)
 
 PAYLOAD = os.urandom(300_000)  # a few chunks of the server's copy buffer, and not a multiple of them
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -33,12 +34,10 @@ class DropFirstHandler(RangeRequestHandler):
         super().copyfile(source, outputfile)
 
 
-class DownloadTest(unittest.TestCase):
+class DownloadTest(TempDirTestCase):
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+        super().setUp()
         self.served = self.tmp / 'served'
         self.served.mkdir()
         (self.served / 'blob.bin').write_bytes(PAYLOAD)
@@ -141,12 +140,10 @@ class DownloadTest(unittest.TestCase):
         self.assertEqual(sha256sum(path), PAYLOAD_SHA)
 
 
-class CacheTest(unittest.TestCase):
+class CacheTest(TempDirTestCase):
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+        super().setUp()
         self.served = self.tmp / 'served'
         self.served.mkdir()
         (self.served / 'blob.bin').write_bytes(PAYLOAD)

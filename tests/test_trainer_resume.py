@@ -21,7 +21,7 @@ from mingpt.errors import CheckpointError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
-from tests.common import slow
+from tests.common import TempDirTestCase, slow
 from tests.test_trainer import RepeatDataset, quiet_config
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_script.py')
@@ -48,11 +48,11 @@ def train(work_dir, max_iters, model=None, **kw):
     return trainer
 
 
-class TestCheckpointFiles(unittest.TestCase):
+class TestCheckpointFiles(TempDirTestCase):
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
+        super().setUp()
+        self.dir = str(self.tmp)
 
     def test_contents_and_weights_only_loading(self):
         trainer = train(self.dir, 3, model=tiny_model(tie_weights=True))
@@ -109,11 +109,11 @@ class TestCheckpointFiles(unittest.TestCase):
         self.assertFalse(os.path.exists(ckpt + '.tmp'))
 
 
-class TestCheckpointErrors(unittest.TestCase):
+class TestCheckpointErrors(TempDirTestCase):
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
+        super().setUp()
+        self.dir = str(self.tmp)
 
     def test_an_existing_run_is_never_overwritten(self):
         train(self.dir, 2)
