@@ -128,7 +128,8 @@ def needs_shared_data(*names):
 def shakespeare(n_chars=None, start=0) -> str:
     """
     Tiny shakespeare's text[start:start + n_chars]: the whole 1.1 MB from SHARED_DATA when it is there,
-    else the first 200 KB, which tests/fixtures keeps (ask for no more than that without @needs_shared_data).
+    else tests/fixtures/shakespeare.txt, 200 KB of it (from character 578,771 on: a stretch that holds all
+    65 of its characters). Ask for no more than that without @needs_shared_data.
     """
     path = SHARED_DATA / 'tinyshakespeare.txt'
     if not path.is_file():

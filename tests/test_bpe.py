@@ -16,7 +16,7 @@ from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder, GPT
 from mingpt.errors import DownloadError
 from mingpt.download import sha256sum
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
-                          needs_shared_data, tiktoken_gpt2, use_shared_gpt2_vocab)
+                          needs_shared_data, shakespeare, tiktoken_gpt2, use_shared_gpt2_vocab)
 
 # OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
 OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -361,8 +361,7 @@ class CustomVocabularyTest(unittest.TestCase):
 
     def test_matches_tiktoken_with_same_ranks(self):
         rng = random.Random(99)
-        shakespeare = data_file('tinyshakespeare.txt').read_text(encoding='utf-8')[:50_000]
-        for text in SAMPLES + [shakespeare] + [random_text(rng, 200) for _ in range(100)]:
+        for text in SAMPLES + [shakespeare(50_000)] + [random_text(rng, 200) for _ in range(100)]:
             expected = [self.rank_to_id[r] for r in self.ref.encode_ordinary(text)]
             self.assertEqual(self.e.encode(text), expected, repr(text[:80]))
             self.assertEqual(self.e.decode(self.e.encode(text)), text)

@@ -14,12 +14,12 @@ import tests.test_bpe as test_bpe  # its SAMPLES and random_text (imported as a 
 from mingpt.bpe import BPETokenizer, get_encoder
 from mingpt.bpe_train import _learn_merges, count_words, main, make_vocab, train_bpe
 from mingpt.data import read_text_file
-from tests.common import TempDirTestCase, data_file, english_text
+from tests.common import TempDirTestCase, english_text, shakespeare
 
 
 def shakespeare_split():
     """tiny shakespeare: the first 90% (train) and the last 10% (held out), as chargpt splits it."""
-    text = data_file('tinyshakespeare.txt').read_text(encoding='utf-8')
+    text = shakespeare()
     n = int(len(text) * 0.9)
     return text[:n], text[n:]
 

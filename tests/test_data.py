@@ -10,7 +10,8 @@ import torch
 
 from mingpt.data import TokenWindows, read_text_file, split_windows, training_text
 from mingpt.download import DownloadError
-from tests.common import TempDirTestCase, data_file, free_port_url, local_http_server, patched_env
+from tests.common import (TempDirTestCase, data_file, free_port_url, local_http_server, needs_shared_data,
+                          patched_env)
 
 
 class TestTrainingText(TempDirTestCase):
@@ -27,6 +28,7 @@ class TestTrainingText(TempDirTestCase):
         self.assertEqual(training_text(), 'from input.txt')
         self.assertEqual(training_text(self.tmp / 'mine.txt'), 'héllo')  # a path wins
 
+    @needs_shared_data('tinyshakespeare.txt')
     def test_tiny_shakespeare_downloaded_once_when_there_is_nothing_else(self):
         served = self.tmp / 'served'
         served.mkdir()

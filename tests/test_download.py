@@ -11,7 +11,7 @@ from mingpt import download as dl
 from mingpt.errors import MinGPTError
 from mingpt.download import DownloadError, cache_dir, cached_download, download, sha256sum
 from tests.common import (RangeRequestHandler, TempDirTestCase, data_file, free_port_url, local_http_server,
-                          patched_env)
+                          needs_shared_data, patched_env)
 
 PAYLOAD = os.urandom(300_000)  # a few chunks of the server's copy buffer, and not a multiple of them
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -201,6 +201,7 @@ class CacheTest(TempDirTestCase):
         with patched_env(MINGPT_GPT2_BASE_URL='http://127.0.0.1:1/mirror/'):
             self.assertEqual(dl.gpt2_url('models/124M/vocab.bpe'), 'http://127.0.0.1:1/mirror/models/124M/vocab.bpe')
 
+    @needs_shared_data('tinyshakespeare.txt')
     def test_tiny_shakespeare(self):
         source = data_file('tinyshakespeare.txt')
         (self.served / 'input.txt').write_bytes(source.read_bytes())

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mingpt.model import GPT
-from tests.common import REPO, TempDirTestCase, data_file, free_port_url, slow, use_shared_gpt2_vocab
+from tests.common import REPO, TempDirTestCase, free_port_url, shakespeare, slow, use_shared_gpt2_vocab
 
 PROJECTS = REPO / 'projects'
 
@@ -152,8 +152,7 @@ class TestCharGPT(ProjectTestCase):
     def setUp(self):
         super().setUp()
         # 50,000 characters of Shakespeare, as ./input.txt of the run's working directory
-        with open(data_file('tinyshakespeare.txt'), encoding='utf-8') as f:
-            (self.tmp / 'input.txt').write_text(f.read(50000), encoding='utf-8')
+        (self.tmp / 'input.txt').write_text(shakespeare(50000), encoding='utf-8')
 
     @slow
     def test_trains_on_input_txt_samples_checkpoints_and_resumes(self):
@@ -250,8 +249,7 @@ class TestFinetune(ProjectTestCase):
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
         hf.save_pretrained(self.tmp / 'tiny')
         text = self.tmp / 'text.txt'
-        with open(data_file('tinyshakespeare.txt'), encoding='utf-8') as f:
-            text.write_text(f.read(40000), encoding='utf-8')
+        text.write_text(shakespeare(40000), encoding='utf-8')
         work_dir = self.tmp / 'out'
         with use_shared_gpt2_vocab():
             proc = run_project('finetune', f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',

@@ -14,13 +14,9 @@ from mingpt.bpe_train import train_bpe
 from mingpt.errors import WeightsError
 from mingpt.tokenizers import (CharTokenizer, find_tokenizer, load_tokenizer, save_tokenizer,
                                tokenizer_for_model)
-from tests.common import TempDirTestCase, data_file, use_shared_gpt2_vocab
+from tests.common import TempDirTestCase, shakespeare, use_shared_gpt2_vocab
 
 TEXT = "Whether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune"
-
-
-def shakespeare(n_chars):
-    return data_file('tinyshakespeare.txt').read_text(encoding='utf-8')[:n_chars]
 
 
 _VOCAB = []
