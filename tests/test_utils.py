@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import stat
 import sys
 import tempfile
 import unittest
@@ -9,7 +10,11 @@ import numpy as np
 import torch
 
 from mingpt.errors import ConfigError
-from mingpt.utils import CfgNode, set_seed, setup_logging
+from safetensors.torch import save_file
+
+from mingpt.utils import CfgNode, atomic_write, set_seed, setup_logging
+
+from tests.common import TempDirTestCase, tiny_gpt
 
 
 class TestCfgNode(unittest.TestCase):
@@ -87,6 +92,41 @@ class TestSeedAndLogging(unittest.TestCase):
                 self.assertEqual(json.load(f), {'system': {'work_dir': work_dir, 'seed': 3}, 'lr': 0.5})
             with open(os.path.join(work_dir, 'args.txt')) as f:
                 self.assertEqual(f.read(), ' '.join(sys.argv))
+
+
+class TestAtomicWrite(TempDirTestCase):
+
+    def test_whole_file_or_nothing_with_the_users_permissions(self):
+        path = self.tmp / 'f.txt'
+        atomic_write(path, 'old')
+        with self.assertRaises(RuntimeError):
+            def broken(tmp):  # a writer that dies half-way
+                tmp.write_text('half')
+                raise RuntimeError('killed')
+            atomic_write(path, broken)
+        self.assertEqual(path.read_text(), 'old')
+        old_mask = os.umask(0o027)
+        try:
+            atomic_write(path, b'new')
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o640)
+            # a writer that creates its file 0600 (as safetensors does) still gets the umask's permissions
+            atomic_write(self.tmp / 'w.safetensors', lambda tmp: save_file({'x': torch.zeros(2)}, str(tmp)))
+            self.assertEqual(stat.S_IMODE((self.tmp / 'w.safetensors').stat().st_mode), 0o640)
+        finally:
+            os.umask(old_mask)
+        self.assertEqual(path.read_bytes(), b'new')
+
+    def test_models_and_checkpoints_get_the_users_permissions(self):
+        from mingpt.checkpoint import write_checkpoint
+        old_mask = os.umask(0o022)
+        try:
+            model = tiny_gpt()
+            model.save_pretrained(self.tmp / 'model')
+            write_checkpoint(self.tmp / 'ckpt', model, {'iter_num': 0})
+        finally:
+            os.umask(old_mask)
+        for f in [*(self.tmp / 'model').iterdir(), *(self.tmp / 'ckpt').iterdir()]:
+            self.assertEqual(stat.S_IMODE(f.stat().st_mode), 0o644, f)
 
 
 if __name__ == '__main__':
