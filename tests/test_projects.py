@@ -17,16 +17,21 @@ import numpy as np
 import torch
 
 from mingpt.model import GPT
-from tests.common import REPO, TempDirTestCase, data_file, free_port_url, slow, use_shared_gpt2_vocab
+from tests.common import (REPO, TempDirTestCase, data_file, free_port_url, python_without, shakespeare,
+                          slow, use_shared_gpt2_vocab)
 
 PROJECTS = REPO / 'projects'
 
 
-def run_project(name, *args, cwd=None, env=None, timeout=600):
-    """ run projects/<name>/<name>.py with args; returns the CompletedProcess (text output) """
+def run_project(name, *args, cwd=None, env=None, timeout=600, without=()):
+    """
+    run projects/<name>/<name>.py with args; returns the CompletedProcess (text output). without:
+    packages the run must do without, as if they were not installed
+    """
     env = dict(os.environ if env is None else env)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
-    return subprocess.run([sys.executable, str(PROJECTS / name / f'{name}.py'), *args], cwd=cwd or REPO,
+    python = python_without(*without) if without else [sys.executable]
+    return subprocess.run([*python, str(PROJECTS / name / f'{name}.py'), *args], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -236,6 +241,36 @@ class TestCharGPT(ProjectTestCase):
         with open(self.tmp / 'out' / 'ckpt' / 'config.json') as f:  # the model that was trained
             model = json.load(f)['model']
         self.assertEqual((model['model_type'], model['n_layer'], model['n_embd']), ('gpt-nano', 3, 48))
+
+# -----------------------------------------------------------------------------
+
+class TestWithoutOptionalPackages(ProjectTestCase):
+    """ matplotlib is optional: without it a run ends well, says once what to install, and skips the plot """
+
+    def assertRanWithoutPlot(self, proc, work_dir):
+        self.assertRan(proc)
+        self.assertNotIn('Traceback', proc.stderr)
+        missing = [line for line in proc.stderr.splitlines() if 'matplotlib' in line]
+        self.assertEqual(len(missing), 1, proc.stderr)
+        self.assertIn('pip install matplotlib', missing[0])
+        self.assertTrue((work_dir / 'results.json').is_file())
+        self.assertFalse((work_dir / 'loss.png').exists())
+
+    def test_adder_without_matplotlib(self):
+        work_dir = self.tmp / 'adder'
+        proc = run_project('adder', f'--system.work_dir={work_dir}', '--trainer.device=cpu',
+                           '--trainer.max_iters=20', '--trainer.eval_interval=10', '--eval.train_problems=100',
+                           without=['matplotlib'])
+        self.assertRanWithoutPlot(proc, work_dir)
+        self.assertIn('best test accuracy', proc.stdout)
+
+    def test_chargpt_without_matplotlib(self):
+        work_dir = self.tmp / 'chargpt'
+        (self.tmp / 'input.txt').write_text(shakespeare(20000), encoding='utf-8')
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=20',
+                           *TestCharGPT.TINY, cwd=self.tmp, without=['matplotlib'])
+        self.assertRanWithoutPlot(proc, work_dir)
+        self.assertIn('after 20 iterations; checkpoints, metrics.jsonl in', proc.stdout)
 
 # -----------------------------------------------------------------------------
 

@@ -144,13 +144,14 @@ def main(args):
 
     # (a run resumed after it had finished trains no further, and has not evaluated yet)
     val_loss = trainer.val_loss if trainer.val_loss is not None else trainer.evaluate()
-    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+    plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
     results = {'iters': trainer.iter_num, 'val_loss': val_loss, 'best_val_loss': trainer.best_val_loss}
     with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(sample(trainer))
     print(f"\nval loss {val_loss:.4f} (best {trainer.best_val_loss:.4f}) after {trainer.iter_num} "
-          f"iterations; checkpoints, metrics.jsonl and loss.png in {config.system.work_dir}")
+          f"iterations; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
+          f"{config.system.work_dir}")
     return results
 
 
