@@ -30,25 +30,13 @@ from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, plot_metrics
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
-from mingpt.utils import CfgNode as CN
+from mingpt.utils import dist_env, CfgNode as CN
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 # -----------------------------------------------------------------------------
-# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR / MASTER_PORT)
-
-def dist_env():
-    """ (rank, local_rank, world_size) of this process; (0, 0, 1) when not distributed """
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), local_rank, dist.get_world_size()
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if world_size > 1:
-        return int(os.environ['RANK']), local_rank, world_size
-    return 0, 0, 1
-
 
 def count_targets(y):
     """ how many targets of y count in the loss: -1 is GPT's ignore_index """
@@ -440,8 +428,11 @@ class Trainer:
             progress.update(self.iter_num, loss, self.lr, self.tokens_per_sec)
 
     def plot(self, path):
-        """ save a PNG of the loss curves so far; without matplotlib (optional) a warning, no PNG """
-        return plot_metrics(self.history, path)
+        """
+        save a PNG of the loss curves so far and return path; None without matplotlib (optional: a
+        warning says so) and on ranks other than 0, which write no files (and keep no history)
+        """
+        return plot_metrics(self.history, path) if self.is_master else None
 
     # -------------------------------------------------------------------------
     # checkpoints

@@ -183,6 +183,7 @@ def main(args):
     config.trainer.work_dir = config.system.work_dir
     setup_logging(config)
     set_seed(config.system.seed)
+    logger.info("config:\n%s", config)
 
     # the base model and its tokenizer, both grown for the chat tokens
     init = config.model.init_from

@@ -88,6 +88,7 @@ def main(args):
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
+    logger.info("config:\n%s", config)
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     text = training_text(config.data.path)
