@@ -81,7 +81,7 @@ class Trainer:
         C.eval_interval = 500
         C.eval_iters = 20
         # checkpoints: None writes nothing; else work_dir/ckpt every checkpoint_interval iterations
-        # and at the end, work_dir/ckpt_best on a new best val loss, work_dir/metrics.jsonl
+        # and at the end, work_dir/ckpt_best (weights only) on a new best val loss, work_dir/metrics.jsonl
         C.work_dir = None
         C.checkpoint_interval = 500
         # False: a new run (an existing checkpoint in work_dir is an error, never overwritten);
@@ -415,7 +415,7 @@ class Trainer:
             self.metrics.log({'iter': self.iter_num, 'val_loss': self.val_loss})
         self.trigger_callbacks('on_eval_end')
         if improved and self.config.work_dir is not None:
-            self.save_checkpoint('ckpt_best')
+            self.save_checkpoint('ckpt_best', weights_only=True)  # for using the model, not for resuming
 
     # -------------------------------------------------------------------------
     # observability: the metrics log, log lines, the progress bar, the plot
@@ -437,14 +437,15 @@ class Trainer:
     # -------------------------------------------------------------------------
     # checkpoints
 
-    def save_checkpoint(self, name='ckpt'):
-        """ write work_dir/name (rank 0 writes; every rank contributes its RNG state) """
+    def save_checkpoint(self, name='ckpt', weights_only=False):
+        """ write work_dir/name (rank 0 writes); weights_only: no optimizer, scaler or RNG state, not resumable """
         if self.config.work_dir is None:
             raise ConfigError("save_checkpoint needs config.work_dir: set it to the run's directory")
-        rng = gather_rng_states(self.world_size)
+        optimizer, scaler, rng = (None, None, None) if weights_only else (
+            self.optimizer, self.scaler, gather_rng_states(self.world_size))  # every rank's RNG state
         if not self.is_master:
             return
-        state = trainer_state(self.iter_num, self.optimizer, self.scaler, rng, self.data_seed,
+        state = trainer_state(self.iter_num, optimizer, scaler, rng, self.data_seed,
                               self.config.batch_size * self.config.grad_accum_steps * self.world_size,
                               self.best_val_loss)
         directory = os.path.join(self.config.work_dir, name)

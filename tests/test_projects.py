@@ -358,6 +358,9 @@ class TestFinetune(ProjectTestCase):
         self.assertRan(proc)
         self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors',
                            'model/config.json', 'model/model.safetensors')
+        from mingpt.checkpoint import read_checkpoint
+        self.assertIsNone(read_checkpoint(work_dir / 'ckpt_best')[1]['optimizer'])  # weights to use, not resume
+        self.assertIsNotNone(read_checkpoint(work_dir / 'ckpt')[1]['optimizer'])
         self.assertLossWentDown(work_dir)
         with open(work_dir / 'results.json') as f:
             results = json.load(f)
