@@ -2,6 +2,8 @@
 Trainer checkpoints: a directory holding model.safetensors (the weights) and trainer.pt (optimizer,
 loss scaler, RNG states, progress: plain tensors and containers, so it loads with
 torch.load(weights_only=True)), plus config.json (the trainer's and the model's config, for people).
+A checkpoint to use rather than to resume (the Trainer's ckpt_best) keeps the weights and the
+progress only: no optimizer state, which for AdamW is twice the size of the weights.
 
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
@@ -95,11 +97,14 @@ def gather_rng_states(world_size=1):
 # one checkpoint directory
 
 def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, best_val_loss):
-    """ what trainer.pt holds (apply_resume_state reads it back): plain tensors and containers """
+    """
+    what trainer.pt holds (apply_resume_state reads it back): plain tensors and containers.
+    optimizer (and scaler, rng) None: a checkpoint of the weights only, which cannot be resumed
+    """
     return {
         'version': CHECKPOINT_VERSION,
         'iter_num': iter_num,
-        'optimizer': optimizer.state_dict(),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
         'scaler': scaler.state_dict() if scaler is not None else None,
         'rng': rng,  # gather_rng_states(): one per rank
         'data_seed': data_seed,
@@ -229,6 +234,10 @@ def read_resume_state(config, model):
     if found is None:
         return None
     model_sd, state = read_checkpoint(found)
+    if state['optimizer'] is None:
+        raise CheckpointError(f"{found} holds the weights only (like ckpt_best: a checkpoint to use the "
+                              "model, e.g. with GPT.from_pretrained), not the optimizer state a run "
+                              "continues from; resume from a full checkpoint, or use another work_dir")
     check_fits(model_sd, model, found)
     if (state['scaler'] is None) != (config.dtype != 'float16'):
         raise CheckpointError(f"the checkpoint in {found} was written with "

@@ -31,10 +31,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mingpt.bpe import Encoder
 from mingpt.data import read_text_file
+from mingpt.metrics import track
 from mingpt.tokenizers import CHARS_FILE, load_tokenizer, tokenizer_for_model
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def evaluate_text(model, tokenizer, text, *, block_size=None, stride=None, batch
     spans = windows(len(ids), block_size, stride)
     total_nats, n_scored = 0.0, 0
     try:
-        for i in tqdm(range(0, len(spans), batch_size), desc='evaluating', unit='batch',
-                      disable=None if progress else True):  # None: only on a terminal
+        starts = range(0, len(spans), batch_size)
+        for i in track(starts, len(starts), 'evaluating: batch', desc='evaluating', unit='batch', enabled=progress):
             batch = spans[i:i + batch_size]
             T = max(end - start for start, end, _ in batch)
             x = torch.zeros((len(batch), T), dtype=torch.long)

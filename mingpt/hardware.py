@@ -3,8 +3,8 @@ Choices that depend on the machine, kept in one place so that the model and the 
 PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off).
-- dist_env, training_device: which process of a torchrun job this is, and the device it trains on
-  (device='auto': cuda when there is one; one GPU per process).
+- training_device: the device a training process uses (device='auto': cuda when there is one; one GPU
+  per process under torchrun).
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
 - default_num_workers: DataLoader workers that pay for themselves on this many cores.
 """
@@ -13,7 +13,6 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -72,20 +71,6 @@ class Linear(nn.Linear):
 
 # -----------------------------------------------------------------------------
 # training
-
-def dist_env():
-    """
-    (rank, local_rank, world_size) of this process: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    (and MASTER_ADDR / MASTER_PORT); (0, 0, 1) when not distributed.
-    """
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), local_rank, dist.get_world_size()
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if world_size > 1:
-        return int(os.environ['RANK']), local_rank, world_size
-    return 0, 0, 1
-
 
 def training_device(device='auto', local_rank=0, world_size=1):
     """

@@ -4,7 +4,8 @@ What a training run shows while it runs and leaves to look at afterwards:
 - MetricsLog: work_dir/metrics.jsonl, one JSON record per line (a training step's {'iter', 'loss',
   'lr', 'tokens_per_sec', 'time'}, or an evaluation's {'iter', 'val_loss'}), and the same numbers in
   memory as a history.
-- Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise.
+- Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise;
+  track: the same around any long loop (an evaluation, a long sample).
 - plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
 """
 
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 
@@ -83,18 +85,22 @@ PLAIN_PROGRESS_EVERY = 10.0
 
 class Progress(contextlib.ExitStack):
     """
-    What a person watching a run sees (on rank 0; enabled=False elsewhere): a tqdm bar with the loss,
-    lr and speed when bar is on, log lines printing above it; a line every log_interval iterations;
-    and without the bar a line about every PLAIN_PROGRESS_EVERY seconds as well, so that a run piped
-    to a file is never silent for minutes. total is max_iters (None: no end, no ETA).
+    What a person watching a long loop sees (on rank 0; enabled=False elsewhere): a tqdm bar when
+    bar is on, log lines printing above it; a line every log_interval steps; and without the bar a
+    line about every PLAIN_PROGRESS_EVERY seconds as well, so that a run piped to a file is never
+    silent for minutes. total: the number of steps (None: no end, no ETA). A line reads
+    "<what> <n>/<total>: <details>, ETA <time>", the Trainer's "iter 3/100: loss 0.3333, lr ...";
+    desc and unit label the bar.
     """
 
-    def __init__(self, total, initial=0, bar=False, log_interval=None, enabled=True):
+    def __init__(self, total, initial=0, bar=False, log_interval=None, enabled=True, what='iter', desc=None,
+                 unit='it'):
         super().__init__()
         self.total, self.initial, self.log_interval, self.enabled = total, initial, log_interval, enabled
+        self.what, self.desc, self.unit = what, desc, unit
         self.show_bar = bar and enabled
         self.bar = None
-        self.t_start = self.t_line = None  # when the run started, when the last line was logged
+        self.t_start = self.t_line = None  # when the loop started, when the last line was logged
 
     def __enter__(self):
         super().__enter__()
@@ -102,30 +108,49 @@ class Progress(contextlib.ExitStack):
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
             self.enter_context(logging_redirect_tqdm())  # log lines print above the bar
-            self.bar = self.enter_context(tqdm(total=self.total, initial=self.initial, unit='it',
-                                               dynamic_ncols=True))
+            # leave=None: a bar inside another one (a sample during training) goes when it is done
+            self.bar = self.enter_context(tqdm(total=self.total, initial=self.initial, desc=self.desc,
+                                               unit=self.unit, dynamic_ncols=True, leave=None))
         self.t_start = self.t_line = time.monotonic()
         return self
 
     def update(self, iter_num, loss, lr, tokens_per_sec):
-        """ iter_num iterations are done, the last with this loss, lr and speed """
+        """ the Trainer's: iter_num iterations are done, the last with this loss, lr and speed """
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}",
                                  refresh=False)
-            self.bar.update(1)
+        self.advance(iter_num, f"loss {loss:.4f}, lr {lr:.3e}, {tokens_per_sec:.0f} tokens/s")
+
+    def advance(self, n, details=''):
+        """ n steps are done; details: what a line says about them """
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n - self.bar.n)
         now = time.monotonic()
-        due = self.log_interval and iter_num % self.log_interval == 0
+        due = self.log_interval and n % self.log_interval == 0
         if due or (self.bar is None and now - self.t_line >= PLAIN_PROGRESS_EVERY):
             self.t_line = now
-            total = f"/{self.total}" if self.total else ""
-            eta = ""
-            if self.total and iter_num > self.initial:
-                per_iter = (now - self.t_start) / (iter_num - self.initial)
-                eta = ", ETA " + duration((self.total - iter_num) * per_iter)
-            logger.info("iter %d%s: loss %.4f, lr %.3e, %.0f tokens/s%s", iter_num, total, loss, lr,
-                        tokens_per_sec, eta)
+            line = f"{self.what} {n}" + (f"/{self.total}" if self.total else "")
+            line += f": {details}" if details else ""
+            if self.total and n > self.initial:
+                per_step = (now - self.t_start) / (n - self.initial)
+                line += ", ETA " + duration((self.total - n) * per_step)
+            logger.info("%s", line)
+
+
+def track(iterable, total, what, desc=None, unit='it', enabled=True):
+    """
+    Yield the items of iterable (total of them) with Progress shown as they are used: a bar when
+    stderr is a terminal, else a line about every PLAIN_PROGRESS_EVERY seconds ("<what> n/total,
+    ETA ..."). For a loop that may take minutes, such as an evaluation or a long sample.
+    """
+    with Progress(total, bar=sys.stderr.isatty(), enabled=enabled, what=what, desc=desc, unit=unit) as progress:
+        for n, item in enumerate(iterable, 1):
+            yield item
+            progress.advance(n)
 
 
 def duration(seconds):

@@ -56,6 +56,9 @@ PAGE = Path(__file__).resolve().parent / 'static' / 'chat.html'
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused, counted as it arrives
 MAX_MESSAGES = 1000  # more messages than a context of a few thousand tokens can hold (each is >= 3 tokens)
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
+# the two packages this needs are optional (not in install_requires): said once, where they are missing
+NEEDS = ("the web server needs starlette and uvicorn, which are optional: pip install starlette uvicorn "
+         "(or pip install -e '.[serve]')")
 
 
 class RequestError(Exception):
@@ -138,9 +141,12 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     do not say. allowed_hosts: the host names (without port) requests may be addressed to; None
     allows any. model_name is shown on the page: a name, never a path.
     """
-    from starlette.applications import Starlette
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Route
+    try:
+        from starlette.applications import Starlette
+        from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+        from starlette.routing import Route
+    except ImportError:
+        raise ImportError(NEEDS) from None
 
     if not PAGE.is_file():
         raise FileNotFoundError(f"the chat page {PAGE} is missing from the installed package; "
@@ -391,8 +397,7 @@ def main(argv=None):
         import uvicorn
         import starlette  # noqa: F401
     except ImportError:
-        parser.exit(2, "error: the web server needs starlette and uvicorn: pip install starlette uvicorn "
-                       "(or pip install -e '.[serve]')\n")
+        parser.exit(2, f"error: {NEEDS}\n")
     try:
         check_sampling_args(args.temperature, args.top_k or None, args.top_p)
         model, tokenizer = load_chat_model(args.model, args.device)

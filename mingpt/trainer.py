@@ -27,10 +27,10 @@ from torch.utils.data.dataloader import default_collate
 from mingpt.checkpoint import (apply_resume_state, find_checkpoint, gather_rng_states, read_resume_state,
                                share_resume_state, trainer_state, write_checkpoint)
 from mingpt.errors import ConfigError
-from mingpt.hardware import default_num_workers, dist_env, fast_dtype, training_device
+from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, plot_metrics
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
-from mingpt.utils import CfgNode as CN
+from mingpt.utils import dist_env, CfgNode as CN
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Trainer:
         C.eval_interval = 500
         C.eval_iters = 20
         # checkpoints: None writes nothing; else work_dir/ckpt every checkpoint_interval iterations
-        # and at the end, work_dir/ckpt_best on a new best val loss, work_dir/metrics.jsonl
+        # and at the end, work_dir/ckpt_best (weights only) on a new best val loss, work_dir/metrics.jsonl
         C.work_dir = None
         C.checkpoint_interval = 500
         # False: a new run (an existing checkpoint in work_dir is an error, never overwritten);
@@ -415,7 +415,7 @@ class Trainer:
             self.metrics.log({'iter': self.iter_num, 'val_loss': self.val_loss})
         self.trigger_callbacks('on_eval_end')
         if improved and self.config.work_dir is not None:
-            self.save_checkpoint('ckpt_best')
+            self.save_checkpoint('ckpt_best', weights_only=True)  # for using the model, not for resuming
 
     # -------------------------------------------------------------------------
     # observability: the metrics log, log lines, the progress bar, the plot
@@ -428,20 +428,24 @@ class Trainer:
             progress.update(self.iter_num, loss, self.lr, self.tokens_per_sec)
 
     def plot(self, path):
-        """ save a PNG of the loss curves so far; without matplotlib (optional) a warning, no PNG """
-        return plot_metrics(self.history, path)
+        """
+        save a PNG of the loss curves so far and return path; None without matplotlib (optional: a
+        warning says so) and on ranks other than 0, which write no files (and keep no history)
+        """
+        return plot_metrics(self.history, path) if self.is_master else None
 
     # -------------------------------------------------------------------------
     # checkpoints
 
-    def save_checkpoint(self, name='ckpt'):
-        """ write work_dir/name (rank 0 writes; every rank contributes its RNG state) """
+    def save_checkpoint(self, name='ckpt', weights_only=False):
+        """ write work_dir/name (rank 0 writes); weights_only: no optimizer, scaler or RNG state, not resumable """
         if self.config.work_dir is None:
             raise ConfigError("save_checkpoint needs config.work_dir: set it to the run's directory")
-        rng = gather_rng_states(self.world_size)
+        optimizer, scaler, rng = (None, None, None) if weights_only else (
+            self.optimizer, self.scaler, gather_rng_states(self.world_size))  # every rank's RNG state
         if not self.is_master:
             return
-        state = trainer_state(self.iter_num, self.optimizer, self.scaler, rng, self.data_seed,
+        state = trainer_state(self.iter_num, optimizer, scaler, rng, self.data_seed,
                               self.config.batch_size * self.config.grad_accum_steps * self.world_size,
                               self.best_val_loss)
         directory = os.path.join(self.config.work_dir, name)

@@ -1,7 +1,7 @@
 """
-Small utilities shared by the library and the projects: seeding, work-dir setup, writing files
-atomically, running a script's main with clear errors, and CfgNode, the tiny attribute-dict that
-every config in mingpt is made of.
+Small utilities shared by the library and the projects: seeding, work-dir setup, which process of a
+torchrun job reports, writing files atomically, running a script's main with clear errors, and
+CfgNode, the tiny attribute-dict that every config in mingpt is made of.
 """
 
 import ast
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mingpt.errors import ConfigError, MinGPTError
 
@@ -33,25 +34,47 @@ def setup_logging(config):
     """
     Prepare config.system.work_dir for a run: the exact command line goes to args.txt and the
     full config to config.json, so that every run can be reproduced from its work dir alone.
-    Also routes the library's `logging` output to stderr (log_to_stderr).
+    Also routes the library's `logging` output to stderr (log_to_stderr). Under torchrun, rank 0
+    writes the files.
     """
-    work_dir = config.system.work_dir
-    os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, 'args.txt'), 'w') as f:
-        f.write(' '.join(sys.argv))
-    with open(os.path.join(work_dir, 'config.json'), 'w') as f:
-        f.write(json.dumps(config.to_dict(), indent=4))
+    if is_rank0():
+        work_dir = config.system.work_dir
+        os.makedirs(work_dir, exist_ok=True)
+        with open(os.path.join(work_dir, 'args.txt'), 'w') as f:
+            f.write(' '.join(sys.argv))
+        with open(os.path.join(work_dir, 'config.json'), 'w') as f:
+            f.write(json.dumps(config.to_dict(), indent=4))
     log_to_stderr()
 
 
 def log_to_stderr():
     """
     Route the library's `logging` output to stderr at INFO level, unless logging is configured
-    already. For a script that logs before setup_logging may write to its work dir.
+    already. For a script that logs before setup_logging may write to its work dir. Under torchrun
+    only rank 0 reports: the other ranks show warnings and errors only.
     """
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s',
-                            datefmt='%H:%M:%S')
+        logging.basicConfig(level=logging.INFO if is_rank0() else logging.WARNING,
+                            format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR / MASTER_PORT) and
+# starts the script once per rank
+
+def dist_env():
+    """ (rank, local_rank, world_size) of this process; (0, 0, 1) when not distributed """
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), local_rank, dist.get_world_size()
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if world_size > 1:
+        return int(os.environ['RANK']), local_rank, world_size
+    return 0, 0, 1
+
+
+def is_rank0():
+    """ whether this process speaks for the run: the only process, or torchrun's rank 0 """
+    return dist_env()[0] == 0
 
 
 def atomic_write(path, content):

@@ -12,6 +12,8 @@ Helpers shared by the tests.
 - tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
 - tiny_hf(seed, **config): a small random transformers GPT2LMHeadModel (TINY_HF sizes), the reference the
   checkpoint-format tests compare against; edit_json(path, **changes): rewrite some keys of a JSON file.
+- python_without(*packages): the command of a Python in which those packages are not installed (to check
+  that an optional dependency is optional); append a script and its arguments, or '-m' and a module.
 - @slow: marks a test that trains for more than a few seconds; MINGPT_FAST=1 skips those, so that
   `MINGPT_FAST=1 python -m pytest tests -q` is the quick suite (CI runs everything).
 """
@@ -198,6 +200,30 @@ def tiktoken_gpt2():
         vocab_bpe_hash=GPT2_VOCAB_FILES['vocab.bpe'], encoder_json_hash=GPT2_VOCAB_FILES['encoder.json'])
     return tiktoken.Encoding(name='gpt2', explicit_n_vocab=50257, pat_str=openai_public.r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={openai_public.ENDOFTEXT: 50256})
+
+
+# what python_without runs: None in sys.modules makes `import name` (and `import name.sub`) raise
+# ModuleNotFoundError, as if the package were not installed; then the rest of the command line runs
+# as `python script args` or `python -m module args` would run it
+_WITHOUT = '''
+import os, runpy, sys
+blocked, argv = sys.argv[1].split(','), sys.argv[2:]
+for name in blocked:
+    sys.modules[name] = None
+if argv[0] == '-m':
+    sys.argv = argv[1:]
+    runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = argv
+    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+    runpy.run_path(argv[0], run_name='__main__')
+'''
+
+
+def python_without(*packages):
+    """ [python, ...]: a command for a Python without these packages; append a script or '-m module', and args """
+    import sys
+    return [sys.executable, '-c', _WITHOUT, ','.join(packages)]
 
 
 # -----------------------------------------------------------------------------

@@ -3,16 +3,21 @@ tokenizer, bad input."""
 
 import contextlib
 import io
+import itertools
 import json
+import logging
 import math
 import shutil
 import tempfile
+import types
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from mingpt import metrics
 from mingpt.bpe_train import train_bpe
 from mingpt.evaluate import evaluate_text, main, windows
 from mingpt.tokenizers import CharTokenizer, load_tokenizer, tokenizer_for_model
@@ -88,6 +93,20 @@ class SlidingWindowTest(unittest.TestCase):
         evaluate_text(self.model, self.tok, self.text)
         self.assertTrue(self.model.training)
         self.model.eval()
+
+    def test_progress_lines_when_stderr_is_not_a_terminal(self):
+        # a clock on which every batch takes 11 s: each one is worth a line (one every 10 s)
+        clock = itertools.count(0, 11)
+        with mock.patch.object(metrics, 'time', types.SimpleNamespace(monotonic=lambda: next(clock))), \
+                mock.patch('sys.stderr', io.StringIO()):
+            with self.assertLogs('mingpt.metrics', logging.INFO) as logs:
+                evaluate_text(self.model, self.tok, self.text, block_size=16, stride=16, batch_size=4,
+                              progress=True)
+            with self.assertNoLogs('mingpt.metrics', logging.INFO):
+                evaluate_text(self.model, self.tok, self.text, block_size=16, stride=16, batch_size=4)
+        n = math.ceil(math.ceil((len(self.tok.encode(self.text)) - 1) / 16) / 4)  # batches of 4 windows
+        self.assertEqual([r.getMessage() for r in logs.records],
+                         [f'evaluating: batch {i}/{n}, ETA {11 * (n - i)}s' for i in range(1, n + 1)])
 
     def test_argument_errors(self):
         for kwargs, message in (({'block_size': 17}, 'block_size=17'), ({'block_size': 0}, 'block_size=0'),

@@ -17,16 +17,21 @@ import numpy as np
 import torch
 
 from mingpt.model import GPT
-from tests.common import REPO, TempDirTestCase, free_port_url, shakespeare, slow, use_shared_gpt2_vocab
+from tests.common import (REPO, TempDirTestCase, data_file, free_port_url, python_without, shakespeare,
+                          slow, use_shared_gpt2_vocab)
 
 PROJECTS = REPO / 'projects'
 
 
-def run_project(name, *args, cwd=None, env=None, timeout=600):
-    """ run projects/<name>/<name>.py with args; returns the CompletedProcess (text output) """
+def run_project(name, *args, cwd=None, env=None, timeout=600, without=(), script=None):
+    """
+    run projects/<name>/<script or name>.py with args; returns the CompletedProcess (text output).
+    without: packages the run must do without, as if they were not installed
+    """
     env = dict(os.environ if env is None else env)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
-    return subprocess.run([sys.executable, str(PROJECTS / name / f'{name}.py'), *args], cwd=cwd or REPO,
+    python = python_without(*without) if without else [sys.executable]
+    return subprocess.run([*python, str(PROJECTS / name / f'{script or name}.py'), *args], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -164,7 +169,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'chars.json')
         self.assertLossWentDown(work_dir)
         self.assertIn('ROMEO:', proc.stdout)  # the final sample continues the prompt
-        self.assertEqual(proc.stderr.count('sample\nROMEO:'), 3)  # one after each evaluation
+        self.assertEqual(proc.stderr.count('sample\nROMEO:'), 2)  # after each evaluation but the last
         with open(work_dir / 'results.json') as f:
             self.assertEqual(json.load(f)['iters'], 60)
         # mingpt.tokenizers finds the character vocabulary next to the best checkpoint
@@ -188,6 +193,39 @@ class TestCharGPT(ProjectTestCase):
         iters = [r['iter'] for r in records if 'loss' in r]
         self.assertEqual(iters, list(range(1, 81)))  # every iteration once: nothing redone, nothing lost
         self.assertEqual([i for i, _ in val], [20, 40, 60, 80])
+
+    def test_output_config_first_each_sample_once_no_note_on_its_own_calls(self):
+        work_dir = self.tmp / 'out'
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=40', *self.TINY,
+                           cwd=self.tmp)
+        self.assertRan(proc)
+        self.assertRegex(proc.stderr.splitlines()[0], r'chargpt: config:$')  # the first thing it says
+        self.assertIn('    max_iters: 40\n', proc.stderr)  # the config as resolved from the command line
+        # evaluations at 20 and 40: the sample of 20 is logged, the last one printed once, at the end
+        self.assertEqual(proc.stderr.count('sample\nROMEO:'), 1)
+        self.assertEqual(proc.stdout.count('ROMEO:'), 1)
+        self.assertRegex(proc.stdout, r'^ROMEO:')
+        # the samples outgrow the context (6 + 30 characters, block_size 32) with no note about it
+        self.assertNotIn('window_keep', proc.stderr)
+
+    def test_under_torchrun_rank_0_reports(self):
+        # 2 gloo processes (as tests/test_trainer_ddp.py runs them): each trains, one speaks
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+        work_dir = self.tmp / 'out'
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(PROJECTS / 'chargpt' / 'chargpt.py'), f'--system.work_dir={work_dir}',
+                               '--trainer.max_iters=4', *self.TINY, '--trainer.eval_interval=2'],
+                              cwd=self.tmp, env=env, capture_output=True, text=True, timeout=600)
+        self.assertRan(proc)
+        self.assertIn('(rank 0 of 2)', proc.stderr)
+        self.assertEqual(proc.stderr.count('chargpt: config:'), 1)
+        self.assertEqual(proc.stderr.count('characters, '), 1)  # "N characters, M distinct: ..."
+        self.assertEqual(proc.stderr.count('sample\nROMEO:'), 1)  # iteration 2's; 4's is the final one
+        self.assertEqual(proc.stdout.count('ROMEO:'), 1)
+        self.assertEqual(proc.stdout.count('after 4 iterations;'), 1)
+        self.assertTrue((work_dir / 'results.json').is_file())
+        self.assertTrue((work_dir / 'chars.json').is_file())
 
     def test_a_run_that_cannot_resume_overwrites_nothing(self):
         work_dir = self.tmp / 'out'
@@ -238,6 +276,63 @@ class TestCharGPT(ProjectTestCase):
 
 # -----------------------------------------------------------------------------
 
+class TestConfigFirst(ProjectTestCase):
+    """ every project says first the config it runs with (adder and chargpt: in their tests above) """
+
+    def assertConfigFirst(self, proc, logger_name, error):
+        self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+        self.assertRegex(proc.stderr.splitlines()[0], rf'{logger_name}: config:$')
+        self.assertIn('\ntrainer:\n    device: ', proc.stderr)
+        self.assertIn(f'error: {error}', proc.stderr)  # the config comes first, even before an error
+
+    def test_finetune(self):
+        (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
+        with use_shared_gpt2_vocab():
+            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
+                               f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
+        self.assertConfigFirst(proc, 'finetune', '--model.init_from=')
+
+    def test_chat_base(self):
+        proc = run_project('chat', f'--system.work_dir={self.tmp / "out"}', '--data.n_merges=-1', script='base')
+        self.assertConfigFirst(proc, 'chat.base', '--data.n_merges must be in')
+
+    def test_chat_sft(self):
+        proc = run_project('chat', f'--system.work_dir={self.tmp / "out"}', f'--model.init_from={self.tmp / "nowhere"}',
+                           script='sft')
+        self.assertConfigFirst(proc, 'chat.sft', f"'{self.tmp / 'nowhere'}': no such file or directory")
+
+# -----------------------------------------------------------------------------
+
+class TestWithoutOptionalPackages(ProjectTestCase):
+    """ matplotlib is optional: without it a run ends well, says once what to install, and skips the plot """
+
+    def assertRanWithoutPlot(self, proc, work_dir):
+        self.assertRan(proc)
+        self.assertNotIn('Traceback', proc.stderr)
+        missing = [line for line in proc.stderr.splitlines() if 'matplotlib' in line]
+        self.assertEqual(len(missing), 1, proc.stderr)
+        self.assertIn('pip install matplotlib', missing[0])
+        self.assertTrue((work_dir / 'results.json').is_file())
+        self.assertFalse((work_dir / 'loss.png').exists())
+
+    def test_adder_without_matplotlib(self):
+        work_dir = self.tmp / 'adder'
+        proc = run_project('adder', f'--system.work_dir={work_dir}', '--trainer.device=cpu',
+                           '--trainer.max_iters=20', '--trainer.eval_interval=10', '--eval.train_problems=100',
+                           without=['matplotlib'])
+        self.assertRanWithoutPlot(proc, work_dir)
+        self.assertIn('best test accuracy', proc.stdout)
+
+    def test_chargpt_without_matplotlib(self):
+        work_dir = self.tmp / 'chargpt'
+        (self.tmp / 'input.txt').write_text(shakespeare(20000), encoding='utf-8')
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=20',
+                           *TestCharGPT.TINY, cwd=self.tmp, without=['matplotlib'])
+        self.assertRanWithoutPlot(proc, work_dir)
+        self.assertIn('after 20 iterations; checkpoints, metrics.jsonl in', proc.stdout)
+
+# -----------------------------------------------------------------------------
+
 class TestFinetune(ProjectTestCase):
 
     @slow
@@ -261,6 +356,9 @@ class TestFinetune(ProjectTestCase):
         self.assertRan(proc)
         self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors',
                            'model/config.json', 'model/model.safetensors')
+        from mingpt.checkpoint import read_checkpoint
+        self.assertIsNone(read_checkpoint(work_dir / 'ckpt_best')[1]['optimizer'])  # weights to use, not resume
+        self.assertIsNotNone(read_checkpoint(work_dir / 'ckpt')[1]['optimizer'])
         self.assertLossWentDown(work_dir)
         with open(work_dir / 'results.json') as f:
             results = json.load(f)

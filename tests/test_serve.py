@@ -9,8 +9,11 @@ parallel requests that all complete or get 429, as configured.
 import contextlib
 import io
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -22,6 +25,7 @@ from starlette.testclient import TestClient
 
 from mingpt.chat import stream_reply
 from mingpt.serve import MAX_MESSAGES, create_app
+from tests.common import REPO, python_without
 from tests.test_chat import tiny_chat_model
 
 
@@ -317,6 +321,25 @@ class TestServeRefuses(ServeTestCase):
                 self.assertEqual(cm.exception.code, 2)
                 self.assertIn(f"{port!r} is not a port number (1 to 65535)", err.getvalue())
                 self.assertNotIn('Traceback', err.getvalue())
+
+
+class TestServeWithoutItsPackages(ServeTestCase):
+    """ starlette and uvicorn are optional: without them, one line says what to install """
+
+    def test_cli_says_what_to_install_in_one_line(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
+        proc = subprocess.run([*python_without('starlette', 'uvicorn'), '-m', 'mingpt.serve', '--model', 'gpt2'],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertEqual(proc.stderr.count('\n'), 1, proc.stderr)
+        self.assertTrue(proc.stderr.startswith('error: '), proc.stderr)
+        self.assertIn("pip install -e '.[serve]'", proc.stderr)
+
+    def test_create_app_says_what_to_install(self):
+        gone = {name: None for name in list(sys.modules) if name.split('.')[0] == 'starlette'}
+        with mock.patch.dict(sys.modules, gone), self.assertRaises(ImportError) as cm:
+            self.app()
+        self.assertIn('pip install starlette uvicorn', str(cm.exception))
 
 
 class TestServeUvicorn(ServeTestCase):

@@ -10,9 +10,11 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import unittest
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -21,7 +23,7 @@ from torch.utils.data import Dataset
 
 from mingpt import metrics
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
-from mingpt.errors import ConfigError
+from mingpt.errors import CheckpointError, ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype
 from mingpt.model import GPT
 from mingpt.schedule import get_lr
@@ -367,6 +369,23 @@ class TestEvaluation(unittest.TestCase):
             self.assertEqual(best['best_val_loss'], trainer.best_val_loss)
             self.assertIn(best_iter, saves)  # ckpt_best ...
             self.assertEqual(saves[-1], 12)  # ... and the final ckpt
+            # ckpt_best is for using the model: the weights and the progress, no optimizer state
+            self.assertIsNone(best['optimizer'])
+            self.assertIsNone(best['rng'])
+            self.assertIsNotNone(read_checkpoint(os.path.join(d, 'ckpt'))[1]['optimizer'])
+            size = lambda name: sum(f.stat().st_size for f in Path(d, name).iterdir())
+            weights = Path(d, 'ckpt', 'model.safetensors').stat().st_size
+            self.assertLess(size('ckpt_best'), weights + 5000)
+            self.assertGreater(size('ckpt'), 2.5 * weights)  # + AdamW's two moments
+            best_sd, _ = read_checkpoint(os.path.join(d, 'ckpt_best'))
+            loaded = GPT.from_pretrained(os.path.join(d, 'ckpt_best'))
+            for k, v in loaded.state_dict().items():
+                self.assertTrue(torch.equal(v, best_sd[k]), k)
+            # and it cannot be mistaken for a checkpoint to resume from
+            os.makedirs(os.path.join(d, 'again'))
+            shutil.copytree(os.path.join(d, 'ckpt_best'), os.path.join(d, 'again', 'ckpt'))
+            with self.assertRaisesRegex(CheckpointError, 'weights only'):
+                Trainer(quiet_config(work_dir=os.path.join(d, 'again'), resume=True), tiny_model(), RepeatDataset())
             with open(os.path.join(d, 'metrics.jsonl')) as f:
                 records = [json.loads(line) for line in f]
             self.assertEqual([r['iter'] for r in records if 'val_loss' in r], [5, 10, 12])

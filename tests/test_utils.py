@@ -12,9 +12,9 @@ import torch
 from mingpt.errors import ConfigError
 from safetensors.torch import save_file
 
-from mingpt.utils import CfgNode, atomic_write, set_seed, setup_logging
+from mingpt.utils import CfgNode, atomic_write, dist_env, is_rank0, set_seed, setup_logging
 
-from tests.common import TempDirTestCase, tiny_gpt
+from tests.common import TempDirTestCase, patched_env, tiny_gpt
 
 
 class TestCfgNode(unittest.TestCase):
@@ -92,6 +92,16 @@ class TestSeedAndLogging(unittest.TestCase):
                 self.assertEqual(json.load(f), {'system': {'work_dir': work_dir, 'seed': 3}, 'lr': 0.5})
             with open(os.path.join(work_dir, 'args.txt')) as f:
                 self.assertEqual(f.read(), ' '.join(sys.argv))
+
+    def test_under_torchrun_rank_0_writes_and_reports(self):
+        self.assertTrue(is_rank0())
+        with tempfile.TemporaryDirectory() as tmp, patched_env(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2'):
+            self.assertEqual(dist_env(), (1, 1, 2))
+            self.assertFalse(is_rank0())
+            setup_logging(CfgNode(system=CfgNode(work_dir=os.path.join(tmp, 'run'))))
+            self.assertEqual(os.listdir(tmp), [])  # rank 0 writes args.txt and config.json
+        with patched_env(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2'):
+            self.assertTrue(is_rank0())
 
 
 class TestAtomicWrite(TempDirTestCase):

@@ -21,10 +21,12 @@ import torch
 from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
+from mingpt.generate import stream
+from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import is_rank0, log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -96,6 +98,7 @@ def main(args):
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
+    logger.info("config:\n%s", config)
 
     # the text, its vocabulary and the two splits: the first 90% to train on, the last 10% to
     # validate on, as nanoGPT does. The vocabulary is kept in the work dir as chars.json: a resumed
@@ -125,18 +128,26 @@ def main(args):
     # the trainer evaluates, keeps work_dir/ckpt_best and resumes; we add samples and the plot
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
-    vocab.save(config.system.work_dir)
+    if is_rank0():  # under torchrun every rank runs this script; rank 0 writes and shows
+        vocab.save(config.system.work_dir)
 
     def sample(trainer):
         S = config.sample
         model.eval()
-        out = model.generate(prompt.to(trainer.device), S.max_new_tokens, temperature=S.temperature,
-                             do_sample=True, top_k=S.top_k)
+        # window_keep: once the text fills the context, re-read its last half every block_size // 2
+        # characters, not all of it at every character (minGPT's cropping: a full forward per character)
+        steps = stream(model, prompt.to(trainer.device), S.max_new_tokens, temperature=S.temperature,
+                       do_sample=True, top_k=S.top_k, window_keep=max(1, model.block_size // 2))
+        new = [int(t) for t in track(steps, S.max_new_tokens, 'sampling: character', desc='sampling',
+                                     unit='char')]
         model.train()
-        return vocab.decode(out[0].tolist())
+        return vocab.decode(prompt[0].tolist() + new)
 
     def on_eval_end(trainer):
-        logger.info("iter %d: sample\n%s", trainer.iter_num, sample(trainer))
+        if not is_rank0():
+            return
+        if trainer.iter_num != config.trainer.max_iters:  # the last iteration's sample is printed at the end
+            logger.info("iter %d: sample\n%s", trainer.iter_num, sample(trainer))
         trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
     trainer.add_callback('on_eval_end', on_eval_end)
@@ -144,13 +155,16 @@ def main(args):
 
     # (a run resumed after it had finished trains no further, and has not evaluated yet)
     val_loss = trainer.val_loss if trainer.val_loss is not None else trainer.evaluate()
-    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+    plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
     results = {'iters': trainer.iter_num, 'val_loss': val_loss, 'best_val_loss': trainer.best_val_loss}
+    if not is_rank0():
+        return results  # rank 0 reports the run
     with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(sample(trainer))
     print(f"\nval loss {val_loss:.4f} (best {trainer.best_val_loss:.4f}) after {trainer.iter_num} "
-          f"iterations; checkpoints, metrics.jsonl and loss.png in {config.system.work_dir}")
+          f"iterations; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
+          f"{config.system.work_dir}")
     return results
 
 

@@ -91,6 +91,7 @@ def main(args):
     config.trainer.work_dir = config.system.work_dir
     setup_logging(config)
     set_seed(config.system.seed)
+    logger.info("config:\n%s", config)
 
     enc = gpt2_prefix_vocab(config.data.n_merges)
     text = training_text(config.data.path)

@@ -20,10 +20,10 @@ other target is -1, which the model's loss ignores. To waste no compute on paddi
 are packed whole, each starting with <|endoftext|>, into rows of block_size + 1 tokens; one longer
 than that is skipped (cropped, it would never show how it ends).
 
-work_dir gets checkpoints (ckpt, ckpt_best; running the same command again resumes), metrics.jsonl,
-loss.png, results.json (val loss, how often replies end on their own, sample dialogues before and
-after) and model/, the best weights with the tokenizer: the directory mingpt.chat and mingpt.serve
-take as --model.
+work_dir gets checkpoints (ckpt, which running the same command again resumes; ckpt_best, the best
+weights), metrics.jsonl, loss.png, results.json (val loss, how often replies end on their own, sample
+dialogues before and after) and model/, the best weights with the tokenizer: the directory mingpt.chat
+and mingpt.serve take as --model.
 """
 
 import json
@@ -183,6 +183,7 @@ def main(args):
     config.trainer.work_dir = config.system.work_dir
     setup_logging(config)
     set_seed(config.system.seed)
+    logger.info("config:\n%s", config)
 
     # the base model and its tokenizer, both grown for the chat tokens
     init = config.model.init_from

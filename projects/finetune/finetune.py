@@ -88,6 +88,7 @@ def main(args):
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
+    logger.info("config:\n%s", config)
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     text = training_text(config.data.path)
@@ -130,7 +131,7 @@ def main(args):
     logger.info("before fine-tuning: val loss %.4f", loss_before)
 
     trainer.run()
-    trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
+    plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
 
     # after: the weights with the best validation loss, exported where from_pretrained reads them
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
@@ -147,7 +148,7 @@ def main(args):
         json.dump(results, f, indent=2)
     print(f"--- sample before fine-tuning (val loss {loss_before:.4f}) ---\n{sample_before}\n")
     print(f"--- sample after fine-tuning (val loss {loss_after:.4f}) ---\n{sample_after}\n")
-    print(f"fine-tuned model in {model_dir}; checkpoints, metrics.jsonl and loss.png in "
+    print(f"fine-tuned model in {model_dir}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
           f"{config.system.work_dir}")
     return results
 
