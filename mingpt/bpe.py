@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES, gpt2_vocab_files  # noqa: F401 (also bpe's API)
+from mingpt.errors import ConfigError, MissingFileError, WeightsError
 from mingpt.pretokenize import PAT, pretokenize, special_tokens_regex, without_lone_surrogates
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ class Encoder:
         str_to_bytes = {}  # token string of the files -> its bytes, for the tokens BPE can produce
         for b in range(256):
             if self.byte_encoder[b] not in encoder:
-                raise ValueError(f'the vocabulary has no token for byte {b} ({self.byte_encoder[b]!r}); a byte-level '
-                                 f'BPE vocabulary must contain all 256 single bytes')
+                raise ConfigError(f'the vocabulary has no token for byte {b} ({self.byte_encoder[b]!r}); a byte-level '
+                                  f'BPE vocabulary must contain all 256 single bytes')
             str_to_bytes[self.byte_encoder[b]] = bytes([b])
         # rank of a token = position of the merge that creates it. Like tiktoken, two adjacent parts may merge
         # whenever their concatenation is a token, and the lowest-ranked such pair merges first.
@@ -111,8 +112,8 @@ class Encoder:
         for rank, (a, b) in enumerate(bpe_merges):
             merged = to_bytes(a + b)
             if a + b not in encoder:
-                raise ValueError(f'merge #{rank} {a!r} + {b!r} of vocab.bpe makes a token that encoder.json lacks; '
-                                 f'encoder.json and vocab.bpe must come from the same vocabulary')
+                raise ConfigError(f'merge #{rank} {a!r} + {b!r} of vocab.bpe makes a token that encoder.json lacks; '
+                                  f'encoder.json and vocab.bpe must come from the same vocabulary')
             self._rank_id.setdefault(merged, 256 + rank)
             str_to_bytes[a + b] = merged
         self._bytes_to_id = {tb: encoder[ts] for ts, tb in str_to_bytes.items()}  # the "ordinary" tokens
@@ -163,8 +164,8 @@ class Encoder:
             allowed = frozenset(allowed_special)
             unknown = allowed - self.special_tokens.keys()
             if unknown:
-                raise ValueError(f'allowed_special contains {sorted(unknown)}, which are not special tokens of this '
-                                 f'vocabulary; its special tokens are {sorted(self.special_tokens)}')
+                raise ConfigError(f'allowed_special contains {sorted(unknown)}, which are not special tokens of this '
+                                  f'vocabulary; its special tokens are {sorted(self.special_tokens)}')
         if not allowed:
             return self.encode_ordinary(text)
         pat = self._special_pats.get(allowed)
@@ -356,7 +357,7 @@ class Encoder:
             data = b''.join(map(self._id_to_bytes.__getitem__, ids))
         except (KeyError, TypeError):
             bad = [i for i in ids if not isinstance(i, int) or i not in self._id_to_bytes]
-            raise ValueError(f'cannot decode {bad[:5]}: token ids must be ints in [0, {self.n_vocab})') from None
+            raise ConfigError(f'cannot decode {bad[:5]}: token ids must be ints in [0, {self.n_vocab})') from None
         return data.decode('utf-8', errors='replace')
 
     # -------------------------------------------------------------------------
@@ -369,11 +370,11 @@ class Encoder:
             with open(encoder_path, encoding='utf-8') as f:
                 encoder = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'the tokenizer file {encoder_path} is not valid JSON ({e}): it is truncated or '
-                             f'corrupt') from None
+            raise WeightsError(f'the tokenizer file {encoder_path} is not valid JSON ({e}): it is truncated or '
+                               f'corrupt') from None
         if not isinstance(encoder, dict):
-            raise ValueError(f'the tokenizer file {encoder_path} must hold a JSON object of token -> id, not a '
-                             f'{type(encoder).__name__}')
+            raise WeightsError(f'the tokenizer file {encoder_path} must hold a JSON object of token -> id, not a '
+                               f'{type(encoder).__name__}')
         with open(vocab_path, encoding='utf-8') as f:
             lines = f.read().split('\n')
         merges = []
@@ -383,7 +384,7 @@ class Encoder:
                 continue
             pair = line.split(' ')
             if len(pair) != 2:
-                raise ValueError(f'{vocab_path}:{lineno}: expected a merge "a b", got {line!r}')
+                raise WeightsError(f'{vocab_path}:{lineno}: expected a merge "a b", got {line!r}')
             merges.append(tuple(pair))
         return cls(encoder, merges)
 
@@ -398,8 +399,8 @@ def get_encoder(path=None) -> Encoder:
         encoder_path, vocab_path = path / 'encoder.json', path / 'vocab.bpe'
         missing = [p.name for p in (encoder_path, vocab_path) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f'{path} lacks {" and ".join(missing)}; a tokenizer directory must contain '
-                                    f'encoder.json and vocab.bpe (GPT-2\'s format)')
+            raise MissingFileError(f'{path} lacks {" and ".join(missing)}; a tokenizer directory must contain '
+                                   f'encoder.json and vocab.bpe (GPT-2\'s format)')
     logger.debug('loading BPE vocabulary from %s and %s', encoder_path, vocab_path)
     return Encoder.from_files(encoder_path, vocab_path)
 
@@ -426,7 +427,7 @@ class BPETokenizer:
     def __call__(self, text, return_tensors='pt', allowed_special=frozenset()):
         """str -> (1, T) LongTensor of ids; list of str -> (idx, attention_mask), both (B, T) LongTensors."""
         if return_tensors != 'pt':
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; only 'pt' (torch) is")
+            raise ConfigError(f"return_tensors={return_tensors!r} is not supported; only 'pt' (torch) is")
         if isinstance(text, str):
             return torch.tensor([self.encoder.encode(text, allowed_special)], dtype=torch.long)
         if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
@@ -434,7 +435,7 @@ class BPETokenizer:
         rows = [self.encoder.encode(t, allowed_special) for t in text]
         T = max(map(len, rows))
         if self.pad_token_id is None and any(len(r) != T for r in rows):
-            raise ValueError('this vocabulary has no <|endoftext|> token to pad with; set tokenizer.pad_token_id')
+            raise ConfigError('this vocabulary has no <|endoftext|> token to pad with; set tokenizer.pad_token_id')
         idx = torch.full((len(rows), T), self.pad_token_id if self.pad_token_id is not None else 0, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -450,11 +451,11 @@ class BPETokenizer:
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask)
             if attention_mask.shape != idx.shape:
-                raise ValueError(f'attention_mask has shape {tuple(attention_mask.shape)} '
-                                 f'but idx has {tuple(idx.shape)}; they must match')
+                raise ConfigError(f'attention_mask has shape {tuple(attention_mask.shape)} '
+                                  f'but idx has {tuple(idx.shape)}; they must match')
         if idx.ndim == 1:
             return self.encoder.decode(idx[attention_mask.bool()] if attention_mask is not None else idx)
         if idx.ndim == 2:
             masks = attention_mask if attention_mask is not None else [None] * len(idx)
             return [self.decode(row, mask) for row, mask in zip(idx, masks)]
-        raise ValueError(f'decode takes a 1-D (T,) or 2-D (B, T) tensor of ids, got shape {tuple(idx.shape)}')
+        raise ConfigError(f'decode takes a 1-D (T,) or 2-D (B, T) tensor of ids, got shape {tuple(idx.shape)}')

@@ -58,6 +58,7 @@ from tqdm import tqdm
 from mingpt.bpe import Encoder, bytes_to_unicode
 from mingpt.pretokenize import pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 from mingpt.data import read_text_file
+from mingpt.errors import ConfigError
 from mingpt.tokenizers import save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -128,14 +129,17 @@ def train_bpe(text: str, vocab_size: int, special_tokens=(), progress: bool = Fa
     out before training (so no merge spans them) and count in neither train_tokens nor train_bytes.
     progress: show a tqdm bar over the merges.
     """
+    if not isinstance(text, str):
+        raise ConfigError(f'train_bpe trains on a str, not {type(text).__name__}; decode the text first '
+                          f'(e.g. data.decode("utf-8"), or mingpt.data.read_text_file(path))')
     special_tokens = list(dict.fromkeys(special_tokens))  # unique, order kept
     for s in special_tokens:
         if not isinstance(s, str) or not s:
-            raise ValueError(f'special tokens must be non-empty strings, got {s!r}')
+            raise ConfigError(f'special tokens must be non-empty strings, got {s!r}')
     if type(vocab_size) is not int or vocab_size < 256 + len(special_tokens):
-        raise ValueError(f'vocab_size={vocab_size!r} is too small: a byte-level vocabulary needs the 256 single '
-                         f'bytes plus {len(special_tokens)} special token(s), so at least '
-                         f'{256 + len(special_tokens)}')
+        raise ConfigError(f'vocab_size={vocab_size!r} is too small: a byte-level vocabulary needs the 256 single '
+                          f'bytes plus {len(special_tokens)} special token(s), so at least '
+                          f'{256 + len(special_tokens)}')
     n_ordinary = vocab_size - len(special_tokens)
 
     t0 = time.perf_counter()
@@ -162,8 +166,8 @@ def make_vocab(token_bytes: list, merges: list, special_tokens=()) -> BPEVocab:
     special = {}
     for s in special_tokens:
         if s in encoder:  # the Encoder tells special tokens from ordinary ones by the string alone
-            raise ValueError(f'the special token {s!r} is also an ordinary token of the trained vocabulary; '
-                             f'choose special tokens that cannot occur as plain text, like <|endoftext|>')
+            raise ConfigError(f'the special token {s!r} is also an ordinary token of the trained vocabulary; '
+                              f'choose special tokens that cannot occur as plain text, like <|endoftext|>')
         special[s] = encoder[s] = len(encoder)
     return BPEVocab(encoder=encoder, merges=[(show[a], show[b]) for a, b in merges], special_tokens=special)
 

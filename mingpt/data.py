@@ -12,10 +12,13 @@ of the text (nanoGPT's 90/10), not a random sample of windows, which would overl
 """
 
 import logging
+import numbers
 import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
+
+from mingpt.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -23,19 +26,21 @@ logger = logging.getLogger(__name__)
 def read_text_file(path) -> str:
     """A UTF-8 text file, or an error that says why it cannot be trained (or evaluated) on."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f'{path} is a directory, not a file; give the path of a text file')
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such file')
+        raise MissingFileError(f'{path}: no such file')
     data = path.read_bytes()
     if not data:
-        raise ValueError(f'{path} is empty; give a file with some text in it')
+        raise ConfigError(f'{path} is empty; give a file with some text in it')
     if b'\x00' in data:
-        raise ValueError(f'{path} contains NUL bytes (at byte {data.index(0)}), so it is binary, not text; '
-                         f'give a UTF-8 text file')
+        raise ConfigError(f'{path} contains NUL bytes (at byte {data.index(0)}), so it is binary, not text; '
+                          f'give a UTF-8 text file')
     try:
         return data.decode('utf-8')
     except UnicodeDecodeError as e:
-        raise ValueError(f'{path} is not valid UTF-8 (bad byte at offset {e.start}); convert it to UTF-8 first, '
-                         f'e.g. iconv -f latin1 -t utf-8') from None
+        raise ConfigError(f'{path} is not valid UTF-8 (bad byte at offset {e.start}); convert it to UTF-8 first, '
+                          f'e.g. iconv -f latin1 -t utf-8') from None
 
 
 def training_text(path=None) -> str:
@@ -62,9 +67,12 @@ class TokenWindows(Dataset):
     """ every window of block_size + 1 tokens of ids (N,): item i is (ids[i:i+T], ids[i+1:i+T+1]) """
 
     def __init__(self, ids, block_size, vocab_size=None):
+        if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool) or block_size < 1:
+            raise ConfigError(f"block_size={block_size!r} cannot work: it must be an int >= 1, the "
+                              "length of a training window in tokens")
         if len(ids) <= block_size:
-            raise ValueError(f"{len(ids)} tokens are too few for windows of block_size={block_size}; "
-                             "use more text or a smaller block_size")
+            raise ConfigError(f"{len(ids)} tokens are too few for windows of block_size={block_size}; "
+                              "use more text or a smaller block_size")
         self.ids = ids  # (N,) LongTensor
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -86,6 +94,9 @@ class TokenWindows(Dataset):
 
 def split_windows(ids, block_size, val_fraction=0.1, vocab_size=None):
     """ (train, val) TokenWindows over the first 1 - val_fraction of ids (N,) and the rest (val None if 0) """
+    if not (isinstance(val_fraction, numbers.Real) and 0 <= val_fraction < 1):
+        raise ConfigError(f"val_fraction={val_fraction!r} cannot work: it must be in [0, 1), the fraction of "
+                          "the tokens (at the end) kept for validation, e.g. 0.1")
     n_val = int(len(ids) * val_fraction)
     train = TokenWindows(ids[:len(ids) - n_val], block_size, vocab_size)
     return train, (TokenWindows(ids[len(ids) - n_val:], block_size, vocab_size) if n_val else None)

@@ -11,6 +11,7 @@ of this module:
       WeightsError      ValueError   a model checkpoint that cannot be loaded (missing, corrupt, mismatched)
       CheckpointError   ValueError   a trainer checkpoint that cannot be resumed
       PromptTooLong     ValueError   a conversation that does not fit in the model's context
+      MissingFileError  OSError      a file or directory the user named that is not there (FileNotFoundError)
       DownloadError     OSError      a file that could not be fetched or failed its checks
 
 Messages say what is wrong and what to do about it. `assert` stays for the library's own invariants.
@@ -35,6 +36,10 @@ class CheckpointError(MinGPTError, ValueError):
 
 class PromptTooLong(MinGPTError, ValueError):
     """ the conversation does not fit in the token budget even with its old turns dropped """
+
+
+class MissingFileError(MinGPTError, FileNotFoundError):
+    """ a path the user gave that does not exist; also a FileNotFoundError, what open() would raise """
 
 
 class DownloadError(MinGPTError, OSError):

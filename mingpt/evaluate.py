@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from mingpt.bpe import Encoder
 from mingpt.data import read_text_file
+from mingpt.errors import ConfigError
+from mingpt.hardware import resolve_device
 from mingpt.metrics import track
 from mingpt.tokenizers import CHARS_FILE, load_tokenizer, tokenizer_for_model
 
@@ -80,37 +82,37 @@ def evaluate_text(model, tokenizer, text, *, block_size=None, stride=None, batch
              'tokens': tokens scored, 'bytes': UTF-8 bytes of the text those tokens cover}.
     """
     if not isinstance(text, str) or not text:
-        raise ValueError('there is no text to evaluate on: the text is empty')
+        raise ConfigError('there is no text to evaluate on: the text is empty')
     model_block, vocab_size = model.config.block_size, model.config.vocab_size
     block_size = model_block if block_size is None else block_size
     if not 1 <= block_size <= model_block:
-        raise ValueError(f'block_size={block_size} must be between 1 and the model\'s block_size ({model_block})')
+        raise ConfigError(f'block_size={block_size} must be between 1 and the model\'s block_size ({model_block})')
     stride = max(1, block_size // 2) if stride is None else stride
     if not 1 <= stride <= block_size:
-        raise ValueError(f'stride={stride} must be between 1 and block_size ({block_size}): a larger stride '
-                         f'would leave tokens between windows unscored')
+        raise ConfigError(f'stride={stride} must be between 1 and block_size ({block_size}): a larger stride '
+                          f'would leave tokens between windows unscored')
     if batch_size < 1:
-        raise ValueError(f'batch_size={batch_size} must be at least 1')
+        raise ConfigError(f'batch_size={batch_size} must be at least 1')
     n_vocab = getattr(tokenizer, 'n_vocab', None)
     if n_vocab is not None and n_vocab > vocab_size:
-        raise ValueError(f'the tokenizer has {n_vocab} tokens but the model only {vocab_size}: they do not belong '
-                         f'together (ids >= {vocab_size} have no embedding). Use the tokenizer the model was '
-                         f'trained with (--tokenizer PATH)')
+        raise ConfigError(f'the tokenizer has {n_vocab} tokens but the model only {vocab_size}: they do not belong '
+                          f'together (ids >= {vocab_size} have no embedding). Use the tokenizer the model was '
+                          f'trained with (--tokenizer PATH)')
     if n_vocab is not None and vocab_size - n_vocab >= 128:  # padding a vocabulary adds fewer than 128
         logger.warning('the model has %d tokens but the tokenizer only %d: is it the tokenizer the model was '
                        'trained with?', vocab_size, n_vocab)
 
     ids = tokenizer.encode(text)
     if ids and max(ids) >= vocab_size:
-        raise ValueError(f'the tokenizer produced id {max(ids)} but the model has only {vocab_size} tokens; '
-                         f'use the tokenizer the model was trained with')
+        raise ConfigError(f'the tokenizer produced id {max(ids)} but the model has only {vocab_size} tokens; '
+                          f'use the tokenizer the model was trained with')
     n_bytes = len(text.encode('utf-8'))
     if bos_token_id is not None:
         ids = [bos_token_id] + ids
     elif ids:
         n_bytes -= _token_bytes(tokenizer, ids[0])  # the first token is context only
     if len(ids) < 2:
-        raise ValueError(f'the text is {len(ids)} token(s) long; scoring needs at least 2 (one to predict from)')
+        raise ConfigError(f'the text is {len(ids)} token(s) long; scoring needs at least 2 (one to predict from)')
     ids = torch.tensor(ids, dtype=torch.long)
 
     device = next(model.parameters()).device
@@ -165,11 +167,11 @@ def main(argv=None):
 
     from mingpt.model import GPT
     try:
+        device = resolve_device(args.device)
         text = read_text_file(args.data)
         model = GPT.from_pretrained(args.model)
         tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer is not None
                      else tokenizer_for_model(args.model, model.config.vocab_size))
-        device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
         model.to(device)
         result = evaluate_text(model, tokenizer, text, block_size=args.block_size, stride=args.stride,
                                batch_size=args.batch_size, progress=True)

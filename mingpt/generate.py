@@ -40,22 +40,26 @@ import numbers
 
 import torch
 
+from mingpt.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # choosing the next token
 
-def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
-    """ raise a ValueError saying what to change for any sampling option out of its range """
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None, max_new_tokens=None):
+    """ raise a ConfigError (a ValueError) saying what to change for any option out of its range """
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 0):
+        raise ConfigError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
     if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (got {temperature}); use 0 or do_sample=False "
-                         "for greedy decoding, 1.0 to sample from the model's distribution as is")
+        raise ConfigError(f"temperature must be >= 0 (got {temperature}); use 0 or do_sample=False "
+                          "for greedy decoding, 1.0 to sample from the model's distribution as is")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None (got {top_k!r}); top_k=1 is greedy, "
-                         "None keeps the whole vocabulary")
+        raise ConfigError(f"top_k must be an int >= 1 or None (got {top_k!r}); top_k=1 is greedy, "
+                          "None keeps the whole vocabulary")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (got {top_p!r}); it is the probability "
-                         "mass of the most likely tokens kept, e.g. 0.9; 1.0 or None keeps them all")
+        raise ConfigError(f"top_p must be in (0, 1] or None (got {top_p!r}); it is the probability "
+                          "mass of the most likely tokens kept, e.g. 0.9; 1.0 or None keeps them all")
 
 
 def _is_int(x):
@@ -107,15 +111,15 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
     device = next(model.parameters()).device
     if isinstance(idx, (list, tuple)):
         if attention_mask is not None:
-            raise ValueError("attention_mask is only for a (B, T) tensor of prompts; a list of "
-                             "prompts is padded (and masked) here, pass it without a mask")
+            raise ConfigError("attention_mask is only for a (B, T) tensor of prompts; a list of "
+                              "prompts is padded (and masked) here, pass it without a mask")
         if len(idx) == 0:
-            raise ValueError("the list of prompts is empty; give at least one prompt")
+            raise ConfigError("the list of prompts is empty; give at least one prompt")
         prompts = [torch.as_tensor(p, dtype=torch.long, device=device) for p in idx]
         for i, p in enumerate(prompts):
             if p.dim() != 1:
-                raise ValueError(f"prompt {i} has shape {tuple(p.shape)}; each prompt in a list "
-                                 "must be 1-D (a sequence of token ids)")
+                raise ConfigError(f"prompt {i} has shape {tuple(p.shape)}; each prompt in a list "
+                                  "must be 1-D (a sequence of token ids)")
         T = max(p.numel() for p in prompts)
         pad = 0 if pad_token_id is None else pad_token_id
         idx = torch.full((len(prompts), T), pad, dtype=torch.long, device=device)
@@ -127,45 +131,45 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
 
     if not torch.is_tensor(idx) or idx.dim() != 2:
         shape = tuple(idx.shape) if torch.is_tensor(idx) else type(idx).__name__
-        raise ValueError(f"idx must be a (B, T) tensor of token ids or a list of 1-D prompts (got "
-                         f"{shape}); for a single 1-D prompt p use p[None] or [p]")
+        raise ConfigError(f"idx must be a (B, T) tensor of token ids or a list of 1-D prompts (got "
+                          f"{shape}); for a single 1-D prompt p use p[None] or [p]")
     if idx.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"idx must hold integer token ids (got dtype {idx.dtype})")
+        raise ConfigError(f"idx must hold integer token ids (got dtype {idx.dtype})")
     B, T = idx.shape
     if B == 0 or T == 0:
-        raise ValueError(f"the prompt is empty (idx has shape {tuple(idx.shape)}): generation needs "
-                         "at least one token to condition on, e.g. a start/end-of-text token")
+        raise ConfigError(f"the prompt is empty (idx has shape {tuple(idx.shape)}): generation needs "
+                          "at least one token to condition on, e.g. a start/end-of-text token")
     vocab_size = model.config.vocab_size
     if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}) for this model (got ids from "
-                         f"{int(idx.min())} to {int(idx.max())}); was the prompt encoded with "
-                         "another vocabulary?")
+        raise ConfigError(f"token ids must be in [0, {vocab_size}) for this model (got ids from "
+                          f"{int(idx.min())} to {int(idx.max())}); was the prompt encoded with "
+                          "another vocabulary?")
     idx = idx.to(device=device, dtype=torch.long)
 
     real = None
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask must have idx's shape {(B, T)} (got "
-                             f"{tuple(attention_mask.shape)})")
+            raise ConfigError(f"attention_mask must have idx's shape {(B, T)} (got "
+                              f"{tuple(attention_mask.shape)})")
         real = attention_mask.to(device=device, dtype=torch.bool)
         if not real.any(dim=1).all():
-            raise ValueError(f"prompt {int((~real.any(dim=1)).nonzero()[0])} is empty: generation "
-                             "needs at least one token to condition on in every row, e.g. a "
-                             "start/end-of-text token")
+            raise ConfigError(f"prompt {int((~real.any(dim=1)).nonzero()[0])} is empty: generation "
+                              "needs at least one token to condition on in every row, e.g. a "
+                              "start/end-of-text token")
         if not real[:, -1].all() or (real[:, 1:] < real[:, :-1]).any():
-            raise ValueError("attention_mask must be LEFT padded (zeros first, then ones) for "
-                             "generation, so that every row's next token is at the same column; "
-                             "re-pad on the left (e.g. a tokenizer with padding_side='left') or "
-                             "pass the prompts as a list of 1-D tensors")
+            raise ConfigError("attention_mask must be LEFT padded (zeros first, then ones) for "
+                              "generation, so that every row's next token is at the same column; "
+                              "re-pad on the left (e.g. a tokenizer with padding_side='left') or "
+                              "pass the prompts as a list of 1-D tensors")
         if real.all():
             real = None  # nothing padded: take the unmasked fast path
 
     lengths = T if real is None else real.sum(dim=1)
     longest = int(lengths) if real is None else int(lengths.max())
     if longest > model.block_size:
-        raise ValueError(f"the prompt has {longest} tokens but the model's context (block_size) is "
-                         f"{model.block_size} tokens; keep only the end of it, e.g. "
-                         f"idx[:, -{model.block_size}:], or a shorter prompt")
+        raise ConfigError(f"the prompt has {longest} tokens but the model's context (block_size) is "
+                          f"{model.block_size} tokens; keep only the end of it, e.g. "
+                          f"idx[:, -{model.block_size}:], or a shorter prompt")
     return idx, real
 
 
@@ -231,17 +235,15 @@ def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
            generator=None, seed=None, eos_token_id=None, pad_token_id=None, attention_mask=None,
            use_cache=True, window_keep=None):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
-    check_sampling_args(temperature, top_k, top_p)
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if generator is not None and seed is not None:
-        raise ValueError("give either generator or seed, not both (seed makes a new generator)")
+        raise ConfigError("give either generator or seed, not both (seed makes a new generator)")
     block_size = model.block_size
     keep = block_size if window_keep is None else window_keep
     if not _is_int(keep) or not 1 <= keep <= block_size:
-        raise ValueError(f"window_keep must be an int in [1, block_size={block_size}] (got "
-                         f"{window_keep!r}); it is how many recent tokens are kept when the "
-                         "sequence fills the context")
+        raise ConfigError(f"window_keep must be an int in [1, block_size={block_size}] (got "
+                          f"{window_keep!r}); it is how many recent tokens are kept when the "
+                          "sequence fills the context")
     if pad_token_id is None:
         pad_token_id = eos_token_id
     if model.training:
@@ -329,8 +331,8 @@ def stream_text(model, idx, max_new_tokens, decode, **kwargs):
     def token_ids():
         for tok in steps:
             if tok.numel() != 1:
-                raise ValueError(f"stream_text is for a single prompt (got a batch of "
-                                 f"{tok.numel()}); use stream() for batches")
+                raise ConfigError(f"stream_text is for a single prompt (got a batch of "
+                                  f"{tok.numel()}); use stream() for batches")
             if int(tok) == eos:
                 return
             yield int(tok)

@@ -3,8 +3,8 @@ Choices that depend on the machine, kept in one place so that the model and the 
 PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off).
-- training_device: the device a training process uses (device='auto': cuda when there is one; one GPU
-  per process under torchrun).
+- resolve_device: 'auto' made concrete, and any other device checked against this machine.
+- training_device: the device a training process uses (one GPU per process under torchrun).
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
 - default_num_workers: DataLoader workers that pay for themselves on this many cores.
 """
@@ -70,20 +70,40 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 # -----------------------------------------------------------------------------
-# training
+# devices and training
 
-def training_device(device='auto', local_rank=0, world_size=1):
+def resolve_device(device='auto'):
     """
-    The device a training process uses: 'auto' is cuda when there is one, else cpu. With several
-    processes on CUDA, each takes the GPU of its local rank (and makes it current).
+    The device to run on: 'auto' is cuda when there is one, else cpu. Anything else must be a device
+    torch knows and this machine has: a ConfigError now beats torch's error (an AssertionError for
+    a torch built without CUDA) at the first tensor moved there.
     """
     if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
-        torch.device(device)
+        d = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device={device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' "
                           "or 'cuda:N'") from e
+    if d.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device={device!r}: there is no CUDA device on this machine (or this torch "
+                              "was built without CUDA); use 'cpu' or 'auto'")
+        if d.index is not None and d.index >= n:
+            raise ConfigError(f"device={device!r}: this machine has only {n} CUDA device(s), cuda:0 to "
+                              f"cuda:{n - 1}; use one of those, or 'cpu' or 'auto'")
+    if d.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}: MPS (Apple's GPU) is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def training_device(device='auto', local_rank=0, world_size=1):
+    """
+    The device a training process uses (resolve_device). With several processes on CUDA, each
+    takes the GPU of its local rank (and makes it current).
+    """
+    device = resolve_device(device)
     if world_size > 1 and device == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)

@@ -13,6 +13,7 @@ Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs 
 
 import logging
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -50,30 +51,41 @@ PRESETS = {
 def resolve_config(config):
     """
     Fill n_layer/n_head/n_embd from config.model_type, checking that exactly one of a preset or
-    explicit sizes was given. Mutates and returns config. Raises ValueError on anything else,
-    because a half-specified model is always a mistake the user wants to hear about.
+    explicit sizes was given, that every size is an int >= 1 and every dropout a probability.
+    Mutates and returns config. Anything else is a ConfigError (a ValueError), here rather than
+    as an error deep inside torch, because a half-specified model is always a mistake the user
+    wants to hear about.
     """
     if config.vocab_size is None or config.block_size is None:
         raise ConfigError("the model config needs vocab_size and block_size (got vocab_size="
-                         f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
-                         "config.vocab_size = train_dataset.get_vocab_size()")
+                          f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
+                          "config.vocab_size = train_dataset.get_vocab_size()")
     sizes = {k: getattr(config, k) for k in ('n_layer', 'n_head', 'n_embd')}
     type_given = config.model_type is not None
     sizes_given = [k for k, v in sizes.items() if v is not None]
     presets = ', '.join(PRESETS)
     if type_given and sizes_given:
         raise ConfigError(f"give either model_type ({config.model_type!r}) or explicit sizes "
-                         f"({', '.join(sizes_given)}), not both: set model_type=None to use "
-                         "explicit sizes")
+                          f"({', '.join(sizes_given)}), not both: set model_type=None to use "
+                          "explicit sizes")
     if type_given:
         if config.model_type not in PRESETS:
             raise ConfigError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
-                             "(or set model_type=None and give n_layer, n_head, n_embd)")
+                              "(or set model_type=None and give n_layer, n_head, n_embd)")
         config.merge_from_dict(PRESETS[config.model_type])
     elif len(sizes_given) < 3:
         missing = [k for k, v in sizes.items() if v is None]
         raise ConfigError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
-                         f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
+                          f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
+    for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size'):
+        v = getattr(config, k)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"the model config has {k}={v!r}, but it must be an int >= 1")
+    for k in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
+        v = getattr(config, k)
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1):
+            raise ConfigError(f"the model config has {k}={v!r}, but it must be a number in [0, 1) "
+                              "(a dropout probability)")
     if config.n_embd % config.n_head != 0:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     return config
@@ -341,6 +353,9 @@ class GPT(nn.Module):
         position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
         """
         device = idx.device
+        if idx.dim() != 2:
+            raise ConfigError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}; "
+                              "for one sequence use idx[None]")
         b, t = idx.size()
         if cache_pos + t > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
@@ -352,6 +367,9 @@ class GPT(nn.Module):
             # token it generates is in range, so its cached steps skip this)
             self._check_ids(idx, 'idx', 0)
             if targets is not None:
+                if targets.shape != idx.shape:
+                    raise ConfigError(f"targets must have idx's shape {tuple(idx.shape)}, got "
+                                      f"{tuple(targets.shape)}: one next-token id per position")
                 self._check_ids(targets, 'targets', -1)
         if pos is None:
             pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
@@ -374,6 +392,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def _check_ids(self, ids, name, lowest):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ConfigError(f"{name} must hold integer token ids, not {str(ids.dtype).removeprefix('torch.')}; "
+                              "e.g. torch.tensor(ids, dtype=torch.long)")
         if ids.numel() == 0:
             return
         lo, hi = (int(v) for v in torch.aminmax(ids))

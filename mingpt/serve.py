@@ -46,8 +46,8 @@ import time
 import weakref
 from pathlib import Path
 
-from mingpt.chat import add_sampling_args, check_messages, load_chat_model, stream_reply
-from mingpt.errors import PromptTooLong
+from mingpt.chat import add_sampling_args, check_messages, check_sampling_flags, load_chat_model, stream_reply
+from mingpt.errors import ConfigError, PromptTooLong
 from mingpt.generate import check_sampling_args
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,19 @@ class Slots:
 
 # -----------------------------------------------------------------------------
 
+# create_app's limits: (argument, its command-line flag, lowest value)
+LIMITS = (('max_new_tokens', '--max-tokens-limit', 1), ('max_concurrent', '--max-concurrent', 1),
+          ('queue_timeout', '--queue-timeout', 0), ('max_prompt_tokens', '--max-prompt-tokens', 1))
+
+
+def check_limits(flags=False, **values):
+    """ a ConfigError for a limit of create_app out of range, named by its flag if flags (None: no limit) """
+    for name, flag, low in LIMITS:
+        value = values.get(name)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag if flags else name} must be >= {low} (got {value})")
+
+
 def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
                max_concurrent=2, queue_timeout=10.0, temperature=0.8, top_k=50, top_p=None,
                default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
@@ -152,8 +165,8 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
         raise FileNotFoundError(f"the chat page {PAGE} is missing from the installed package; "
                                 "reinstall mingpt (pip install -e .)")
     page = PAGE.read_text(encoding='utf-8')
-    if max_new_tokens < 1 or max_concurrent < 1 or queue_timeout < 0:
-        raise ValueError("max_new_tokens and max_concurrent must be >= 1, queue_timeout >= 0")
+    check_limits(max_new_tokens=max_new_tokens, max_concurrent=max_concurrent, queue_timeout=queue_timeout,
+                 max_prompt_tokens=max_prompt_tokens)
     default_max_tokens = min(default_max_tokens, max_new_tokens)
     allowed_hosts = None if allowed_hosts is None else frozenset(h.lower().strip('[]') for h in allowed_hosts)
     slots = Slots(max_concurrent)
@@ -399,7 +412,9 @@ def main(argv=None):
     except ImportError:
         parser.exit(2, f"error: {NEEDS}\n")
     try:
-        check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+        check_sampling_flags(args)
+        check_limits(flags=True, max_new_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent,
+                     queue_timeout=args.queue_timeout, max_prompt_tokens=args.max_prompt_tokens)
         model, tokenizer = load_chat_model(args.model, args.device)
         allowed = LOCAL_HOSTS + ((args.host,) if args.host not in ('0.0.0.0', '::') else ())
         if args.allowed_hosts:

@@ -28,7 +28,7 @@ import logging
 from pathlib import Path
 
 from mingpt.bpe import Encoder, get_encoder
-from mingpt.errors import WeightsError
+from mingpt.errors import ConfigError, MissingFileError, WeightsError
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ class CharTokenizer:
         chars = list(chars)
         bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
         if bad:
-            raise ValueError(f'a character vocabulary must list single characters; got {bad[:5]!r}')
+            raise ConfigError(f'a character vocabulary must list single characters; got {bad[:5]!r}')
         if len(set(chars)) != len(chars):
             dups = sorted({c for c in chars if chars.count(c) > 1})
-            raise ValueError(f'a character vocabulary lists each character once; {dups!r} appear more than once')
+            raise ConfigError(f'a character vocabulary lists each character once; {dups!r} appear more than once')
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.n_vocab = len(chars)
@@ -68,12 +68,14 @@ class CharTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / CHARS_FILE
+        if not path.is_file():
+            raise MissingFileError(f'{path}: no such file (a character vocabulary, {CHARS_FILE})')
         try:
             chars = json.loads(path.read_text(encoding='utf-8'))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'cannot read the character vocabulary {path}: {e}') from None
+            raise ConfigError(f'cannot read the character vocabulary {path}: {e}') from None
         if not isinstance(chars, list):
-            raise ValueError(f'{path} must hold a JSON list of characters (index = id), not a {type(chars).__name__}')
+            raise ConfigError(f'{path} must hold a JSON list of characters (index = id), not a {type(chars).__name__}')
         return cls(chars)
 
     def save(self, directory):
@@ -85,13 +87,16 @@ class CharTokenizer:
             return [self.stoi[c] for c in text]
         except KeyError:
             missing = sorted(set(text) - self.stoi.keys())
-            raise ValueError(f'the text has {len(missing)} character(s) that are not in the vocabulary: '
-                             f'{"".join(missing[:20])!r} ({", ".join(map(repr, missing[:20]))}); the model knows '
-                             f'only these {self.n_vocab}: {"".join(self.chars)!r}') from None
+            raise ConfigError(f'the text has {len(missing)} character(s) that are not in the vocabulary: '
+                              f'{"".join(missing[:20])!r} ({", ".join(map(repr, missing[:20]))}); the model knows '
+                              f'only these {self.n_vocab}: {"".join(self.chars)!r}') from None
 
     def decode(self, ids):
         if hasattr(ids, 'tolist'):
             ids = ids.tolist()
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.n_vocab]
+        if bad:  # a negative id would otherwise index from the end
+            raise ConfigError(f'cannot decode {bad[:5]}: token ids must be ints in [0, {self.n_vocab})')
         return ''.join(self.chars[i] for i in ids)
 
 # -----------------------------------------------------------------------------
@@ -105,6 +110,8 @@ def save_tokenizer(tokenizer, directory):
     get_encoder(directory) reads; a CharTokenizer as chars.json. Returns directory as a Path.
     """
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f'{d} is a file; the tokenizer files go into a directory: give the path of one')
     d.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, CharTokenizer):
         atomic_write(d / CHARS_FILE, json.dumps(tokenizer.chars, ensure_ascii=False))
@@ -142,7 +149,7 @@ def find_tokenizer(directory):
 def load_tokenizer(path):
     """'gpt2' (GPT-2's BPE), a directory with tokenizer files, or a file: a JSON list of characters (chars.json,
     or any name), or one of the BPE files (the vocabulary is then read from its directory). There is no
-    fallback: no tokenizer at path is a FileNotFoundError."""
+    fallback: no tokenizer at path is a MissingFileError (a FileNotFoundError)."""
     if str(path) == 'gpt2':
         return get_encoder()
     p = Path(path)
@@ -150,20 +157,20 @@ def load_tokenizer(path):
         try:
             content = json.loads(p.read_text(encoding='utf-8'))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'cannot read the tokenizer file {p}: {e}') from None
+            raise ConfigError(f'cannot read the tokenizer file {p}: {e}') from None
         if isinstance(content, list):
             return CharTokenizer(content)
     tokenizer = find_tokenizer(p if p.is_dir() else p.parent)
     if tokenizer is None:
-        raise FileNotFoundError(f'no tokenizer at {path}: expected "gpt2", a directory with encoder.json + vocab.bpe '
-                                f'(or vocab.json + merges.txt, or {CHARS_FILE}), or a {CHARS_FILE} file')
+        raise MissingFileError(f'no tokenizer at {path}: expected "gpt2", a directory with encoder.json + vocab.bpe '
+                               f'(or vocab.json + merges.txt, or {CHARS_FILE}), or a {CHARS_FILE} file')
     return tokenizer
 
 
 def tokenizer_for_model(source, vocab_size):
     """The tokenizer of the model loaded from source (a name or path): the tokenizer files of its directory
     (for a trainer checkpoint, a directory with trainer.pt, also of the run directory above it), else GPT-2's
-    BPE for a GPT-2-sized vocabulary; a ValueError saying what to do otherwise."""
+    BPE for a GPT-2-sized vocabulary; a ConfigError (a ValueError) saying what to do otherwise."""
     p = Path(source).expanduser()
     if p.exists():
         d = p if p.is_dir() else p.parent
@@ -176,6 +183,6 @@ def tokenizer_for_model(source, vocab_size):
     if vocab_size in GPT2_VOCAB_SIZES:
         logger.info('tokenizer: GPT-2 BPE (no tokenizer files with the model, and vocab_size=%d)', vocab_size)
         return get_encoder()
-    raise ValueError(f'cannot tell which tokenizer {source} uses: it has no tokenizer files (encoder.json + '
-                     f'vocab.bpe, or {CHARS_FILE}) and its vocab_size ({vocab_size}) is not GPT-2\'s. Put the '
-                     f'tokenizer files in the model directory, or pass --tokenizer PATH')
+    raise ConfigError(f'cannot tell which tokenizer {source} uses: it has no tokenizer files (encoder.json + '
+                      f'vocab.bpe, or {CHARS_FILE}) and its vocab_size ({vocab_size}) is not GPT-2\'s. Put the '
+                      f'tokenizer files in the model directory, or pass --tokenizer PATH')

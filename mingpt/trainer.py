@@ -117,6 +117,9 @@ class Trainer:
         if config.dtype == 'auto':
             config.dtype = fast_dtype(self.device_type)
         self._check_config()
+        if hasattr(train_dataset, '__len__') and len(train_dataset) == 0:
+            raise ConfigError("the training dataset is empty: there is nothing to draw batches from; give it "
+                              "at least one example (more text, or a smaller block_size)")
         # a run that cannot resume stops here, before anything is written to work_dir (by the
         # Trainer or, if it makes the Trainer first, by the script); run() loads what was read
         self._resume = read_resume_state(config, model) if self.is_master else None
@@ -179,6 +182,7 @@ class Trainer:
         need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
         need(C.progress_bar in (None, False, True), 'progress_bar', "None (a bar when stderr is a terminal), "
              "True or False")
+        need(isinstance(C.compile, bool), 'compile', "True or False")
         if C.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {C.dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
         if C.dtype == 'float16' and self.device_type != 'cuda':

@@ -172,12 +172,13 @@ class CfgNode:
         a Python literal when it is one (numbers, tuples, True/None) and kept as a string otherwise.
         Only existing keys can be set: a typo is an error, not a silently ignored option. A value
         must have the type of the key's current value (an int where there is an int, a number where
-        there is a float, ...), or be None; a key whose value is None takes anything.
+        there is a float, ...), or be None; a key whose value is None takes anything. Every mistake
+        is a ConfigError (a ValueError) that says what to type instead.
         """
         for arg in args:
             keyval = arg.split('=', maxsplit=1)
             if len(keyval) != 2 or not keyval[0].startswith('--'):
-                raise ValueError(f"expected an override of the form --key=value, got {arg!r}")
+                raise ConfigError(f"expected an override of the form --key=value, got {arg!r}")
             key, raw = keyval
             key = key[2:]  # strip the '--'
             val = raw
@@ -194,14 +195,14 @@ class CfgNode:
                     prefix = '.'.join(keys[:i])
                     valid = sorted(obj.__dict__) if isinstance(obj, CfgNode) else []
                     where = f"under '{prefix}'" if prefix else "at the top level"
-                    raise KeyError(f"unknown config key '{key}': no '{k}' {where}; "
-                                   f"valid keys there are: {', '.join(valid)}")
+                    raise ConfigError(f"unknown config key '{key}': no '{k}' {where}; "
+                                      f"valid keys there are: {', '.join(valid)}")
                 if i < len(keys) - 1:
                     obj = getattr(obj, k)
             leaf = keys[-1]
             if isinstance(getattr(obj, leaf), CfgNode):
-                raise KeyError(f"'{key}' is a group of settings, not a value; set one of its keys, "
-                               f"e.g. --{key}.{next(iter(getattr(obj, leaf).__dict__), 'x')}=...")
+                raise ConfigError(f"'{key}' is a group of settings, not a value; set one of its keys, "
+                                  f"e.g. --{key}.{next(iter(getattr(obj, leaf).__dict__), 'x')}=...")
             val = _typed(key, val, raw, getattr(obj, leaf))
             logger.info("command line overwriting config attribute %s with %r", key, val)
             setattr(obj, leaf, val)
@@ -212,7 +213,9 @@ def _typed(key, val, raw, current):
     if val is None or current is None:
         return val
     if isinstance(current, str):
-        return raw  # a string key keeps what was typed, even if it reads as a number
+        # a string key keeps what was typed, even if it reads as a number; but True and False stay
+        # themselves, for the keys that take a string or a switch (resume='auto', True or False)
+        return val if isinstance(val, bool) else raw
     if isinstance(current, bool):
         ok = isinstance(val, bool)
     elif isinstance(current, int):
@@ -226,6 +229,7 @@ def _typed(key, val, raw, current):
     else:
         ok = True
     if not ok:
-        kind = {bool: 'True or False', int: 'an integer', float: 'a number'}.get(type(current), type(current).__name__)
+        kind = {bool: 'True or False', int: 'an integer', float: 'a number', tuple: 'a tuple',
+                list: 'a list'}.get(type(current), type(current).__name__)
         raise ConfigError(f"--{key}={raw}: expected {kind}, like its default {current!r}")
     return val

@@ -48,9 +48,9 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **o
     Checks every key and shape against the model the sizes describe, then loads strictly.
     origin names the checkpoint in error messages; model_cls is GPT or a subclass (default GPT).
     """
-    if model_cls is None:
-        from mingpt.model import GPT  # here, not at the top: mingpt.model imports this module
-        model_cls = GPT
+    # here, not at the top: mingpt.model imports this module
+    from mingpt.model import GPT, resolve_config
+    model_cls = GPT if model_cls is None else model_cls
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; a pretrained model's "
@@ -63,13 +63,15 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **o
     config = model_cls.get_default_config()
     config.model_type = None  # sizes are explicit (distilgpt2 or a custom model has no preset)
     config.merge_from_dict(sizes)
-    config.merge_from_dict(overrides)
     try:
-        # on the meta device: no memory and no random init spent on weights we are about to replace
-        with torch.device('meta'):
-            model = model_cls(config)
+        resolve_config(config)
     except ValueError as e:
         raise WeightsError(f"{origin}: its config does not describe a valid GPT: {e}") from None
+    config.merge_from_dict(overrides)
+    resolve_config(config)  # the caller's overrides: a ConfigError about their own values
+    # on the meta device: no memory and no random init spent on weights we are about to replace
+    with torch.device('meta'):
+        model = model_cls(config)
 
     tensors = dict(tensors)
     wte = tensors.get('transformer.wte.weight')

@@ -35,13 +35,13 @@ class TestCfgNode(unittest.TestCase):
 
     def test_unknown_key_is_a_clear_error(self):
         C = self.make()
-        with self.assertRaisesRegex(KeyError, "valid keys there are: model_type, n_layer"):
+        with self.assertRaisesRegex(ConfigError, "valid keys there are: model_type, n_layer"):
             C.merge_from_args(['--model.n_layers=4'])
-        with self.assertRaisesRegex(KeyError, "unknown config key 'lrate'"):
+        with self.assertRaisesRegex(ConfigError, "unknown config key 'lrate'"):
             C.merge_from_args(['--lrate=4'])
-        with self.assertRaisesRegex(ValueError, '--key=value'):
+        with self.assertRaisesRegex(ConfigError, '--key=value'):
             C.merge_from_args(['lr=4'])
-        with self.assertRaisesRegex(KeyError, 'group of settings'):
+        with self.assertRaisesRegex(ConfigError, 'group of settings'):
             C.merge_from_args(['--model=4'])
 
     def test_values_must_have_the_keys_type(self):
@@ -51,12 +51,17 @@ class TestCfgNode(unittest.TestCase):
                               ('--batch_size=True', 'expected an integer'),
                               ('--lr=abc', 'expected a number, like its default 0.0003'),
                               ('--compile=1', 'expected True or False'),
-                              ('--betas=0.9', 'expected tuple')):
+                              ('--betas=0.9', 'expected a tuple')):
             with self.subTest(arg=arg), self.assertRaisesRegex(ConfigError, f'{arg}: {expected}'):
                 C.merge_from_args([arg])
         C.merge_from_args(['--lr=1', '--prompt=123', '--max_iters=abc', '--betas=[0.8, 0.9]', '--batch_size=None'])
         self.assertEqual((C.lr, C.prompt, C.max_iters, C.betas, C.batch_size), (1.0, '123', 'abc', (0.8, 0.9), None))
         self.assertIsInstance(C.lr, float)
+        # a string key also takes True and False (a Trainer's resume is 'auto', True or False)
+        for arg, expected in (('--resume=False', False), ('--resume=True', True), ('--resume=auto', 'auto')):
+            C = CfgNode(resume='auto')
+            C.merge_from_args([arg])
+            self.assertEqual((C.resume, type(C.resume)), (expected, type(expected)))
 
     def test_merge_from_dict_and_to_dict(self):
         C = self.make()

@@ -31,6 +31,7 @@ from pathlib import Path
 from mingpt import generate as generation
 from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mingpt.errors import ConfigError, PromptTooLong, WeightsError
+from mingpt.hardware import resolve_device
 from mingpt.model import GPT
 from mingpt.tokenizers import find_tokenizer
 
@@ -50,6 +51,7 @@ def add_chat_tokens(encoder):
     token keeps its id, so a model trained on the old vocabulary reads the same ids as before
     (grow the model to match with model.resize_token_embeddings(encoder.n_vocab)).
     """
+    check_bpe(encoder)
     missing = [t for t in (ENDOFTEXT, *CHAT_TOKENS) if t not in encoder.encoder]
     if not missing:
         return encoder
@@ -57,6 +59,13 @@ def add_chat_tokens(encoder):
     for i, token in enumerate(missing):
         vocab[token] = encoder.n_vocab + i
     return Encoder(vocab, encoder.merges())
+
+
+def check_bpe(encoder):
+    """ a ConfigError unless encoder is a BPE Encoder, the one kind of tokenizer the chat tokens go into """
+    if not isinstance(encoder, Encoder):
+        raise ConfigError(f"a chat model needs a BPE tokenizer (encoder.json + vocab.bpe), not a "
+                          f"{type(encoder).__name__}")
 
 
 def tokenizer_or_gpt2(path):
@@ -75,16 +84,16 @@ def check_messages(messages):
     """ raise a ConfigError (a ValueError) saying what is wrong with a conversation, if anything """
     if not isinstance(messages, (list, tuple)):
         raise ConfigError(f"a conversation is a list of messages (got {type(messages).__name__}); "
-                         "e.g. [{'role': 'user', 'content': 'Hello'}]")
+                          "e.g. [{'role': 'user', 'content': 'Hello'}]")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
             raise ConfigError(f"message {i} must be a dict with 'role' and 'content' (got {m!r:.80})")
         if m['role'] not in ROLES:
             raise ConfigError(f"message {i} has role {m['role']!r}; the roles are "
-                             f"{', '.join(map(repr, ROLES))}")
+                              f"{', '.join(map(repr, ROLES))}")
         if not isinstance(m['content'], str):
             raise ConfigError(f"message {i} ({m['role']}) has content of type "
-                             f"{type(m['content']).__name__}; it must be a str")
+                              f"{type(m['content']).__name__}; it must be a str")
         if m['role'] == 'system' and i != 0:
             raise ConfigError(f"message {i} is a system message; only the first message may be one")
 
@@ -99,9 +108,7 @@ class ChatTokenizer:
     """
 
     def __init__(self, encoder):
-        if not isinstance(encoder, Encoder):
-            raise ConfigError(f"a chat model needs a BPE tokenizer (encoder.json + vocab.bpe), not a "
-                              f"{type(encoder).__name__}")
+        check_bpe(encoder)
         missing = [t for t in (ENDOFTEXT, *CHAT_TOKENS) if t not in encoder.special_tokens]
         if missing:
             raise ConfigError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: it is a "
@@ -236,6 +243,7 @@ def load_chat_model(path, device='cpu'):
     (model in eval mode, ChatTokenizer) from a chat model directory: weights via
     GPT.from_pretrained, the tokenizer from the same directory (else GPT-2's).
     """
+    device = resolve_device(device)
     model = GPT.from_pretrained(path).to(device).eval()
     encoder = tokenizer_or_gpt2(path)
     try:
@@ -247,6 +255,13 @@ def load_chat_model(path, device='cpu'):
                            f"{model.config.vocab_size}; the model was not resized for the chat tokens "
                            "(GPT.resize_token_embeddings) or the tokenizer files belong to another model")
     return model, tokenizer
+
+
+def check_sampling_flags(args):
+    """ a ConfigError for any of add_sampling_args' flags out of range, before a model is loaded """
+    generation.check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
 
 
 def add_sampling_args(parser):

@@ -20,9 +20,8 @@ import logging
 import re
 import sys
 
-from mingpt.chat import PromptTooLong, add_sampling_args, load_chat_model, prompt_budget, stream_reply
-from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args
+from mingpt.chat import (PromptTooLong, add_sampling_args, check_sampling_flags, load_chat_model, prompt_budget,
+                         stream_reply)
 from mingpt.utils import run_script
 
 logger = logging.getLogger('mingpt.chat')
@@ -136,9 +135,7 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=None, help='make the replies reproducible')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    check_sampling_args(args.temperature, args.top_k or None, args.top_p)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    check_sampling_flags(args)
     model, tokenizer = load_chat_model(args.model, args.device)
     # a reply may hold any character; never die on a terminal's narrower encoding
     if hasattr(sys.stdout, 'reconfigure'):

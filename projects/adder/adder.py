@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
@@ -103,16 +104,16 @@ class AdditionDataset(Dataset):
 
     def __init__(self, config, split):
         if split not in ('train', 'test'):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
         if not (isinstance(config.ndigit, int) and 1 <= config.ndigit <= 9):
-            raise ValueError(f"data.ndigit must be an int in 1..9, got {config.ndigit!r}")
+            raise ConfigError(f"data.ndigit must be an int in 1..9, got {config.ndigit!r}")
         self.config = config
         self.split = split
         n = config.ndigit
         self.num = (10 ** n) ** 2  # problem i is a = i // 10^n, b = i % 10^n
         test_size = min(int(self.num * 0.2), 10000) if config.test_size is None else config.test_size
         if not 0 < test_size < self.num:
-            raise ValueError(f"data.test_size must be in 1..{self.num - 1} for ndigit={n}, got {test_size}")
+            raise ConfigError(f"data.test_size must be in 1..{self.num - 1} for ndigit={n}, got {test_size}")
         # sample the test problems without materialising a permutation of all of them
         # (10^8 problems for ndigit=4)
         rng = np.random.default_rng(config.split_seed)

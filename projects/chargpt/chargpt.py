@@ -21,7 +21,7 @@ import torch
 from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
-from mingpt.generate import stream
+from mingpt.generate import check_sampling_args, stream
 from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
@@ -115,10 +115,13 @@ def main(args):
                                                vocab_size=vocab.n_vocab)
     logger.info("%d characters, %d distinct: %d to train on, %d to validate on", len(text),
                 vocab.n_vocab, len(train_dataset.ids), len(val_dataset.ids))
-    try:  # check the prompt now, not after training
-        prompt = torch.tensor([vocab.encode(str(config.sample.prompt))], dtype=torch.long)
+    # check the sampling options and the prompt now, not after training
+    S = config.sample
+    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    try:
+        prompt = torch.tensor([vocab.encode(str(S.prompt))], dtype=torch.long)
     except ValueError as e:
-        raise ConfigError(f"--sample.prompt={config.sample.prompt!r}: {e}") from None
+        raise ConfigError(f"--sample.prompt={S.prompt!r}: {e}") from None
 
     # the model
     config.model.vocab_size = vocab.n_vocab
@@ -132,7 +135,6 @@ def main(args):
         vocab.save(config.system.work_dir)
 
     def sample(trainer):
-        S = config.sample
         model.eval()
         # window_keep: once the text fills the context, re-read its last half every block_size // 2
         # characters, not all of it at every character (minGPT's cropping: a full forward per character)

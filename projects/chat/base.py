@@ -16,6 +16,7 @@ the tokenizer too (encoder.json, vocab.bpe), which is what sft.py's --model.init
 Running the same command again continues from work_dir/ckpt.
 """
 
+import copy
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
 
@@ -89,7 +90,8 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir
-    setup_logging(config)
+    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
+    log_to_stderr()
     set_seed(config.system.seed)
     logger.info("config:\n%s", config)
 
@@ -104,6 +106,7 @@ def main(args):
     config.model.vocab_size, config.model.block_size = enc.n_vocab, B
     model = GPT(config.model)
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     trainer.run()
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 

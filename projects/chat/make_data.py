@@ -29,6 +29,7 @@ import random
 import re
 import sys
 
+from mingpt.data import read_text_file
 from mingpt.errors import ConfigError
 from mingpt.utils import run_script
 
@@ -88,13 +89,18 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.max_chars < 1:
+        raise ConfigError(f"--max-chars must be >= 1 (got {args.max_chars})")
+    if args.max_messages < 2:
+        raise ConfigError(f"--max-messages must be >= 2 (got {args.max_messages}): a message and its reply")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1) (got {args.val_fraction})")
 
     path = args.path
     if path is None:
         from mingpt.download import get_tiny_shakespeare
         path = get_tiny_shakespeare()
-    with open(path, encoding='utf-8') as f:
-        speeches = read_speeches(f.read())
+    speeches = read_speeches(read_text_file(path))
     if len(speeches) < 10:
         raise ConfigError(f"found only {len(speeches)} speeches in {path}; the text must have "
                           "speakers' names alone on a line ending with ':' (tiny shakespeare's layout)")

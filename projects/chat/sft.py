@@ -26,6 +26,7 @@ dialogues before and after) and model/, the best weights with the tokenizer: the
 and mingpt.serve take as --model.
 """
 
+import copy
 import json
 import logging
 import os
@@ -38,10 +39,11 @@ from torch.utils.data import Dataset
 from mingpt.chat import ChatTokenizer, add_chat_tokens, check_messages, stream_reply, tokenizer_or_gpt2
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.errors import ConfigError
+from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
 
@@ -126,7 +128,8 @@ class PackedConversations(Dataset):
         fits = [r for r in rendered if len(r[0]) <= block_size + 1]
         self.skipped = len(rendered) - len(fits)
         if not fits:
-            raise ValueError(f"no conversation fits in block_size + 1 = {block_size + 1} tokens")
+            raise ConfigError(f"no conversation fits in block_size + 1 = {block_size + 1} tokens; use a "
+                              "larger --data.block_size, or shorter conversations")
         random.Random(seed).shuffle(fits)  # rows mix conversations from all over the file
         L = block_size + 1
         rows, ids, mask = [], [], []
@@ -181,9 +184,12 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir
-    setup_logging(config)
+    given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
+    log_to_stderr()
     set_seed(config.system.seed)
     logger.info("config:\n%s", config)
+    S = config.sample
+    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
 
     # the base model and its tokenizer, both grown for the chat tokens
     init = config.model.init_from
@@ -208,6 +214,7 @@ def main(args):
                     ds.skipped, int((ds.y != -1).sum()))
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     prompts = val_conv[:config.sample.n_prompts]
     loss_before = trainer.evaluate()
     dialogues_before, stop_before = sample_replies(model, tokenizer, prompts, config.sample)

@@ -13,6 +13,7 @@ The model with the best validation loss is exported to work_dir/model (a Hugging
 Running the same command again continues from work_dir/ckpt.
 """
 
+import copy
 import json
 import logging
 import os
@@ -24,9 +25,10 @@ from mingpt.bpe import get_encoder
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
+from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.utils import run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('finetune')
 
@@ -84,11 +86,14 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
-    setup_logging(config)
+    given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
+    log_to_stderr()
     set_seed(config.system.seed)
     if config.system.num_threads:
         torch.set_num_threads(config.system.num_threads)
     logger.info("config:\n%s", config)
+    S = config.sample
+    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     text = training_text(config.data.path)
@@ -115,10 +120,10 @@ def main(args):
                 len(text), len(ids), len(train_dataset.ids), len(val_dataset.ids))
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
+    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     prompt = torch.tensor([enc.encode(str(config.sample.prompt))], dtype=torch.long)
 
     def sample():
-        S = config.sample
         model.eval()
         out = model.generate(prompt.to(trainer.device), S.max_new_tokens, do_sample=True,
                              temperature=S.temperature, top_k=S.top_k, seed=S.seed)
