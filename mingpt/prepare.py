@@ -104,11 +104,10 @@ def text_stretches(path):
 
 
 def jsonl_lines(path):
-    """ (line, line number) of the non-blank lines of a JSONL file, as bytes """
+    """ (line, line number) of the lines of a JSONL file, as bytes """
     with open(path, 'rb') as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield line, lineno
+            yield line, lineno
 
 
 def tasks(files):
@@ -152,6 +151,8 @@ def tokenize_task(task, tokenizer):
     eot = tokenizer.special_tokens[ENDOFTEXT]
     ids, documents = [], 0
     for kind, data, path, where in task:
+        if kind == JSONL and not data.strip():
+            continue  # a blank line
         text = json_text(data, path, where) if kind == JSONL else decode_text(data, path, where)
         if kind == JSONL or where == 0:  # a document starts
             if not text:
