@@ -176,21 +176,28 @@ def _tokenize_in_worker(task):
 
 
 def tokenized(numbered_tasks, tokenizer, tokenizer_dir, workers):
-    """ (index, input bytes, ids, documents) of each (index, task), in order; in `workers` processes
-    (this one when 1), which load the tokenizer from tokenizer_dir """
+    """ (index, input bytes, ids, documents) of each (index, task), in order; in `workers` processes (this
+    one when 1), which inherit the tokenizer when forked, else load it from tokenizer_dir """
     if workers == 1:
         for i, task in numbered_tasks:
             yield (i, sum(len(p[1]) for p in task), *tokenize_task(task, tokenizer))
         return
-    with multiprocessing.Pool(workers, _start_worker, (str(tokenizer_dir),)) as pool:
-        in_flight = deque()
-        for i, task in numbered_tasks:
-            in_flight.append((i, sum(len(p[1]) for p in task), pool.apply_async(_tokenize_in_worker, (task,))))
-            while len(in_flight) >= 2 * workers or (in_flight and in_flight[0][2].ready()):
-                i0, n_bytes, result = in_flight.popleft()
+    global _worker_tokenizer
+    context = multiprocessing.get_context()
+    forked = context.get_start_method() == 'fork'
+    _worker_tokenizer = tokenizer if forked else None
+    try:
+        with context.Pool(workers, None if forked else _start_worker, (str(tokenizer_dir),)) as pool:
+            in_flight = deque()
+            for i, task in numbered_tasks:
+                in_flight.append((i, sum(len(p[1]) for p in task), pool.apply_async(_tokenize_in_worker, (task,))))
+                while len(in_flight) >= 2 * workers or (in_flight and in_flight[0][2].ready()):
+                    i0, n_bytes, result = in_flight.popleft()
+                    yield (i0, n_bytes, *result.get())
+            for i0, n_bytes, result in in_flight:
                 yield (i0, n_bytes, *result.get())
-        for i0, n_bytes, result in in_flight:
-            yield (i0, n_bytes, *result.get())
+    finally:
+        _worker_tokenizer = None
 
 # -----------------------------------------------------------------------------
 # the shards, and meta.json

@@ -7,6 +7,7 @@ ones; what cannot work is a one-line error.
 
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -100,6 +101,14 @@ class TestPrepare(TempDirTestCase):
             with self.subTest(workers=workers):
                 self.run_prepare(f'w{workers}', workers=workers)
                 self.assertEqual(shard_bytes(self.tmp / f'w{workers}'), shard_bytes(self.tmp / 'w1'))
+
+    def test_spawned_workers_load_the_tokenizer_from_the_output(self):
+        # forked workers inherit the tokenizer; where processes are spawned (macOS, Windows) they load it
+        self.run_prepare('forked', workers=2)
+        spawn = multiprocessing.get_context('spawn')
+        with mock.patch.object(prepare_module.multiprocessing, 'get_context', lambda: spawn):
+            self.run_prepare('spawned', workers=2)
+        self.assertEqual(shard_bytes(self.tmp / 'spawned'), shard_bytes(self.tmp / 'forked'))
 
     def test_a_stopped_run_carries_on_and_keeps_its_finished_shards(self):
         self.run_prepare('straight')
