@@ -16,8 +16,8 @@ Before timing, the script checks that prepare's shards hold tiktoken's ids.
 
 A prepare run has a start-up cost that does not grow with the corpus (loading GPT-2's vocabulary, writing
 its copy next to the shards, starting the workers, each building its merge table on first use), which
-weighs on a corpus of a few MB and not on one of GBs. The column "after start-up" takes it out: it divides
-the bytes by the run's time less the time prepare takes on the first 1 KB of the text with as many workers.
+weighs on a corpus of a few MB and not on one of GBs. The column "start-up" is the time prepare takes on
+the first 1 KB of the text with as many workers.
 """
 
 import argparse
@@ -103,16 +103,13 @@ def main():
     tik_per_core = n_bytes / best[tasks[-1][0]] / 1e6 if tik is not None else None
     print(f'text: {len(files)} files, {n_bytes:,} bytes, {len(ids):,} tokens; best of {args.repeats}; Python '
           f'{sys.version.split()[0]}, {cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n')
-    print('| tokenizer | cores | seconds | MB/s | MB/s per core | vs tiktoken | start-up (s) | per core after '
-          'start-up | vs tiktoken |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('| tokenizer | cores | seconds | MB/s | MB/s per core | per core vs tiktoken | start-up (s) |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
     for name, cores, _ in tasks:
-        s0 = startup.get(cores, 0.0) if name.startswith('mingpt') else 0.0
         per_core = n_bytes / best[name] / 1e6 / cores
-        steady = n_bytes / (best[name] - s0) / 1e6 / cores
-        vs = (lambda x: f'{x / tik_per_core:.2f}x') if tik_per_core else (lambda x: 'n/a')
-        print(f'| {name} | {cores} | {best[name]:.2f} | {per_core * cores:.2f} | {per_core:.2f} | {vs(per_core)} | '
-              f'{s0:.2f} | {steady:.2f} | {vs(steady)} |')
+        ratio = f'{per_core / tik_per_core:.2f}x' if tik_per_core else 'n/a'
+        s0 = f'{startup[cores]:.2f}' if name.startswith('mingpt') else '-'
+        print(f'| {name} | {cores} | {best[name]:.2f} | {per_core * cores:.2f} | {per_core:.2f} | {ratio} | {s0} |')
 
 
 if __name__ == '__main__':

@@ -242,11 +242,7 @@ class ShardWriter:
             meta['tokens']['total'] += self.fill
             self.fill = 0
         meta['next'] = {'task': task, 'offset': offset}
-        write_meta(self.out, meta)
-
-
-def write_meta(out, meta):
-    atomic_write(out / META_FILE, json.dumps(meta, indent=1) + '\n')
+        atomic_write(self.out / META_FILE, json.dumps(meta, indent=1) + '\n')
 
 
 def fresh_meta(settings):
