@@ -11,6 +11,7 @@ of this module:
       WeightsError      ValueError   a model checkpoint that cannot be loaded (missing, corrupt, mismatched)
       CheckpointError   ValueError   a trainer checkpoint that cannot be resumed
       PromptTooLong     ValueError   a conversation that does not fit in the model's context
+      DataError         ValueError   a text or token-shard file that cannot be read as training data
       MissingFileError  OSError      a file or directory the user named that is not there (FileNotFoundError)
       DownloadError     OSError      a file that could not be fetched or failed its checks
 
@@ -36,6 +37,11 @@ class CheckpointError(MinGPTError, ValueError):
 
 class PromptTooLong(MinGPTError, ValueError):
     """ the conversation does not fit in the token budget even with its old turns dropped """
+
+
+class DataError(MinGPTError, ValueError):
+    """ training data that cannot be read: a text file that is not UTF-8 text, a token shard that is
+    not one or is cut short, a shard directory that prepare has not finished """
 
 
 class MissingFileError(MinGPTError, FileNotFoundError):

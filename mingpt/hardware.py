@@ -6,7 +6,7 @@ PyTorch:
 - resolve_device: 'auto' made concrete, and any other device checked against this machine.
 - training_device: the device a training process uses (one GPU per process under torchrun).
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
-- default_num_workers: DataLoader workers that pay for themselves on this many cores.
+- cpu_count, default_num_workers: the cores this process may use; DataLoader workers that pay for themselves.
 """
 
 import logging
@@ -127,11 +127,15 @@ def fast_dtype(device_type):
     return 'float32'
 
 
+def cpu_count():
+    """ the cores this process may run on (its affinity mask, which taskset and containers narrow) """
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def default_num_workers():
     """
     DataLoader workers that pay for themselves: each is a process that copies the dataset, and with
     only a couple of cores it competes with the training step itself. Keep one core for the main
     process and never go past 4.
     """
-    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(0, min(4, n_cpu - 2))
+    return max(0, min(4, cpu_count() - 2))

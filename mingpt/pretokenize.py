@@ -38,6 +38,8 @@ _NON_ASCII = re.compile(r'[^\x00-\x7f]')
 # and no piece before it looks past it, so text on either side can be pre-tokenized independently.
 _SAFE_CUT_AFTER = re.compile(rf'(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')
 _LAST_SAFE_CUT = regex.compile(rf'(?r)(?<=[^{_WS}\x80-\U0010ffff])(?=[{_WS}])')  # (?r): search backwards
+# the same in UTF-8 bytes, where a byte below 0x80 is always a whole ASCII character
+_LAST_SAFE_CUT_BYTES = regex.compile(rf'(?r)(?<=[^{_WS}\x80-\xff])(?=[{_WS}])'.encode())
 
 
 def pretokenize(text: str) -> list:
@@ -97,3 +99,11 @@ def safe_chunks(text: str, n_chars: int):
         end = cut.start() if cut else len(text)
         yield text[pos:end]
         pos = end
+
+
+def last_safe_cut(data: bytes, pos: int = 0):
+    """The position of the last "safe cut" (see pretokenize) in data, the UTF-8 bytes of a text, at pos or
+    after; None if there is none. Decoding and pre-tokenizing the bytes on either side of it separately
+    gives the pieces of the whole, so a file can be tokenized a stretch at a time (mingpt/prepare.py)."""
+    m = _LAST_SAFE_CUT_BYTES.search(data, max(0, pos - 1))  # pos - 1: the byte before a cut at pos
+    return m.start() if m else None

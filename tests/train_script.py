@@ -5,6 +5,7 @@ Rank 0 writes the final weights to --out/final.safetensors and the per-iteration
 
     python tests/train_script.py --out DIR [--work_dir DIR --resume True --kill_at K]
     python -m torch.distributed.run --nproc_per_node=2 tests/train_script.py --out DIR --batch_size 8
+    python tests/train_script.py --out DIR --shards SHARDS ...   # train on a prepared shard directory
 """
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mingpt.data import shard_windows  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 from mingpt.trainer import Trainer  # noqa: E402
 from mingpt.utils import set_seed  # noqa: E402
@@ -46,13 +48,15 @@ def main():
     parser.add_argument('--dropout', type=float, default=0.1)
     parser.add_argument('--tie_weights', action='store_true')
     parser.add_argument('--kill_at', type=int, default=None, help="SIGKILL self after this many iters")
+    parser.add_argument('--shards', default=None, help="a directory of token shards to train on (mingpt.prepare)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same arithmetic in every process, and room for two of them
 
+    dataset = CountDataset() if args.shards is None else shard_windows(args.shards, block_size=8)[0]
     set_seed(0)
     mc = GPT.get_default_config()
     mc.model_type = 'gpt-nano'
-    mc.vocab_size, mc.block_size = 11, 8
+    mc.vocab_size, mc.block_size = (11 if args.shards is None else dataset.get_vocab_size()), 8
     mc.embd_pdrop = mc.resid_pdrop = mc.attn_pdrop = args.dropout
     mc.tie_weights = args.tie_weights
     model = GPT(mc)
@@ -63,7 +67,7 @@ def main():
     C.learning_rate = 3e-3
     C.progress_bar = False
     C.merge_from_args(['--' + a for a in args.trainer])
-    trainer = Trainer(C, model, CountDataset())
+    trainer = Trainer(C, model, dataset)
 
     losses = {}
     def on_batch_end(t):
