@@ -53,9 +53,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from mingpt.bpe import Encoder, bytes_to_unicode
+from mingpt.metrics import Progress
 from mingpt.pretokenize import pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 from mingpt.data import read_text_file
 from mingpt.errors import ConfigError
@@ -195,8 +195,9 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
     heapq.heapify(heap)
 
     merges = []
-    bar = tqdm(total=max(0, n_tokens - len(token_bytes)), desc='merges', unit='merge',
-               disable=None if progress else True)  # None: only on a terminal
+    # a bar on a terminal, plain lines about every 10 s when piped
+    bar = Progress(max(0, n_tokens - len(token_bytes)), bar=sys.stderr.isatty(), enabled=progress,
+                   what='merge', desc='merges', unit='merge').__enter__()
     while len(token_bytes) < n_tokens and heap:
         neg, _, _, a, b = heapq.heappop(heap)
         c = counts.get((a, b), 0)
@@ -212,8 +213,8 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
         assert new_bytes not in bytes_to_id, (a, b)
         t = bytes_to_id[new_bytes] = len(token_bytes)
         token_bytes.append(new_bytes)
-        bar.update(1)
         merges.append((a, b))
+        bar.advance(len(merges))
 
         # rewrite every word that holds (a, b), and collect how the pair counts change
         delta = defaultdict(int)
@@ -250,7 +251,7 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
             else:
                 del counts[pair]
         counts.pop((a, b), None)
-    bar.close()
+    bar.close()  # Progress is an ExitStack: closing it closes the bar
     return merges, token_bytes, words, freqs
 
 # -----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from mingpt.bpe import BPETokenizer, get_encoder
 from mingpt.bpe_train import train_bpe
 from mingpt.chat import ChatTokenizer, add_chat_tokens, check_messages, load_chat_model, stream_reply
 from mingpt.data import read_text_file, split_windows
-from mingpt.errors import (CheckpointError, ConfigError, MinGPTError, MissingFileError, PromptTooLong,
+from mingpt.errors import (CheckpointError, ConfigError, DataError, MinGPTError, MissingFileError, PromptTooLong,
                            WeightsError)
 from mingpt.evaluate import evaluate_text
 from mingpt.formats.llmc import save_llmc
@@ -458,7 +458,7 @@ CASES = [
     call(ConfigError, lambda f: train_bpe(b'some bytes', 300), r"train_bpe trains on a str, not bytes"),
     # data, evaluation, config
     call(MissingFileError, lambda f: read_text_file(f.fx / 'missing.txt'), r"missing\.txt: no such file"),
-    call(ConfigError, lambda f: read_text_file(f.fx / 'latin1.txt'), r"not valid UTF-8"),
+    call(DataError, lambda f: read_text_file(f.fx / 'latin1.txt'), r"not valid UTF-8"),
     call(ConfigError, lambda f: split_windows(torch.arange(100), 0), r"block_size=0 cannot work: it must be an int"),
     call(ConfigError, lambda f: split_windows(torch.arange(100), 8, val_fraction=1.0),
          r"val_fraction=1\.0 cannot work: it must be in \[0, 1\)"),
