@@ -54,7 +54,7 @@ from mingpt.serve import create_app
 from mingpt.tokenizers import CharTokenizer, load_tokenizer, save_tokenizer, tokenizer_for_model
 from mingpt.trainer import Trainer
 from mingpt.utils import CfgNode, run_script
-from tests.common import REPO, edit_json, free_port_url, patched_env, shakespeare, tiny_gpt
+from tests.common import REPO, edit_json, free_port_url, patched_env, shakespeare, slow, tiny_gpt
 from tests.test_chat import make_chat_model_dir, small_encoder
 
 TF_FIXTURE = REPO / 'tests' / 'fixtures' / 'tf_gpt2_tiny'
@@ -692,6 +692,7 @@ class TestBadInput(unittest.TestCase):
             self.assertNotIn('Traceback', log.getvalue(), 'a traceback in the log')
         self.assertUnchanged(before)
 
+    @slow
     def test_real_entry_points_too(self):
         """ the rows marked subprocess, run through the real entry points, all at once """
         cases = [(i, case) for i, case in enumerate(CASES) if case.subprocess]

@@ -554,6 +554,7 @@ class TestChatCLI(unittest.TestCase):
     def reply(self, messages, n):
         return ''.join(stream_reply(self.model, self.tok, messages, n, temperature=0))
 
+    @slow
     def test_piped_conversation(self):
         n = 12
         system = [{'role': 'system', 'content': 'You are Puck.'}]
@@ -572,6 +573,7 @@ class TestChatCLI(unittest.TestCase):
         # and nothing after /quit
         self.assertEqual(proc.stdout, f'{r1}\n{r2}\n{r3}\n')
 
+    @slow
     def test_sampling_flags_too_long_message_and_eof(self):
         # the first message cannot fit the context: an error on stderr, an empty reply line, and
         # the chat goes on; the last line has no newline (EOF ends it)
@@ -584,6 +586,7 @@ class TestChatCLI(unittest.TestCase):
                                         temperature=1.5, top_k=20, top_p=0.9, seed=3 + 1))
         self.assertEqual(proc.stdout, f'\n{expected}\n')
 
+    @slow
     def test_bad_flags_are_clear_errors(self):
         proc = run_cli(self.model_dir, 'hi\n', '--temperature', '-1')
         self.assertEqual(proc.returncode, 2)

@@ -189,6 +189,7 @@ class TestShardWindows(TempDirTestCase):
         self.assertEqual(len(trainer.history['val_loss']), 2)
         self.assertLess(trainer.history['val_loss'][-1], 0.5 * trainer.history['val_loss'][0])
 
+    @slow
     def test_peak_memory_does_not_grow_with_the_number_of_shards(self):
         # 8 shards of 4 MB: a run that reads from 2 of them and one that reads from all 8 peak at the same
         # memory, where loading the shards would add 24 MB. Memory here is RssAnon, what the process owns:

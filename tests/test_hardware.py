@@ -17,7 +17,7 @@ from mingpt import hardware
 from mingpt.errors import ConfigError
 from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, training_device
 
-from tests.common import REPO, tiny_gpt
+from tests.common import REPO, slow, tiny_gpt
 
 
 def counting():
@@ -136,6 +136,7 @@ class TestLinear(unittest.TestCase):
         self.assertEqual(len(calls), 1)
         self.assertIn('F.linear', '\n'.join(logs.output))
 
+    @slow
     def test_env_var_turns_it_off(self):
         code = "import mingpt.hardware as h; print(h._onednn_linear is None)"
         env = dict(os.environ, PYTHONPATH=str(REPO))

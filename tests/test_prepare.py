@@ -22,7 +22,7 @@ from mingpt.data import META_FILE, open_shard, read_meta, read_shard_header, sha
 from mingpt.errors import ConfigError, DataError
 from mingpt.prepare import prepare
 from mingpt.tokenizers import CharTokenizer, save_tokenizer
-from tests.common import REPO, TempDirTestCase, shakespeare, tiktoken_gpt2
+from tests.common import REPO, TempDirTestCase, shakespeare, slow, tiktoken_gpt2
 
 EOT = 50256
 SHARD, VAL = 300, 200  # tokens a shard, validation tokens: several shards from the little corpus below
@@ -95,6 +95,7 @@ class TestPrepare(TempDirTestCase):
         train, val = shard_windows(self.tmp / 'out', block_size=32)
         self.assertEqual((train.tokens, val.tokens, train.get_vocab_size()), (n_train, VAL, 50257))
 
+    @slow
     def test_the_same_shards_whatever_the_number_of_workers(self):
         self.run_prepare('w1', workers=1)
         for workers in (2, 3):
@@ -102,6 +103,7 @@ class TestPrepare(TempDirTestCase):
                 self.run_prepare(f'w{workers}', workers=workers)
                 self.assertEqual(shard_bytes(self.tmp / f'w{workers}'), shard_bytes(self.tmp / 'w1'))
 
+    @slow
     def test_spawned_workers_load_the_tokenizer_from_the_output(self):
         # forked workers inherit the tokenizer; where processes are spawned (macOS, Windows) they load it
         self.run_prepare('forked', workers=2)
@@ -110,6 +112,7 @@ class TestPrepare(TempDirTestCase):
             self.run_prepare('spawned', workers=2)
         self.assertEqual(shard_bytes(self.tmp / 'spawned'), shard_bytes(self.tmp / 'forked'))
 
+    @slow
     def test_a_stopped_run_carries_on_and_keeps_its_finished_shards(self):
         self.run_prepare('straight')
         out = self.tmp / 'stopped'
@@ -190,6 +193,7 @@ class TestPrepare(TempDirTestCase):
         lines = [r.getMessage() for r in logs.records]
         self.assertTrue(any('MB/s' in line and 'docs/s' in line and 'tokens/s' in line for line in lines), lines)
 
+    @slow
     def test_command_line(self):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, '-m', 'mingpt.prepare', str(self.corpus), '--out', str(self.tmp / 'out'),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mingpt.model import GPT
-from tests.common import (REPO, TempDirTestCase, data_file, free_port_url, python_without, shakespeare,
+from tests.common import (REPO, TempDirTestCase, free_port_url, python_without, shakespeare,
                           slow, use_shared_gpt2_vocab)
 
 PROJECTS = REPO / 'projects'
@@ -194,6 +194,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertEqual(iters, list(range(1, 81)))  # every iteration once: nothing redone, nothing lost
         self.assertEqual([i for i, _ in val], [20, 40, 60, 80])
 
+    @slow
     def test_output_config_first_each_sample_once_no_note_on_its_own_calls(self):
         work_dir = self.tmp / 'out'
         proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=40', *self.TINY,
@@ -208,6 +209,7 @@ class TestCharGPT(ProjectTestCase):
         # the samples outgrow the context (6 + 30 characters, block_size 32) with no note about it
         self.assertNotIn('window_keep', proc.stderr)
 
+    @slow
     def test_under_torchrun_rank_0_reports(self):
         # 2 gloo processes (as tests/test_trainer_ddp.py runs them): each trains, one speaks
         env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -227,6 +229,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertTrue((work_dir / 'results.json').is_file())
         self.assertTrue((work_dir / 'chars.json').is_file())
 
+    @slow
     def test_a_run_that_cannot_resume_overwrites_nothing(self):
         work_dir = self.tmp / 'out'
         self.assertRan(run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=2',
@@ -241,6 +244,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertNotIn('Traceback', proc.stderr)
         self.assertEqual({p.name: p.read_bytes() for p in work_dir.iterdir() if p.is_file()}, before)
 
+    @slow
     def test_prompt_outside_the_vocabulary_is_a_clear_error(self):
         proc = run_project('chargpt', f'--system.work_dir={self.tmp / "out"}', '--sample.prompt=ROMEO: €ë',
                            *self.TINY[:-1], cwd=self.tmp)
@@ -248,6 +252,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertIn("--sample.prompt='ROMEO: €ë': the text has 2 character(s) that are not in the vocabulary: 'ë€'", proc.stderr)
         self.assertNotIn('Traceback', proc.stderr)
 
+    @slow
     def test_offline_without_data_says_to_pass_data_path(self):
         empty = self.tmp / 'empty'
         empty.mkdir()
@@ -257,6 +262,7 @@ class TestCharGPT(ProjectTestCase):
         self.assertIn('--data.path', proc.stderr)
         self.assertIn('could not download', proc.stderr)
 
+    @slow
     def test_a_preset_replaces_the_cpu_sizes(self):
         chargpt = load_project('chargpt')
         config = chargpt.get_config()
@@ -285,6 +291,7 @@ class TestConfigFirst(ProjectTestCase):
         self.assertIn('\ntrainer:\n    device: ', proc.stderr)
         self.assertIn(f'error: {error}', proc.stderr)  # the config comes first, even before an error
 
+    @slow
     def test_finetune(self):
         (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
         with use_shared_gpt2_vocab():
@@ -292,10 +299,12 @@ class TestConfigFirst(ProjectTestCase):
                                f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
         self.assertConfigFirst(proc, 'finetune', '--model.init_from=')
 
+    @slow
     def test_chat_base(self):
         proc = run_project('chat', f'--system.work_dir={self.tmp / "out"}', '--data.n_merges=-1', script='base')
         self.assertConfigFirst(proc, 'chat.base', '--data.n_merges must be in')
 
+    @slow
     def test_chat_sft(self):
         proc = run_project('chat', f'--system.work_dir={self.tmp / "out"}', f'--model.init_from={self.tmp / "nowhere"}',
                            script='sft')
@@ -315,6 +324,7 @@ class TestWithoutOptionalPackages(ProjectTestCase):
         self.assertTrue((work_dir / 'results.json').is_file())
         self.assertFalse((work_dir / 'loss.png').exists())
 
+    @slow
     def test_adder_without_matplotlib(self):
         work_dir = self.tmp / 'adder'
         proc = run_project('adder', f'--system.work_dir={work_dir}', '--trainer.device=cpu',
@@ -323,6 +333,7 @@ class TestWithoutOptionalPackages(ProjectTestCase):
         self.assertRanWithoutPlot(proc, work_dir)
         self.assertIn('best test accuracy', proc.stdout)
 
+    @slow
     def test_chargpt_without_matplotlib(self):
         work_dir = self.tmp / 'chargpt'
         (self.tmp / 'input.txt').write_text(shakespeare(20000), encoding='utf-8')
@@ -373,6 +384,7 @@ class TestFinetune(ProjectTestCase):
         self.assertEqual(model.config.n_embd, 32)
         GPT2LMHeadModel.from_pretrained(work_dir / 'model')
 
+    @slow
     def test_block_size_longer_than_the_context_is_a_clear_error(self):
         from transformers import GPT2Config, GPT2LMHeadModel
         GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
@@ -385,6 +397,7 @@ class TestFinetune(ProjectTestCase):
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
 
+    @slow
     def test_a_missing_checkpoint_is_a_clear_error(self):
         (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
         with use_shared_gpt2_vocab():

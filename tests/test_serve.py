@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 
 from mingpt.chat import stream_reply
 from mingpt.serve import MAX_MESSAGES, create_app
-from tests.common import REPO, python_without
+from tests.common import REPO, python_without, slow
 from tests.test_chat import tiny_chat_model
 
 
@@ -326,6 +326,7 @@ class TestServeRefuses(ServeTestCase):
 class TestServeWithoutItsPackages(ServeTestCase):
     """ starlette and uvicorn are optional: without them, one line says what to install """
 
+    @slow
     def test_cli_says_what_to_install_in_one_line(self):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
         proc = subprocess.run([*python_without('starlette', 'uvicorn'), '-m', 'mingpt.serve', '--model', 'gpt2'],
@@ -387,6 +388,7 @@ class TestServeUvicorn(ServeTestCase):
         text = ''.join(e.get('token', '') for e in events)
         self.assertEqual(text, self.expected([{'role': 'user', 'content': f'Request {i}'}], max_tokens))
 
+    @slow
     def test_parallel_requests_all_complete(self):
         app = self.app(max_concurrent=8)
         with running_server(app) as url:
@@ -407,6 +409,7 @@ class TestServeUvicorn(ServeTestCase):
         self.assertEqual((health['completed'], health['rejected']), (8, 0))
         self.assertEqual(health['peak_active'], 2)  # never more at once
 
+    @slow
     def test_parallel_requests_over_the_limit_get_429(self):
         app = self.app(max_concurrent=2, queue_timeout=0)
         with running_server(app) as url:

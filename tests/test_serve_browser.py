@@ -22,6 +22,7 @@ import httpx
 from mingpt.chat import stream_reply
 from mingpt.serve import create_app
 from tests.test_chat import tiny_chat_model
+from tests.common import slow
 from tests.test_serve import running_server, wait_until
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def missing(what):
     raise unittest.SkipTest(what)
 
 
+@slow
 class TestChatPageInBrowser(unittest.TestCase):
 
     @classmethod
