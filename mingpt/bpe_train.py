@@ -196,62 +196,61 @@ def _learn_merges(word_counts: dict, n_tokens: int, progress: bool = False):
 
     merges = []
     # a bar on a terminal, plain lines about every 10 s when piped
-    bar = Progress(max(0, n_tokens - len(token_bytes)), bar=sys.stderr.isatty(), enabled=progress,
-                   what='merge', desc='merges', unit='merge').__enter__()
-    while len(token_bytes) < n_tokens and heap:
-        neg, _, _, a, b = heapq.heappop(heap)
-        c = counts.get((a, b), 0)
-        if c != -neg:  # a stale entry: the pair's count shrank since it was pushed
-            if c > 0:
-                heapq.heappush(heap, (-c, token_bytes[a], token_bytes[b], a, b))
-            continue
-
-        # the new token. Its bytes are never a token already: a pair (x, y) that concatenates to an existing
-        # token T can never be adjacent, because whatever bytes T covers went through the same merges that
-        # made T, wherever they occur (a merge acts the same on a word and on any run of whole tokens in it)
-        new_bytes = token_bytes[a] + token_bytes[b]
-        assert new_bytes not in bytes_to_id, (a, b)
-        t = bytes_to_id[new_bytes] = len(token_bytes)
-        token_bytes.append(new_bytes)
-        merges.append((a, b))
-        bar.advance(len(merges))
-
-        # rewrite every word that holds (a, b), and collect how the pair counts change
-        delta = defaultdict(int)
-        for i in where.pop((a, b)):
-            w = words[i]
-            n = len(w)
-            new, j = [], 0
-            while j < n:
-                if w[j] == a and j + 1 < n and w[j + 1] == b:
-                    new.append(t)
-                    j += 2
-                else:
-                    new.append(w[j])
-                    j += 1
-            if len(new) == n:
-                continue  # a stale index entry: an earlier merge took the pair from this word
-            f = freqs[i]
-            for pair in zip(w, w[1:]):
-                delta[pair] -= f
-            for pair in zip(new, new[1:]):
-                delta[pair] += f
-                if t in pair:  # every pair new to this word contains t (the others were neighbours before)
-                    where[pair].add(i)
-            words[i] = new
-        # words that lose a pair stay in its index (lazily): the rewrite above skips them
-        for pair, d in delta.items():
-            if d == 0:
+    with Progress(max(0, n_tokens - len(token_bytes)), bar=sys.stderr.isatty(), enabled=progress,
+                  what='merge', desc='merges', unit='merge') as bar:
+        while len(token_bytes) < n_tokens and heap:
+            neg, _, _, a, b = heapq.heappop(heap)
+            c = counts.get((a, b), 0)
+            if c != -neg:  # a stale entry: the pair's count shrank since it was pushed
+                if c > 0:
+                    heapq.heappush(heap, (-c, token_bytes[a], token_bytes[b], a, b))
                 continue
-            c = counts[pair] + d
-            if c > 0:
-                counts[pair] = c
-                if d > 0:  # the heap must hold an entry at least as large as every count
-                    heapq.heappush(heap, (-c, token_bytes[pair[0]], token_bytes[pair[1]], pair[0], pair[1]))
-            else:
-                del counts[pair]
-        counts.pop((a, b), None)
-    bar.close()  # Progress is an ExitStack: closing it closes the bar
+
+            # the new token. Its bytes are never a token already: a pair (x, y) that concatenates to an existing
+            # token T can never be adjacent, because whatever bytes T covers went through the same merges that
+            # made T, wherever they occur (a merge acts the same on a word and on any run of whole tokens in it)
+            new_bytes = token_bytes[a] + token_bytes[b]
+            assert new_bytes not in bytes_to_id, (a, b)
+            t = bytes_to_id[new_bytes] = len(token_bytes)
+            token_bytes.append(new_bytes)
+            merges.append((a, b))
+            bar.advance(len(merges))
+
+            # rewrite every word that holds (a, b), and collect how the pair counts change
+            delta = defaultdict(int)
+            for i in where.pop((a, b)):
+                w = words[i]
+                n = len(w)
+                new, j = [], 0
+                while j < n:
+                    if w[j] == a and j + 1 < n and w[j + 1] == b:
+                        new.append(t)
+                        j += 2
+                    else:
+                        new.append(w[j])
+                        j += 1
+                if len(new) == n:
+                    continue  # a stale index entry: an earlier merge took the pair from this word
+                f = freqs[i]
+                for pair in zip(w, w[1:]):
+                    delta[pair] -= f
+                for pair in zip(new, new[1:]):
+                    delta[pair] += f
+                    if t in pair:  # every pair new to this word contains t (the others were neighbours before)
+                        where[pair].add(i)
+                words[i] = new
+            # words that lose a pair stay in its index (lazily): the rewrite above skips them
+            for pair, d in delta.items():
+                if d == 0:
+                    continue
+                c = counts[pair] + d
+                if c > 0:
+                    counts[pair] = c
+                    if d > 0:  # the heap must hold an entry at least as large as every count
+                        heapq.heappush(heap, (-c, token_bytes[pair[0]], token_bytes[pair[1]], pair[0], pair[1]))
+                else:
+                    del counts[pair]
+            counts.pop((a, b), None)
     return merges, token_bytes, words, freqs
 
 # -----------------------------------------------------------------------------
