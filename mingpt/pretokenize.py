@@ -57,7 +57,9 @@ def pretokenize(text: str) -> list:
     n = len(text)
     if (len(text.encode('utf-8', 'surrogatepass')) - n) * 300 > n:
         # more than ~1 non-ASCII character in 300: the cut searches would cost more than they save
-        return PAT.findall(text)
+        # concurrent: `regex` releases the GIL while it matches, so a megabyte of text being split in a
+        # worker thread does not stall the others (a server's event loop) for the whole C call
+        return PAT.findall(text, concurrent=True)
     pieces, pos = [], 0
     while pos < n:
         m = _NON_ASCII.search(text, pos)
@@ -71,7 +73,7 @@ def pretokenize(text: str) -> list:
         end = cut.start() if cut else n
         if start > pos:
             pieces += _ASCII_PAT.findall(text, pos, start)
-        pieces += PAT.findall(text, start, end)
+        pieces += PAT.findall(text, start, end, concurrent=True)
         pos = end
     return pieces
 
