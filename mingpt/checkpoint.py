@@ -5,12 +5,19 @@ torch.load(weights_only=True)), plus config.json (the trainer's and the model's 
 A checkpoint to use rather than to resume (the Trainer's ckpt_best) keeps the weights and the
 progress only: no optimizer state, which for AdamW is twice the size of the weights.
 
+A sharded checkpoint (FSDP's, parallel='fsdp') also holds sharded/: the model's and the optimizer's
+state written by torch.distributed.checkpoint, each process its own slices, which any number of
+processes reads back (each takes the slices it needs). trainer.pt then holds no optimizer; the
+weights are gathered into model.safetensors too, so that every checkpoint is also a model that
+GPT.from_pretrained loads, whichever way it was trained.
+
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
 - rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
-- read_resume_state / share_resume_state / apply_resume_state: the checks that a checkpoint may
-  continue this run, handing it to every rank, and putting it back.
-- unwrap / clean_state_dict: the plain model inside torch.compile's and DDP's wrappers.
+- read_resume_state / apply_resume_state: the checks that a checkpoint may continue this run, and
+  putting it back on every rank. diverged: the error that points a diverged run to its last checkpoint.
+- unwrap / clean_state_dict / full_state_dict: the plain model inside torch.compile's and DDP's
+  wrappers; the whole of an FSDP model's weights.
 
 Nothing here is specific to GPT: the model is any nn.Module, the optimizer any torch optimizer.
 """
@@ -27,12 +34,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mingpt.distributed import barrier, is_sharded
 from mingpt.errors import CheckpointError
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+SHARDED = 'sharded'  # the subdirectory of a checkpoint that torch.distributed.checkpoint writes
 
 # -----------------------------------------------------------------------------
 # the plain model inside the wrappers
@@ -56,6 +65,25 @@ def clean_state_dict(state_dict):
             k = k.split('.', 1)[1]
         out[k] = v
     return out
+
+
+def full_state_dict(model):
+    """
+    The model's whole state dict, without wrapper prefixes. An FSDP model's is gathered from every
+    process's shards, one tensor at a time into CPU memory: collective (every process calls it),
+    and only rank 0 gets the tensors (the others an empty dict).
+    """
+    if not is_sharded(unwrap(model)):
+        return clean_state_dict(unwrap(model).state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    model = unwrap(model)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # the gather copies each name on its own: tied parameters (lm_head = wte) share one tensor again
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name and name in sd:
+            sd[name] = sd[first[id(p)]]
+    return sd
 
 # -----------------------------------------------------------------------------
 # RNG state: what a resumed run needs to replay dropout and anything else drawn at random
@@ -113,17 +141,50 @@ def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, bes
     }
 
 
-def write_checkpoint(directory, model, state, trainer_config=None):
+def write_checkpoint(directory, model, state, trainer_config=None, optimizer=None, rank=0):
     """
     Write model weights + trainer state to `directory`, with config.json (the trainer's config and
     the model's, where the model has a CfgNode .config) for people to read. Atomically:
     everything goes to directory.tmp first, and only a complete checkpoint is renamed into place.
     The previous one is moved to directory.old for the instant between the two renames, and
     find_checkpoint falls back to it, so a kill at any moment leaves one complete checkpoint on disk.
+
+    optimizer given: a sharded checkpoint, the model's and the optimizer's state written by every
+    process into directory/sharded (state then holds no optimizer). Every process of the run calls
+    it then, and for an FSDP model (whose weights are gathered) in any case; rank 0 writes the rest.
     """
-    from safetensors.torch import save_file
     directory = os.fspath(directory)
-    sd = clean_state_dict(unwrap(model).state_dict())
+    tmp, old = directory + '.tmp', directory + '.old'
+    sd = full_state_dict(model)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
+        os.makedirs(tmp)
+    if optimizer is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        barrier()  # tmp exists before any process writes into it
+        model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)  # this process's slices, keyed by name
+        dcp.save({'model': model_sd, 'optimizer': optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED),
+                 no_dist=not dist.is_initialized())
+    if rank == 0:
+        _write_files(tmp, sd, model, state, trainer_config)
+        if os.path.exists(directory):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        fd = os.open(os.path.dirname(os.path.abspath(directory)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the renames themselves durable
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    if optimizer is not None:
+        barrier()  # when it returns, the checkpoint is complete for every process
+
+
+def _write_files(tmp, sd, model, state, trainer_config):
+    """ model.safetensors, trainer.pt and config.json into the directory tmp """
+    from safetensors.torch import save_file
     # safetensors refuses tensors that share memory (tied wte / lm_head): store one, alias the rest
     tensors, aliases, seen = {}, {}, {}
     for k, v in sd.items():
@@ -137,23 +198,9 @@ def write_checkpoint(directory, model, state, trainer_config=None):
     model_config = getattr(unwrap(model), 'config', None)
     info = {'trainer': trainer_config.to_dict() if trainer_config is not None else None,
             'model': model_config.to_dict() if hasattr(model_config, 'to_dict') else None}
-
-    tmp, old = directory + '.tmp', directory + '.old'
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
-    os.makedirs(tmp)
     atomic_write(os.path.join(tmp, 'model.safetensors'), lambda p: save_file(tensors, p, metadata=metadata))
     atomic_write(os.path.join(tmp, 'trainer.pt'), lambda p: torch.save(state, p))
     atomic_write(os.path.join(tmp, 'config.json'), json.dumps(info, indent=2, default=str))
-    if os.path.exists(directory):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    fd = os.open(os.path.dirname(os.path.abspath(directory)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the renames themselves durable
-    finally:
-        os.close(fd)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(directory):
@@ -168,12 +215,8 @@ def find_checkpoint(directory):
 def read_checkpoint(directory):
     """ (model state_dict, trainer state) from a write_checkpoint directory; CheckpointError if bad """
     from safetensors import safe_open
-    model_path, state_path = os.path.join(directory, 'model.safetensors'), os.path.join(directory, 'trainer.pt')
-    for p in (model_path, state_path):
-        if not os.path.isfile(p):
-            raise CheckpointError(f"checkpoint {directory} is incomplete: {os.path.basename(p)} is "
-                                  "missing; delete the directory (or set resume=False and use another "
-                                  "work_dir) to start afresh")
+    model_path = _needed(directory, 'model.safetensors')
+    state = _read_state(directory)
     try:
         with safe_open(model_path, framework='pt') as f:
             metadata = f.metadata() or {}
@@ -182,6 +225,27 @@ def read_checkpoint(directory):
         raise CheckpointError(f"cannot read {model_path} ({type(e).__name__}: {e}); the file is "
                               "corrupt or not a safetensors file: delete the checkpoint directory "
                               "to start afresh") from e
+    if metadata.get('iter_num') != str(state['iter_num']):
+        raise CheckpointError(f"checkpoint {directory} mixes files of two saves (weights of iteration "
+                              f"{metadata.get('iter_num')}, trainer state of iteration "
+                              f"{state['iter_num']}); delete it to start afresh")
+    for alias, target in json.loads(metadata.get('aliases', '{}')).items():
+        sd[alias] = sd[target]
+    return sd, state
+
+
+def _needed(directory, name):
+    """ directory/name, a CheckpointError if it is not there """
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing; delete the "
+                              "directory (or set resume=False and use another work_dir) to start afresh")
+    return path
+
+
+def _read_state(directory):
+    """ the trainer state of directory/trainer.pt, refusing anything but plain tensors and containers """
+    state_path = _needed(directory, 'trainer.pt')
     try:
         state = torch.load(state_path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -200,24 +264,51 @@ def read_checkpoint(directory):
     if not isinstance(state, dict) or state.get('version') != CHECKPOINT_VERSION:
         raise CheckpointError(f"{state_path} is not a mingpt trainer checkpoint of version "
                               f"{CHECKPOINT_VERSION}")
-    if metadata.get('iter_num') != str(state['iter_num']):
-        raise CheckpointError(f"checkpoint {directory} mixes files of two saves (weights of iteration "
-                              f"{metadata.get('iter_num')}, trainer state of iteration "
-                              f"{state['iter_num']}); delete it to start afresh")
-    for alias, target in json.loads(metadata.get('aliases', '{}')).items():
-        sd[alias] = sd[target]
-    return sd, state
+    return state
+
+
+def _sharded_shapes(path):
+    """ the model's tensors in the sharded checkpoint at path, empty ones on the meta device: their shapes """
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        tensors = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"cannot read the sharded checkpoint in {path} ({type(e).__name__}: "
+                              f"{e}): delete the checkpoint directory to start afresh") from e
+    return {k.split('.', 1)[1]: torch.empty(m.size, dtype=m.properties.dtype, device='meta')
+            for k, m in tensors.items() if k.startswith('model.') and hasattr(m, 'size')}
+
+
+def _load_sharded(path, model, optimizer):
+    """
+    Load the sharded checkpoint at path into model and optimizer, whatever number of processes
+    wrote it: each process reads the slices its own (sharded or whole) tensors need.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model = unwrap(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # what to fill: this process's tensors, by name
+    both = {'model': model_sd, 'optimizer': optim_sd}
+    try:
+        dcp.load(both, checkpoint_id=path, no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=both['model'], optim_state_dict=both['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the sharded checkpoint in {path} does not fit this model and "
+                              f"optimizer: {e}") from e
+
 
 # -----------------------------------------------------------------------------
 # resuming: work_dir/ckpt continues a run only if it fits the model and config of this one.
 # Rank 0 reads and checks it as the Trainer is made, before anything is written to work_dir; run()
-# hands it to the other ranks (so only rank 0's node needs work_dir) and puts it back.
+# hands it to the other ranks (so only rank 0's node needs work_dir) and puts it back. A sharded
+# checkpoint is read by every rank itself: all of them need work_dir then (a shared filesystem).
 
 def read_resume_state(config, model):
     """
     (model state_dict, trainer state) of config.work_dir/ckpt to resume from, checked against model
     and config, or None for a fresh start. config.resume says which of the two is expected (False:
-    a checkpoint there is an error; True: a missing one is; 'auto': either).
+    a checkpoint there is an error; True: a missing one is; 'auto': either). For a sharded
+    checkpoint the state dict is None and state['shards'] names the directory every rank loads.
     """
     work_dir = config.work_dir
     if work_dir is None:
@@ -233,8 +324,13 @@ def read_resume_state(config, model):
                               "resume='auto' to start afresh when there is none")
     if found is None:
         return None
-    model_sd, state = read_checkpoint(found)
-    if state['optimizer'] is None:
+    shards = os.path.join(found, SHARDED)
+    sharded = os.path.isdir(shards)
+    if sharded:  # only the shapes now: every rank reads its own slices in run()
+        model_sd, state = _sharded_shapes(shards), _read_state(found)
+    else:
+        model_sd, state = read_checkpoint(found)
+    if state['optimizer'] is None and not sharded:
         raise CheckpointError(f"{found} holds the weights only (like ckpt_best: a checkpoint to use the "
                               "model, e.g. with GPT.from_pretrained), not the optimizer state a run "
                               "continues from; resume from a full checkpoint, or use another work_dir")
@@ -248,6 +344,8 @@ def read_resume_state(config, model):
                               f"this run asks for {config.data_seed}; set data_seed=None (or the "
                               "checkpoint's value) to continue the same data order")
     logger.info("resuming from %s at iteration %d", found, state['iter_num'])
+    if sharded:
+        return None, {**state, 'shards': shards}
     return model_sd, state
 
 
@@ -265,31 +363,39 @@ def check_fits(model_sd, model, where):
                               f"{os.path.join(where, 'config.json')}, or use another work_dir")
 
 
-def share_resume_state(resume, world_size=1):
-    """ rank 0's read_resume_state(), on every rank """
-    if world_size > 1:
+def apply_resume_state(resume, model, optimizer, scaler, config, rank=0, world_size=1):
+    """
+    Load a checkpoint that read_resume_state checked (on rank 0; the other ranks pass None) into
+    this run: the weights, the optimizer and scaler state and, last, this rank's RNG state. Every
+    rank calls it; a sharded checkpoint is read by all of them together. config is the trainer's
+    (work_dir, batch_size, grad_accum_steps). Returns the trainer state, from which the caller takes
+    the progress (iter_num, best_val_loss, data_seed), or None for a fresh start.
+    """
+    if world_size > 1:  # rank 0's reading, on every rank
         box = [resume]
         dist.broadcast_object_list(box, src=0)
         resume = box[0]
-    return resume
-
-
-def apply_resume_state(model_sd, state, model, optimizer, scaler, config, rank=0, world_size=1):
-    """
-    Load a checkpoint that read_resume_state checked into this run: the weights, the optimizer and
-    scaler state and, last, this rank's RNG state. config is the trainer's (work_dir, batch_size,
-    grad_accum_steps). The caller takes the progress (iter_num, best_val_loss, data_seed) from state.
-    """
+    if resume is None:
+        return None
+    model_sd, state = resume
     where = os.path.join(config.work_dir, 'ckpt')
-    try:
-        unwrap(model).load_state_dict(model_sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint in {where} does not fit this model: {e}") from e
-    try:
-        optimizer.load_state_dict(state['optimizer'])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"the optimizer state in {where} does not fit this model's "
-                              f"optimizer: {e}") from e
+    if state.get('shards'):
+        _load_sharded(state['shards'], model, optimizer)
+    elif is_sharded(unwrap(model)):
+        raise CheckpointError(f"the checkpoint in {where} holds whole weights (it was written without "
+                              "parallel='fsdp'), which this FSDP run cannot split: continue it with "
+                              "parallel='ddp', or in one process, whose checkpoints under "
+                              "parallel='fsdp' are sharded")
+    else:
+        try:
+            unwrap(model).load_state_dict(model_sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint in {where} does not fit this model: {e}") from e
+        try:
+            optimizer.load_state_dict(state['optimizer'])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the optimizer state in {where} does not fit this model's "
+                                  f"optimizer: {e}") from e
     if scaler is not None:
         scaler.load_state_dict(state['scaler'])
     global_batch = config.batch_size * config.grad_accum_steps * world_size
@@ -303,3 +409,15 @@ def apply_resume_state(model_sd, state, model, optimizer, scaler, config, rank=0
                        "will not replay the original run", len(rng), world_size)
     # last, so that nothing in the setup above can consume the restored streams
     set_rng_state(rng[rank % len(rng)])
+    return state
+
+
+def diverged(loss, iter_num, work_dir=None):
+    """ the FloatingPointError for a loss that is not finite, naming the last good checkpoint in work_dir """
+    found = find_checkpoint(os.path.join(work_dir, 'ckpt')) if work_dir else None
+    where = (f"; the last good checkpoint is in {found} (resume=True continues from it)" if found
+             else "; no checkpoint had been written yet" if work_dir else "")
+    return FloatingPointError(f"loss is {loss} at iteration {iter_num}: training diverged and was "
+                              f"stopped before the optimizer step{where}. Try a lower learning_rate, "
+                              "more warmup_iters, a grad_norm_clip, or dtype='float32', and check the "
+                              "data for bad values.")

@@ -1,8 +1,9 @@
 """
 The training loop, and everything that wraps one optimizer step: gradient accumulation, mixed
-precision, torch.compile, DDP, evaluation and callbacks. What it draws on lives next door: the
+precision, torch.compile, evaluation and callbacks. What it draws on lives next door: the
 learning rate and data order in schedule.py, checkpoints and resume in checkpoint.py, the metrics
-log, progress lines and plot in metrics.py, machine-dependent choices in hardware.py.
+log, progress lines and plot in metrics.py, machine-dependent choices in hardware.py, the model
+spread over several processes (DDP or FSDP) in distributed.py.
 
 Nothing here is specific to GPT: the model only has to provide configure_optimizers(config) and
 forward(x, y) -> (logits, loss), with -1 marking targets that do not count.
@@ -22,27 +23,20 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from torch.utils.data.dataloader import default_collate
 
-from mingpt.checkpoint import (apply_resume_state, find_checkpoint, gather_rng_states, read_resume_state,
-                               share_resume_state, trainer_state, write_checkpoint)
+from mingpt.checkpoint import (apply_resume_state, diverged, gather_rng_states, read_resume_state, trainer_state,
+                               write_checkpoint)
+from mingpt.distributed import PARALLEL, dist_env, process_group, require_fsdp, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
+from mingpt.evaluate import count_targets, dataset_loss
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, plot_metrics
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
-from mingpt.utils import dist_env, CfgNode as CN
+from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-# -----------------------------------------------------------------------------
-
-def count_targets(y):
-    """ how many targets of y count in the loss: -1 is GPT's ignore_index """
-    if torch.is_tensor(y) and not y.is_floating_point():
-        return y.ne(-1).sum().float()
-    return torch.ones((), device=y.device if torch.is_tensor(y) else None)
 
 # -----------------------------------------------------------------------------
 
@@ -76,6 +70,10 @@ class Trainer:
         # torch.compile the model for training; compile_backend is passed on ('eager' to debug)
         C.compile = False
         C.compile_backend = 'inductor'
+        # with several processes (torchrun): 'ddp' keeps a whole replica of the model in each;
+        # 'fsdp' shards parameters, gradients and AdamW's state over them (FSDP2, for models whose
+        # replica does not fit), and its checkpoints, which resume on any number of processes
+        C.parallel = 'ddp'
         # evaluation on val_dataset (when one is given): every eval_interval iterations and at the
         # end, eval_iters batches (the same batches every time, so evaluations compare)
         C.eval_interval = 500
@@ -110,6 +108,7 @@ class Trainer:
         # torchrun tells each process who it is; only rank 0 logs and writes files
         self.rank, self.local_rank, self.world_size = dist_env()
         self.is_master = self.rank == 0
+        self._fsdp = config.parallel == 'fsdp' and self.world_size > 1
 
         # the device we'll train on: one GPU per process under torchrun
         self.device = training_device(config.device, self.local_rank, self.world_size)
@@ -123,17 +122,18 @@ class Trainer:
         # a run that cannot resume stops here, before anything is written to work_dir (by the
         # Trainer or, if it makes the Trainer first, by the script); run() loads what was read
         self._resume = read_resume_state(config, model) if self.is_master else None
-        self.model = self.model.to(self.device)
+        if not self._fsdp:  # fully_shard moves only this rank's slices to the device
+            self.model = self.model.to(self.device)
         if self.is_master:
             logger.info("running on device %s%s, %s", self.device,
                         f" (rank 0 of {self.world_size})" if self.world_size > 1 else "", config.dtype)
 
         # what run() sets up: the optimizer (and for float16 the loss scaler that keeps small
-        # gradients alive), the model the step calls (maybe inside DDP, maybe compiled)
+        # gradients alive), the model the step calls (maybe inside DDP or sharded, maybe compiled)
         self.optimizer = None
         self.scaler = None
         self._base_lrs = []  # each param group's own lr, which the schedule scales
-        self._ddp_model = None
+        self._wrapped_model = None
         self._train_model = None
         self.data_seed = None  # the seed of the data order, None for minGPT's RandomSampler
 
@@ -180,6 +180,9 @@ class Trainer:
              "like (0.9, 0.95)")
         need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
         need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
+        need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
+        if C.parallel == 'fsdp':
+            require_fsdp()
         need(C.progress_bar in (None, False, True), 'progress_bar', "None (a bar when stderr is a terminal), "
              "True or False")
         need(isinstance(C.compile, bool), 'compile', "True or False")
@@ -217,55 +220,43 @@ class Trainer:
 
     def run(self):
         """ train until max_iters (forever if None); events 'on_batch_end', 'on_eval_end', 'on_checkpoint' """
-        owns_group = False
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if self.device_type == 'cuda' else 'gloo')
-            owns_group = True
         try:
-            self._run()
+            with process_group(self.device_type, self.world_size):
+                self._run()
         finally:
             self.metrics.close()
-            if owns_group:
-                dist.destroy_process_group()
 
     def _run(self):
         model, config = self.model, self.config
-        ddp = self.world_size > 1
 
+        # spread over the processes first: under FSDP the optimizer holds the sharded parameters
+        train_model = self._wrapped_model = wrap_model(model, config.parallel, self.device_type,
+                                                       self.local_rank, self.world_size)
         self.optimizer = model.configure_optimizers(config)
         self._base_lrs = [g['lr'] for g in self.optimizer.param_groups]
         if config.dtype == 'float16':
             self.scaler = torch.amp.GradScaler('cuda')
-        train_model = model
-        if ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            device_ids = [self.local_rank] if self.device_type == 'cuda' else None
-            train_model = self._ddp_model = DDP(model, device_ids=device_ids)
         if config.compile:
             train_model = torch.compile(train_model, backend=config.compile_backend)
         self._train_model = train_model
 
-        # fresh start or resume; a replayable data order whenever checkpoints or DDP are on
+        # fresh start or resume; a replayable data order whenever checkpoints or processes are on
         self.iter_num = 0
         self.best_val_loss = float('inf')
-        seeded = config.data_seed is not None or config.work_dir is not None or ddp
+        seeded = config.data_seed is not None or config.work_dir is not None or self.world_size > 1
         self.data_seed = None
         resume, self._resume = self._resume, None  # not kept: a second copy of the weights
         if resume is None and self.is_master:  # a fresh start, or a second run(): look again
             resume = read_resume_state(config, model)
-        resume = share_resume_state(resume, self.world_size)
-        if resume is not None:
-            model_sd, state = resume
-            apply_resume_state(model_sd, state, model, self.optimizer, self.scaler, config, self.rank,
-                               self.world_size)
-            self.iter_num, self.best_val_loss = state['iter_num'], state['best_val_loss']
-            self.data_seed = state['data_seed']
+        state = apply_resume_state(resume, model, self.optimizer, self.scaler, config, self.rank, self.world_size)
+        if state is not None:
+            self.iter_num, self.best_val_loss, self.data_seed = state['iter_num'], state['best_val_loss'], state['data_seed']
         elif seeded:
             self.data_seed = config.data_seed
             if self.data_seed is None:
                 self.data_seed = draw_data_seed(self.world_size)
         self.metrics.open(config.work_dir if self.is_master else None,
-                          resume_iter=self.iter_num if resume is not None else None)
+                          resume_iter=self.iter_num if state is not None else None)
 
         num_workers = default_num_workers() if config.num_workers is None else config.num_workers
         loader = train_loader(self.train_dataset, config.batch_size, config.grad_accum_steps, self.data_seed,
@@ -323,8 +314,8 @@ class Trainer:
         One optimizer step over the micro-batches of this process; returns the global-batch loss.
 
         The loss of the global batch is the mean over every counted target in it, so micro-batch
-        m on rank r is weighted by its share of those targets, n_rm / N (times W, because DDP
-        averages the gradients of the W ranks). With equal counts that is 1/grad_accum_steps; with
+        m on rank r is weighted by its share of those targets, n_rm / N (times W, because DDP and
+        FSDP average the gradients of the W ranks). With equal counts that is 1/grad_accum_steps; with
         -1 targets spread unevenly it is still exactly the gradient of one big batch.
         """
         config, W = self.config, self.world_size
@@ -338,9 +329,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for m, (x, y) in enumerate(batches):
-            if self._ddp_model is not None:
-                # all-reduce the gradients only once, on the last micro-step
-                self._ddp_model.require_backward_grad_sync = m == A - 1
+            set_grad_sync(self._wrapped_model, m == A - 1)  # gradients travel once, after the last
             with self._autocast_ctx():
                 _, loss = self._train_model(x, y)
             loss = loss.float() * weights[m]
@@ -354,18 +343,12 @@ class Trainer:
             loss_sum /= W
 
         # a diverged loss stops the run before the update, so the weights stay the last good ones
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            found = find_checkpoint(os.path.join(config.work_dir, 'ckpt')) if config.work_dir else None
-            where = (f"; the last good checkpoint is in {found} (resume=True continues from it)" if found
-                     else "; no checkpoint had been written yet" if config.work_dir else "")
-            raise FloatingPointError(f"loss is {loss_value} at iteration {self.iter_num}: training "
-                                     f"diverged and was stopped before the optimizer step{where}. "
-                                     "Try a lower learning_rate, more warmup_iters, a grad_norm_clip, "
-                                     "or dtype='float32', and check the data for bad values.")
+        if not math.isfinite(loss_sum.item()):
+            raise diverged(loss_sum.item(), self.iter_num, config.work_dir)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if config.grad_norm_clip:
+            # FSDP's gradients are DTensor shards: the norm is the whole gradient's, summed over ranks
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_norm_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -382,32 +365,12 @@ class Trainer:
     # -------------------------------------------------------------------------
     # evaluation
 
-    @torch.no_grad()
     def evaluate(self, dataset=None):
         """ mean loss per counted target on dataset (default: val_dataset), over eval_iters batches """
         dataset = self.val_dataset if dataset is None else dataset
-        model = self.model
-        was_training = model.training
-        model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        count = torch.zeros((), device=self.device)
-        for global_idx in eval_batches(len(dataset), self.config.batch_size * self.world_size,
-                                       self.config.eval_iters):
-            mine = global_idx[self.rank::self.world_size]
-            if len(mine) == 0:
-                continue
-            x, y = [t.to(self.device) for t in default_collate([dataset[int(i)] for i in mine])]
-            with self._autocast_ctx():
-                _, loss = model(x, y)
-            n = count_targets(y)
-            loss_sum += loss.float() * n
-            count += n
-        if self.world_size > 1:
-            both = torch.stack([loss_sum, count])
-            dist.all_reduce(both)
-            loss_sum, count = both[0], both[1]
-        model.train(was_training)
-        return (loss_sum / count.clamp(min=1)).item()
+        batches = eval_batches(len(dataset), self.config.batch_size * self.world_size, self.config.eval_iters)
+        return dataset_loss(self.model, dataset, batches, self.device, self._autocast_ctx, self.rank,
+                            self.world_size, every_rank=self._fsdp)
 
     def _eval_and_keep_best(self):
         self.val_loss = self.evaluate()
@@ -442,17 +405,21 @@ class Trainer:
     # checkpoints
 
     def save_checkpoint(self, name='ckpt', weights_only=False):
-        """ write work_dir/name (rank 0 writes); weights_only: no optimizer, scaler or RNG state, not resumable """
+        """
+        write work_dir/name (every rank calls it, rank 0 writes the files); weights_only: no
+        optimizer, scaler or RNG state, not resumable. parallel='fsdp' makes it sharded (checkpoint.py)
+        """
         if self.config.work_dir is None:
             raise ConfigError("save_checkpoint needs config.work_dir: set it to the run's directory")
         optimizer, scaler, rng = (None, None, None) if weights_only else (
             self.optimizer, self.scaler, gather_rng_states(self.world_size))  # every rank's RNG state
-        if not self.is_master:
-            return
-        state = trainer_state(self.iter_num, optimizer, scaler, rng, self.data_seed,
+        sharded = optimizer is not None and self.config.parallel == 'fsdp'
+        state = trainer_state(self.iter_num, None if sharded else optimizer, scaler, rng, self.data_seed,
                               self.config.batch_size * self.config.grad_accum_steps * self.world_size,
                               self.best_val_loss)
         directory = os.path.join(self.config.work_dir, name)
-        write_checkpoint(directory, self.model, state, trainer_config=self.config)
-        logger.info("iter %d: saved checkpoint %s", self.iter_num, directory)
-        self.trigger_callbacks('on_checkpoint')
+        write_checkpoint(directory, self.model, state, trainer_config=self.config,
+                         optimizer=optimizer if sharded else None, rank=self.rank)
+        if self.is_master:
+            logger.info("iter %d: saved checkpoint %s", self.iter_num, directory)
+            self.trigger_callbacks('on_checkpoint')

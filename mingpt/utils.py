@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+# which process of a torchrun job this is: their home is distributed.py, scripts import them from here
+from mingpt.distributed import dist_env, is_rank0  # noqa: F401
 from mingpt.errors import ConfigError, MinGPTError
 
 logger = logging.getLogger(__name__)
@@ -56,26 +57,6 @@ def log_to_stderr():
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if is_rank0() else logging.WARNING,
                             format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
-
-# -----------------------------------------------------------------------------
-# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR / MASTER_PORT) and
-# starts the script once per rank
-
-def dist_env():
-    """ (rank, local_rank, world_size) of this process; (0, 0, 1) when not distributed """
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), local_rank, dist.get_world_size()
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if world_size > 1:
-        return int(os.environ['RANK']), local_rank, world_size
-    return 0, 0, 1
-
-
-def is_rank0():
-    """ whether this process speaks for the run: the only process, or torchrun's rank 0 """
-    return dist_env()[0] == 0
-
 
 def atomic_write(path, content):
     """

@@ -14,6 +14,8 @@ Helpers shared by the tests.
   checkpoint-format tests compare against; edit_json(path, **changes): rewrite some keys of a JSON file.
 - python_without(*packages): the command of a Python in which those packages are not installed (to check
   that an optional dependency is optional); append a script and its arguments, or '-m' and a module.
+- run_train_script(out, *args, trainer=[...], nproc=1): tests/train_script.py in a fresh process, or in nproc
+  processes under torchrun (gloo, one thread each); the CompletedProcess.
 - @slow: marks a test that trains for more than a few seconds; MINGPT_FAST=1 skips those, so that
   `MINGPT_FAST=1 python -m pytest tests -q` is the quick suite (CI runs everything).
 """
@@ -24,6 +26,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import unittest
@@ -39,6 +43,20 @@ logger = logging.getLogger(__name__)
 
 slow = unittest.skipIf(os.environ.get('MINGPT_FAST') == '1',
                        'slow (trains for more than a few seconds): MINGPT_FAST=1 skips it')
+
+
+def run_train_script(out, *args, trainer=(), nproc=1, timeout=300):
+    """
+    tests/train_script.py --out out *args --trainer *trainer (key=value overrides), in one process or, with
+    nproc > 1, in nproc under torchrun; returns the CompletedProcess (check its returncode, stderr says why)
+    """
+    # --standalone: torchrun binds a free local port itself (no window in which another process can take a
+    # port picked here)
+    launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(REPO / 'tests' / 'train_script.py'), '--out', str(out), *map(str, args),
+           '--trainer', *map(str, trainer)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 def tiny_gpt(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=False, seed=0,

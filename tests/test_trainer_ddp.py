@@ -5,8 +5,6 @@ rows (same global batches, same gradients), only rank 0 writes, and every rank's
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import unittest
 
@@ -14,10 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mingpt.checkpoint import read_checkpoint
-from tests.common import slow
-
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_script.py')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.common import run_train_script, slow
 
 
 class TestDDP(unittest.TestCase):
@@ -26,20 +21,12 @@ class TestDDP(unittest.TestCase):
     def test_two_ranks_of_8_equal_one_process_of_16(self):
         # dropout off, and a small lr: Adam's 1/sqrt(v) magnifies the rounding difference between
         # averaging two half-batch gradients and one full-batch gradient where a gradient is ~0
-        common = ['--dropout', '0', '--trainer', 'max_iters=5', 'data_seed=7', 'learning_rate=1e-3']
+        common = ['max_iters=5', 'data_seed=7', 'learning_rate=1e-3']
         with tempfile.TemporaryDirectory() as d:
-            env = dict(os.environ, OMP_NUM_THREADS='1')
-            ddp = subprocess.run(
-                # --standalone: torchrun binds a free local port itself (no window in which
-                # another process can take a port picked here)
-                [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                 SCRIPT, '--out', os.path.join(d, 'ddp'), *common, 'batch_size=8',
-                 f'work_dir={os.path.join(d, "w")}'],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            ddp = run_train_script(os.path.join(d, 'ddp'), '--dropout', 0, nproc=2,
+                                   trainer=[*common, 'batch_size=8', f'work_dir={os.path.join(d, "w")}'])
             self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
-            one = subprocess.run([sys.executable, SCRIPT, '--out', os.path.join(d, 'one'), *common,
-                                  'batch_size=16'], cwd=REPO, env=env, capture_output=True, text=True,
-                                 timeout=300)
+            one = run_train_script(os.path.join(d, 'one'), '--dropout', 0, trainer=[*common, 'batch_size=16'])
             self.assertEqual(one.returncode, 0, one.stderr[-3000:])
 
             with open(os.path.join(d, 'ddp', 'losses.json')) as f:

@@ -1,11 +1,13 @@
 """
-A tiny training run for the Trainer's subprocess tests (resume after SIGKILL, DDP under torchrun).
-Rank 0 writes the final weights to --out/final.safetensors and the per-iteration losses to
---out/losses.json.
+A tiny training run for the Trainer's subprocess tests (resume after SIGKILL, DDP and FSDP under
+torchrun). Rank 0 writes the final weights to --out/final.safetensors (not under FSDP, whose model
+holds one rank's shards after the run: its weights are in work_dir/ckpt) and the per-iteration losses
+to --out/losses.json.
 
     python tests/train_script.py --out DIR [--work_dir DIR --resume True --kill_at K]
     python -m torch.distributed.run --nproc_per_node=2 tests/train_script.py --out DIR --batch_size 8
     python tests/train_script.py --out DIR --shards SHARDS ...   # train on a prepared shard directory
+    python tests/train_script.py --out DIR --val ...   # with a validation set of 33 rows
 """
 
 import argparse
@@ -18,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mingpt.data import shard_windows  # noqa: E402
+from mingpt.distributed import is_sharded  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 from mingpt.trainer import Trainer  # noqa: E402
 from mingpt.utils import set_seed  # noqa: E402
@@ -26,8 +29,8 @@ from mingpt.utils import set_seed  # noqa: E402
 class CountDataset(torch.utils.data.Dataset):
     """ windows of a noisy counting sequence; a few targets are -1 so loss weighting matters """
 
-    def __init__(self, n=512, block=8, vocab=11):
-        g = torch.Generator().manual_seed(1)
+    def __init__(self, n=512, block=8, vocab=11, seed=1):
+        g = torch.Generator().manual_seed(seed)
         start = torch.randint(0, vocab, (n, 1), generator=g)
         self.data = (start + torch.arange(block + 1)) % vocab
         self.data[torch.rand(self.data.shape, generator=g) < 0.1] = -1
@@ -49,6 +52,7 @@ def main():
     parser.add_argument('--tie_weights', action='store_true')
     parser.add_argument('--kill_at', type=int, default=None, help="SIGKILL self after this many iters")
     parser.add_argument('--shards', default=None, help="a directory of token shards to train on (mingpt.prepare)")
+    parser.add_argument('--val', action='store_true', help="evaluate on 33 rows (an odd count: some rank gets none)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same arithmetic in every process, and room for two of them
 
@@ -67,7 +71,7 @@ def main():
     C.learning_rate = 3e-3
     C.progress_bar = False
     C.merge_from_args(['--' + a for a in args.trainer])
-    trainer = Trainer(C, model, dataset)
+    trainer = Trainer(C, model, dataset, val_dataset=CountDataset(n=33, seed=2) if args.val else None)
 
     losses = {}
     def on_batch_end(t):
@@ -81,7 +85,8 @@ def main():
     if trainer.is_master:
         from safetensors.torch import save_model
         os.makedirs(args.out, exist_ok=True)
-        save_model(model, os.path.join(args.out, 'final.safetensors'))
+        if not is_sharded(model):
+            save_model(model, os.path.join(args.out, 'final.safetensors'))
         with open(os.path.join(args.out, 'losses.json'), 'w') as f:
             json.dump(losses, f)
 
