@@ -22,6 +22,7 @@ GPT.from_pretrained loads, whichever way it was trained.
 Nothing here is specific to GPT: the model is any nn.Module, the optimizer any torch optimizer.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -164,8 +166,8 @@ def write_checkpoint(directory, model, state, trainer_config=None, optimizer=Non
         from torch.distributed.checkpoint.state_dict import get_state_dict
         barrier()  # tmp exists before any process writes into it
         model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)  # this process's slices, keyed by name
-        dcp.save({'model': model_sd, 'optimizer': optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED),
-                 no_dist=not dist.is_initialized())
+        with _alone_is_fine():
+            dcp.save({'model': model_sd, 'optimizer': optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED))
     if rank == 0:
         _write_files(tmp, sd, model, state, trainer_config)
         if os.path.exists(directory):
@@ -279,6 +281,14 @@ def _sharded_shapes(path):
             for k, m in tensors.items() if k.startswith('model.') and hasattr(m, 'size')}
 
 
+@contextlib.contextmanager
+def _alone_is_fine():
+    """ torch.distributed.checkpoint warns when one process without a process group saves or loads: meant here """
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
+        yield
+
+
 def _load_sharded(path, model, optimizer):
     """
     Load the sharded checkpoint at path into model and optimizer, whatever number of processes
@@ -290,7 +300,8 @@ def _load_sharded(path, model, optimizer):
     model_sd, optim_sd = get_state_dict(model, optimizer)  # what to fill: this process's tensors, by name
     both = {'model': model_sd, 'optimizer': optim_sd}
     try:
-        dcp.load(both, checkpoint_id=path, no_dist=not dist.is_initialized())
+        with _alone_is_fine():
+            dcp.load(both, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=both['model'], optim_state_dict=both['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"the sharded checkpoint in {path} does not fit this model and "

@@ -228,7 +228,6 @@ class Trainer:
 
     def _run(self):
         model, config = self.model, self.config
-
         # spread over the processes first: under FSDP the optimizer holds the sharded parameters
         train_model = self._wrapped_model = wrap_model(model, config.parallel, self.device_type,
                                                        self.local_rank, self.world_size)
@@ -250,7 +249,8 @@ class Trainer:
             resume = read_resume_state(config, model)
         state = apply_resume_state(resume, model, self.optimizer, self.scaler, config, self.rank, self.world_size)
         if state is not None:
-            self.iter_num, self.best_val_loss, self.data_seed = state['iter_num'], state['best_val_loss'], state['data_seed']
+            self.iter_num, self.best_val_loss = state['iter_num'], state['best_val_loss']
+            self.data_seed = state['data_seed']
         elif seeded:
             self.data_seed = config.data_seed
             if self.data_seed is None:
@@ -281,7 +281,6 @@ class Trainer:
             batches = [[t.to(self.device, non_blocking=True) for t in next(data_iter)]
                        for _ in range(config.grad_accum_steps)]
 
-            # forward, backward, update
             self._set_lr()
             self.loss = self._step(batches)
 
@@ -395,20 +394,16 @@ class Trainer:
             progress.update(self.iter_num, loss, self.lr, self.tokens_per_sec)
 
     def plot(self, path):
-        """
-        save a PNG of the loss curves so far and return path; None without matplotlib (optional: a
-        warning says so) and on ranks other than 0, which write no files (and keep no history)
-        """
+        """ a PNG of the loss curves so far at path, returned; None without matplotlib (a warning says so)
+        and on ranks other than 0, which write no files (and keep no history) """
         return plot_metrics(self.history, path) if self.is_master else None
 
     # -------------------------------------------------------------------------
     # checkpoints
 
     def save_checkpoint(self, name='ckpt', weights_only=False):
-        """
-        write work_dir/name (every rank calls it, rank 0 writes the files); weights_only: no
-        optimizer, scaler or RNG state, not resumable. parallel='fsdp' makes it sharded (checkpoint.py)
-        """
+        """ write work_dir/name (on every rank: rank 0 writes, and under parallel='fsdp' each rank its shards);
+        weights_only: no optimizer, scaler or RNG state, not resumable """
         if self.config.work_dir is None:
             raise ConfigError("save_checkpoint needs config.work_dir: set it to the run's directory")
         optimizer, scaler, rng = (None, None, None) if weights_only else (

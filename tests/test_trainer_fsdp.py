@@ -139,25 +139,29 @@ class TestFSDPProcesses(unittest.TestCase):
                   'checkpoint_interval=3']
         fsdp = [*common, 'parallel=fsdp', 'batch_size=4', 'grad_accum_steps=2']
         runs = {  # name: (processes, trainer overrides)
-            'one': (1, [*common, 'max_iters=6', 'batch_size=16', f'work_dir={cls.dir("w_one")}']),
-            'fsdp': (2, [*fsdp, 'max_iters=6', f'work_dir={cls.dir("w_fsdp")}']),
-            'half': (2, [*fsdp, 'max_iters=3', f'work_dir={cls.dir("w_half")}']),
+            'one': (1, [*common, 'max_iters=6', 'batch_size=16', f'work_dir={cls.path("w_one")}']),
+            'fsdp': (2, [*fsdp, 'max_iters=6', f'work_dir={cls.path("w_fsdp")}']),
+            'half': (2, [*fsdp, 'max_iters=3', f'work_dir={cls.path("w_half")}']),
         }
         cls.runs = {}
         for name, (nproc, trainer) in runs.items():
-            cls.runs[name] = run_train_script(cls.dir(name), '--dropout', 0, '--val', nproc=nproc, trainer=trainer)
-        shutil.copytree(cls.dir('w_half'), cls.dir('w_half_on_one'))
+            cls.runs[name] = run_train_script(cls.path(name), '--dropout', 0, '--val', nproc=nproc, trainer=trainer)
+        shutil.copytree(cls.path('w_half'), cls.path('w_half_on_one'))
         # the 3-iteration checkpoint of 2 processes, continued to 6 on 2 processes and on 1
         cls.runs['resumed_on_two'] = run_train_script(
-            cls.dir('resumed_on_two'), '--dropout', 0, '--val', nproc=2,
-            trainer=[*fsdp, 'max_iters=6', f'work_dir={cls.dir("w_half")}', 'resume=True'])
+            cls.path('resumed_on_two'), '--dropout', 0, '--val', nproc=2,
+            trainer=[*fsdp, 'max_iters=6', f'work_dir={cls.path("w_half")}', 'resume=True'])
         cls.runs['resumed_on_one'] = run_train_script(
-            cls.dir('resumed_on_one'), '--dropout', 0, '--val',
+            cls.path('resumed_on_one'), '--dropout', 0, '--val',
             trainer=[*common, 'parallel=fsdp', 'max_iters=6', 'batch_size=16',
-                     f'work_dir={cls.dir("w_half_on_one")}', 'resume=True'])
+                     f'work_dir={cls.path("w_half_on_one")}', 'resume=True'])
+        # a checkpoint of whole weights (1 process, parallel='ddp') cannot be split by 2 FSDP processes
+        shutil.copytree(cls.path('w_one'), cls.path('w_whole'))
+        cls.refused = run_train_script(cls.path('refused'), '--dropout', 0, nproc=2,
+                                       trainer=[*fsdp, 'max_iters=7', f'work_dir={cls.path("w_whole")}', 'resume=True'])
 
     @classmethod
-    def dir(cls, name):
+    def path(cls, name):
         return os.path.join(cls.tmp, name)
 
     def setUp(self):
@@ -165,7 +169,7 @@ class TestFSDPProcesses(unittest.TestCase):
             self.assertEqual(p.returncode, 0, f"{name}: {p.stderr[-3000:]}")
 
     def weights(self, work_dir, name='ckpt'):
-        return load_file(os.path.join(self.dir(work_dir), name, 'model.safetensors'))
+        return load_file(os.path.join(self.path(work_dir), name, 'model.safetensors'))
 
     def assert_close(self, a, b, atol=1e-5):
         self.assertEqual(set(a), set(b))
@@ -173,38 +177,38 @@ class TestFSDPProcesses(unittest.TestCase):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
     def test_two_sharded_ranks_equal_one_process_of_the_global_batch(self):
-        one, fsdp = losses(self.dir('one')), losses(self.dir('fsdp'))
+        one, fsdp = losses(self.path('one')), losses(self.path('fsdp'))
         self.assertEqual(sorted(fsdp), [0, 1, 2, 3, 4, 5])
         for k in one:
             self.assertAlmostEqual(fsdp[k], one[k], delta=1e-5)
         self.assertGreater(abs(one[5] - one[0]), 1e-3)  # the weights did move
         self.assert_close(self.weights('w_fsdp'), self.weights('w_one'))
-        one_val, fsdp_val = val_losses(self.dir('w_one')), val_losses(self.dir('w_fsdp'))
+        one_val, fsdp_val = val_losses(self.path('w_one')), val_losses(self.path('w_fsdp'))
         self.assertEqual(sorted(fsdp_val), [3, 6])
         for k in one_val:
             self.assertAlmostEqual(fsdp_val[k], one_val[k], delta=1e-5)
 
         # the checkpoint: each process wrote its shards, rank 0 the rest
-        ckpt = os.path.join(self.dir('w_fsdp'), 'ckpt')
+        ckpt = os.path.join(self.path('w_fsdp'), 'ckpt')
         self.assertEqual(sorted(os.listdir(os.path.join(ckpt, SHARDED))), ['.metadata', '__0_0.distcp', '__1_0.distcp'])
         _, state = read_checkpoint(ckpt)
         self.assertEqual((state['iter_num'], len(state['rng']), state['global_batch']), (6, 2, 16))
-        with open(os.path.join(self.dir('w_fsdp'), 'metrics.jsonl')) as f:
+        with open(os.path.join(self.path('w_fsdp'), 'metrics.jsonl')) as f:
             records = [json.loads(line) for line in f]
         self.assertEqual([r['iter'] for r in records if 'loss' in r], [1, 2, 3, 4, 5, 6])  # one writer
 
     def test_exports_load_with_from_pretrained(self):
         for name in ('ckpt', 'ckpt_best'):
             with self.subTest(name):
-                fsdp = GPT.from_pretrained(os.path.join(self.dir('w_fsdp'), name)).state_dict()
-                one = GPT.from_pretrained(os.path.join(self.dir('w_one'), name)).state_dict()
+                fsdp = GPT.from_pretrained(os.path.join(self.path('w_fsdp'), name)).state_dict()
+                one = GPT.from_pretrained(os.path.join(self.path('w_one'), name)).state_dict()
                 self.assert_close(fsdp, one)
         # the best model is a single file, like a run without FSDP writes
-        self.assertEqual(sorted(os.listdir(os.path.join(self.dir('w_fsdp'), 'ckpt_best'))),
+        self.assertEqual(sorted(os.listdir(os.path.join(self.path('w_fsdp'), 'ckpt_best'))),
                          ['config.json', 'model.safetensors', 'trainer.pt'])
 
     def test_resume_on_two_processes_is_bit_exact(self):
-        straight, resumed = losses(self.dir('fsdp')), losses(self.dir('resumed_on_two'))
+        straight, resumed = losses(self.path('fsdp')), losses(self.path('resumed_on_two'))
         self.assertEqual(sorted(resumed), [3, 4, 5])
         for k in resumed:
             self.assertEqual(resumed[k], straight[k])
@@ -215,13 +219,18 @@ class TestFSDPProcesses(unittest.TestCase):
 
     def test_resume_on_one_process(self):
         # the same arithmetic as 1 process from the start, so close to the 2-process run, not equal
-        straight, resumed = losses(self.dir('fsdp')), losses(self.dir('resumed_on_one'))
+        straight, resumed = losses(self.path('fsdp')), losses(self.path('resumed_on_one'))
         self.assertEqual(sorted(resumed), [3, 4, 5])
         for k in resumed:
             self.assertAlmostEqual(resumed[k], straight[k], delta=1e-5)
         self.assert_close(self.weights('w_half_on_one'), self.weights('w_fsdp'))
-        self.assertEqual(sorted(os.listdir(os.path.join(self.dir('w_half_on_one'), 'ckpt', SHARDED))),
+        self.assertEqual(sorted(os.listdir(os.path.join(self.path('w_half_on_one'), 'ckpt', SHARDED))),
                          ['.metadata', '__0_0.distcp'])
+
+    def test_whole_weights_are_not_split_into_shards(self):
+        self.assertNotEqual(self.refused.returncode, 0)
+        self.assertIn("holds whole weights (it was written without parallel='fsdp')", self.refused.stderr)
+        self.assertIn("continue it with parallel='ddp'", self.refused.stderr)
 
 
 if __name__ == '__main__':
