@@ -239,7 +239,7 @@ def read_checkpoint(directory):
 def _needed(directory, name):
     """ directory/name, a CheckpointError if it is not there """
     path = os.path.join(directory, name)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing; delete the "
                               "directory (or set resume=False and use another work_dir) to start afresh")
     return path
@@ -295,6 +295,7 @@ def _load_sharded(path, model, optimizer):
     wrote it: each process reads the slices its own (sharded or whole) tensors need.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model = unwrap(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # what to fill: this process's tensors, by name
@@ -303,7 +304,7 @@ def _load_sharded(path, model, optimizer):
         with _alone_is_fine():
             dcp.load(both, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=both['model'], optim_state_dict=both['optimizer'])
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, CheckpointException) as e:
         raise CheckpointError(f"the sharded checkpoint in {path} does not fit this model and "
                               f"optimizer: {e}") from e
 
