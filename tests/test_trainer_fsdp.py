@@ -128,7 +128,7 @@ class TestFSDPProcesses(unittest.TestCase):
     ~0); grad_norm_clip=0.1, below every step's gradient norm here, so each step is clipped and a
     norm of the local shards instead of the whole gradient would show. Each evaluation reads all 33
     validation rows, under FSDP in batches of 2 x 4: the last has one row, so one rank has none and
-    must take part in the forward anyway.
+    must take part in the forward anyway. Tied lm_head and wte: the gathered export stores one tensor.
     """
 
     @classmethod
@@ -138,6 +138,7 @@ class TestFSDPProcesses(unittest.TestCase):
         common = ['data_seed=7', 'learning_rate=1e-3', 'grad_norm_clip=0.1', 'eval_interval=3', 'eval_iters=5',
                   'checkpoint_interval=3']
         fsdp = [*common, 'parallel=fsdp', 'batch_size=4', 'grad_accum_steps=2']
+        script = ['--dropout', 0, '--val', '--tie_weights']
         runs = {  # name: (processes, trainer overrides)
             'one': (1, [*common, 'max_iters=6', 'batch_size=16', f'work_dir={cls.path("w_one")}']),
             'fsdp': (2, [*fsdp, 'max_iters=6', f'work_dir={cls.path("w_fsdp")}']),
@@ -145,19 +146,19 @@ class TestFSDPProcesses(unittest.TestCase):
         }
         cls.runs = {}
         for name, (nproc, trainer) in runs.items():
-            cls.runs[name] = run_train_script(cls.path(name), '--dropout', 0, '--val', nproc=nproc, trainer=trainer)
+            cls.runs[name] = run_train_script(cls.path(name), *script, nproc=nproc, trainer=trainer)
         shutil.copytree(cls.path('w_half'), cls.path('w_half_on_one'))
         # the 3-iteration checkpoint of 2 processes, continued to 6 on 2 processes and on 1
         cls.runs['resumed_on_two'] = run_train_script(
-            cls.path('resumed_on_two'), '--dropout', 0, '--val', nproc=2,
+            cls.path('resumed_on_two'), *script, nproc=2,
             trainer=[*fsdp, 'max_iters=6', f'work_dir={cls.path("w_half")}', 'resume=True'])
         cls.runs['resumed_on_one'] = run_train_script(
-            cls.path('resumed_on_one'), '--dropout', 0, '--val',
+            cls.path('resumed_on_one'), *script,
             trainer=[*common, 'parallel=fsdp', 'max_iters=6', 'batch_size=16',
                      f'work_dir={cls.path("w_half_on_one")}', 'resume=True'])
         # a checkpoint of whole weights (1 process, parallel='ddp') cannot be split by 2 FSDP processes
         shutil.copytree(cls.path('w_one'), cls.path('w_whole'))
-        cls.refused = run_train_script(cls.path('refused'), '--dropout', 0, nproc=2,
+        cls.refused = run_train_script(cls.path('refused'), *script, nproc=2,
                                        trainer=[*fsdp, 'max_iters=7', f'work_dir={cls.path("w_whole")}', 'resume=True'])
 
     @classmethod
@@ -183,6 +184,7 @@ class TestFSDPProcesses(unittest.TestCase):
             self.assertAlmostEqual(fsdp[k], one[k], delta=1e-5)
         self.assertGreater(abs(one[5] - one[0]), 1e-3)  # the weights did move
         self.assert_close(self.weights('w_fsdp'), self.weights('w_one'))
+        self.assertNotIn('lm_head.weight', self.weights('w_fsdp'))  # tied: stored once, as wte
         one_val, fsdp_val = val_losses(self.path('w_one')), val_losses(self.path('w_fsdp'))
         self.assertEqual(sorted(fsdp_val), [3, 6])
         for k in one_val:
