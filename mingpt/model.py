@@ -107,11 +107,25 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start, k, v):
-        """ write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there """
+        """
+        write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there.
+        start may also be a (B,) LongTensor, one position per row for one new token each (T == 1):
+        then the first B rows come back whole, and the caller's mask hides what a row has not written
+        """
+        if torch.is_tensor(start):
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, start], self.v[rows, :, start] = k[:, :, 0], v[:, :, 0]
+            return self.k[:k.size(0)], self.v[:k.size(0)]
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def row(self, i):
+        """ row i as a cache of batch size 1 sharing this one's memory: one sequence of a batch prefilled alone """
+        view = KVCache(1, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
+        view.k, view.v = self.k[i:i + 1], self.v[i:i + 1]
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,6 +159,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # attend over everything cached so far plus this step: k, v become (B, nh, cache_pos+T, hs)
             k, v = kv_cache.update(cache_pos, k, v)
+            if torch.is_tensor(cache_pos):  # a position per row: keys up to the furthest row's, as masked
+                k, v = k[:, :, :attn_mask.size(-1)], v[:, :, :attn_mask.size(-1)]
 
         if attn_mask is None and cache_pos > 0 and T > 1:
             # queries sit at positions [cache_pos, cache_pos+T): causal against an offset diagonal,
@@ -351,14 +367,26 @@ class GPT(nn.Module):
         overrides the position ids (left-padded batches start each row at 0); attn_mask (B, 1, T,
         cache_pos+T) bool, True where attention is allowed; last_only computes logits for the last
         position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
+        cache_pos may be a (B,) LongTensor for one token per row (T == 1), each row of the cache's
+        first B written at its own position, which is also its position id; the mask then lets
+        each row see its own positions up to there only (mingpt.batching's decode step).
         """
         device = idx.device
         if idx.dim() != 2:
             raise ConfigError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}; "
                               "for one sequence use idx[None]")
         b, t = idx.size()
-        if cache_pos + t > self.block_size:
-            raise ConfigError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
+        end = cache_pos + t
+        if torch.is_tensor(cache_pos):
+            # one new token per row, each at its own position (a batch of independent sequences,
+            # mingpt.batching): a row sees its own cached keys only, up to the furthest row's end
+            assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
+            end = int(cache_pos.max()) + 1
+            pos = cache_pos[:, None] if pos is None else pos  # (B, 1)
+            if attn_mask is None:
+                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+        if end > self.block_size:
+            raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
                               f"input to its last {self.block_size} tokens")
         if kv_cache is None and not torch.compiler.is_compiling():
