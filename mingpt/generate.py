@@ -98,9 +98,14 @@ def sample(logits, temperature=1.0, do_sample=False, top_k=None, top_p=None, gen
     if not do_sample or temperature == 0:
         # temperature and the filters keep the most likely token the most likely one
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    logits, idx = logits.float() / temperature, None
+    if top_k is not None and top_k < logits.size(-1):
+        # draw among the k most likely tokens only: the distribution top_k filtering leaves, but
+        # multinomial's cost is one exponential per entry, k of them rather than vocab_size
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # (B, k)
+    probs = filter_logits(logits, top_p=top_p).softmax(dim=-1)
+    tok = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    return (tok if idx is None else idx.gather(-1, tok)).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # turning the user's prompts into one left-padded (B, T) batch
