@@ -151,7 +151,8 @@ class Slots:
 
 # create_app's limits: (argument, its command-line flag, lowest value)
 LIMITS = (('max_new_tokens', '--max-tokens-limit', 1), ('max_concurrent', '--max-concurrent', 1),
-          ('queue_timeout', '--queue-timeout', 0), ('max_prompt_tokens', '--max-prompt-tokens', 1))
+          ('queue_timeout', '--queue-timeout', 0), ('max_prompt_tokens', '--max-prompt-tokens', 1),
+          ('max_queue', 'max_queue', 0))
 
 
 def check_limits(flags=False, **values):
@@ -163,15 +164,15 @@ def check_limits(flags=False, **values):
 
 
 def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
-               max_concurrent=None, queue_timeout=10.0, temperature=0.8, top_k=50, top_p=None,
-               default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
+               max_concurrent=None, queue_timeout=10.0, max_queue=None, temperature=0.8, top_k=50,
+               top_p=None, default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
     """
     The Starlette app serving model (in eval mode) with its ChatTokenizer. Limits: max_new_tokens
     (the most a request may ask for), max_prompt_tokens (default: the model's context less room
     for the reply; older turns are dropped to fit, a single message that does not is a 413),
     max_concurrent generations at once, the rows of the batch (default
-    mingpt.batching.default_rows: 16 on a CPU), and how long a request waits for a row
-    (queue_timeout seconds, then 429; with 4 x max_concurrent requests waiting, a 429 at once).
+    mingpt.batching.default_rows: 16 on a CPU), how long a request waits for a row (queue_timeout
+    seconds, then 429) and how many may wait (max_queue, default 4 x max_concurrent; more: a 429 at once).
     temperature, top_k, top_p, default_max_tokens: defaults for requests that do not say.
     allowed_hosts: the host names (without port) requests may be addressed to; None allows any.
     model_name is shown on the page: a name, never a path.
@@ -188,13 +189,13 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
                                 "reinstall mingpt (pip install -e .)")
     page = PAGE.read_text(encoding='utf-8')
     check_limits(max_new_tokens=max_new_tokens, max_concurrent=max_concurrent, queue_timeout=queue_timeout,
-                 max_prompt_tokens=max_prompt_tokens)
+                 max_prompt_tokens=max_prompt_tokens, max_queue=max_queue)
     default_max_tokens = min(default_max_tokens, max_new_tokens)
     allowed_hosts = None if allowed_hosts is None else frozenset(h.lower().strip('[]') for h in allowed_hosts)
     max_concurrent = default_rows(model) if max_concurrent is None else max_concurrent
     # the engine's rows and the slots agree: a request holds a slot exactly while its reply runs
     engine = BatchEngine(model, max_concurrent)
-    slots = Slots(max_concurrent, max_waiting=4 * max_concurrent)
+    slots = Slots(max_concurrent, max_waiting=4 * max_concurrent if max_queue is None else max_queue)
     stats_lock = threading.Lock()
     stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'rejected': 0, 'tokens': 0}
 
