@@ -47,6 +47,7 @@ import time
 
 import torch
 
+from mingpt.errors import ConfigError
 from mingpt.generate import decoding_options, next_input, prepare_prompts, sample
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ _END = object()  # the end of a request's token queue
 def default_rows(model, budget_bytes=2 << 30):
     """
     The number of batch rows when the user gives none: 16 on a CPU, where a decode step of 16 rows
-    still costs a few single ones (a step reads the weights once; 16 rows' matmuls are still
-    cheap on a few cores), 64 on a GPU, which has far more arithmetic per byte; fewer if the
+    costs a few single ones (the weights are read once per step, and 16-row matmuls are still
+    cheap for a few cores), 64 on a GPU, which has far more arithmetic per byte read; fewer if the
     rows' KV cache (2 x n_layer x block_size x n_embd values per row) would pass budget_bytes.
     """
     p = next(model.parameters())
@@ -70,8 +71,9 @@ def default_rows(model, budget_bytes=2 << 30):
 class Request:
     """
     One generation in the batch: its tokens so far, its decoding options, and the queue its new
-    tokens go out on. Iterate it (once) for the token ids as they come; finish_reason says why it
-    ended: 'stop' (eos_token_id), 'length' (max_new_tokens), 'cancelled' or 'error'.
+    tokens go out on. Iterate it for the token ids (ints) as they come; leaving the loop early
+    cancels it. finish_reason says why it ended: 'stop' (eos_token_id), 'length' (max_new_tokens),
+    'cancelled', or 'error' (the iteration then raises the step's error).
     """
 
     def __init__(self, tokens, max_new_tokens, keep, how, eos_token_id, should_stop, on_logits):
@@ -110,19 +112,21 @@ class Request:
 class BatchEngine:
     """
     A pool of `rows` KV-cache rows (default: default_rows(model)) and the thread that steps
-    every running request together; see the module docstring. on_step(n_rows, seconds), if
-    given, is called after each step (for measurements). threaded=False starts no thread: the
-    caller runs step() itself (to control exactly when requests join). A context manager, or close().
+    every running request together; see the module docstring. threaded=False starts no thread:
+    the caller runs step() itself (to control exactly when requests join). A context manager, or
+    call close().
     """
 
-    def __init__(self, model, rows=None, *, on_step=None, threaded=True):
+    RATE_WINDOW = 10.0  # seconds over which stats() counts tokens per second
+
+    def __init__(self, model, rows=None, *, threaded=True):
         self.model = model
         self.n_rows = default_rows(model) if rows is None else rows
         if self.n_rows < 1:
-            raise ValueError(f"a batch needs at least 1 row (got rows={rows})")
+            raise ConfigError(f"a batch needs at least 1 row (got rows={rows})")
         self.cache = model.make_kv_cache(self.n_rows)
         self.device = next(model.parameters()).device
-        self.on_step, self.threaded = on_step, threaded
+        self.threaded = threaded
         self.rows = []  # the running requests, request i in row i; touched by the stepping thread only
         self.waiting = collections.deque()  # submitted requests waiting for a row
         self.lock = threading.Condition()
@@ -130,8 +134,6 @@ class BatchEngine:
         self.thread = None
         self.recent = collections.deque()  # (time, tokens) of the steps of the last RATE_WINDOW seconds
         self.started = time.monotonic()
-
-    RATE_WINDOW = 10.0
 
     def request(self, prompt, max_new_tokens, *, temperature=1.0, do_sample=False, top_k=None,
                 top_p=None, generator=None, seed=None, eos_token_id=None, window_keep=None,
@@ -192,8 +194,8 @@ class BatchEngine:
     def stats(self):
         """ rows, rows_in_use, queued, tokens_per_second (over the last RATE_WINDOW seconds) """
         now = time.monotonic()
-        recent = list(self.recent)
-        tokens = sum(n for t, n in recent if t > now - self.RATE_WINDOW)
+        with self.lock:
+            tokens = sum(n for t, n in self.recent if t > now - self.RATE_WINDOW)
         span = min(self.RATE_WINDOW, now - self.started)
         return {'rows': self.n_rows, 'rows_in_use': len(self.rows), 'queued': len(self.waiting),
                 'tokens_per_second': round(tokens / span, 1) if span > 0 else 0.0}
@@ -221,7 +223,6 @@ class BatchEngine:
         One step (see the module docstring): the engine's thread calls it in a loop; with
         threaded=False the caller does. Returns the number of tokens generated.
         """
-        t0 = time.monotonic()
         n_tokens = 0
         with torch.inference_mode():
             self._leave([i for i, req in enumerate(self.rows) if req.stopped()], 'cancelled')
@@ -229,11 +230,10 @@ class BatchEngine:
                 n_tokens += self._decode()
             n_tokens += self._join()
         now = time.monotonic()
-        self.recent.append((now, n_tokens))
-        while self.recent and self.recent[0][0] < now - self.RATE_WINDOW:
-            self.recent.popleft()
-        if self.on_step is not None:
-            self.on_step(len(self.rows), now - t0)
+        with self.lock:
+            self.recent.append((now, n_tokens))
+            while self.recent[0][0] < now - self.RATE_WINDOW:
+                self.recent.popleft()
         return n_tokens
 
     def _decode(self):
