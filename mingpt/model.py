@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt.config import PRESETS, resolve_config  # noqa: F401 (PRESETS: minGPT's mingpt.model.PRESETS)
+from mingpt.config import PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
@@ -318,8 +318,8 @@ class GPT(nn.Module):
             assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
             end = int(cache_pos.max()) + 1
             pos = cache_pos[:, None] if pos is None else pos  # (B, 1)
-            if attn_mask is None:
-                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+            if attn_mask is None:  # (B, 1, 1, end)
+                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]
         if end > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
