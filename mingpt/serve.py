@@ -129,11 +129,9 @@ class Slots:
 
     async def acquire(self, timeout):
         """ wait up to timeout seconds for a slot (polling: a wait here is the exception); False if
-        none came, or if max_waiting requests were waiting already """
-        if self.try_acquire():
-            return True
+        none came, or at once if all are taken and max_waiting requests wait already """
         with self.lock:
-            if self.waiting >= self.max_waiting:
+            if self.active >= self.n and self.waiting >= self.max_waiting:
                 return False
             self.waiting += 1
         try:
@@ -287,11 +285,9 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     async def health(request):
         with stats_lock:
             s = dict(stats)
-        batch = engine.stats()
-        return JSONResponse({'status': 'ok', 'active': slots.active, 'peak_active': slots.peak, **s,
-                             'rows': batch['rows'], 'rows_in_use': batch['rows_in_use'],
-                             'queued': slots.waiting + batch['queued'],
-                             'tokens_per_second': batch['tokens_per_second']})
+        batch = engine.stats()  # rows, rows_in_use, queued (for a row), tokens_per_second
+        return JSONResponse({'status': 'ok', 'active': slots.active, 'peak_active': slots.peak, **s, **batch,
+                             'queued': slots.waiting + batch['queued']})
 
     async def chat(request):
         try:
