@@ -8,9 +8,9 @@ of this module:
 
     MinGPTError
       ConfigError       ValueError   a config value or an argument that cannot work (says what to set)
+        PromptTooLong   ValueError   a prompt or conversation that does not fit in the model's context
       WeightsError      ValueError   a model checkpoint that cannot be loaded (missing, corrupt, mismatched)
       CheckpointError   ValueError   a trainer checkpoint that cannot be resumed
-      PromptTooLong     ValueError   a conversation that does not fit in the model's context
       DataError         ValueError   a text or token-shard file that cannot be read as training data
       MissingFileError  OSError      a file or directory the user named that is not there (FileNotFoundError)
       DownloadError     OSError      a file that could not be fetched or failed its checks
@@ -35,8 +35,9 @@ class CheckpointError(MinGPTError, ValueError):
     """ a trainer checkpoint that is missing, unreadable, or does not fit this model / config """
 
 
-class PromptTooLong(MinGPTError, ValueError):
-    """ the conversation does not fit in the token budget even with its old turns dropped """
+class PromptTooLong(ConfigError):
+    """ a prompt longer than the model's context, or a conversation that does not fit in the token
+    budget even with its old turns dropped: an argument that cannot work, so also a ConfigError """
 
 
 class DataError(MinGPTError, ValueError):

@@ -19,6 +19,10 @@ can be decoded here):
         idx (B, T) the new tokens, written into kv_cache at positions [cache_pos, cache_pos + T);
         pos (B, T) position ids (None: cache_pos, cache_pos + 1, ...); attn_mask (B, 1, T, cache_pos + T)
         bool, True where a query may attend (None: causal); logits (B, 1, V) of the last position
+    model(idx, kv_cache=, cache_pos=, last_only=True) with cache_pos a (B,) LongTensor (mingpt.batching)
+        idx (B, 1) one new token per row, row b of the cache's first B written at position cache_pos[b]
+        (also its position id), attending to that row's positions [0, cache_pos[b]] only; and
+        kv_cache[i].row(b), row b alone as a cache of batch size 1 (a prefill into one row)
 
 Context window. A GPT sees at most block_size tokens. minGPT's generate crops the sequence to
 its last block_size tokens at every step, and that is what we do by default too: once the
@@ -40,7 +44,7 @@ import numbers
 
 import torch
 
-from mingpt.errors import ConfigError
+from mingpt.errors import ConfigError, PromptTooLong
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +98,14 @@ def sample(logits, temperature=1.0, do_sample=False, top_k=None, top_p=None, gen
     if not do_sample or temperature == 0:
         # temperature and the filters keep the most likely token the most likely one
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    logits, idx = logits.float() / temperature, None
+    if top_k is not None and top_k < logits.size(-1):
+        # draw among the k most likely tokens only: the distribution top_k filtering leaves, but
+        # multinomial's cost is one exponential per entry, k of them rather than vocab_size
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # (B, k)
+    probs = filter_logits(logits, top_p=top_p).softmax(dim=-1)
+    tok = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    return (tok if idx is None else idx.gather(-1, tok)).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # turning the user's prompts into one left-padded (B, T) batch
@@ -167,7 +176,7 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
     lengths = T if real is None else real.sum(dim=1)
     longest = int(lengths) if real is None else int(lengths.max())
     if longest > model.block_size:
-        raise ConfigError(f"the prompt has {longest} tokens but the model's context (block_size) is "
+        raise PromptTooLong(f"the prompt has {longest} tokens but the model's context (block_size) is "
                           f"{model.block_size} tokens; keep only the end of it, e.g. "
                           f"idx[:, -{model.block_size}:], or a shorter prompt")
     return idx, real
@@ -235,6 +244,23 @@ def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
            generator=None, seed=None, eos_token_id=None, pad_token_id=None, attention_mask=None,
            use_cache=True, window_keep=None):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
+    keep, how = decoding_options(model, max_new_tokens, temperature=temperature, do_sample=do_sample,
+                                 top_k=top_k, top_p=top_p, generator=generator, seed=seed,
+                                 window_keep=window_keep)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id
+    idx, real = prepare_prompts(model, idx, attention_mask, pad_token_id)
+    return idx, _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id,
+                        pad_token_id, how)
+
+
+def decoding_options(model, max_new_tokens, *, temperature=1.0, do_sample=False, top_k=None,
+                     top_p=None, generator=None, seed=None, window_keep=None):
+    """
+    Check the options of one decoding (stream's, or one request of mingpt.batching), raising a
+    ConfigError for any out of range; -> (keep, how): how many recent tokens a full context keeps
+    (window_keep, default block_size) and the keyword arguments of `sample`, a seed made a generator.
+    """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if generator is not None and seed is not None:
         raise ConfigError("give either generator or seed, not both (seed makes a new generator)")
@@ -244,18 +270,26 @@ def _start(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
         raise ConfigError(f"window_keep must be an int in [1, block_size={block_size}] (got "
                           f"{window_keep!r}); it is how many recent tokens are kept when the "
                           "sequence fills the context")
-    if pad_token_id is None:
-        pad_token_id = eos_token_id
     if model.training:
         logger.warning("generating with the model in training mode: dropout is active, so tokens "
                        "are noisier and differ between runs; call model.eval() first")
-    idx, real = prepare_prompts(model, idx, attention_mask, pad_token_id)
     if seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    how = dict(temperature=temperature, do_sample=do_sample, top_k=top_k, top_p=top_p,
-               generator=generator)
-    return idx, _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id,
-                        pad_token_id, how)
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return keep, dict(temperature=temperature, do_sample=do_sample, top_k=top_k, top_p=top_p,
+                      generator=generator)
+
+
+def next_input(L, cache_len, block_size, keep):
+    """
+    The next forward of a sequence of L tokens, cache_len of them in its cache, as (start,
+    cache_pos): it feeds tokens [start, L) written at cache position cache_pos. While the cache has
+    room, the newest token alone (a decode step). Otherwise a prefill at position 0: the prompt
+    (nothing cached yet, or no cache at all: then the last block_size tokens every step), or, once
+    the sequence fills the context, its last `keep` tokens (see the module docstring).
+    """
+    if 0 < cache_len < block_size:
+        return L - 1, cache_len
+    return L - min(L, keep if cache_len == block_size else block_size), 0
 
 
 def _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad_token_id,
@@ -286,9 +320,10 @@ def _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad
         # tensors; the buffers above were made outside, so they stay ordinary tensors.
         with torch.inference_mode():
             pos = mask = None
-            if cache is not None and 0 < cache_len < block_size:
+            start, cache_pos = next_input(L, cache_len, block_size, keep)
+            x = seq[:, start:L]  # (B, 1) to decode, (B, n) to prefill
+            if cache_pos > 0:
                 # decode: the newest token attends to itself and everything cached
-                x, cache_pos = seq[:, L - 1:L], cache_len  # (B, 1)
                 if real is not None:
                     pos, mask = next_pos, real[:, None, None, L - cache_len - 1:L]  # (B, 1, 1, S)
                     next_pos = next_pos + 1
@@ -298,10 +333,8 @@ def _decode(model, idx, real, max_new_tokens, keep, use_cache, eos_token_id, pad
                     logger.info("the sequence is longer than block_size=%d: every further token "
                                 "re-runs the last %d tokens (minGPT's cropping); window_keep=%d "
                                 "would be faster", block_size, block_size, block_size // 2)
-                n = min(L, keep if cache_len == block_size else block_size)
-                x, cache_pos = seq[:, L - n:L], 0  # (B, n)
                 if real is not None:
-                    pos, mask = _window_inputs(real[:, L - n:L])
+                    pos, mask = _window_inputs(real[:, start:L])
                     next_pos = pos[:, -1:] + 1
             logits, _ = model(x, kv_cache=cache, cache_pos=cache_pos, pos=pos, attn_mask=mask,
                                 last_only=True)  # (B, 1, V)

@@ -13,83 +13,18 @@ Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs 
 
 import logging
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from mingpt.config import PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
-
-# -----------------------------------------------------------------------------
-# the sizes of the well-known models, as minGPT names them
-
-PRESETS = {
-    # names follow the huggingface naming conventions
-    # GPT-1
-    'openai-gpt':   dict(n_layer=12, n_head=12, n_embd=768),  # 117M params
-    # GPT-2 configs
-    'gpt2':         dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
-    'gpt2-medium':  dict(n_layer=24, n_head=16, n_embd=1024), # 350M params
-    'gpt2-large':   dict(n_layer=36, n_head=20, n_embd=1280), # 774M params
-    'gpt2-xl':      dict(n_layer=48, n_head=25, n_embd=1600), # 1558M params
-    # Gophers
-    'gopher-44m':   dict(n_layer=8, n_head=16, n_embd=512),
-    # (there are a number more...)
-    # I made these tiny models up
-    'gpt-mini':     dict(n_layer=6, n_head=6, n_embd=192),
-    'gpt-micro':    dict(n_layer=4, n_head=4, n_embd=128),
-    'gpt-nano':     dict(n_layer=3, n_head=3, n_embd=48),
-}
-
-
-def resolve_config(config):
-    """
-    Fill n_layer/n_head/n_embd from config.model_type, checking that exactly one of a preset or
-    explicit sizes was given, that every size is an int >= 1 and every dropout a probability.
-    Mutates and returns config. Anything else is a ConfigError (a ValueError), here rather than
-    as an error deep inside torch, because a half-specified model is always a mistake the user
-    wants to hear about.
-    """
-    if config.vocab_size is None or config.block_size is None:
-        raise ConfigError("the model config needs vocab_size and block_size (got vocab_size="
-                          f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
-                          "config.vocab_size = train_dataset.get_vocab_size()")
-    sizes = {k: getattr(config, k) for k in ('n_layer', 'n_head', 'n_embd')}
-    type_given = config.model_type is not None
-    sizes_given = [k for k, v in sizes.items() if v is not None]
-    presets = ', '.join(PRESETS)
-    if type_given and sizes_given:
-        raise ConfigError(f"give either model_type ({config.model_type!r}) or explicit sizes "
-                          f"({', '.join(sizes_given)}), not both: set model_type=None to use "
-                          "explicit sizes")
-    if type_given:
-        if config.model_type not in PRESETS:
-            raise ConfigError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
-                              "(or set model_type=None and give n_layer, n_head, n_embd)")
-        config.merge_from_dict(PRESETS[config.model_type])
-    elif len(sizes_given) < 3:
-        missing = [k for k, v in sizes.items() if v is None]
-        raise ConfigError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
-                          f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
-    for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size'):
-        v = getattr(config, k)
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"the model config has {k}={v!r}, but it must be an int >= 1")
-    for k in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
-        v = getattr(config, k)
-        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1):
-            raise ConfigError(f"the model config has {k}={v!r}, but it must be a number in [0, 1) "
-                              "(a dropout probability)")
-    if config.n_embd % config.n_head != 0:
-        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
-    return config
-
 
 # -----------------------------------------------------------------------------
 
@@ -107,11 +42,25 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start, k, v):
-        """ write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there """
+        """
+        write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there.
+        start may also be a (B,) LongTensor, one position per row for one new token each (T == 1):
+        then the first B rows come back whole, and the caller's mask hides what a row has not written
+        """
+        if torch.is_tensor(start):
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, start], self.v[rows, :, start] = k[:, :, 0], v[:, :, 0]
+            return self.k[:k.size(0)], self.v[:k.size(0)]
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def row(self, i):
+        """ row i as a cache of batch size 1 sharing this one's memory: one sequence of a batch prefilled alone """
+        view = KVCache(1, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
+        view.k, view.v = self.k[i:i + 1], self.v[i:i + 1]
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,6 +94,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # attend over everything cached so far plus this step: k, v become (B, nh, cache_pos+T, hs)
             k, v = kv_cache.update(cache_pos, k, v)
+            if torch.is_tensor(cache_pos):  # a position per row: keys up to the furthest row's, as masked
+                k, v = k[:, :, :attn_mask.size(-1)], v[:, :, :attn_mask.size(-1)]
 
         if attn_mask is None and cache_pos > 0 and T > 1:
             # queries sit at positions [cache_pos, cache_pos+T): causal against an offset diagonal,
@@ -351,14 +302,26 @@ class GPT(nn.Module):
         overrides the position ids (left-padded batches start each row at 0); attn_mask (B, 1, T,
         cache_pos+T) bool, True where attention is allowed; last_only computes logits for the last
         position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
+        cache_pos may be a (B,) LongTensor for one token per row (T == 1), each row of the cache's
+        first B written at its own position, which is also its position id; the mask then lets
+        each row see its own positions up to there only (mingpt.batching's decode step).
         """
         device = idx.device
         if idx.dim() != 2:
             raise ConfigError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}; "
                               "for one sequence use idx[None]")
         b, t = idx.size()
-        if cache_pos + t > self.block_size:
-            raise ConfigError(f"cannot forward a sequence of length {cache_pos + t}: the model's "
+        end = cache_pos + t
+        if torch.is_tensor(cache_pos):
+            # one new token per row, each at its own position (a batch of independent sequences,
+            # mingpt.batching): a row sees its own cached keys only, up to the furthest row's end
+            assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
+            end = int(cache_pos.max()) + 1
+            pos = cache_pos[:, None] if pos is None else pos  # (B, 1)
+            if attn_mask is None:  # (B, 1, 1, end)
+                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]
+        if end > self.block_size:
+            raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
                               f"input to its last {self.block_size} tokens")
         if kv_cache is None and not torch.compiler.is_compiling():

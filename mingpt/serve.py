@@ -11,7 +11,8 @@ generation engine, cut at the end of the turn, never splitting a UTF-8 character
 
     GET  /          the page
     GET  /config    limits and defaults, for the page's settings
-    GET  /health    {"status": "ok", "active": generations running, "completed", "cancelled", ...}
+    GET  /health    {"status": "ok", "active": generations running, "completed", "cancelled", ...,
+                     "rows": batch rows, "rows_in_use", "queued": requests waiting, "tokens_per_second"}
     POST /chat      {"messages": [...], "temperature": 0.8, "max_tokens": 256, "top_k": 50,
                      "top_p": null, "seed": null}  ->  text/event-stream of
                     data: {"token": "..."}                        as the reply is generated
@@ -21,8 +22,9 @@ generation engine, cut at the end of the turn, never splitting a UTF-8 character
 Errors a user can cause are JSON {"error": "what is wrong and what to do"} with a status: 400 (a bad
 request), 403 (a Host or Origin this server does not answer, see below), 413 (a body over 1 MB, more
 than MAX_MESSAGES messages, or a message that does not fit: --max-prompt-tokens, or the model's
-context), 415 (a /chat body that is not application/json), 429 (all --max-concurrent generation slots
-stayed busy for --queue-timeout seconds; Retry-After says when to try again). The page shows each.
+context), 415 (a /chat body that is not application/json), 429 (all --max-concurrent batch rows
+stayed busy for --queue-timeout seconds, or 4 x --max-concurrent requests wait already; Retry-After
+says when to try again). The page shows each.
 
 Any web page the user visits could send requests to a server on localhost. So the server answers only
 requests whose Host is a name of this machine's loopback (or one given with --allowed-hosts), which
@@ -30,14 +32,18 @@ defeats DNS rebinding; refuses a request whose Origin is not its own (a page els
 takes /chat bodies only as application/json, which a cross-origin page cannot send without the
 browser asking first; and /config names the model without its path.
 
-Rendering a conversation into tokens and generation both run in worker threads, so the event loop
-keeps serving other requests (and noticing disconnects) while the model computes. When the client goes away (the page's Stop button
-aborts its fetch), the stream is cancelled and the worker stops at the next token. The server binds
-to 127.0.0.1 by default: it has no authentication, so expose it (--host 0.0.0.0) only on purpose.
+Replies are generated together, in one mingpt.batching.BatchEngine of --max-concurrent rows: each step
+of its thread decodes a token of every running reply in one forward. Rendering a conversation runs in a
+worker thread and each reply's tokens become text in a thread of its own, so the event loop keeps
+serving other requests (and noticing disconnects) while the model computes. When the client goes away
+(the page's Stop button aborts its fetch), the reply leaves the batch at the next step, freeing its row.
+The server binds to 127.0.0.1 by default: it has no authentication, so expose it (--host 0.0.0.0) only
+on purpose.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -46,6 +52,7 @@ import time
 import weakref
 from pathlib import Path
 
+from mingpt.batching import BatchEngine, default_rows
 from mingpt.chat import add_sampling_args, check_messages, check_sampling_flags, load_chat_model, stream_reply
 from mingpt.errors import ConfigError, PromptTooLong
 from mingpt.generate import check_sampling_args
@@ -95,16 +102,18 @@ def check_origin(headers, allowed_hosts):
 
 class Slots:
     """
-    At most n generations at once. A thread-safe counter rather than an asyncio.Semaphore: slots
-    are given back by the worker threads, when generation really stops, which may be well after
-    the request that took the slot has gone.
+    At most n generations at once (one per batch row), and at most max_waiting requests waiting
+    for one. A thread-safe counter rather than an asyncio.Semaphore: slots are given back by the
+    worker threads, when generation really stops, which may be well after the request that took
+    the slot has gone.
     """
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self, n, max_waiting):
+        self.n, self.max_waiting = n, max_waiting
         self.lock = threading.Lock()
         self.active = 0
         self.peak = 0
+        self.waiting = 0
 
     def try_acquire(self):
         with self.lock:
@@ -119,19 +128,29 @@ class Slots:
             self.active -= 1
 
     async def acquire(self, timeout):
-        """ wait up to timeout seconds for a slot (polling: a wait here is the exception) """
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire():
-            if time.monotonic() >= deadline:
+        """ wait up to timeout seconds for a slot (polling: a wait here is the exception); False if
+        none came, or at once if all are taken and max_waiting requests wait already """
+        with self.lock:
+            if self.active >= self.n and self.waiting >= self.max_waiting:
                 return False
-            await asyncio.sleep(0.02)
-        return True
+            self.waiting += 1
+        try:
+            deadline = time.monotonic() + timeout
+            while not self.try_acquire():
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.02)
+            return True
+        finally:
+            with self.lock:
+                self.waiting -= 1
 
 # -----------------------------------------------------------------------------
 
 # create_app's limits: (argument, its command-line flag, lowest value)
 LIMITS = (('max_new_tokens', '--max-tokens-limit', 1), ('max_concurrent', '--max-concurrent', 1),
-          ('queue_timeout', '--queue-timeout', 0), ('max_prompt_tokens', '--max-prompt-tokens', 1))
+          ('queue_timeout', '--queue-timeout', 0), ('max_prompt_tokens', '--max-prompt-tokens', 1),
+          ('max_queue', 'max_queue', 0))
 
 
 def check_limits(flags=False, **values):
@@ -143,16 +162,18 @@ def check_limits(flags=False, **values):
 
 
 def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
-               max_concurrent=2, queue_timeout=10.0, temperature=0.8, top_k=50, top_p=None,
-               default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
+               max_concurrent=None, queue_timeout=10.0, max_queue=None, temperature=0.8, top_k=50,
+               top_p=None, default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
     """
     The Starlette app serving model (in eval mode) with its ChatTokenizer. Limits: max_new_tokens
     (the most a request may ask for), max_prompt_tokens (default: the model's context less room
     for the reply; older turns are dropped to fit, a single message that does not is a 413),
-    max_concurrent generations at once, and how long a request waits for a slot (queue_timeout
-    seconds, then 429). temperature, top_k, top_p, default_max_tokens: defaults for requests that
-    do not say. allowed_hosts: the host names (without port) requests may be addressed to; None
-    allows any. model_name is shown on the page: a name, never a path.
+    max_concurrent generations at once, the rows of the batch (default
+    mingpt.batching.default_rows: 16 on a CPU), how long a request waits for a row (queue_timeout
+    seconds, then 429) and how many may wait (max_queue, default 4 x max_concurrent; more: a 429 at once).
+    temperature, top_k, top_p, default_max_tokens: defaults for requests that do not say.
+    allowed_hosts: the host names (without port) requests may be addressed to; None allows any.
+    model_name is shown on the page: a name, never a path.
     """
     try:
         from starlette.applications import Starlette
@@ -166,10 +187,13 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
                                 "reinstall mingpt (pip install -e .)")
     page = PAGE.read_text(encoding='utf-8')
     check_limits(max_new_tokens=max_new_tokens, max_concurrent=max_concurrent, queue_timeout=queue_timeout,
-                 max_prompt_tokens=max_prompt_tokens)
+                 max_prompt_tokens=max_prompt_tokens, max_queue=max_queue)
     default_max_tokens = min(default_max_tokens, max_new_tokens)
     allowed_hosts = None if allowed_hosts is None else frozenset(h.lower().strip('[]') for h in allowed_hosts)
-    slots = Slots(max_concurrent)
+    max_concurrent = default_rows(model) if max_concurrent is None else max_concurrent
+    # the engine's rows and the slots agree: a request holds a slot exactly while its reply runs
+    engine = BatchEngine(model, max_concurrent)
+    slots = Slots(max_concurrent, max_waiting=4 * max_concurrent if max_queue is None else max_queue)
     stats_lock = threading.Lock()
     stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'rejected': 0, 'tokens': 0}
 
@@ -261,7 +285,9 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     async def health(request):
         with stats_lock:
             s = dict(stats)
-        return JSONResponse({'status': 'ok', 'active': slots.active, 'peak_active': slots.peak, **s})
+        batch = engine.stats()  # rows, rows_in_use, queued (for a row), tokens_per_second
+        return JSONResponse({'status': 'ok', 'active': slots.active, 'peak_active': slots.peak, **s, **batch,
+                             'queued': slots.waiting + batch['queued']})
 
     async def chat(request):
         try:
@@ -282,7 +308,7 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
                 # conversation takes a while to tokenize); tokens come when iterated
                 pieces = await asyncio.to_thread(stream_reply, model, tokenizer, messages,
                                                  max_prompt_tokens=max_prompt_tokens, info=info,
-                                                 should_stop=stop.is_set, **kw)
+                                                 should_stop=stop.is_set, engine=engine, **kw)
             except PromptTooLong as e:
                 raise RequestError(413, str(e)) from None
             except ValueError as e:
@@ -291,7 +317,8 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
                 count(rejected=1)
                 retry = max(1, math.ceil(queue_timeout))
                 raise RequestError(429, f"the server is busy: all {max_concurrent} generation slots "
-                                        f"are in use; try again in a few seconds", {'Retry-After': str(retry)})
+                                        f"are in use and {slots.waiting} requests wait; try again in a few "
+                                        "seconds", {'Retry-After': str(retry)})
         except RequestError as e:
             return JSONResponse({'error': e.message}, status_code=e.status, headers=e.headers)
         queue = start_generation(pieces, info, stop)
@@ -304,9 +331,9 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
 
     def start_generation(pieces, info, stop):
         """
-        Run pieces in a worker thread (the slot is already taken; the worker gives it back when
-        it stops, at the next token once stop is set). -> a queue of ('token', str) ... then
-        ('done', info) or ('error', message)
+        Turn pieces into events in a worker thread (the slot is already taken; the worker gives it
+        back when the reply has left the batch, at the engine's next step once stop is set). -> a
+        queue of ('token', str) ... then ('done', info) or ('error', message)
         """
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
@@ -331,7 +358,7 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
                 outcome = 'failed'
                 put(('error', f"generation failed: {type(e).__name__}: {e}"))
             finally:
-                pieces.close()  # stops the engine's generator (and frees its KV cache) now
+                pieces.close()  # a reply still in the batch leaves it at the next step
                 count(**{outcome: 1, 'tokens': info.get('tokens', 0)})
                 slots.release()
 
@@ -358,13 +385,18 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
             # the worker must not go on generating for nobody
             stop.set()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close)  # after its current step: a step may take a while
+
     app = Starlette(routes=[
         Route('/', guarded(homepage)),
         Route('/config', guarded(config)),
         Route('/health', guarded(health)),
         Route('/chat', guarded(chat), methods=['POST']),
-    ])
-    app.state.slots, app.state.stats = slots, stats
+    ], lifespan=lifespan)
+    app.state.slots, app.state.stats, app.state.engine = slots, stats, engine
     return app
 
 
@@ -400,10 +432,11 @@ def main(argv=None):
     parser.add_argument('--max-prompt-tokens', type=int, default=None,
                         help="longest prompt in tokens (default: the model's context less room for "
                              "the reply); older turns are dropped to fit")
-    parser.add_argument('--max-concurrent', type=int, default=2,
-                        help='generations at once (default 2); more requests wait')
+    parser.add_argument('--max-concurrent', type=int, default=None,
+                        help='replies generated at once, the rows of the batch (default: 16 on a CPU, 64 '
+                             'on a GPU, fewer if their KV cache would pass 2 GiB); more requests wait')
     parser.add_argument('--queue-timeout', type=float, default=10.0,
-                        help='seconds a request waits for a free slot before a 429 (default 10)')
+                        help='seconds a request waits for a free row before a 429 (default 10)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     try:

@@ -117,6 +117,12 @@ class TestServeHTTP(ServeTestCase):
                          ('tiny', 64, 300, 3))
         self.assertEqual(cfg['defaults']['max_tokens'], 256)
         self.assertEqual((health['status'], health['active'], health['completed']), ('ok', 0, 0))
+        self.assertEqual((health['rows'], health['rows_in_use'], health['queued'], health['tokens_per_second']),
+                         (3, 0, 0, 0.0))
+        # by default, the batch has the machine's number of rows: 16 on a CPU
+        with local_client(self.app()) as client:
+            self.assertEqual(client.get('/config').json()['max_concurrent'], 16)
+            self.assertEqual(client.get('/health').json()['rows'], 16)
 
     def test_reply_streams_as_events(self):
         messages = [{'role': 'system', 'content': 'You are Juliet.'}] + HELLO
@@ -198,6 +204,23 @@ class TestServeHTTP(ServeTestCase):
             r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
             self.assertEqual(r.status_code, 200)
             self.assertTrue(sse_events(r.text.splitlines())[-1]['done'])
+
+
+    def test_full_queue_is_429_at_once(self):
+        app = self.app(max_concurrent=1, queue_timeout=60)
+        with local_client(app) as client:
+            self.assertTrue(app.state.slots.try_acquire())  # someone else is generating...
+            app.state.slots.waiting = 4  # ...and 4 x max_concurrent more wait for the row
+            self.assertEqual(client.get('/health').json()['queued'], 4)
+            t0 = time.monotonic()
+            r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
+            self.assertError(r, 429, 'busy.*4 requests wait')
+            self.assertLess(time.monotonic() - t0, 10)  # not after queue_timeout
+            app.state.slots.waiting = 0
+            app.state.slots.release()
+            r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
+            self.assertEqual(sse_events(r.text.splitlines())[-1]['tokens'], 5)
+        self.assertFalse(app.state.engine.thread.is_alive())  # the app's shutdown stopped the engine
 
 
 class TestServeRefuses(ServeTestCase):
@@ -362,13 +385,14 @@ class TestServeUvicorn(ServeTestCase):
                 t0 = time.monotonic()
                 health = client.get('/health').json()
                 self.assertLess(time.monotonic() - t0, 2.0, "the event loop is blocked by generation")
-                self.assertEqual(health['active'], 1)
+                self.assertEqual((health['active'], health['rows_in_use']), (1, 1))
+                self.assertGreater(health['tokens_per_second'], 0)
                 second = next(line for line in lines if line.startswith('data: '))
                 self.assertIn('token', json.loads(second[6:]))
             # closing the response disconnects: the server stops generating long before 2000 tokens
             health = wait_until(lambda: (h := client.get('/health').json())['active'] == 0 and h)
             self.assertTrue(health, "generation went on after the client disconnected")
-            self.assertEqual((health['cancelled'], health['completed']), (1, 0))
+            self.assertEqual((health['cancelled'], health['completed'], health['rows_in_use']), (1, 0, 0))
             self.assertLess(health['tokens'], 2000)
             # and the freed slot serves the next request
             r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 8})

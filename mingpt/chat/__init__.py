@@ -198,7 +198,8 @@ def prompt_budget(model, max_new_tokens):
 
 
 def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8, top_k=None,
-                 top_p=None, seed=None, max_prompt_tokens=None, info=None, should_stop=None):
+                 top_p=None, seed=None, max_prompt_tokens=None, info=None, should_stop=None,
+                 engine=None):
     """
     Yield the assistant's reply to messages as text pieces, as the tokens are generated; a piece
     never ends inside a UTF-8 character. Stops at the end of the turn or after max_new_tokens.
@@ -207,6 +208,8 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
     finish_reason ('stop': the model ended its turn, 'length': max_new_tokens ran out,
     'cancelled': should_stop). should_stop, a callable, is asked before every token: checking per
     token rather than per text piece matters because a piece can wait on several tokens.
+    engine, a mingpt.batching.BatchEngine, generates the reply in its batch, with the other
+    requests it is running (it joins at the first token asked for); by default, alone.
     Errors in the arguments are raised at the call, before any token.
     """
     info = {} if info is None else info
@@ -214,9 +217,13 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
     if max_prompt_tokens is not None:
         budget = min(budget, max_prompt_tokens)
     ids = tokenizer.render_for_completion(messages, max_tokens=budget)
-    steps = generation.stream(model, [ids], max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              eos_token_id=tokenizer.end_id)
+    options = dict(do_sample=temperature > 0, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, eos_token_id=tokenizer.end_id)
+    if engine is None:
+        request, steps = None, generation.stream(model, [ids], max_new_tokens, **options)
+    else:  # should_stop is the engine's to ask too: it frees the request's row at its next step
+        request = engine.request(ids, max_new_tokens, should_stop=should_stop, **options)
+        steps = _joined(engine, request)
     info.update(prompt_tokens=len(ids), tokens=0, finish_reason=None)
 
     def token_ids():
@@ -231,9 +238,13 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
                 info['finish_reason'] = 'stop'
                 return
             yield t
-        info['finish_reason'] = 'length'
+        info['finish_reason'] = 'cancelled' if request and request.finish_reason == 'cancelled' else 'length'
 
     return generation.decode_text(token_ids(), tokenizer.decode)
+
+def _joined(engine, request):
+    """ request's tokens, submitted to engine when the first one is asked for """
+    yield from engine.submit(request)
 
 # -----------------------------------------------------------------------------
 # a chat model from its directory, and the flags of the programs that chat with one

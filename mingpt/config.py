@@ -1,0 +1,73 @@
+"""
+A GPT's configuration: the sizes of the well-known models (the model_type presets) and the checks
+that make a config one a GPT can be built from (resolve_config). mingpt.model, the network, imports
+both from here (and still offers them as mingpt.model.PRESETS and mingpt.model.resolve_config).
+"""
+
+import numbers
+
+from mingpt.errors import ConfigError
+
+# -----------------------------------------------------------------------------
+# the sizes of the well-known models, as minGPT names them
+
+PRESETS = {
+    # names follow the huggingface naming conventions
+    # GPT-1
+    'openai-gpt':   dict(n_layer=12, n_head=12, n_embd=768),  # 117M params
+    # GPT-2 configs
+    'gpt2':         dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    'gpt2-medium':  dict(n_layer=24, n_head=16, n_embd=1024), # 350M params
+    'gpt2-large':   dict(n_layer=36, n_head=20, n_embd=1280), # 774M params
+    'gpt2-xl':      dict(n_layer=48, n_head=25, n_embd=1600), # 1558M params
+    # Gophers
+    'gopher-44m':   dict(n_layer=8, n_head=16, n_embd=512),
+    # (there are a number more...)
+    # I made these tiny models up
+    'gpt-mini':     dict(n_layer=6, n_head=6, n_embd=192),
+    'gpt-micro':    dict(n_layer=4, n_head=4, n_embd=128),
+    'gpt-nano':     dict(n_layer=3, n_head=3, n_embd=48),
+}
+
+
+def resolve_config(config):
+    """
+    Fill n_layer/n_head/n_embd from config.model_type, checking that exactly one of a preset or
+    explicit sizes was given, that every size is an int >= 1 and every dropout a probability.
+    Mutates and returns config. Anything else is a ConfigError (a ValueError), here rather than
+    as an error deep inside torch, because a half-specified model is always a mistake the user
+    wants to hear about.
+    """
+    if config.vocab_size is None or config.block_size is None:
+        raise ConfigError("the model config needs vocab_size and block_size (got vocab_size="
+                          f"{config.vocab_size}, block_size={config.block_size}); set both, e.g. "
+                          "config.vocab_size = train_dataset.get_vocab_size()")
+    sizes = {k: getattr(config, k) for k in ('n_layer', 'n_head', 'n_embd')}
+    type_given = config.model_type is not None
+    sizes_given = [k for k, v in sizes.items() if v is not None]
+    presets = ', '.join(PRESETS)
+    if type_given and sizes_given:
+        raise ConfigError(f"give either model_type ({config.model_type!r}) or explicit sizes "
+                          f"({', '.join(sizes_given)}), not both: set model_type=None to use "
+                          "explicit sizes")
+    if type_given:
+        if config.model_type not in PRESETS:
+            raise ConfigError(f"unknown model_type {config.model_type!r}; the presets are: {presets} "
+                              "(or set model_type=None and give n_layer, n_head, n_embd)")
+        config.merge_from_dict(PRESETS[config.model_type])
+    elif len(sizes_given) < 3:
+        missing = [k for k, v in sizes.items() if v is None]
+        raise ConfigError(f"model_type is None, so n_layer, n_head and n_embd must all be set "
+                          f"(missing: {', '.join(missing)}); or pick a preset: {presets}")
+    for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size'):
+        v = getattr(config, k)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"the model config has {k}={v!r}, but it must be an int >= 1")
+    for k in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
+        v = getattr(config, k)
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1):
+            raise ConfigError(f"the model config has {k}={v!r}, but it must be a number in [0, 1) "
+                              "(a dropout probability)")
+    if config.n_embd % config.n_head != 0:
+        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    return config
