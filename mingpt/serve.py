@@ -6,39 +6,36 @@ Web chat: a small ASGI app (Starlette, served by uvicorn) with one page, mingpt/
     # then open http://127.0.0.1:8000
 
 The server keeps no conversation: the page sends the whole conversation with every message, and the
-reply streams back as server-sent events, one per piece of text (mingpt.chat.stream_reply: the one
-generation engine, cut at the end of the turn, never splitting a UTF-8 character).
+reply streams back as server-sent events, one per piece of text (mingpt.chat.stream_reply, cut at the
+end of the turn, never splitting a UTF-8 character).
 
     GET  /          the page
     GET  /config    limits and defaults, for the page's settings
-    GET  /health    {"status": "ok", "active": generations running, "completed", "cancelled", ...,
-                     "rows": batch rows, "rows_in_use", "queued": requests waiting, "tokens_per_second"}
+    GET  /health    {"status": "ok", "active", "completed", "cancelled", ..., "rows", "rows_in_use",
+                     "queued", "tokens_per_second"}
     POST /chat      {"messages": [...], "temperature": 0.8, "max_tokens": 256, "top_k": 50,
                      "top_p": null, "seed": null}  ->  text/event-stream of
-                    data: {"token": "..."}                        as the reply is generated
-                    data: {"done": true, "finish_reason": "stop"|"length", "tokens": n, ...}
-                    data: {"error": "..."}                        if generation failed midway
+                    data: {"token": "..."}  ...  then  data: {"done": true, "finish_reason": "stop"|
+                    "length", "tokens": n, ...}  or  data: {"error": "..."}  if generation failed midway
 
 Errors a user can cause are JSON {"error": "what is wrong and what to do"} with a status: 400 (a bad
-request), 403 (a Host or Origin this server does not answer, see below), 413 (a body over 1 MB, more
-than MAX_MESSAGES messages, or a message that does not fit: --max-prompt-tokens, or the model's
-context), 415 (a /chat body that is not application/json), 429 (all --max-concurrent batch rows
-stayed busy for --queue-timeout seconds, or 4 x --max-concurrent requests wait already; Retry-After
-says when to try again). The page shows each.
+request), 403 (a Host or Origin this server does not answer), 413 (a body over 1 MB, more than
+MAX_MESSAGES messages, or a message that does not fit the prompt limit or the model's context), 415
+(a /chat body that is not application/json), 429 (every row stayed busy for --queue-timeout seconds,
+or 4 x --max-concurrent requests wait already; Retry-After says when to try again).
 
 Any web page the user visits could send requests to a server on localhost. So the server answers only
 requests whose Host is a name of this machine's loopback (or one given with --allowed-hosts), which
-defeats DNS rebinding; refuses a request whose Origin is not its own (a page elsewhere posting to it);
-takes /chat bodies only as application/json, which a cross-origin page cannot send without the
-browser asking first; and /config names the model without its path.
+defeats DNS rebinding; refuses a request whose Origin is not its own; takes /chat bodies only as
+application/json, which a cross-origin page cannot send without the browser asking first; and /config
+names the model without its path.
 
 Replies are generated together, in one mingpt.batching.BatchEngine of --max-concurrent rows: each step
 of its thread decodes a token of every running reply in one forward. Rendering a conversation runs in a
 worker thread and each reply's tokens become text in a thread of its own, so the event loop keeps
-serving other requests (and noticing disconnects) while the model computes. When the client goes away
-(the page's Stop button aborts its fetch), the reply leaves the batch at the next step, freeing its row.
-The server binds to 127.0.0.1 by default: it has no authentication, so expose it (--host 0.0.0.0) only
-on purpose.
+serving (and noticing disconnects) while the model computes. A client that goes away (the page's Stop
+button) leaves the batch at the next step, freeing its row. The server binds to 127.0.0.1 by default:
+it has no authentication, so expose it (--host 0.0.0.0) only on purpose.
 """
 
 import argparse
@@ -102,18 +99,14 @@ def check_origin(headers, allowed_hosts):
 
 class Slots:
     """
-    At most n generations at once (one per batch row), and at most max_waiting requests waiting
-    for one. A thread-safe counter rather than an asyncio.Semaphore: slots are given back by the
-    worker threads, when generation really stops, which may be well after the request that took
-    the slot has gone.
-    """
+    At most n generations at once (one per batch row), at most max_waiting requests waiting for one.
+    Thread-safe rather than an asyncio.Semaphore: worker threads give slots back when generation
+    really stops, which may be well after the request that took the slot has gone. """
 
     def __init__(self, n, max_waiting):
         self.n, self.max_waiting = n, max_waiting
         self.lock = threading.Lock()
-        self.active = 0
-        self.peak = 0
-        self.waiting = 0
+        self.active = self.peak = self.waiting = 0
 
     def try_acquire(self):
         with self.lock:
@@ -272,7 +265,7 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
         return bytes(body)
 
     async def homepage(request):
-        return HTMLResponse(page)
+        return HTMLResponse(page)  # the page is static: everything it shows comes from /config and /chat
 
     async def config(request):
         return JSONResponse({
@@ -420,23 +413,19 @@ def port_number(value):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m mingpt.serve', description=__doc__.split('\n\n')[0])
     add_sampling_args(parser)  # --model, and the defaults of --temperature, --top-k, --top-p
-    parser.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: '
-                                                            'this machine only)')
+    parser.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
     parser.add_argument('--port', type=port_number, default=8000, help='port to listen on (default 8000)')
     parser.add_argument('--allowed-hosts', default=None, metavar='NAMES',
-                        help='comma-separated host names (besides 127.0.0.1, localhost and ::1) that requests '
-                             'may be addressed to, e.g. the machine\'s name when serving with --host 0.0.0.0; '
-                             '"*" allows any')
-    parser.add_argument('--max-tokens-limit', type=int, default=512,
-                        help='the most new tokens a request may ask for (default 512)')
+                        help='comma-separated host names requests may be addressed to besides the loopback '
+                             '(e.g. the machine\'s name with --host 0.0.0.0); "*" allows any')
+    parser.add_argument('--max-tokens-limit', type=int, default=512, help='the most new tokens a request may ask for')
     parser.add_argument('--max-prompt-tokens', type=int, default=None,
                         help="longest prompt in tokens (default: the model's context less room for "
                              "the reply); older turns are dropped to fit")
     parser.add_argument('--max-concurrent', type=int, default=None,
                         help='replies generated at once, the rows of the batch (default: 16 on a CPU, 64 '
                              'on a GPU, fewer if their KV cache would pass 2 GiB); more requests wait')
-    parser.add_argument('--queue-timeout', type=float, default=10.0,
-                        help='seconds a request waits for a free row before a 429 (default 10)')
+    parser.add_argument('--queue-timeout', type=float, default=10.0, help='seconds a request waits for a row, then 429')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     try:
@@ -453,8 +442,7 @@ def main(argv=None):
         if args.allowed_hosts:
             extra = [h.strip() for h in args.allowed_hosts.split(',') if h.strip()]
             allowed = None if '*' in extra else allowed + tuple(extra)
-        app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model),
-                         allowed_hosts=allowed,
+        app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model), allowed_hosts=allowed,
                          max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
