@@ -5,6 +5,7 @@ CfgNode, the tiny attribute-dict that every config in mingpt is made of.
 """
 
 import ast
+import contextlib
 import json
 import logging
 import os
@@ -75,6 +76,30 @@ def dist_env():
 def is_rank0():
     """ whether this process speaks for the run: the only process, or torchrun's rank 0 """
     return dist_env()[0] == 0
+
+
+@contextlib.contextmanager
+def process_group():
+    """
+    Under torchrun, join the ranks for the whole block (a project's whole script), not only for
+    Trainer.run(), which uses a group that exists and leaves it in place: an evaluation before or
+    after training then still reduces over every rank. Gloo for CPU tensors, NCCL for CUDA ones.
+    A no-op in a single process.
+    """
+    if dist_env()[2] == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier():
+    """ under torchrun, wait until every rank gets here (e.g. rank 0 has written a file the others read) """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def atomic_write(path, content):
