@@ -10,6 +10,8 @@ through encode():
 2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
+   A long text goes through in chunks, so that no single C call (which holds the GIL) takes long: a
+   server encoding a megabyte in a worker thread keeps answering.
 3. The pieces the cache lacks run BPE on their UTF-8 bytes: merge the adjacent pair whose concatenation
    has the lowest rank, until none makes a token; then a second lookup pass finds them all. The parts
    are small ints (a token's "rank id" orders tokens by merge rank), and a table of every way to write a
@@ -34,13 +36,15 @@ import torch
 
 from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES, gpt2_vocab_files  # noqa: F401 (also bpe's API)
 from mingpt.errors import ConfigError, MissingFileError, WeightsError
-from mingpt.pretokenize import PAT, pretokenize, special_tokens_regex, without_lone_surrogates
+from mingpt.pretokenize import PAT, pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = '<|endoftext|>'
 
 MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
+CHUNK_CHARS = 1 << 16  # longer texts are encoded a chunk at a time (see 2. above)
+IDS = np.dtype('<u4')  # a piece's token ids in the cache: bytes, 4 a token
 
 
 def bytes_to_unicode():
@@ -61,8 +65,10 @@ def bytes_to_unicode():
 
 
 class _PieceCache(dict):
-    """piece (str) -> tuple of token ids. A dict subclass so that hits never leave C: a lookup pass is
-    list(map(cache.__getitem__, pieces)). A miss only notes the piece in `pending` and gives None (stored,
+    """piece (str) -> its token ids as bytes (IDS). A dict subclass so that hits never leave C: a lookup
+    pass is list(map(cache.__getitem__, pieces)). Bytes, not tuples: the garbage collector does not track
+    them, so caching a corpus's pieces never sets off a full collection, which walks every object of the
+    process while holding the GIL. A miss only notes the piece in `pending` and gives None (stored,
     so that later occurrences in the same pass are hits too); Encoder._resolve then runs BPE on all the
     pending pieces at once. It starts out holding every token of the vocabulary that is valid UTF-8 text,
     since a piece that is a whole token is a single id (as in tiktoken), so only pieces that need merging
@@ -124,13 +130,14 @@ class Encoder:
         self._rank_id_bytes = [None] * n_rank_ids  # rank id -> token bytes (None: a merge that repeats a token)
         for tb, r in self._rank_id.items():
             self._rank_id_bytes[r] = tb
-        self._rank_id_to_id = [None if tb is None else self._bytes_to_id[tb] for tb in self._rank_id_bytes]
+        # rank id -> token id (0 for a merge that repeats a token: no part ever has that rank id)
+        self._rank_id_to_id = np.array([self._bytes_to_id.get(tb, 0) for tb in self._rank_id_bytes], IDS)
         self._pair_shift = n_rank_ids.bit_length()  # a pair of rank ids (a, b) is the int a << shift | b
         self._pairs = self._pair_table = None  # which pairs merge into what: see _pair_ranks
         whole_tokens = {}
         for tb, i in self._bytes_to_id.items():
             try:
-                whole_tokens[tb.decode('utf-8')] = (i,)
+                whole_tokens[tb.decode('utf-8')] = i.to_bytes(IDS.itemsize, 'little')
             except UnicodeDecodeError:  # a token that is part of a multi-byte character is never a whole piece
                 pass
         self._cache = _PieceCache(whole_tokens)
@@ -181,10 +188,13 @@ class Encoder:
 
     def encode_ordinary(self, text: str) -> list:
         """Text -> token ids, treating special tokens as plain text."""
-        try:
-            return self._lookup(self.pretokenize(text))
-        except UnicodeEncodeError:  # lone surrogates, which are not valid UTF-8
-            return self._lookup(self.pretokenize(without_lone_surrogates(text)))
+        ids = []
+        for chunk in safe_chunks(text, CHUNK_CHARS):  # they pre-tokenize into exactly the pieces of the whole
+            try:
+                ids += self._lookup(self.pretokenize(chunk))
+            except UnicodeEncodeError:  # lone surrogates, which are not valid UTF-8
+                ids += self._lookup(self.pretokenize(without_lone_surrogates(chunk)))
+        return ids
 
     def _lookup(self, pieces: list) -> list:
         """pieces -> their ids, through the cache; the pieces it lacks are merged together, then looked up."""
@@ -195,7 +205,7 @@ class Encoder:
             if self._cache.pending:
                 self._resolve()
                 ids = list(map(self._cache.__getitem__, pieces))
-        return list(chain.from_iterable(ids))
+        return np.frombuffer(b''.join(ids), IDS).tolist()
 
     def _resolve(self):
         """Run BPE on every piece the last lookup pass missed and cache the results."""
@@ -206,11 +216,15 @@ class Encoder:
             for piece in pending:  # leave no None behind
                 del self._cache[piece]
             raise
-        # a few pieces (a prompt): one at a time; many (a corpus): all at once, where numpy pays off
-        merged = map(self._merge, encoded) if len(encoded) < 64 else self._merge_many(encoded)
-        to_id = self._rank_id_to_id.__getitem__
-        for piece, parts in zip(pending, merged):
-            self._cache[piece] = tuple(map(to_id, parts))
+        if len(encoded) < 64:  # a few pieces (a prompt): one at a time
+            merged = [self._merge(b) for b in encoded]
+            parts, counts = list(chain.from_iterable(merged)), list(map(len, merged))
+        else:  # many (a corpus): all at once, where numpy pays off
+            parts, counts = self._merge_many(encoded)
+        ids, end = self._rank_id_to_id[parts].tobytes(), 0  # every piece's ids, one after the other
+        for piece, n in zip(pending, counts):
+            start, end = end, end + n * IDS.itemsize
+            self._cache[piece] = ids[start:end]
 
     def pretokenize(self, text: str) -> list:
         """The pieces GPT-2's pre-tokenizer cuts text into (mingpt.pretokenize): self.pat.findall(text), faster."""
@@ -264,12 +278,14 @@ class Encoder:
         """_merge for many pieces (bytes) at once, with numpy: every round merges, in each piece still
         merging, its lowest-ranked pair (leftmost on ties), exactly as _merge does one piece at a time.
         A round costs a few array operations over all the pieces together, so a corpus's thousands of
-        new pieces take ~20 rounds instead of ~6 Python-level steps each. Returns a list of rank ids
-        per piece."""
+        new pieces take ~20 rounds instead of ~6 Python-level steps each. Returns the parts of all
+        pieces, one after the other, as rank ids (an array), and how many parts each piece has (a list)."""
         self._pair_ranks()
         keys, values = self._pair_table
+        parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
+        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
         if not len(keys):  # a vocabulary of single bytes: nothing ever merges
-            return [list(piece) for piece in pieces]
+            return parts, lengths.tolist()
         shift, NONE = self._pair_shift, 1 << self._pair_shift  # NONE: above every rank id
 
         def rank(a, b):  # rank id of the token a + b, for arrays of rank ids; NONE where they never merge
@@ -279,9 +295,7 @@ class Encoder:
 
         # all pieces side by side: parts (N,) rank ids, and each part linked to its neighbours in its
         # piece (-1 at a piece's ends); a merge overwrites the left part and unlinks the right one
-        parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
         N = len(parts)
-        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
         starts = np.cumsum(lengths) - lengths
         nxt, prv = np.arange(1, N + 1), np.arange(-1, N - 1)
         nxt[starts + lengths - 1], prv[starts] = -1, -1
@@ -309,10 +323,7 @@ class Encoder:
             before = prv[i]
             has_before = before >= 0
             ranks[before[has_before]] = rank(parts[before[has_before]], r[has_before])
-        counts = np.add.reduceat(alive, starts).tolist()
-        flat = parts[alive].tolist()
-        ends = np.cumsum(counts).tolist()
-        return [flat[end - n:end] for n, end in zip(counts, ends)]
+        return parts[alive], np.add.reduceat(alive, starts).tolist()
 
     def merges(self) -> list:
         """The merges in rank order, as (a, b) token strings: the lines of vocab.bpe."""

@@ -153,7 +153,10 @@ class GPT2EncoderTest(unittest.TestCase):
         rng = random.Random(5)
         pieces = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 24))) for _ in range(2000)]
         pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e.pretokenize(english_text(100_000)))]
-        self.assertEqual(self.e._merge_many(pieces), [self.e._merge(p) for p in pieces])
+        parts, counts = self.e._merge_many(pieces)
+        one_by_one = [self.e._merge(p) for p in pieces]
+        self.assertEqual(counts, list(map(len, one_by_one)))
+        self.assertEqual(parts.tolist(), [r for merged in one_by_one for r in merged])
 
     def test_endoftext_is_plain_text_by_default(self):
         text = 'one<|endoftext|>two <|endoftext|>'
