@@ -1,17 +1,15 @@
 """
 Byte-level BPE as used by GPT-2, with minGPT's API (get_encoder, Encoder, BPETokenizer).
 
-The ids are identical to tiktoken's "gpt2" encoding on any text. It is Python and numpy, with no compiled
-code of its own; bench/tokenizer.py measures its speed against tiktoken's. How, in the order text flows
-through encode():
+The ids are identical to tiktoken's "gpt2" encoding on any text; Python and numpy, no compiled code of
+its own (bench/tokenizer.py compares the speeds). How, in the order text flows through encode():
 
 1. Pre-tokenize (mingpt/pretokenize.py): GPT-2's regex splits the text into pieces (words with their
    leading space, numbers, punctuation runs, whitespace runs); BPE never merges across pieces.
 2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
-   A long text goes through in chunks, so that no single C call (which holds the GIL) takes long: a
-   server encoding a megabyte in a worker thread keeps answering.
+   A long text goes through in chunks, so that no C call (which holds the GIL) takes long.
 3. The pieces the cache lacks run BPE on their UTF-8 bytes: merge the adjacent pair whose concatenation
    has the lowest rank, until none makes a token; then a second lookup pass finds them all. The parts
    are small ints (a token's "rank id" orders tokens by merge rank), and a table of every way to write a
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES, gpt2_vocab_files  # noqa: F401 (also bpe's API)
+from mingpt.download import gpt2_vocab_files
 from mingpt.errors import ConfigError, MissingFileError, WeightsError
 from mingpt.pretokenize import PAT, pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 
@@ -65,14 +63,12 @@ def bytes_to_unicode():
 
 
 class _PieceCache(dict):
-    """piece (str) -> its token ids as bytes (IDS). A dict subclass so that hits never leave C: a lookup
-    pass is list(map(cache.__getitem__, pieces)). Bytes, not tuples: the garbage collector does not track
-    them, so caching a corpus's pieces never sets off a full collection, which walks every object of the
-    process while holding the GIL. A miss only notes the piece in `pending` and gives None (stored,
-    so that later occurrences in the same pass are hits too); Encoder._resolve then runs BPE on all the
-    pending pieces at once. It starts out holding every token of the vocabulary that is valid UTF-8 text,
-    since a piece that is a whole token is a single id (as in tiktoken), so only pieces that need merging
-    ever miss."""
+    """piece (str) -> its token ids as bytes (IDS): bytes, unlike tuples, are not tracked by the garbage
+    collector, so caching a corpus's pieces never sets off a full collection (a walk over every object of
+    the process, holding the GIL). A dict subclass so that hits never leave C: a lookup pass is
+    list(map(cache.__getitem__, pieces)). A miss notes the piece in `pending` and gives None (stored, so
+    later occurrences in the pass are hits too); Encoder._resolve then runs BPE on all of them at once.
+    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss."""
     __slots__ = ('initial', 'pending')
 
     def __init__(self, initial: dict):
@@ -142,7 +138,6 @@ class Encoder:
                 pass
         self._cache = _PieceCache(whole_tokens)
         self._lock = threading.Lock()  # one lookup pass and its pending pieces at a time (servers encode in threads)
-        self._special_pats = {}  # frozenset of allowed special tokens -> compiled alternation
         self.n_vocab = max(self.decoder) + 1  # the vocab_size a model needs for this tokenizer
 
     def clear_cache(self):
@@ -161,9 +156,8 @@ class Encoder:
         """Text -> list of token ids, identical to tiktoken.get_encoding('gpt2') for the GPT-2 vocabulary.
 
         allowed_special: the special tokens ('<|endoftext|>') to recognize in text, or 'all'. By default
-        none is, and "<|endoftext|>" in text is encoded as ordinary text (like tiktoken's encode_ordinary,
-        and like minGPT), so text from users cannot inject control tokens. Note that tiktoken's encode()
-        instead raises by default when text contains a special token.
+        none is: "<|endoftext|>" in text is ordinary text (as in minGPT and tiktoken's encode_ordinary; tiktoken's
+        encode() raises instead), so text from users cannot inject control tokens.
         """
         if allowed_special == 'all':
             allowed = frozenset(self.special_tokens)
@@ -175,11 +169,8 @@ class Encoder:
                                   f'vocabulary; its special tokens are {sorted(self.special_tokens)}')
         if not allowed:
             return self.encode_ordinary(text)
-        pat = self._special_pats.get(allowed)
-        if pat is None:
-            pat = self._special_pats[allowed] = special_tokens_regex(allowed)
         ids, start = [], 0
-        for m in pat.finditer(text):
+        for m in special_tokens_regex(allowed).finditer(text):  # compiled once: re caches it
             ids += self.encode_ordinary(text[start:m.start()])
             ids.append(self.special_tokens[m.group()])
             start = m.end()
@@ -232,19 +223,15 @@ class Encoder:
 
     def _pair_ranks(self) -> dict:
         """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use,
-        also as sorted numpy arrays (keys, rank ids) for _merge_many. That is more than the merges of
-        vocab.bpe (about twice as many for GPT-2), since any two adjacent parts whose concatenation is a
-        token merge. An absent pair is one that never merges."""
+        also as sorted numpy arrays (keys, rank ids) for _merge_many. Any two adjacent parts whose
+        concatenation is a token merge, so these are more than vocab.bpe's merges; absent pairs never merge."""
         if self._pairs is None:
-            pairs, rank_id = {}, self._rank_id.get
-            shift = self._pair_shift
+            pairs, rank_id, shift = {}, self._rank_id.get, self._pair_shift
             for tb, r in self._rank_id.items():
                 for j in range(1, len(tb)):
-                    a = rank_id(tb[:j])
-                    if a is not None:
-                        b = rank_id(tb[j:])
-                        if b is not None:
-                            pairs[a << shift | b] = r
+                    a, b = rank_id(tb[:j]), rank_id(tb[j:])
+                    if a is not None and b is not None:
+                        pairs[a << shift | b] = r
             keys = np.fromiter(pairs.keys(), np.int64, len(pairs))
             order = np.argsort(keys)
             self._pair_table = keys[order], np.fromiter(pairs.values(), np.int64, len(pairs))[order]
@@ -254,8 +241,7 @@ class Encoder:
     def _merge(self, b: bytes) -> list:
         """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
         has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts as
-        rank ids. Everything here is small ints, so a merge step costs a few list operations and two
-        lookups of an int in a dict, and makes no new bytes objects."""
+        rank ids: small ints, so a merge step is a few list operations and dict lookups, and no new bytes."""
         rank, shift, NONE = self._pair_ranks().get, self._pair_shift, 1 << 62
         parts = list(b)  # the rank id of a single byte is the byte
         # ranks[i] = rank id of parts[i] + parts[i+1] (NONE: they never merge), updated after each merge
@@ -274,12 +260,11 @@ class Encoder:
                 ranks[i] = rank(r << shift | parts[i + 1], NONE)
         return parts
 
-    def _merge_many(self, pieces: list) -> list:
+    def _merge_many(self, pieces: list) -> tuple:
         """_merge for many pieces (bytes) at once, with numpy: every round merges, in each piece still
-        merging, its lowest-ranked pair (leftmost on ties), exactly as _merge does one piece at a time.
-        A round costs a few array operations over all the pieces together, so a corpus's thousands of
-        new pieces take ~20 rounds instead of ~6 Python-level steps each. Returns the parts of all
-        pieces, one after the other, as rank ids (an array), and how many parts each piece has (a list)."""
+        merging, its lowest-ranked pair (leftmost on ties), as _merge does; a round is a few array operations
+        over all the pieces, so a corpus's thousands of new pieces take ~20 rounds, not ~6 Python steps each.
+        Returns the parts of all pieces one after the other as rank ids (an array), and each piece's count."""
         self._pair_ranks()
         keys, values = self._pair_table
         parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
@@ -341,19 +326,14 @@ class Encoder:
         token, token_bytes, token_translated, token_merged, token_ix]}."""
         bpe_idx, parts = [], []
         tokens = self.pat.findall(text)
-        for token in tokens:
+        for token in tokens:  # the pre-token; its UTF-8 bytes; through bytes_to_unicode; after BPE; ids
             token_bytes = token.encode('utf-8')
             token_translated = ''.join(self.byte_encoder[b] for b in token_bytes)
             token_merged = self.bpe(token_translated).split(' ')
             token_ix = [self.encoder[t] for t in token_merged]
             bpe_idx.extend(token_ix)
-            parts.append({
-                'token': token,  # the pre-token, as in the text
-                'token_bytes': token_bytes,  # its UTF-8 bytes
-                'token_translated': token_translated,  # the bytes through bytes_to_unicode
-                'token_merged': token_merged,  # after BPE, as strings of encoder.json
-                'token_ix': token_ix,  # and their ids
-            })
+            parts.append(dict(token=token, token_bytes=token_bytes, token_translated=token_translated,
+                              token_merged=token_merged, token_ix=token_ix))
         return {'bpe_idx': bpe_idx, 'tokens': tokens, 'parts': parts}
 
     # -------------------------------------------------------------------------
@@ -401,8 +381,8 @@ class Encoder:
 
 
 def get_encoder(path=None) -> Encoder:
-    """The GPT-2 tokenizer (its files ship with the package: see download.gpt2_vocab_files), or the vocabulary in directory
-    `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
+    """The GPT-2 tokenizer (its files ship with the package: download.gpt2_vocab_files), or the vocabulary
+    in directory `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
     if path is None:
         encoder_path, vocab_path = gpt2_vocab_files()
     else:
@@ -426,9 +406,8 @@ class BPETokenizer:
         idx, mask = tok(["Hi", "Hello there"])     # (B, T) each, LEFT-padded
         tok.decode(idx, attention_mask=mask)       # ['Hi', 'Hello there']
 
-    Batches are padded on the left with pad_token_id (<|endoftext|> = 50256 for GPT-2), and attention_mask
-    is 1 on real tokens and 0 on padding. Left padding makes the last column the last real token of every
-    row, which is what batched generation continues from.
+    Batches are padded on the left with pad_token_id (<|endoftext|> = 50256 for GPT-2); attention_mask is 1
+    on real tokens, 0 on padding. The last column is then every row's last real token: generation goes on there.
     """
 
     def __init__(self, path=None):

@@ -107,7 +107,7 @@ def data_file(name: str) -> Path:
     Tests that need a file only SHARED_DATA has are marked @needs_shared_data(name).
     """
     if name in ('encoder.json', 'vocab.bpe'):
-        from mingpt.bpe import GPT2_VOCAB_DIR
+        from mingpt.download import GPT2_VOCAB_DIR
         return GPT2_VOCAB_DIR / name
     path = SHARED_DATA / name
     if not path.is_file():
@@ -193,7 +193,7 @@ def tiktoken_gpt2():
         return tiktoken.get_encoding('gpt2')
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext import openai_public
-    from mingpt.bpe import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES
+    from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES
     # what openai_public.gpt2() builds, with the files read from disk instead of OpenAI's URLs
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(GPT2_VOCAB_DIR / 'vocab.bpe'), encoder_json_file=str(GPT2_VOCAB_DIR / 'encoder.json'),

@@ -12,9 +12,9 @@ import regex
 import torch
 
 from mingpt import bpe, download
-from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES
+from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder
+from mingpt.download import GPT2_VOCAB_FILES, sha256sum
 from mingpt.errors import DownloadError
-from mingpt.download import sha256sum
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
                           needs_shared_data, shakespeare, tiktoken_gpt2, use_shared_gpt2_vocab)
 
@@ -263,7 +263,7 @@ class VocabularyFilesTest(TempDirTestCase):
 
     def test_shipped_files_are_gpt2s_and_need_no_network_or_cache(self):
         for name, sha in GPT2_VOCAB_FILES.items():
-            self.assertEqual(sha256sum(bpe.GPT2_VOCAB_DIR / name), sha)
+            self.assertEqual(sha256sum(download.GPT2_VOCAB_DIR / name), sha)
         cache = self.tmp / 'cache'
         with patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()):
             self.assertEqual(BPETokenizer()('Hello world').tolist(), [[15496, 995]])
