@@ -6,8 +6,6 @@ Helpers shared by the tests.
 - data_file(name): a data file from SHARED_DATA, or else fetched through the library's own download code
   (so the tests also work for someone with network but without ../shared). english_text(): 1 MB of prose.
 - local_http_server(directory): serve a directory on 127.0.0.1 (with Range support) for download tests.
-- use_shared_gpt2_vocab(): a temporary MINGPT_CACHE holding GPT-2's encoder.json and vocab.bpe, so that
-  get_encoder() / BPETokenizer() work offline and never touch the user's real cache.
 - tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
 - tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
 - tiny_hf(seed, **config): a small random transformers GPT2LMHeadModel (TINY_HF sizes), the reference the
@@ -23,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import threading
 import unittest
@@ -165,19 +162,6 @@ def patched_env(**env):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@contextlib.contextmanager
-def use_shared_gpt2_vocab():
-    """Point MINGPT_CACHE at a fresh temporary directory whose gpt2/ holds encoder.json and vocab.bpe
-    (copied from SHARED_DATA, or from a download when it is absent); yields that cache directory."""
-    sources = [data_file('encoder.json'), data_file('vocab.bpe')]  # before MINGPT_CACHE changes
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / 'gpt2').mkdir()
-        for src in sources:
-            shutil.copy(src, Path(tmp) / 'gpt2' / src.name)
-        with patched_env(MINGPT_CACHE=tmp):
-            yield Path(tmp)
 
 
 def tiktoken_gpt2():

@@ -11,12 +11,12 @@ from unittest import mock
 import regex
 import torch
 
-from mingpt import bpe, download
+from mingpt import download
 from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder
 from mingpt.download import GPT2_VOCAB_FILES, sha256sum
 from mingpt.errors import DownloadError
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
-                          needs_shared_data, shakespeare, tiktoken_gpt2, use_shared_gpt2_vocab)
+                          needs_shared_data, shakespeare, tiktoken_gpt2)
 
 # OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
 OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -61,8 +61,7 @@ class GPT2EncoderTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        with use_shared_gpt2_vocab():
-            cls.e = get_encoder()
+        cls.e = get_encoder()
         cls.tik = tiktoken_gpt2()
 
     def assertExact(self, text):
@@ -214,8 +213,7 @@ class BPETokenizerTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        with use_shared_gpt2_vocab():
-            cls.tok = BPETokenizer()
+        cls.tok = BPETokenizer()
 
     def test_single_text(self):
         idx = self.tok('Hello world')
