@@ -1,15 +1,15 @@
 """
 Byte-level BPE as used by GPT-2, with minGPT's API (get_encoder, Encoder, BPETokenizer).
 
-The ids are identical to tiktoken's "gpt2" encoding on any text. It is Python and numpy, with no compiled
-code of its own; bench/tokenizer.py measures its speed against tiktoken's. How, in the order text flows
-through encode():
+The ids are identical to tiktoken's "gpt2" encoding on any text; Python and numpy, no compiled code of
+its own (bench/tokenizer.py compares the speeds). How, in the order text flows through encode():
 
 1. Pre-tokenize (mingpt/pretokenize.py): GPT-2's regex splits the text into pieces (words with their
    leading space, numbers, punctuation runs, whitespace runs); BPE never merges across pieces.
 2. Each piece is looked up in a cache from piece (str) to its token ids. The loop over pieces is a
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
+   A long text goes through in chunks, so that no C call (which holds the GIL) takes long.
 3. The pieces the cache lacks run BPE on their UTF-8 bytes: merge the adjacent pair whose concatenation
    has the lowest rank, until none makes a token; then a second lookup pass finds them all. The parts
    are small ints (a token's "rank id" orders tokens by merge rank), and a table of every way to write a
@@ -32,15 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES, gpt2_vocab_files  # noqa: F401 (also bpe's API)
+from mingpt.download import gpt2_vocab_files
 from mingpt.errors import ConfigError, MissingFileError, WeightsError
-from mingpt.pretokenize import PAT, pretokenize, special_tokens_regex, without_lone_surrogates
+from mingpt.pretokenize import PAT, pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = '<|endoftext|>'
 
 MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
+CHUNK_CHARS = 1 << 16  # longer texts are encoded a chunk at a time (see 2. above)
+IDS = np.dtype('<u4')  # a piece's token ids in the cache: bytes, 4 a token
 
 
 def bytes_to_unicode():
@@ -61,12 +63,12 @@ def bytes_to_unicode():
 
 
 class _PieceCache(dict):
-    """piece (str) -> tuple of token ids. A dict subclass so that hits never leave C: a lookup pass is
-    list(map(cache.__getitem__, pieces)). A miss only notes the piece in `pending` and gives None (stored,
-    so that later occurrences in the same pass are hits too); Encoder._resolve then runs BPE on all the
-    pending pieces at once. It starts out holding every token of the vocabulary that is valid UTF-8 text,
-    since a piece that is a whole token is a single id (as in tiktoken), so only pieces that need merging
-    ever miss."""
+    """piece (str) -> its token ids as bytes (IDS): bytes, unlike tuples, are not tracked by the garbage
+    collector, so caching a corpus's pieces never sets off a full collection (a walk over every object of
+    the process, holding the GIL). A dict subclass so that hits never leave C: a lookup pass is
+    list(map(cache.__getitem__, pieces)). A miss notes the piece in `pending` and gives None (stored, so
+    later occurrences in the pass are hits too); Encoder._resolve then runs BPE on all of them at once.
+    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss."""
     __slots__ = ('initial', 'pending')
 
     def __init__(self, initial: dict):
@@ -124,18 +126,18 @@ class Encoder:
         self._rank_id_bytes = [None] * n_rank_ids  # rank id -> token bytes (None: a merge that repeats a token)
         for tb, r in self._rank_id.items():
             self._rank_id_bytes[r] = tb
-        self._rank_id_to_id = [None if tb is None else self._bytes_to_id[tb] for tb in self._rank_id_bytes]
+        # rank id -> token id (0 for a merge that repeats a token: no part ever has that rank id)
+        self._rank_id_to_id = np.array([self._bytes_to_id.get(tb, 0) for tb in self._rank_id_bytes], IDS)
         self._pair_shift = n_rank_ids.bit_length()  # a pair of rank ids (a, b) is the int a << shift | b
         self._pairs = self._pair_table = None  # which pairs merge into what: see _pair_ranks
         whole_tokens = {}
         for tb, i in self._bytes_to_id.items():
             try:
-                whole_tokens[tb.decode('utf-8')] = (i,)
+                whole_tokens[tb.decode('utf-8')] = i.to_bytes(IDS.itemsize, 'little')
             except UnicodeDecodeError:  # a token that is part of a multi-byte character is never a whole piece
                 pass
         self._cache = _PieceCache(whole_tokens)
         self._lock = threading.Lock()  # one lookup pass and its pending pieces at a time (servers encode in threads)
-        self._special_pats = {}  # frozenset of allowed special tokens -> compiled alternation
         self.n_vocab = max(self.decoder) + 1  # the vocab_size a model needs for this tokenizer
 
     def clear_cache(self):
@@ -154,9 +156,8 @@ class Encoder:
         """Text -> list of token ids, identical to tiktoken.get_encoding('gpt2') for the GPT-2 vocabulary.
 
         allowed_special: the special tokens ('<|endoftext|>') to recognize in text, or 'all'. By default
-        none is, and "<|endoftext|>" in text is encoded as ordinary text (like tiktoken's encode_ordinary,
-        and like minGPT), so text from users cannot inject control tokens. Note that tiktoken's encode()
-        instead raises by default when text contains a special token.
+        none is: "<|endoftext|>" in text is ordinary text (as in minGPT and tiktoken's encode_ordinary; tiktoken's
+        encode() raises instead), so text from users cannot inject control tokens.
         """
         if allowed_special == 'all':
             allowed = frozenset(self.special_tokens)
@@ -168,11 +169,8 @@ class Encoder:
                                   f'vocabulary; its special tokens are {sorted(self.special_tokens)}')
         if not allowed:
             return self.encode_ordinary(text)
-        pat = self._special_pats.get(allowed)
-        if pat is None:
-            pat = self._special_pats[allowed] = special_tokens_regex(allowed)
         ids, start = [], 0
-        for m in pat.finditer(text):
+        for m in special_tokens_regex(allowed).finditer(text):  # compiled once: re caches it
             ids += self.encode_ordinary(text[start:m.start()])
             ids.append(self.special_tokens[m.group()])
             start = m.end()
@@ -181,10 +179,13 @@ class Encoder:
 
     def encode_ordinary(self, text: str) -> list:
         """Text -> token ids, treating special tokens as plain text."""
-        try:
-            return self._lookup(self.pretokenize(text))
-        except UnicodeEncodeError:  # lone surrogates, which are not valid UTF-8
-            return self._lookup(self.pretokenize(without_lone_surrogates(text)))
+        ids = []
+        for chunk in safe_chunks(text, CHUNK_CHARS):  # they pre-tokenize into exactly the pieces of the whole
+            try:
+                ids += self._lookup(self.pretokenize(chunk))
+            except UnicodeEncodeError:  # lone surrogates, which are not valid UTF-8
+                ids += self._lookup(self.pretokenize(without_lone_surrogates(chunk)))
+        return ids
 
     def _lookup(self, pieces: list) -> list:
         """pieces -> their ids, through the cache; the pieces it lacks are merged together, then looked up."""
@@ -195,7 +196,7 @@ class Encoder:
             if self._cache.pending:
                 self._resolve()
                 ids = list(map(self._cache.__getitem__, pieces))
-        return list(chain.from_iterable(ids))
+        return np.frombuffer(b''.join(ids), IDS).tolist()
 
     def _resolve(self):
         """Run BPE on every piece the last lookup pass missed and cache the results."""
@@ -206,11 +207,15 @@ class Encoder:
             for piece in pending:  # leave no None behind
                 del self._cache[piece]
             raise
-        # a few pieces (a prompt): one at a time; many (a corpus): all at once, where numpy pays off
-        merged = map(self._merge, encoded) if len(encoded) < 64 else self._merge_many(encoded)
-        to_id = self._rank_id_to_id.__getitem__
-        for piece, parts in zip(pending, merged):
-            self._cache[piece] = tuple(map(to_id, parts))
+        if len(encoded) < 64:  # a few pieces (a prompt): one at a time
+            merged = [self._merge(b) for b in encoded]
+            parts, counts = list(chain.from_iterable(merged)), list(map(len, merged))
+        else:  # many (a corpus): all at once, where numpy pays off
+            parts, counts = self._merge_many(encoded)
+        ids, end = self._rank_id_to_id[parts].tobytes(), 0  # every piece's ids, one after the other
+        for piece, n in zip(pending, counts):
+            start, end = end, end + n * IDS.itemsize
+            self._cache[piece] = ids[start:end]
 
     def pretokenize(self, text: str) -> list:
         """The pieces GPT-2's pre-tokenizer cuts text into (mingpt.pretokenize): self.pat.findall(text), faster."""
@@ -218,19 +223,15 @@ class Encoder:
 
     def _pair_ranks(self) -> dict:
         """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use,
-        also as sorted numpy arrays (keys, rank ids) for _merge_many. That is more than the merges of
-        vocab.bpe (about twice as many for GPT-2), since any two adjacent parts whose concatenation is a
-        token merge. An absent pair is one that never merges."""
+        also as sorted numpy arrays (keys, rank ids) for _merge_many. Any two adjacent parts whose
+        concatenation is a token merge, so these are more than vocab.bpe's merges; absent pairs never merge."""
         if self._pairs is None:
-            pairs, rank_id = {}, self._rank_id.get
-            shift = self._pair_shift
+            pairs, rank_id, shift = {}, self._rank_id.get, self._pair_shift
             for tb, r in self._rank_id.items():
                 for j in range(1, len(tb)):
-                    a = rank_id(tb[:j])
-                    if a is not None:
-                        b = rank_id(tb[j:])
-                        if b is not None:
-                            pairs[a << shift | b] = r
+                    a, b = rank_id(tb[:j]), rank_id(tb[j:])
+                    if a is not None and b is not None:
+                        pairs[a << shift | b] = r
             keys = np.fromiter(pairs.keys(), np.int64, len(pairs))
             order = np.argsort(keys)
             self._pair_table = keys[order], np.fromiter(pairs.values(), np.int64, len(pairs))[order]
@@ -240,8 +241,7 @@ class Encoder:
     def _merge(self, b: bytes) -> list:
         """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
         has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts as
-        rank ids. Everything here is small ints, so a merge step costs a few list operations and two
-        lookups of an int in a dict, and makes no new bytes objects."""
+        rank ids: small ints, so a merge step is a few list operations and dict lookups, and no new bytes."""
         rank, shift, NONE = self._pair_ranks().get, self._pair_shift, 1 << 62
         parts = list(b)  # the rank id of a single byte is the byte
         # ranks[i] = rank id of parts[i] + parts[i+1] (NONE: they never merge), updated after each merge
@@ -260,16 +260,17 @@ class Encoder:
                 ranks[i] = rank(r << shift | parts[i + 1], NONE)
         return parts
 
-    def _merge_many(self, pieces: list) -> list:
+    def _merge_many(self, pieces: list) -> tuple:
         """_merge for many pieces (bytes) at once, with numpy: every round merges, in each piece still
-        merging, its lowest-ranked pair (leftmost on ties), exactly as _merge does one piece at a time.
-        A round costs a few array operations over all the pieces together, so a corpus's thousands of
-        new pieces take ~20 rounds instead of ~6 Python-level steps each. Returns a list of rank ids
-        per piece."""
+        merging, its lowest-ranked pair (leftmost on ties), as _merge does; a round is a few array operations
+        over all the pieces, so a corpus's thousands of new pieces take ~20 rounds, not ~6 Python steps each.
+        Returns the parts of all pieces one after the other as rank ids (an array), and each piece's count."""
         self._pair_ranks()
         keys, values = self._pair_table
+        parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
+        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
         if not len(keys):  # a vocabulary of single bytes: nothing ever merges
-            return [list(piece) for piece in pieces]
+            return parts, lengths.tolist()
         shift, NONE = self._pair_shift, 1 << self._pair_shift  # NONE: above every rank id
 
         def rank(a, b):  # rank id of the token a + b, for arrays of rank ids; NONE where they never merge
@@ -279,9 +280,7 @@ class Encoder:
 
         # all pieces side by side: parts (N,) rank ids, and each part linked to its neighbours in its
         # piece (-1 at a piece's ends); a merge overwrites the left part and unlinks the right one
-        parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
         N = len(parts)
-        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
         starts = np.cumsum(lengths) - lengths
         nxt, prv = np.arange(1, N + 1), np.arange(-1, N - 1)
         nxt[starts + lengths - 1], prv[starts] = -1, -1
@@ -309,10 +308,7 @@ class Encoder:
             before = prv[i]
             has_before = before >= 0
             ranks[before[has_before]] = rank(parts[before[has_before]], r[has_before])
-        counts = np.add.reduceat(alive, starts).tolist()
-        flat = parts[alive].tolist()
-        ends = np.cumsum(counts).tolist()
-        return [flat[end - n:end] for n, end in zip(counts, ends)]
+        return parts[alive], np.add.reduceat(alive, starts).tolist()
 
     def merges(self) -> list:
         """The merges in rank order, as (a, b) token strings: the lines of vocab.bpe."""
@@ -330,19 +326,14 @@ class Encoder:
         token, token_bytes, token_translated, token_merged, token_ix]}."""
         bpe_idx, parts = [], []
         tokens = self.pat.findall(text)
-        for token in tokens:
+        for token in tokens:  # the pre-token; its UTF-8 bytes; through bytes_to_unicode; after BPE; ids
             token_bytes = token.encode('utf-8')
             token_translated = ''.join(self.byte_encoder[b] for b in token_bytes)
             token_merged = self.bpe(token_translated).split(' ')
             token_ix = [self.encoder[t] for t in token_merged]
             bpe_idx.extend(token_ix)
-            parts.append({
-                'token': token,  # the pre-token, as in the text
-                'token_bytes': token_bytes,  # its UTF-8 bytes
-                'token_translated': token_translated,  # the bytes through bytes_to_unicode
-                'token_merged': token_merged,  # after BPE, as strings of encoder.json
-                'token_ix': token_ix,  # and their ids
-            })
+            parts.append(dict(token=token, token_bytes=token_bytes, token_translated=token_translated,
+                              token_merged=token_merged, token_ix=token_ix))
         return {'bpe_idx': bpe_idx, 'tokens': tokens, 'parts': parts}
 
     # -------------------------------------------------------------------------
@@ -390,8 +381,8 @@ class Encoder:
 
 
 def get_encoder(path=None) -> Encoder:
-    """The GPT-2 tokenizer (its files ship with the package: see download.gpt2_vocab_files), or the vocabulary in directory
-    `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
+    """The GPT-2 tokenizer (its files ship with the package: download.gpt2_vocab_files), or the vocabulary
+    in directory `path`, which must hold encoder.json and vocab.bpe in GPT-2's format."""
     if path is None:
         encoder_path, vocab_path = gpt2_vocab_files()
     else:
@@ -415,9 +406,8 @@ class BPETokenizer:
         idx, mask = tok(["Hi", "Hello there"])     # (B, T) each, LEFT-padded
         tok.decode(idx, attention_mask=mask)       # ['Hi', 'Hello there']
 
-    Batches are padded on the left with pad_token_id (<|endoftext|> = 50256 for GPT-2), and attention_mask
-    is 1 on real tokens and 0 on padding. Left padding makes the last column the last real token of every
-    row, which is what batched generation continues from.
+    Batches are padded on the left with pad_token_id (<|endoftext|> = 50256 for GPT-2); attention_mask is 1
+    on real tokens, 0 on padding. The last column is then every row's last real token: generation goes on there.
     """
 
     def __init__(self, path=None):

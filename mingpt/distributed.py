@@ -46,15 +46,19 @@ def is_rank0():
 
 
 @contextlib.contextmanager
-def process_group(device_type, world_size):
+def process_group(device_type=None, world_size=None):
     """
-    The default process group inside the with block, when there are several processes: nccl
-    between GPUs, gloo between CPUs. A group the caller made already is used and left alone; the
-    one made here is destroyed at the end.
+    The default process group inside the with block, when there are several processes (world_size,
+    default from torchrun's environment): nccl between GPUs, gloo between CPUs (device_type None:
+    both, torch picks per tensor). A group that exists already is used and left alone; the one made
+    here is destroyed at the end. A project wraps its whole script in one, so that evaluations before
+    and after Trainer.run() (which uses the existing group) reduce over every rank.
     """
+    world_size = dist_env()[2] if world_size is None else world_size
     owned = world_size > 1 and not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        dist.init_process_group(backend=None if device_type is None else
+                                'nccl' if device_type == 'cuda' else 'gloo')
     try:
         yield
     finally:

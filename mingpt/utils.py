@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# which process of a torchrun job this is: their home is distributed.py, scripts import them from here
+# which process of a torchrun job this is: their home is distributed.py, re-exported for older scripts
 from mingpt.distributed import dist_env, is_rank0  # noqa: F401
 from mingpt.errors import ConfigError, MinGPTError
 

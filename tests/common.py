@@ -6,8 +6,6 @@ Helpers shared by the tests.
 - data_file(name): a data file from SHARED_DATA, or else fetched through the library's own download code
   (so the tests also work for someone with network but without ../shared). english_text(): 1 MB of prose.
 - local_http_server(directory): serve a directory on 127.0.0.1 (with Range support) for download tests.
-- use_shared_gpt2_vocab(): a temporary MINGPT_CACHE holding GPT-2's encoder.json and vocab.bpe, so that
-  get_encoder() / BPETokenizer() work offline and never touch the user's real cache.
 - tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
 - tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
 - tiny_hf(seed, **config): a small random transformers GPT2LMHeadModel (TINY_HF sizes), the reference the
@@ -125,7 +123,7 @@ def data_file(name: str) -> Path:
     Tests that need a file only SHARED_DATA has are marked @needs_shared_data(name).
     """
     if name in ('encoder.json', 'vocab.bpe'):
-        from mingpt.bpe import GPT2_VOCAB_DIR
+        from mingpt.download import GPT2_VOCAB_DIR
         return GPT2_VOCAB_DIR / name
     path = SHARED_DATA / name
     if not path.is_file():
@@ -185,19 +183,6 @@ def patched_env(**env):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def use_shared_gpt2_vocab():
-    """Point MINGPT_CACHE at a fresh temporary directory whose gpt2/ holds encoder.json and vocab.bpe
-    (copied from SHARED_DATA, or from a download when it is absent); yields that cache directory."""
-    sources = [data_file('encoder.json'), data_file('vocab.bpe')]  # before MINGPT_CACHE changes
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / 'gpt2').mkdir()
-        for src in sources:
-            shutil.copy(src, Path(tmp) / 'gpt2' / src.name)
-        with patched_env(MINGPT_CACHE=tmp):
-            yield Path(tmp)
-
-
 def tiktoken_gpt2():
     """
     tiktoken's "gpt2" encoding, the reference for exactness, with no network: tiktoken's own cache from
@@ -211,7 +196,7 @@ def tiktoken_gpt2():
         return tiktoken.get_encoding('gpt2')
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext import openai_public
-    from mingpt.bpe import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES
+    from mingpt.download import GPT2_VOCAB_DIR, GPT2_VOCAB_FILES
     # what openai_public.gpt2() builds, with the files read from disk instead of OpenAI's URLs
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(GPT2_VOCAB_DIR / 'vocab.bpe'), encoder_json_file=str(GPT2_VOCAB_DIR / 'encoder.json'),

@@ -11,12 +11,12 @@ from unittest import mock
 import regex
 import torch
 
-from mingpt import bpe, download
-from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder, GPT2_VOCAB_FILES
+from mingpt import download
+from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder
+from mingpt.download import GPT2_VOCAB_FILES, sha256sum
 from mingpt.errors import DownloadError
-from mingpt.download import sha256sum
 from tests.common import (TempDirTestCase, data_file, english_text, free_port_url, local_http_server, patched_env,
-                          needs_shared_data, shakespeare, tiktoken_gpt2, use_shared_gpt2_vocab)
+                          needs_shared_data, shakespeare, tiktoken_gpt2)
 
 # OpenAI's pattern exactly as published in gpt-2/src/encoder.py; ours is reordered for speed
 OPENAI_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -61,8 +61,7 @@ class GPT2EncoderTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        with use_shared_gpt2_vocab():
-            cls.e = get_encoder()
+        cls.e = get_encoder()
         cls.tik = tiktoken_gpt2()
 
     def assertExact(self, text):
@@ -153,7 +152,10 @@ class GPT2EncoderTest(unittest.TestCase):
         rng = random.Random(5)
         pieces = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 24))) for _ in range(2000)]
         pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e.pretokenize(english_text(100_000)))]
-        self.assertEqual(self.e._merge_many(pieces), [self.e._merge(p) for p in pieces])
+        parts, counts = self.e._merge_many(pieces)
+        one_by_one = [self.e._merge(p) for p in pieces]
+        self.assertEqual(counts, list(map(len, one_by_one)))
+        self.assertEqual(parts.tolist(), [r for merged in one_by_one for r in merged])
 
     def test_endoftext_is_plain_text_by_default(self):
         text = 'one<|endoftext|>two <|endoftext|>'
@@ -211,8 +213,7 @@ class BPETokenizerTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        with use_shared_gpt2_vocab():
-            cls.tok = BPETokenizer()
+        cls.tok = BPETokenizer()
 
     def test_single_text(self):
         idx = self.tok('Hello world')
@@ -260,7 +261,7 @@ class VocabularyFilesTest(TempDirTestCase):
 
     def test_shipped_files_are_gpt2s_and_need_no_network_or_cache(self):
         for name, sha in GPT2_VOCAB_FILES.items():
-            self.assertEqual(sha256sum(bpe.GPT2_VOCAB_DIR / name), sha)
+            self.assertEqual(sha256sum(download.GPT2_VOCAB_DIR / name), sha)
         cache = self.tmp / 'cache'
         with patched_env(MINGPT_CACHE=cache, MINGPT_GPT2_BASE_URL=free_port_url()):
             self.assertEqual(BPETokenizer()('Hello world').tolist(), [[15496, 995]])

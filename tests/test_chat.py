@@ -32,7 +32,7 @@ from mingpt.errors import ConfigError, WeightsError
 from mingpt.generate import complete
 from mingpt.model import GPT, Linear
 from mingpt.tokenizers import CharTokenizer, save_tokenizer
-from tests.common import REPO, TempDirTestCase, data_file, slow, tiny_gpt, use_shared_gpt2_vocab
+from tests.common import REPO, TempDirTestCase, data_file, slow, tiny_gpt
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -366,9 +366,8 @@ class TestLoadChatModel(TempDirTestCase):
         save_tokenizer(enc, self.tmp / 'model')
         self.assertEqual(tokenizer_or_gpt2(self.tmp / 'model').encoder, enc.encoder)
         (self.tmp / 'bare').mkdir()
-        with use_shared_gpt2_vocab():
-            self.assertEqual(tokenizer_or_gpt2(self.tmp / 'bare').n_vocab, 50257)
-            self.assertEqual(tokenizer_or_gpt2('gpt2').n_vocab, 50257)
+        self.assertEqual(tokenizer_or_gpt2(self.tmp / 'bare').n_vocab, 50257)
+        self.assertEqual(tokenizer_or_gpt2('gpt2').n_vocab, 50257)
         (self.tmp / 'model' / 'encoder.json').write_text('{"!": 0, "', encoding='utf-8')
         with self.assertRaisesRegex(WeightsError, 'encoder.json'):
             tokenizer_or_gpt2(self.tmp / 'model')

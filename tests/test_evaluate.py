@@ -21,7 +21,7 @@ from mingpt import metrics
 from mingpt.bpe_train import train_bpe
 from mingpt.evaluate import evaluate_text, main, windows
 from mingpt.tokenizers import CharTokenizer, load_tokenizer, tokenizer_for_model
-from tests.common import TempDirTestCase, shakespeare, tiktoken_gpt2, tiny_gpt, use_shared_gpt2_vocab
+from tests.common import TempDirTestCase, shakespeare, tiktoken_gpt2, tiny_gpt
 
 
 def run_cli(argv):
@@ -134,7 +134,7 @@ class GPT2BitsPerByteTest(unittest.TestCase):
         first_bytes = len(tik.decode_single_token_bytes(ids[0]))
         self.assertLess(first_bytes, 4)  # part of the emoji
         n_bytes = len(text.encode('utf-8')) - first_bytes
-        with tempfile.TemporaryDirectory() as tmp, use_shared_gpt2_vocab():
+        with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             hf = GPT2LMHeadModel.from_pretrained(tmp).eval()
             x = torch.tensor([ids])
@@ -284,9 +284,8 @@ class BadInputTest(unittest.TestCase):
 
     def test_vocabulary_mismatch(self):
         # a 65-token model with GPT-2's 50257-token BPE
-        with use_shared_gpt2_vocab():
-            self.assertCliError(['--model', str(self.char_dir), '--data', str(self.good), '--tokenizer', 'gpt2'],
-                                '50257 tokens but the model only 65')
+        self.assertCliError(['--model', str(self.char_dir), '--data', str(self.good), '--tokenizer', 'gpt2'],
+                            '50257 tokens but the model only 65')
         # a tokenizer without n_vocab is still caught by the ids it produces
         class Bytes:
             def encode(self, text):

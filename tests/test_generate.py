@@ -17,20 +17,6 @@ from mingpt.model import GPT
 
 from tests import common
 
-_threads = None
-
-
-def setUpModule():
-    # tiny models are all per-op overhead: one thread is faster, and much faster on a busy machine
-    global _threads
-    _threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def tearDownModule():
-    torch.set_num_threads(_threads)
-
-
 def tiny_gpt(n_layer=2, n_head=2, n_embd=16, vocab_size=13, block_size=8, seed=0):
     return common.tiny_gpt(vocab_size, block_size, n_layer, n_head, n_embd, seed=seed, sharpen=8)
 

@@ -12,7 +12,7 @@ import unittest
 import nbformat
 from nbclient import NotebookClient
 
-from tests.common import REPO, patched_env, slow, use_shared_gpt2_vocab
+from tests.common import REPO, patched_env, slow
 
 
 def run_notebook(path, timeout=300):
@@ -67,7 +67,7 @@ class TestNotebooks(unittest.TestCase):
         torch.manual_seed(0)
         # GPT-2's vocabulary (the tokenizer's), everything else tiny
         hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257))
-        with tempfile.TemporaryDirectory() as tmp, use_shared_gpt2_vocab():
+        with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             with patched_env(MINGPT_MODEL=tmp, MINGPT_DEVICE='cpu',
                              MINGPT_HF_BASE_URL='http://127.0.0.1:9'):  # no hub download, ever

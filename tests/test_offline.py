@@ -25,6 +25,7 @@ class TestOffline(TempDirTestCase):
         return subprocess.run([sys.executable, *args], cwd=self.tmp, env=env, capture_output=True, text=True,
                               timeout=300)
 
+    @slow  # a process; tests/test_bpe.py checks the same in-process
     def test_gpt2_tokenizer_needs_no_network_and_no_cache(self):
         cache, env = self.env()
         code = ("from mingpt.bpe import BPETokenizer; t = BPETokenizer(); "

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import json
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -18,7 +19,7 @@ import torch
 
 from mingpt.model import GPT
 from tests.common import (REPO, TempDirTestCase, free_port_url, python_without, shakespeare,
-                          slow, use_shared_gpt2_vocab)
+                          slow)
 
 PROJECTS = REPO / 'projects'
 
@@ -33,6 +34,50 @@ def run_project(name, *args, cwd=None, env=None, timeout=600, without=(), script
     python = python_without(*without) if without else [sys.executable]
     return subprocess.run([*python, str(PROJECTS / name / f'{script or name}.py'), *args], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# what run_torchrun starts on each rank: the project script, with an audit hook that lists every file
+# the rank opens for writing, creates, or renames into place (atomic writes) in writes.<rank>
+_AUDITED = '''
+import os, runpy, sys
+log = open(os.path.join(sys.argv[1], 'writes.' + os.environ['RANK']), 'w')
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+def written(event, args):
+    if event == 'open' and (any(c in args[1] for c in 'wax+') if args[1] else args[2] & WRITE):
+        path = args[0]
+    elif event in ('os.mkdir', 'os.rename'):  # os.rename: also os.replace, the end of every atomic write
+        path = args[1] if event == 'os.rename' else args[0]
+    else:
+        return
+    if not isinstance(path, int):
+        log.write(os.path.abspath(os.fsdecode(path)) + '\\n')
+        log.flush()
+sys.addaudithook(written)
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def run_torchrun(name, tmp, *args, cwd=None, script=None):
+    """
+    projects/<name>/<script or name>.py under `torchrun --nproc_per_node=2` (gloo, CPU); returns the
+    CompletedProcess and {rank: the paths under tmp that rank wrote}
+    """
+    tmp = Path(tmp)
+    (tmp / 'audited.py').write_text(_AUDITED)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+    # --standalone: torchrun binds a free local port itself (as in tests/test_trainer_ddp.py)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(tmp / 'audited.py'), str(tmp), str(PROJECTS / name / f'{script or name}.py'), *args],
+                          cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=600)
+    writes = {}
+    for rank in (0, 1):
+        log = tmp / f'writes.{rank}'
+        paths = log.read_text().splitlines() if log.is_file() else []
+        writes[rank] = sorted({p for p in paths if Path(p).is_relative_to(tmp) and not p.startswith(str(log))})
+    return proc, writes
 
 
 def load_project(name):
@@ -145,6 +190,22 @@ class TestAdder(ProjectTestCase):
         test = adder.AdditionDataset(adder.AdditionDataset.get_default_config(), 'test')
         self.assertAlmostEqual(adder.exact_match(model, test), results['best_test_acc'])
 
+    @slow
+    def test_under_torchrun_rank_0_reports_and_writes(self):
+        work_dir = self.tmp / 'adder'
+        proc, writes = run_torchrun('adder', self.tmp, f'--system.work_dir={work_dir}', '--trainer.device=cpu',
+                                    '--trainer.max_iters=20', '--trainer.eval_interval=10',
+                                    '--eval.train_problems=100', '--eval.show_mistakes=1')
+        self.assertRan(proc)
+        self.assertEqual(proc.stderr.count('adder: config:'), 1)
+        self.assertEqual(proc.stderr.count('held-out test problems'), 1)
+        self.assertEqual(len(re.findall(r'iter \d+: exact match', proc.stderr)), 2)  # iterations 10 and 20
+        self.assertEqual(proc.stderr.count('test: GPT claims'), 2)
+        self.assertEqual(proc.stdout.count('best test accuracy'), 1)
+        for name in ('results.json', 'config.json', 'metrics.jsonl', 'best/model.safetensors'):
+            self.assertIn(str(work_dir / name), writes[0])
+        self.assertEqual(writes[1], [])
+
 # -----------------------------------------------------------------------------
 
 class TestCharGPT(ProjectTestCase):
@@ -211,14 +272,10 @@ class TestCharGPT(ProjectTestCase):
 
     @slow
     def test_under_torchrun_rank_0_reports(self):
-        # 2 gloo processes (as tests/test_trainer_ddp.py runs them): each trains, one speaks
-        env = dict(os.environ, OMP_NUM_THREADS='1')
-        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+        # 2 gloo processes: each trains, one speaks and writes
         work_dir = self.tmp / 'out'
-        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                               str(PROJECTS / 'chargpt' / 'chargpt.py'), f'--system.work_dir={work_dir}',
-                               '--trainer.max_iters=4', *self.TINY, '--trainer.eval_interval=2'],
-                              cwd=self.tmp, env=env, capture_output=True, text=True, timeout=600)
+        proc, writes = run_torchrun('chargpt', self.tmp, f'--system.work_dir={work_dir}', '--trainer.max_iters=4',
+                                    *self.TINY, '--trainer.eval_interval=2', cwd=self.tmp)
         self.assertRan(proc)
         self.assertIn('(rank 0 of 2)', proc.stderr)
         self.assertEqual(proc.stderr.count('chargpt: config:'), 1)
@@ -226,8 +283,9 @@ class TestCharGPT(ProjectTestCase):
         self.assertEqual(proc.stderr.count('sample\nROMEO:'), 1)  # iteration 2's; 4's is the final one
         self.assertEqual(proc.stdout.count('ROMEO:'), 1)
         self.assertEqual(proc.stdout.count('after 4 iterations;'), 1)
-        self.assertTrue((work_dir / 'results.json').is_file())
-        self.assertTrue((work_dir / 'chars.json').is_file())
+        self.assertIn(str(work_dir / 'results.json'), writes[0])
+        self.assertIn(str(work_dir / 'chars.json'), writes[0])
+        self.assertEqual(writes[1], [])
 
     @slow
     def test_a_run_that_cannot_resume_overwrites_nothing(self):
@@ -290,14 +348,14 @@ class TestConfigFirst(ProjectTestCase):
         self.assertRegex(proc.stderr.splitlines()[0], rf'{logger_name}: config:$')
         self.assertIn('\ntrainer:\n    device: ', proc.stderr)
         self.assertIn(f'error: {error}', proc.stderr)  # the config comes first, even before an error
+        self.assertNotIn('Traceback', proc.stderr)
 
     @slow
     def test_finetune(self):
         (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
-        with use_shared_gpt2_vocab():
-            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
-                               f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
-        self.assertConfigFirst(proc, 'finetune', '--model.init_from=')
+        proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
+                           f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
+        self.assertConfigFirst(proc, 'finetune', f'--model.init_from={self.tmp / "nowhere"}')  # a clear error
 
     @slow
     def test_chat_base(self):
@@ -346,24 +404,28 @@ class TestWithoutOptionalPackages(ProjectTestCase):
 
 class TestFinetune(ProjectTestCase):
 
+    def tiny_gpt2(self, n_positions=64, n_embd=32, n_layer=2):
+        """ self.tmp/tiny: a random HF GPT-2 with GPT-2's vocabulary (so the BPE ids fit), everything else tiny """
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                   n_head=2)).save_pretrained(self.tmp / 'tiny')
+        return self.tmp / 'tiny'
+
     @slow
     def test_finetunes_a_local_checkpoint(self):
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
         from mingpt.model import GPT
-        torch.manual_seed(0)
-        # GPT-2's vocabulary (so the BPE ids fit), everything else tiny and random
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
-        hf.save_pretrained(self.tmp / 'tiny')
+        self.tiny_gpt2()
         text = self.tmp / 'text.txt'
         text.write_text(shakespeare(40000), encoding='utf-8')
         work_dir = self.tmp / 'out'
-        with use_shared_gpt2_vocab():
-            proc = run_project('finetune', f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',
-                               f'--data.path={text}', '--data.block_size=32', '--trainer.device=cpu',
-                               '--system.num_threads=1',
-                               '--trainer.max_iters=30', '--trainer.batch_size=8', '--trainer.learning_rate=3e-3',
-                               '--trainer.warmup_iters=3', '--trainer.eval_interval=10', '--trainer.eval_iters=4',
-                               '--sample.max_new_tokens=10')
+        proc = run_project('finetune', f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',
+                           f'--data.path={text}', '--data.block_size=32', '--trainer.device=cpu',
+                           '--system.num_threads=1',
+                           '--trainer.max_iters=30', '--trainer.batch_size=8', '--trainer.learning_rate=3e-3',
+                           '--trainer.warmup_iters=3', '--trainer.eval_interval=10', '--trainer.eval_iters=4',
+                           '--sample.max_new_tokens=10')
         self.assertRan(proc)
         self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors',
                            'model/config.json', 'model/model.safetensors')
@@ -385,27 +447,38 @@ class TestFinetune(ProjectTestCase):
         GPT2LMHeadModel.from_pretrained(work_dir / 'model')
 
     @slow
-    def test_block_size_longer_than_the_context_is_a_clear_error(self):
-        from transformers import GPT2Config, GPT2LMHeadModel
-        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
-                        ).save_pretrained(self.tmp / 'tiny')
-        (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
-        with use_shared_gpt2_vocab():
-            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
-                               f'--model.init_from={self.tmp / "tiny"}', f'--data.path={self.tmp / "text.txt"}',
-                               '--data.block_size=32', '--trainer.device=cpu')
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
+    def test_under_torchrun_the_ranks_evaluate_together_and_rank_0_reports(self):
+        # the evaluations before and after run() reduce over both ranks; only rank 0 samples and writes
+        text = self.tmp / 'text.txt'
+        text.write_text(shakespeare(20000), encoding='utf-8')
+        work_dir = self.tmp / 'out'
+        proc, writes = run_torchrun('finetune', self.tmp, f'--system.work_dir={work_dir}',
+                                    f'--model.init_from={self.tiny_gpt2()}', f'--data.path={text}',
+                                    '--data.block_size=32', '--trainer.device=cpu', '--trainer.max_iters=4',
+                                    '--trainer.batch_size=4', '--trainer.eval_interval=2', '--trainer.eval_iters=2',
+                                    '--sample.max_new_tokens=5')
+        self.assertRan(proc)
+        self.assertEqual(proc.stderr.count('finetune: config:'), 1)
+        self.assertEqual(proc.stderr.count('before fine-tuning: val loss'), 1)
+        self.assertEqual(proc.stdout.count('sample before fine-tuning'), 1)
+        self.assertEqual(proc.stdout.count('sample after fine-tuning'), 1)
+        with open(work_dir / 'results.json') as f:
+            results = json.load(f)
+        _, _, val = read_metrics(work_dir)  # the Trainer's evaluations, over both ranks' batches
+        self.assertAlmostEqual(results['val_loss_after'], min(v for _, v in val), places=4)
+        for name in ('results.json', 'model/model.safetensors', 'ckpt_best'):  # checkpoints: a renamed directory
+            self.assertIn(str(work_dir / name), writes[0])
+        self.assertEqual(writes[1], [])
 
     @slow
-    def test_a_missing_checkpoint_is_a_clear_error(self):
+    def test_block_size_longer_than_the_context_is_a_clear_error(self):
+        self.tiny_gpt2(n_positions=16, n_embd=8, n_layer=1)
         (self.tmp / 'text.txt').write_text('To be, or not to be, that is the question.\n' * 100)
-        with use_shared_gpt2_vocab():
-            proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
-                               f'--model.init_from={self.tmp / "nowhere"}', f'--data.path={self.tmp / "text.txt"}')
+        proc = run_project('finetune', f'--system.work_dir={self.tmp / "out"}',
+                           f'--model.init_from={self.tmp / "tiny"}', f'--data.path={self.tmp / "text.txt"}',
+                           '--data.block_size=32', '--trainer.device=cpu')
         self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(f'error: --model.init_from={self.tmp / "nowhere"}', proc.stderr)
-        self.assertNotIn('Traceback', proc.stderr)
+        self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
 
 
 if __name__ == '__main__':

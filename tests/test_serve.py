@@ -316,10 +316,10 @@ class TestServeRefuses(ServeTestCase):
             busy = time.monotonic() - t0
         self.assertError(result['r'], 413, 'too long')  # tokenized whole, then refused: too long for the context
         self.assertGreater(len(latencies), 5, f"the request took only {busy:.2f} s")
-        # nearly every poll within 100 ms; a rare one waits on a long C call of the tokenizer that holds the GIL
-        self.assertLess(sorted(latencies)[int(len(latencies) * 0.9)], 0.1, f"/health latencies while a {busy:.1f} s "
-                        f"request was prepared: {sorted(latencies)[-5:]}")
-        self.assertLess(max(latencies), 1.0, f"/health latencies while a {busy:.1f} s request was prepared: "
+        # every poll within 100 ms: no call of the preparation holds the GIL for more than a few ms (the
+        # tokenizer goes through a long text in chunks and caches nothing the garbage collector tracks, whose
+        # full collections would walk every object of the process), so 100 ms leaves room for a loaded machine
+        self.assertLess(max(latencies), 0.1, f"/health latencies while a {busy:.1f} s request was prepared: "
                                              f"{sorted(latencies)[-5:]}")
 
     def test_cli_shows_no_path_checks_port_and_allowed_hosts(self):

@@ -14,7 +14,7 @@ from mingpt.bpe_train import train_bpe
 from mingpt.errors import WeightsError
 from mingpt.tokenizers import (CharTokenizer, find_tokenizer, load_tokenizer, save_tokenizer,
                                tokenizer_for_model)
-from tests.common import TempDirTestCase, shakespeare, use_shared_gpt2_vocab
+from tests.common import TempDirTestCase, shakespeare
 
 TEXT = "Whether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune"
 
@@ -139,8 +139,7 @@ class LoadTokenizerTest(TempDirTestCase):
         self.assertEqual(load_tokenizer(self.tmp / 'encoder.json').n_vocab, 300)  # a file: its directory
         (self.tmp / 'vocab.json').write_text(json.dumps(['a', 'b']), encoding='utf-8')  # characters, any name
         self.assertEqual(load_tokenizer(self.tmp / 'vocab.json').chars, ['a', 'b'])
-        with use_shared_gpt2_vocab():
-            self.assertEqual(load_tokenizer('gpt2').n_vocab, 50257)
+        self.assertEqual(load_tokenizer('gpt2').n_vocab, 50257)
 
     def test_no_fallback(self):
         with self.assertRaisesRegex(FileNotFoundError, 'no tokenizer at'):
@@ -152,10 +151,9 @@ class LoadTokenizerTest(TempDirTestCase):
 class TokenizerForModelTest(TempDirTestCase):
 
     def test_gpt2_only_for_a_gpt2_sized_vocabulary(self):
-        with use_shared_gpt2_vocab():
-            for vocab_size in (50257, 50304):
-                self.assertEqual(tokenizer_for_model(self.tmp, vocab_size).n_vocab, 50257)
-            self.assertEqual(tokenizer_for_model('gpt2', 50257).n_vocab, 50257)  # a hub name
+        for vocab_size in (50257, 50304):
+            self.assertEqual(tokenizer_for_model(self.tmp, vocab_size).n_vocab, 50257)
+        self.assertEqual(tokenizer_for_model('gpt2', 50257).n_vocab, 50257)  # a hub name
         with self.assertRaisesRegex(ValueError, r'cannot tell which tokenizer.*--tokenizer'):
             tokenizer_for_model(self.tmp, 65)
 

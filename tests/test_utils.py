@@ -12,6 +12,7 @@ import torch
 from mingpt.errors import ConfigError
 from safetensors.torch import save_file
 
+from mingpt.distributed import barrier, process_group
 from mingpt.utils import CfgNode, atomic_write, dist_env, is_rank0, set_seed, setup_logging
 
 from tests.common import TempDirTestCase, patched_env, tiny_gpt
@@ -107,6 +108,13 @@ class TestSeedAndLogging(unittest.TestCase):
             self.assertEqual(os.listdir(tmp), [])  # rank 0 writes args.txt and config.json
         with patched_env(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2'):
             self.assertTrue(is_rank0())
+
+    def test_process_group_is_a_no_op_in_one_process(self):
+        # (under torchrun: tests/test_projects.py runs the projects on 2 ranks)
+        with process_group():
+            self.assertFalse(torch.distributed.is_initialized())
+            barrier()  # nothing to wait for
+        self.assertFalse(torch.distributed.is_initialized())
 
 
 class TestAtomicWrite(TempDirTestCase):

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
+from mingpt.distributed import is_rank0, process_group
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('adder')
@@ -230,6 +231,8 @@ def main(args):
     results = {'best_test_acc': -1.0}
 
     def eval_accuracy(trainer):
+        # every rank measures (the same weights give the same accuracy, so all ranks stop together);
+        # rank 0 logs and saves
         ev = config.eval
         train_acc = exact_match(model, train_dataset, ev.train_problems, show_mistakes=ev.show_mistakes)
         test_acc = exact_match(model, test_dataset, show_mistakes=ev.show_mistakes)
@@ -239,7 +242,8 @@ def main(args):
             # the model to keep is the one that adds best, whatever its loss
             results.update(best_test_acc=test_acc, train_acc=train_acc, iter=trainer.iter_num,
                            seconds=round(time.time() - t_start, 1))
-            model.save_pretrained(best_dir)
+            if is_rank0():
+                model.save_pretrained(best_dir)
         if ev.stop_at is not None and test_acc >= ev.stop_at:
             logger.info("test accuracy %.2f%% reached %.2f%%: stopping", 100 * test_acc, 100 * ev.stop_at)
             trainer.stop()
@@ -250,6 +254,8 @@ def main(args):
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
     results.update(ndigit=config.data.ndigit, iters=trainer.iter_num,
                    total_seconds=round(time.time() - t_start, 1), best_model=best_dir)
+    if not is_rank0():
+        return results  # rank 0 reports the run
     with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f"best test accuracy {100 * results['best_test_acc']:.2f}% at iteration {results.get('iter')} "
@@ -259,4 +265,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: every rank runs this script, rank 0 reports
+        run_script(main, sys.argv[1:])

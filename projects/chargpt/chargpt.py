@@ -26,7 +26,8 @@ from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import is_rank0, log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.distributed import is_rank0, process_group
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -171,4 +172,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: evaluations before and after run() reach every rank
+        run_script(main, sys.argv[1:])

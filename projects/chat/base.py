@@ -31,6 +31,7 @@ from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
+from mingpt.distributed import barrier, is_rank0, process_group
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
@@ -110,13 +111,16 @@ def main(args):
     trainer.run()
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
+    barrier()  # under torchrun: rank 0 has written ckpt_best
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
         model.load_state_dict(read_checkpoint(best)[0])
+    val_loss = trainer.evaluate()  # every rank its share of the batches
+    if not is_rank0():
+        return {'val_loss': val_loss, 'iters': trainer.iter_num}  # rank 0 writes and reports
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(enc, out)
-    val_loss = trainer.evaluate()
 
     model.eval()
     prompt = torch.tensor([enc.encode('ROMEO:\n')])
@@ -132,4 +136,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: evaluations before and after run() reach every rank
+        run_script(main, sys.argv[1:])

@@ -43,6 +43,7 @@ from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
+from mingpt.distributed import barrier, is_rank0, process_group
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
@@ -216,20 +217,26 @@ def main(args):
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     prompts = val_conv[:config.sample.n_prompts]
+    # under torchrun every rank evaluates its share of the batches; rank 0 samples, writes and prints
     loss_before = trainer.evaluate()
-    dialogues_before, stop_before = sample_replies(model, tokenizer, prompts, config.sample)
+    dialogues_before, stop_before = [], 0.0
+    if is_rank0():
+        dialogues_before, stop_before = sample_replies(model, tokenizer, prompts, config.sample)
     logger.info("before SFT: val loss %.4f, %.0f%% of replies ended on their own", loss_before, 100 * stop_before)
 
     trainer.run()
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
+    barrier()  # rank 0 has written ckpt_best
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
         model.load_state_dict(read_checkpoint(best)[0])
+    loss_after = trainer.evaluate()
+    if not is_rank0():
+        return {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(encoder, out)
-    loss_after = trainer.evaluate()
     dialogues_after, stop_after = sample_replies(model, tokenizer, prompts, config.sample)
 
     results = {'val_loss_before': loss_before, 'val_loss_after': loss_after,
@@ -248,4 +255,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: evaluations before and after run() reach every rank
+        run_script(main, sys.argv[1:])

@@ -28,6 +28,7 @@ from mingpt.errors import ConfigError
 from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
+from mingpt.distributed import barrier, is_rank0, process_group
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('finetune')
@@ -130,21 +131,25 @@ def main(args):
         model.train()
         return enc.decode(out[0].tolist())
 
-    # before: the pretrained model as it is (also when resuming, so the numbers always compare)
+    # before: the pretrained model as it is (also when resuming, so the numbers always compare).
+    # Under torchrun every rank evaluates its share of the batches; rank 0 samples, writes and prints
     loss_before = trainer.evaluate()
-    sample_before = sample()
+    sample_before = sample() if is_rank0() else None
     logger.info("before fine-tuning: val loss %.4f", loss_before)
 
     trainer.run()
     plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
 
     # after: the weights with the best validation loss, exported where from_pretrained reads them
+    barrier()  # rank 0 has written ckpt_best
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
         state_dict, _ = read_checkpoint(best)
         model.load_state_dict(state_dict)
-    model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
     loss_after = trainer.evaluate()
+    if not is_rank0():
+        return {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
+    model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
     sample_after = sample()
 
     results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num,
@@ -159,4 +164,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: evaluations before and after run() reach every rank
+        run_script(main, sys.argv[1:])
