@@ -228,7 +228,7 @@ def main(args):
         config.model.vocab_size = train_dataset.get_vocab_size()
     elif config.model.vocab_size < train_dataset.get_vocab_size():
         raise ConfigError(f"--model.vocab_size={config.model.vocab_size} is smaller than the shards' vocabulary "
-                          f"({train_dataset.get_vocab_size()}); leave it None, or pad it (e.g. 50304)")
+                          f"({train_dataset.get_vocab_size()}); leave it None to take theirs")
     config.model.block_size = D.block_size
     model = GPT(config.model)
     n_params = sum(p.numel() for p in model.parameters())
