@@ -421,8 +421,7 @@ class TestGPT2(ProjectTestCase):
             '--trainer.eval_interval=10', '--trainer.checkpoint_interval=10', '--trainer.eval_iters=2',
             '--sample.max_new_tokens=20', '--sample.interval=10']
 
-    def setUp(self):
-        super().setUp()
+    def make_shards(self):
         from mingpt.bpe_train import train_bpe
         from mingpt.prepare import prepare
         train_bpe(shakespeare(20_000), 300, special_tokens=['<|endoftext|>']).save(self.tmp / 'tok')
@@ -454,6 +453,7 @@ class TestGPT2(ProjectTestCase):
 
     @slow
     def test_trains_evaluates_bits_per_byte_samples_and_resumes(self):
+        self.make_shards()
         work_dir = self.tmp / 'out'
         proc = run_project('gpt2', f'--data.dir={self.shards}', f'--system.work_dir={work_dir}',
                            '--trainer.max_iters=30', *self.TINY)
