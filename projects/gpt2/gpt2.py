@@ -263,7 +263,7 @@ def main(args):
                        temperature=S.temperature, top_k=S.top_k, seed=S.seed,
                        window_keep=max(1, model.block_size // 2))
         model.train()
-        return tokenizer.decode(out[0, len(prompt_ids):].tolist())
+        return tokenizer.decode(out[0, 0 if eot is None else 1:].tolist())  # the prompt and what follows
 
     def keep_sample(text):
         with open(os.path.join(work_dir, 'samples.txt'), 'a', encoding='utf-8') as f:
