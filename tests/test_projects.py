@@ -501,6 +501,26 @@ class TestGPT2(ProjectTestCase):
         self.assertRegex(proc.stderr, r'error: the run being resumed was trained on other token shards')
         self.assertNotIn('Traceback', proc.stderr)
 
+    @slow
+    def test_under_torchrun_the_step_keeps_its_tokens_and_rank_0_reports(self):
+        self.make_shards()
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+        work_dir = self.tmp / 'out'
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(PROJECTS / 'gpt2' / 'gpt2.py'), f'--data.dir={self.shards}',
+                               f'--system.work_dir={work_dir}', '--trainer.max_iters=10', *self.TINY],
+                              cwd=self.tmp, env=env, capture_output=True, text=True, timeout=600)
+        self.assertRan(proc)
+        # 512 tokens a step: 2 processes of 8 rows x 32 tokens need no accumulation
+        self.assertIn('512 tokens a step (1 x 8 rows x 32 tokens x 2 processes)', proc.stderr)
+        self.assertIn('(rank 0 of 2)', proc.stderr)
+        self.assertEqual(proc.stderr.count('gpt2: config:'), 1)
+        self.assertEqual(proc.stderr.count('val bits per byte'), 1)
+        self.assertEqual(proc.stdout.count('bits/byte after 10 steps (5,120 tokens)'), 1)
+        with open(work_dir / 'results.json') as f:
+            self.assertEqual(json.load(f)['tokens'], 5120)
+
 
 if __name__ == '__main__':
     unittest.main()
