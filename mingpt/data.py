@@ -21,6 +21,7 @@ shard, or one cut short, is an error rather than garbage tokens:
 A directory of shards has a meta.json listing them (see mingpt/prepare.py); ShardWindows memory-maps them.
 """
 
+import hashlib
 import json
 import logging
 import numbers
@@ -128,6 +129,7 @@ SHARD_MAGIC = b'MGPTSHRD'
 SHARD_VERSION = 1
 SHARD_HEADER = struct.Struct('<8sIIQQ')  # magic, version, bytes per token, tokens, vocab_size: 32 bytes
 META_FILE = 'meta.json'  # a shard directory's list of shards, written by mingpt/prepare.py
+FINGERPRINT_BYTES = 4096  # of each end of a shard, in its fingerprint
 
 
 def shard_dtype(vocab_size):
@@ -204,6 +206,25 @@ def shard_windows(directory, block_size):
     return train, (ShardWindows(paths['val'], block_size) if paths['val'] else None)
 
 
+def shard_fingerprint(paths):
+    """
+    A hex digest that changes when a shard set does: each shard's name, token count, vocabulary size and
+    its first and last FINGERPRINT_BYTES. Two prepare runs on the same inputs and settings write the same
+    shards, and so the same fingerprint; reading a few pages per shard keeps it instant at any corpus size.
+    """
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        n, dtype, vocab_size = read_shard_header(path)
+        h.update(f'{path.name}\0{n}\0{dtype.itemsize}\0{vocab_size}\0'.encode())
+        size = SHARD_HEADER.size + n * dtype.itemsize
+        with open(path, 'rb') as f:
+            f.seek(SHARD_HEADER.size)
+            h.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(SHARD_HEADER.size, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()[:16]
+
+
 class ShardWindows(Dataset):
     """
     Every window of block_size + 1 tokens inside each of the token shards at paths: item i is (x, y),
@@ -220,6 +241,11 @@ class ShardWindows(Dataset):
     resumed at iteration k reads exactly the windows the uninterrupted run read from k on, given the same
     shards (prepare writes the same shards from the same inputs). Under DDP, rank r takes its own slices
     of each global batch, so the ranks read different windows that together make the one global batch.
+
+    "Given the same shards" is what state_dict() records: the fingerprint of the shard set (fingerprint)
+    and the windows it makes. A run that saved it next to its checkpoint hands it to load_state_dict()
+    when it resumes, which refuses other shards (another corpus, other prepare settings, a shard
+    rewritten): an index into them would be a window of other data, a resume that is silently not one.
     """
 
     def __init__(self, paths, block_size, vocab_size=None):
@@ -240,6 +266,7 @@ class ShardWindows(Dataset):
         self.tokens = sum(n for n, _, _ in headers)
         self.ends = np.cumsum(windows)  # (S,) windows in shards 0..s
         self._maps = {}  # shard index -> its memmap, opened on first read
+        self.fingerprint = shard_fingerprint(self.paths)
 
     # minGPT's dataset interface, from which its scripts size the model
     def get_vocab_size(self):
@@ -261,6 +288,21 @@ class ShardWindows(Dataset):
             shard = self._maps[s] = open_shard(self.paths[s])
         chunk = torch.from_numpy(shard[start:start + self.block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
+
+    def state_dict(self):
+        """ what a resumed run must find again: the shard set (its fingerprint) and the windows it makes """
+        return {'shards': self.fingerprint, 'files': len(self.paths), 'tokens': self.tokens,
+                'block_size': self.block_size, 'windows': len(self)}
+
+    def load_state_dict(self, state):
+        """ check that state, the state_dict() of the run being resumed, is this dataset's: the same shards
+        cut into the same windows; a DataError saying what differs otherwise """
+        mine = self.state_dict()
+        differ = [f'{k} {state.get(k)!r} then, {mine[k]!r} now' for k in mine if state.get(k) != mine[k]]
+        if differ:
+            raise DataError(f'the run being resumed was trained on other token shards ({"; ".join(differ)}): '
+                            f'its data order indexes windows of those shards, not of {self.paths[0].parent}. '
+                            f'Resume on the shards it was trained on, or start a new run in another work_dir')
 
     def __getstate__(self):
         # DataLoader workers started by spawn get the dataset pickled: a memmap would pickle as a copy of

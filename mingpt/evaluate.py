@@ -8,6 +8,7 @@ Loss and bits per byte of any model on any text file.
     from mingpt.tokenizers import tokenizer_for_model
     evaluate_text(model, tokenizer, text)  # -> {'loss': nats/token, 'bits_per_byte': ..., 'tokens': ..., 'bytes': ...}
     dataset_loss(model, dataset, batches, device)  # the mean loss on (x, y) rows: the Trainer's evaluation
+    bits_per_byte(loss * n_tokens, token_byte_lengths(tokenizer)[ids].sum())  # ids scored elsewhere (shards)
 
 Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the scored text. Unlike loss per token it does
 not depend on the tokenizer, so a character-level model and a BPE model (or two BPE vocabularies) can be
@@ -31,6 +32,7 @@ import logging
 import math
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -68,6 +70,20 @@ def _token_bytes(tokenizer, i):
         s = tokenizer.decoder[i]
         return len(s.encode('utf-8')) if s in tokenizer.special_tokens else len(s)  # one char per byte
     return len(tokenizer.decode([i]).encode('utf-8'))
+
+
+def token_byte_lengths(tokenizer):
+    """(n_vocab,) int64: the UTF-8 bytes of text each token id stands for, 0 for special tokens. For scoring
+    token ids that were never text, such as prepare's shards, where <|endoftext|> separates documents: the
+    bytes of a stretch of ids are token_byte_lengths(tokenizer)[ids].sum()."""
+    special = set(getattr(tokenizer, 'special_tokens', {}).values())
+    return np.array([0 if i in special else _token_bytes(tokenizer, i) for i in range(tokenizer.n_vocab)],
+                    dtype=np.int64)
+
+
+def bits_per_byte(nats, n_bytes):
+    """Bits per byte of text whose tokens cost nats in all: nats / ln 2 / n_bytes."""
+    return nats / math.log(2) / n_bytes
 
 
 @torch.no_grad()
@@ -142,7 +158,7 @@ def evaluate_text(model, tokenizer, text, *, block_size=None, stride=None, batch
     finally:
         model.train(was_training)
     assert n_scored == len(ids) - 1, (n_scored, len(ids))
-    return {'loss': total_nats / n_scored, 'bits_per_byte': total_nats / math.log(2) / n_bytes,
+    return {'loss': total_nats / n_scored, 'bits_per_byte': bits_per_byte(total_nats, n_bytes),
             'tokens': n_scored, 'bytes': n_bytes}
 
 # -----------------------------------------------------------------------------

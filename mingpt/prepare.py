@@ -14,13 +14,22 @@ order at any depth (hidden ones skipped). Each document is tokenized with GPT-2'
 <|endoftext|> token as in GPT-2's and llm.c's data: it separates documents, and it is what a model is
 prompted with to write one from scratch. Empty documents are skipped.
 
-The stream of ids is cut into shards of --shard-tokens (the file format is in mingpt/data.py). Its first
---val-tokens tokens are the validation split (val_000000.bin, ...), llm.c's convention: give a shuffled
-corpus, or a held-out file first. The rest is the training split (train_000000.bin, ...). DIR also gets the
-tokenizer's files and meta.json: the tokenizer, the inputs, the tokens of each shard and in all.
+The stream of ids is cut into shards of --shard-tokens (the file format is in mingpt/data.py). --val-tokens
+of it are the validation split (val_000000.bin, ...), taken from the whole corpus, not only its start (which
+would be one input, or one part of an ordered one: a validation loss of the first book in a pile of books
+and web pages says little about the rest). The input bytes are divided into val_regions equal parts; where
+part k begins, the first task (see below) that starts there opens a region of val_tokens / val_regions
+tokens for validation, the tokens that follow in the stream. So each input gives validation text in
+proportion to its size, from evenly spaced places in it, deterministically: the same inputs and settings
+give the same split. val_regions is val_tokens / MIN_VAL_REGION_TOKENS, at most VAL_REGIONS, so that a
+region holds many windows of a model's context; regions whose places fall into one task merge into one.
+Everything else is the training split (train_000000.bin, ...); a region starts and ends shards of both.
+DIR also gets the tokenizer's files and meta.json: the tokenizer, the inputs, the tokens of each shard and
+in all.
 
 How, in the order it happens:
-1. This process reads the inputs and cuts them into tasks of about TASK_BYTES: a batch of JSONL lines, or
+1. This process reads the inputs and cuts them into tasks of about TASK_BYTES (less for a corpus too small to
+   have a few tasks per validation region, see task_size): a batch of JSONL lines, or
    a stretch of a text file that ends at a "safe cut" (mingpt/pretokenize.py), where tokenizing the
    stretches one at a time gives exactly the ids of the whole file.
 2. --workers processes tokenize the tasks. Their results are taken back in task order, so the shards are
@@ -54,11 +63,14 @@ from mingpt.utils import atomic_write, log_to_stderr, run_script
 
 logger = logging.getLogger(__name__)
 
-META_VERSION = 1
+META_VERSION = 2  # 2: validation regions across the corpus (1: the start of the stream)
 TASK_BYTES = 1 << 20  # input bytes per task: sending it to a worker costs far less than tokenizing it
+MIN_TASK_BYTES = 1 << 16  # ... or fewer, down to this, for a small corpus (task_size)
 SHARD_TOKENS = 100_000_000  # llm.c's shard size: 200 MB of uint16 ids
 VAL_TOKENS = 1 << 20  # the default validation split, for a corpus of more than ~40 MB ...
 BYTES_PER_VAL_TOKEN = 40  # ... and below that one token per 40 input bytes: about a tenth of the tokens
+VAL_REGIONS = 64  # the places across the corpus the validation split is taken from, at most ...
+MIN_VAL_REGION_TOKENS = 8192  # ... and at least this many tokens each: windows of 1024 fit with room
 
 # -----------------------------------------------------------------------------
 # the inputs, cut into tasks
@@ -86,13 +98,19 @@ def input_files(inputs, out=None):
     return files
 
 
-def text_stretches(path):
-    """ (bytes, offset) stretches of the text file at path, about TASK_BYTES each, every one but the last
+def task_size(total_bytes, regions):
+    """ input bytes per task: TASK_BYTES, or fewer for a small corpus, so that it has about four tasks per
+    validation region: a region opens where a task starts """
+    return min(TASK_BYTES, max(MIN_TASK_BYTES, total_bytes // (4 * regions)))
+
+
+def text_stretches(path, task_bytes):
+    """ (bytes, offset) stretches of the text file at path, about task_bytes each, every one but the last
     ending at a safe cut (a stretch grows until it holds one: a file without ASCII spaces is one stretch) """
     with open(path, 'rb') as f:
         carry, offset = b'', 0
         while True:
-            block = f.read(TASK_BYTES)
+            block = f.read(task_bytes)
             data = carry + block
             cut = last_safe_cut(data, len(carry)) if block else len(data)
             if cut:
@@ -110,19 +128,19 @@ def jsonl_lines(path):
             yield line, lineno
 
 
-def tasks(files):
-    """ the corpus as tasks, in order: lists of pieces (kind, bytes, path, where) of about TASK_BYTES in
+def tasks(files, task_bytes):
+    """ the corpus as tasks, in order: lists of pieces (kind, bytes, path, where) of about task_bytes in
     all. where is a JSONL line's number, or a text stretch's byte offset (0: a document starts there) """
     task, size = [], 0
     for path in files:
         if path.suffix == '.jsonl':
             pieces = ((JSONL, line, n) for line, n in jsonl_lines(path))
         else:
-            pieces = ((TEXT, data, offset) for data, offset in text_stretches(path))
+            pieces = ((TEXT, data, offset) for data, offset in text_stretches(path, task_bytes))
         for kind, data, where in pieces:
             task.append((kind, data, str(path), where))
             size += len(data)
-            if size >= TASK_BYTES:
+            if size >= task_bytes:
                 yield task
                 task, size = [], 0
     if task:
@@ -203,38 +221,63 @@ def tokenized(numbered_tasks, tokenizer, tokenizer_dir, workers):
 # the shards, and meta.json
 
 
+def val_regions(val_tokens):
+    """ how many places across the corpus the validation split of val_tokens is taken from """
+    return max(1, min(VAL_REGIONS, val_tokens // MIN_VAL_REGION_TOKENS))
+
+
 class ShardWriter:
     """
-    The stream of ids -> shards: the first val_tokens go to val_*.bin, the rest to train_*.bin, shard_tokens
-    a shard. After each shard, meta.json records it and where the stream continues, meta['next'] = {task,
-    offset}: the first id not yet in a shard is id `offset` of task `task`'s ids.
+    The stream of ids -> shards of shard_tokens: val_*.bin for the ids in a validation region, train_*.bin
+    for the rest. After each shard, meta.json records it and where the stream continues, meta['next'] =
+    {task, offset}: the first id not yet in a shard is id `offset` of task `task`'s ids.
+
+    Which split an id goes to is a function of what meta.json records, so a restart continues exactly:
+    the validation tokens due once a task starting at input byte b is reached (val_due), against the
+    validation tokens in shards so far.
     """
 
     def __init__(self, out, meta):
         self.out, self.meta = out, meta
         self.buf = np.empty(meta['shard_tokens'], dtype=meta['dtype'])  # the shard being filled
         self.fill = 0
-        self.pos = meta['tokens']['total']  # ids of the stream in this shard and the ones before
+        self.split = None  # the split of the ids in buf
 
-    def add(self, ids, task, offset):
-        """ append ids, the ids of task `task` from id `offset` on """
-        val_tokens, shard_tokens = self.meta['val_tokens'], self.meta['shard_tokens']
+    def val_due(self, start_byte):
+        """ validation tokens due when the stream reaches a task that starts at input byte start_byte: those
+        of every region whose place (k / val_regions of the input bytes, k = 0, 1, ...) is at or before it """
+        meta = self.meta
+        regions, total_bytes = meta['val_regions'], max(1, sum(f['bytes'] for f in meta['inputs']))
+        opened = min(regions, start_byte * regions // total_bytes + 1)
+        return meta['val_tokens'] * opened // regions
+
+    def tokens(self, split):
+        """ ids of split in shards and in buf """
+        return self.meta['tokens'][split] + (self.fill if self.split == split else 0)
+
+    def add(self, ids, task, offset, start_byte):
+        """ append ids, the ids of task `task` from id `offset` on; the task starts at input byte start_byte """
+        shard_tokens, val_due = self.meta['shard_tokens'], self.val_due(start_byte)
         while len(ids):
-            in_val = self.pos < val_tokens
+            val_left = val_due - self.tokens('val')
+            split = 'val' if val_left > 0 else 'train'
+            if self.fill and split != self.split:  # a region starts or ends: so does a shard
+                self.flush(task, offset)
+            self.split = split
             room = shard_tokens - self.fill
-            if in_val:
-                room = min(room, val_tokens - self.pos)
+            if split == 'val':
+                room = min(room, val_left)
             take = ids[:room]
             self.buf[self.fill:self.fill + len(take)] = take
-            self.fill, self.pos, offset, ids = self.fill + len(take), self.pos + len(take), offset + len(take), ids[room:]
-            if self.fill == shard_tokens or (in_val and self.pos == val_tokens):
+            self.fill, offset, ids = self.fill + len(take), offset + len(take), ids[room:]
+            if self.fill == shard_tokens:
                 self.flush(task, offset)
 
     def flush(self, task, offset):
         """ write the shard filled so far (if any ids), then meta.json, saying the stream continues at (task, offset) """
         meta = self.meta
         if self.fill:
-            split = 'val' if self.pos <= meta['val_tokens'] else 'train'
+            split = self.split
             name = f"{split}_{sum(s['split'] == split for s in meta['shards']):06d}.bin"
             write_shard(self.out / name, self.buf[:self.fill], meta['vocab_size'])
             meta['shards'].append({'file': name, 'split': split, 'tokens': self.fill})
@@ -262,8 +305,9 @@ def resumed_meta(out, settings, tokenizer):
     theirs = find_tokenizer(out)
     same_tokenizer = (theirs is not None and getattr(theirs, 'encoder', None) == tokenizer.encoder
                       and theirs.merges() == tokenizer.merges())
-    changed = [k for k in settings if meta.get(k) != settings[k]] + ([] if same_tokenizer else ['tokenizer'])
-    if meta.get('version') != META_VERSION or changed:
+    changed = ([] if meta.get('version') == META_VERSION else ['format version'])
+    changed += [k for k in settings if meta.get(k) != settings[k]] + ([] if same_tokenizer else ['tokenizer'])
+    if changed:
         raise DataError(f'{out} holds shards of another corpus or other settings ({", ".join(changed)} '
                         f'differ); give another --out, or delete {out} to prepare it afresh')
     for shard in meta['shards']:
@@ -320,7 +364,8 @@ def prepare(inputs, out, tokenizer='gpt2', shard_tokens=SHARD_TOKENS, val_tokens
     Tokenize the inputs (text files, .jsonl files, directories of them) into shards in the directory out,
     or finish what an interrupted call with the same arguments started; returns the final meta.json as a
     dict. tokenizer: 'gpt2' or a directory with a BPE vocabulary that has <|endoftext|>. val_tokens: the
-    first ids of the stream, for validation (None: 2^20, or one per 40 input bytes if that is fewer).
+    ids held out for validation, from val_regions places across the corpus (None: 2^20, or one per 40 input
+    bytes if that is fewer).
     workers: processes that tokenize (None: every core). progress: the tqdm bar (None: on a terminal).
     """
     for name, value, low in (('shard_tokens', shard_tokens, 1), ('val_tokens', val_tokens, 0), ('workers', workers, 1)):
@@ -340,7 +385,8 @@ def prepare(inputs, out, tokenizer='gpt2', shard_tokens=SHARD_TOKENS, val_tokens
     settings = {'tokenizer': str(tokenizer) if str(tokenizer) == 'gpt2' else str(Path(tokenizer).resolve()),
                 'vocab_size': tok.n_vocab, 'eot': tok.special_tokens[ENDOFTEXT],
                 'dtype': shard_dtype(tok.n_vocab).name, 'shard_tokens': shard_tokens, 'val_tokens': val_tokens,
-                'inputs': inputs_meta}
+                'val_regions': val_regions(val_tokens), 'inputs': inputs_meta}
+    settings['task_bytes'] = task_size(total_bytes, settings['val_regions'])
 
     out.mkdir(parents=True, exist_ok=True)
     meta = resumed_meta(out, settings, tok)
@@ -361,19 +407,19 @@ def prepare(inputs, out, tokenizer='gpt2', shard_tokens=SHARD_TOKENS, val_tokens
     bar = Progress(total_bytes, meta['bytes'], sys.stderr.isatty() if progress is None else progress)
     n_tasks = start
     try:
-        numbered = ((i, task) for i, task in enumerate(tasks(files)) if i >= start)
+        numbered = ((i, task) for i, task in enumerate(tasks(files, meta['task_bytes'])) if i >= start)
         for i, n_bytes, ids, documents in tokenized(numbered, tok, out, workers):
             offset = skip if i == start else 0  # ids of the task already in shards
-            writer.add(ids[offset:], i, offset)
+            writer.add(ids[offset:], i, offset, meta['bytes'])  # meta['bytes']: the input bytes before task i
             meta['documents'] += documents
             meta['bytes'] += n_bytes
             bar.update(n_bytes, documents, len(ids) - offset)
             n_tasks = i + 1
     finally:
         seconds = bar.close()
-    if writer.pos <= val_tokens:
-        raise DataError(f'the inputs hold only {writer.pos:,} tokens, all taken by the validation split '
-                        f'(val_tokens={val_tokens:,}); give more text or a smaller --val-tokens')
+    if not writer.tokens('train'):
+        raise DataError(f"the inputs hold only {writer.tokens('val'):,} tokens, all taken by the validation "
+                        f'split (val_tokens={val_tokens:,}); give more text or a smaller --val-tokens')
     meta['complete'] = True
     writer.flush(n_tasks, 0)
     logger.info('%s: %d documents, %.1f MB -> %d tokens (%d validation) in %d shards, %.2f MB/s with %d workers (%s)',
@@ -389,8 +435,8 @@ def main(argv=None):
     parser.add_argument('--tokenizer', default='gpt2', help="'gpt2' (default) or a directory with encoder.json + "
                         "vocab.bpe that has <|endoftext|>, e.g. from python -m mingpt.bpe_train")
     parser.add_argument('--shard-tokens', type=int, default=SHARD_TOKENS, help=f'ids per shard (default {SHARD_TOKENS:,})')
-    parser.add_argument('--val-tokens', type=int, default=None, help='the first ids of the corpus, held out for '
-                        f'validation (default {VAL_TOKENS:,}, or one per {BYTES_PER_VAL_TOKEN} input bytes if fewer)')
+    parser.add_argument('--val-tokens', type=int, default=None, help='ids held out for validation, from up to '
+                        f'{VAL_REGIONS} places across the corpus (default {VAL_TOKENS:,}, or one per {BYTES_PER_VAL_TOKEN} input bytes if fewer)')
     parser.add_argument('--workers', type=int, default=None, help='tokenizing processes (default: every core)')
     args = parser.parse_args(argv)
     log_to_stderr()

@@ -189,6 +189,41 @@ class TestShardWindows(TempDirTestCase):
         self.assertEqual(len(trainer.history['val_loss']), 2)
         self.assertLess(trainer.history['val_loss'][-1], 0.5 * trainer.history['val_loss'][0])
 
+    def test_its_state_names_the_shards_so_a_resume_on_others_is_an_error(self):
+        values = np.arange(30_000) % 1000
+        paths = write_shards(self.tmp / 'a', [10_000, 20_000], vocab_size=1000, values=values)
+        state = ShardWindows(paths, block_size=16).state_dict()
+        self.assertEqual((state['files'], state['tokens'], state['windows']), (2, 30_000, 30_000 - 2 * 16))
+        # the same shards, also copied elsewhere (or written again from the same ids): the same state
+        ShardWindows(paths, block_size=16).load_state_dict(state)
+        copies = write_shards(self.tmp / 'copy', [10_000, 20_000], vocab_size=1000, values=values)
+        ShardWindows(copies, block_size=16).load_state_dict(state)
+        # a shard of the same size with other ids in it, at either end; other sizes; a missing shard;
+        # other windows of the same shards
+        changed = values.copy()
+        changed[29_990] += 1  # in the last 4 KB of the second shard
+        other_ends = write_shards(self.tmp / 'end', [10_000, 20_000], vocab_size=1000, values=changed)
+        changed = values.copy()
+        changed[3] += 1
+        other_starts = write_shards(self.tmp / 'start', [10_000, 20_000], vocab_size=1000, values=changed)
+        other_cut = write_shards(self.tmp / 'cut', [15_000, 15_000], vocab_size=1000, values=values)
+        cases = [(other_ends, 16, 'shards'), (other_starts, 16, 'shards'), (other_cut, 16, 'shards'),
+                 (paths[:1], 16, "files 2 then, 1 now"), (paths, 32, 'block_size 16 then, 32 now')]
+        for shards, block_size, message in cases:
+            with self.subTest(message), self.assertRaisesRegex(DataError, f'trained on other token shards .*{message}'
+                                                               f'.*Resume on the shards it was trained on'):
+                ShardWindows(shards, block_size).load_state_dict(state)
+
+    def test_prepare_run_twice_on_the_same_inputs_gives_the_same_state(self):
+        (self.tmp / 'corpus.txt').write_text(shakespeare(20_000), encoding='utf-8')
+        states = []
+        for out, shard_tokens in (('one', 2000), ('two', 2000), ('three', 3000)):
+            prepare([self.tmp / 'corpus.txt'], self.tmp / out, shard_tokens=shard_tokens, val_tokens=500,
+                    workers=1, progress=False)
+            states.append(shard_windows(self.tmp / out, block_size=32)[0].state_dict())
+        self.assertEqual(states[0], states[1])
+        self.assertNotEqual(states[0]['shards'], states[2]['shards'])  # re-prepared with other settings
+
     @slow
     def test_peak_memory_does_not_grow_with_the_number_of_shards(self):
         # 8 shards of 4 MB: a run that reads from 2 of them and one that reads from all 8 peak at the same

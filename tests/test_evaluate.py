@@ -166,6 +166,22 @@ class GPT2BitsPerByteTest(unittest.TestCase):
             self.assertIn('GPT-2 BPE', '\n'.join(logs.output))
 
 
+class TokenBytesTest(unittest.TestCase):
+    """token_byte_lengths: the bytes of text a stretch of ids stands for, as in prepare's shards."""
+
+    def test_bytes_of_ids_are_the_bytes_of_their_text(self):
+        from mingpt.bpe import get_encoder
+        from mingpt.evaluate import token_byte_lengths
+        text = '😀 naïve café, 日本語 ' + shakespeare(500)
+        cases = [(get_encoder(), tiktoken_gpt2().encode_ordinary(text)), (CharTokenizer.from_text(text), None)]
+        for tokenizer, ids in cases:
+            ids = tokenizer.encode(text) if ids is None else ids
+            lengths = token_byte_lengths(tokenizer)
+            self.assertEqual(len(lengths), tokenizer.n_vocab)
+            self.assertEqual(int(lengths[ids].sum()), len(text.encode('utf-8')))
+        self.assertEqual(token_byte_lengths(get_encoder())[50256], 0)  # <|endoftext|> stands for no text
+
+
 class ModelTokenizerTest(TempDirTestCase):
 
     def setUp(self):

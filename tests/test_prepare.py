@@ -150,6 +150,13 @@ class TestPrepare(TempDirTestCase):
             self.assertTrue(self.run_prepare('stopped')['complete'])
         self.assertEqual(tokenized, [])
 
+    def test_a_directory_of_an_older_format_is_not_continued(self):
+        self.run_prepare('out')
+        meta = json.loads((self.tmp / 'out' / META_FILE).read_text())
+        (self.tmp / 'out' / META_FILE).write_text(json.dumps({**meta, 'version': 1}))
+        with self.assertRaisesRegex(DataError, r'\(format version differ\)'):
+            self.run_prepare('out')
+
     def test_other_inputs_or_settings_never_mix_into_a_directory(self):
         self.run_prepare('out')
         with self.assertRaisesRegex(DataError, r'another corpus or other settings \(shard_tokens differ\)'):
@@ -207,3 +214,84 @@ class TestPrepare(TempDirTestCase):
                             str(self.tmp / 'bad')], capture_output=True, text=True, env=env, timeout=300)
         self.assertEqual(p.returncode, 2)
         self.assertRegex(p.stderr, r'^error: .*bad\.jsonl:1 is not valid JSON .*\n$')
+
+
+class TestValidationSplit(TempDirTestCase):
+    """
+    The validation split comes from evenly spaced places across the whole corpus, each input giving its
+    share by size, not from the start of the stream; the same on every run, and after a restart.
+    """
+
+    VAL = 2000  # validation tokens: 10 regions of 200
+
+    def setUp(self):
+        super().setUp()
+        root = self.tmp / 'corpus'
+        root.mkdir()
+        self.texts = {'a.txt': shakespeare(40_000), 'b.txt': shakespeare(20_000, start=50_000)}
+        for name, text in self.texts.items():
+            (root / name).write_text(text, encoding='utf-8')
+        docs = [shakespeare(500, start=100_000 + 500 * i) for i in range(40)]
+        (root / 'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in docs), encoding='utf-8')
+        self.docs = {'a.txt': [self.texts['a.txt']], 'b.txt': [self.texts['b.txt']], 'c.jsonl': docs}
+        self.bytes = {name: (root / name).stat().st_size for name in self.docs}
+        self.corpus = root
+        for name, value in (('MIN_VAL_REGION_TOKENS', 200), ('MIN_TASK_BYTES', 500)):
+            patcher = mock.patch.object(prepare_module, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def run_prepare(self, out):
+        return prepare([self.corpus], self.tmp / out, shard_tokens=1000, val_tokens=self.VAL, workers=1,
+                       progress=False)
+
+    def test_regions_spread_over_every_input_in_proportion(self):
+        meta = self.run_prepare('out')
+        self.assertEqual(meta['val_regions'], 10)
+        self.assertEqual(meta['tokens']['val'], self.VAL)
+        ids, _ = all_ids(self.tmp / 'out')
+        enc = tiktoken_gpt2()
+        expected = [i for name in ('a.txt', 'b.txt', 'c.jsonl') for doc in self.docs[name]
+                    for i in [EOT] + enc.encode_ordinary(doc)]
+        # every id once, in the corpus's order: a shard holds a stretch of the stream and the shards are
+        # listed in stream order, validation ones among the training ones
+        self.assertEqual(ids.tolist(), expected)
+        # where in the stream each validation shard is, and which input that is
+        ends = np.cumsum([len(enc.encode_ordinary(d)) + 1 for name in ('a.txt', 'b.txt', 'c.jsonl')
+                          for d in self.docs[name]])
+        owner = ['a.txt', 'b.txt'] + ['c.jsonl'] * 40
+        pos, starts, per_input = 0, [], {name: 0 for name in self.docs}
+        for shard in meta['shards']:
+            if shard['split'] == 'val':
+                starts.append(pos)
+                for i in range(pos, pos + shard['tokens']):
+                    per_input[owner[int(np.searchsorted(ends, i, side='right'))]] += 1
+            pos += shard['tokens']
+        self.assertGreaterEqual(len(starts), 8)  # regions in neighbouring tasks may merge, most do not
+        gaps = np.diff(starts) / len(ids)
+        self.assertLess(max(gaps), 0.2, starts)  # evenly spaced: a tenth of the stream apart
+        self.assertGreater(starts[-1] / len(ids), 0.85, starts)  # to the end of the corpus, not its start
+        total = sum(self.bytes.values())
+        for name, n in per_input.items():
+            share = self.bytes[name] / total
+            self.assertAlmostEqual(n / self.VAL, share, delta=0.15, msg=(name, per_input))
+
+    def test_the_same_split_on_every_run_and_after_a_restart(self):
+        self.run_prepare('straight')
+        real_write_shard = prepare_module.write_shard
+        calls = []
+
+        def write_shard_then_crash(path, ids, vocab_size):
+            calls.append(path.name)
+            if len(calls) == 10:
+                raise KeyboardInterrupt
+            return real_write_shard(path, ids, vocab_size)
+        with mock.patch.object(prepare_module, 'write_shard', write_shard_then_crash), \
+                self.assertRaises(KeyboardInterrupt):
+            self.run_prepare('stopped')
+        self.assertGreaterEqual(sum(c.startswith('val') for c in calls[:-1]), 2)  # stopped past a few regions
+        self.run_prepare('stopped')
+        self.assertEqual(shard_bytes(self.tmp / 'stopped'), shard_bytes(self.tmp / 'straight'))
+        self.run_prepare('again')
+        self.assertEqual(shard_bytes(self.tmp / 'again'), shard_bytes(self.tmp / 'straight'))
+

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from tests.common import (REPO, TempDirTestCase, free_port_url, python_without, shakespeare,
                           slow)
@@ -479,6 +480,119 @@ class TestFinetune(ProjectTestCase):
                            '--data.block_size=32', '--trainer.device=cpu')
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("--data.block_size=32 is longer than the model's context of 16 tokens", proc.stderr)
+
+
+# -----------------------------------------------------------------------------
+
+class TestGPT2(ProjectTestCase):
+    """ the pretraining recipe on shards that mingpt.prepare made of a little Shakespeare, with a vocabulary of
+    300 tokens trained on it (GPT-2's would make even a tiny model slow) """
+
+    TINY = ['--preset=cpu', '--trainer.device=cpu', '--system.num_threads=1', '--model.n_layer=1',
+            '--model.n_head=2', '--model.n_embd=32', '--data.block_size=32', '--trainer.batch_size=8',
+            '--data.total_batch_tokens=512', '--trainer.learning_rate=3e-3', '--trainer.warmup_iters=3',
+            '--trainer.eval_interval=10', '--trainer.checkpoint_interval=10', '--trainer.eval_iters=2',
+            '--sample.max_new_tokens=20', '--sample.interval=10']
+
+    def make_shards(self):
+        from mingpt.bpe_train import train_bpe
+        from mingpt.prepare import prepare
+        train_bpe(shakespeare(20_000), 300, special_tokens=['<|endoftext|>']).save(self.tmp / 'tok')
+        (self.tmp / 'corpus').mkdir()
+        for i in range(3):
+            (self.tmp / 'corpus' / f'{i}.txt').write_text(shakespeare(15_000, start=20_000 * (i + 1)))
+        self.shards = self.tmp / 'shards'
+        prepare([self.tmp / 'corpus'], self.shards, tokenizer=self.tmp / 'tok', shard_tokens=5000, val_tokens=2000,
+                workers=1, progress=False)
+
+    def test_presets_and_tokens_per_step(self):
+        gpt2 = load_project('gpt2')
+        config = gpt2.resolved_config([])
+        self.assertEqual((config.preset, config.model.n_layer, config.model.n_embd, config.data.block_size),
+                         ('gpt2', 12, 768, 1024))
+        self.assertEqual((config.trainer.learning_rate, config.trainer.min_lr, config.trainer.betas,
+                          config.trainer.weight_decay, config.trainer.grad_norm_clip), (6e-4, 6e-5, (0.9, 0.95), 0.1, 1.0))
+        config = gpt2.resolved_config(['--preset=cpu', '--trainer.max_iters=7'])
+        self.assertEqual((config.model.n_layer, config.trainer.compile, config.trainer.max_iters), (4, False, 7))
+        config = gpt2.resolved_config(['--model.model_type=gpt2-medium'])  # a model preset replaces the sizes
+        self.assertEqual((config.model.model_type, config.model.n_layer), ('gpt2-medium', None))
+        with self.assertRaisesRegex(ConfigError, 'unknown preset; use one of gpt2, cpu'):
+            gpt2.resolved_config(['--preset=tiny'])
+        # ~0.5M tokens a step on 8 GPUs of 16 rows x 1024: 4 micro-steps; 12 rows do not divide 2^19
+        self.assertEqual(gpt2.grad_accum_steps(2 ** 19, 16, 1024, 8), 4)
+        self.assertEqual(gpt2.grad_accum_steps(2 ** 19, 64, 1024, 1), 8)
+        with self.assertRaisesRegex(ConfigError, r'12 x 1024 x 8 = 98304: set --data.total_batch_tokens=491520'):
+            gpt2.grad_accum_steps(2 ** 19, 12, 1024, 8)
+
+    @slow
+    def test_trains_evaluates_bits_per_byte_samples_and_resumes(self):
+        self.make_shards()
+        work_dir = self.tmp / 'out'
+        proc = run_project('gpt2', f'--data.dir={self.shards}', f'--system.work_dir={work_dir}',
+                           '--trainer.max_iters=30', *self.TINY)
+        self.assertRan(proc)
+        self.assertIn('2 x 8 rows x 32 tokens x 1 processes', proc.stderr)  # 512 tokens a step: accumulation
+        self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'samples.txt',
+                           'data.json', 'encoder.json')
+        self.assertLossWentDown(work_dir)
+        records, _, val = read_metrics(work_dir)
+        bpb = [(r['iter'], r['val_bpb']) for r in records if 'val_bpb' in r]
+        self.assertEqual([i for i, _ in bpb], [10, 20, 30])
+        with open(work_dir / 'results.json') as f:
+            results = json.load(f)
+        # bits per byte is the loss over the bytes of the windows' text: its ratio to the loss is the same at
+        # every evaluation (the same windows), tokens a byte / ln 2, and a 300-token BPE packs 1-4 bytes a token
+        ratios = [b / v for (_, v), (_, b) in zip(val, bpb)]
+        self.assertAlmostEqual(min(ratios), max(ratios), delta=1e-9)
+        self.assertTrue(1 / 4 / math.log(2) < ratios[0] < 1 / math.log(2), ratios)
+        self.assertAlmostEqual(results['val_bpb'], bpb[-1][1])
+        self.assertLess(results['val_loss'], math.log(300))  # better than uniform over the vocabulary
+        self.assertEqual((results['iters'], results['tokens']), (30, 30 * 512))
+        samples = (work_dir / 'samples.txt').read_text(encoding='utf-8')
+        self.assertEqual([line.split(' (')[0] for line in samples.splitlines() if line.startswith('--- iter')],
+                         ['--- iter 10', '--- iter 20', '--- iter 30'])
+        self.assertIn(results['sample'], samples)
+        self.assertGreater(len(results['sample']), 20)
+        self.assertIn(results['sample'], proc.stdout)
+
+        # the same command with a longer schedule continues from iteration 30
+        proc = run_project('gpt2', f'--data.dir={self.shards}', f'--system.work_dir={work_dir}',
+                           '--trainer.max_iters=40', *self.TINY)
+        self.assertRan(proc)
+        self.assertIn('resuming from', proc.stderr)
+        records, _, _ = read_metrics(work_dir)
+        self.assertEqual([r['iter'] for r in records if 'loss' in r], list(range(1, 41)))
+        self.assertEqual([r['iter'] for r in records if 'val_bpb' in r], [10, 20, 30, 40])
+
+        # ... but not on other shards: the same text prepared with other settings
+        from mingpt.prepare import prepare
+        prepare([self.tmp / 'corpus'], self.tmp / 'other', tokenizer=self.tmp / 'tok', shard_tokens=4000,
+                val_tokens=2000, workers=1, progress=False)
+        proc = run_project('gpt2', f'--data.dir={self.tmp / "other"}', f'--system.work_dir={work_dir}',
+                           '--trainer.max_iters=50', *self.TINY)
+        self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+        self.assertRegex(proc.stderr, r'error: the run being resumed was trained on other token shards')
+        self.assertNotIn('Traceback', proc.stderr)
+
+    @slow
+    def test_under_torchrun_the_step_keeps_its_tokens_and_rank_0_reports(self):
+        self.make_shards()
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+        work_dir = self.tmp / 'out'
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(PROJECTS / 'gpt2' / 'gpt2.py'), f'--data.dir={self.shards}',
+                               f'--system.work_dir={work_dir}', '--trainer.max_iters=10', *self.TINY],
+                              cwd=self.tmp, env=env, capture_output=True, text=True, timeout=600)
+        self.assertRan(proc)
+        # 512 tokens a step: 2 processes of 8 rows x 32 tokens need no accumulation
+        self.assertIn('512 tokens a step (1 x 8 rows x 32 tokens x 2 processes)', proc.stderr)
+        self.assertIn('(rank 0 of 2)', proc.stderr)
+        self.assertEqual(proc.stderr.count('gpt2: config:'), 1)
+        self.assertEqual(proc.stderr.count('val bits per byte'), 1)
+        self.assertEqual(proc.stdout.count('bits/byte after 10 steps (5,120 tokens)'), 1)
+        with open(work_dir / 'results.json') as f:
+            self.assertEqual(json.load(f)['tokens'], 5120)
 
 
 if __name__ == '__main__':
