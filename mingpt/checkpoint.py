@@ -126,10 +126,12 @@ def gather_rng_states(world_size=1):
 # -----------------------------------------------------------------------------
 # one checkpoint directory
 
-def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, best_val_loss):
+def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, best_val_loss, datasets=()):
     """
     what trainer.pt holds (apply_resume_state reads it back): plain tensors and containers.
-    optimizer (and scaler, rng) None: a checkpoint of the weights only, which cannot be resumed
+    optimizer (and scaler, rng) None: a checkpoint of the weights only, which cannot be resumed.
+    datasets: the train and val datasets; those with a state_dict() (token shards: which shards, cut
+    how) have it recorded, so that a resumed run's data order indexes the same windows
     """
     return {
         'version': CHECKPOINT_VERSION,
@@ -140,6 +142,7 @@ def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, bes
         'data_seed': data_seed,
         'global_batch': global_batch,  # rows per iteration, over every micro-step and rank
         'best_val_loss': best_val_loss,
+        'datasets': [d.state_dict() if hasattr(d, 'state_dict') else None for d in datasets],
     }
 
 
@@ -315,12 +318,13 @@ def _load_sharded(path, model, optimizer):
 # hands it to the other ranks (so only rank 0's node needs work_dir) and puts it back. A sharded
 # checkpoint is read by every rank itself: all of them need work_dir then (a shared filesystem).
 
-def read_resume_state(config, model):
+def read_resume_state(config, model, datasets=()):
     """
-    (model state_dict, trainer state) of config.work_dir/ckpt to resume from, checked against model
-    and config, or None for a fresh start. config.resume says which of the two is expected (False:
-    a checkpoint there is an error; True: a missing one is; 'auto': either). For a sharded
-    checkpoint the state dict is None and state['shards'] names the directory every rank loads.
+    (model state_dict, trainer state) of config.work_dir/ckpt to resume from, checked against model,
+    config and datasets (those with a load_state_dict check the state they had), or None for a fresh
+    start. config.resume says which of the two is expected (False: a checkpoint there is an error;
+    True: a missing one is; 'auto': either). For a sharded checkpoint the state dict is None and
+    state['shards'] names the directory every rank loads.
     """
     work_dir = config.work_dir
     if work_dir is None:
@@ -355,6 +359,9 @@ def read_resume_state(config, model):
         raise CheckpointError(f"the checkpoint in {found} used data_seed={state['data_seed']}, "
                               f"this run asks for {config.data_seed}; set data_seed=None (or the "
                               "checkpoint's value) to continue the same data order")
+    for saved, dataset in zip(state.get('datasets', ()), datasets):
+        if saved is not None and hasattr(dataset, 'load_state_dict'):
+            dataset.load_state_dict(saved)  # a DataError if it is not the data the run trained on
     logger.info("resuming from %s at iteration %d", found, state['iter_num'])
     if sharded:
         return None, {**state, 'shards': shards}

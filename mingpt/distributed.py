@@ -9,7 +9,8 @@ Spreading one training run over several processes: torchrun starts the same scri
   its optimizer state over the processes, so each holds 1/W of them: for models whose replica,
   with AdamW's two moments, does not fit on one GPU.
 - set_grad_sync: skip the gradient communication on all micro-steps but the last.
-- is_sharded / require_fsdp / barrier: the small questions the trainer and checkpoints ask.
+- is_sharded / require_fsdp / require_whole_model / barrier: the small questions the trainer, the
+  checkpoints and the projects ask.
 
 Nothing here is specific to GPT: the units FSDP gathers one at a time are the items of the model's
 nn.ModuleLists (GPT's transformer blocks).
@@ -84,6 +85,19 @@ def require_fsdp():
                           f"torch.distributed.fsdp; this is torch {torch.__version__}: upgrade torch "
                           "(pip install -U torch), or use parallel='ddp'") from None
     return fully_shard
+
+
+def require_whole_model(parallel, script):
+    """
+    A ConfigError for parallel='fsdp' over several processes in a script that runs the model on rank 0
+    alone (to sample, to test): a sharded model runs only when every rank runs it, so rank 0 would
+    wait for the others forever.
+    """
+    if parallel == 'fsdp' and dist_env()[2] > 1:
+        raise ConfigError(f"{script} runs the model on rank 0 alone (samples, tests), which a model sharded "
+                          "over processes by --trainer.parallel=fsdp cannot do: use --trainer.parallel=ddp "
+                          "(a replica of this model fits one device), or projects/gpt2/gpt2.py, which "
+                          "samples on every rank under FSDP")
 
 
 def is_sharded(model):

@@ -121,7 +121,7 @@ class Trainer:
                               "at least one example (more text, or a smaller block_size)")
         # a run that cannot resume stops here, before anything is written to work_dir (by the
         # Trainer or, if it makes the Trainer first, by the script); run() loads what was read
-        self._resume = read_resume_state(config, model) if self.is_master else None
+        self._resume = read_resume_state(config, model, (train_dataset, val_dataset)) if self.is_master else None
         if not self._fsdp:  # fully_shard moves only this rank's slices to the device
             self.model = self.model.to(self.device)
         if self.is_master:
@@ -246,7 +246,7 @@ class Trainer:
         self.data_seed = None
         resume, self._resume = self._resume, None  # not kept: a second copy of the weights
         if resume is None and self.is_master:  # a fresh start, or a second run(): look again
-            resume = read_resume_state(config, model)
+            resume = read_resume_state(config, model, (self.train_dataset, self.val_dataset))
         state = apply_resume_state(resume, model, self.optimizer, self.scaler, config, self.rank, self.world_size)
         if state is not None:
             self.iter_num, self.best_val_loss = state['iter_num'], state['best_val_loss']
@@ -411,7 +411,7 @@ class Trainer:
         sharded = optimizer is not None and self.config.parallel == 'fsdp'
         state = trainer_state(self.iter_num, None if sharded else optimizer, scaler, rng, self.data_seed,
                               self.config.batch_size * self.config.grad_accum_steps * self.world_size,
-                              self.best_val_loss)
+                              self.best_val_loss, (self.train_dataset, self.val_dataset))
         directory = os.path.join(self.config.work_dir, name)
         write_checkpoint(directory, self.model, state, trainer_config=self.config,
                          optimizer=optimizer if sharded else None, rank=self.rank)

@@ -533,7 +533,7 @@ class TestGPT2(ProjectTestCase):
         self.assertRan(proc)
         self.assertIn('2 x 8 rows x 32 tokens x 1 processes', proc.stderr)  # 512 tokens a step: accumulation
         self.assertWorkDir(work_dir, 'ckpt/model.safetensors', 'ckpt_best/model.safetensors', 'samples.txt',
-                           'data.json', 'encoder.json')
+                           'encoder.json')
         self.assertLossWentDown(work_dir)
         records, _, val = read_metrics(work_dir)
         bpb = [(r['iter'], r['val_bpb']) for r in records if 'val_bpb' in r]
@@ -579,20 +579,29 @@ class TestGPT2(ProjectTestCase):
         self.make_shards()
         env = dict(os.environ, OMP_NUM_THREADS='1')
         env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
-        work_dir = self.tmp / 'out'
-        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                               str(PROJECTS / 'gpt2' / 'gpt2.py'), f'--data.dir={self.shards}',
-                               f'--system.work_dir={work_dir}', '--trainer.max_iters=10', *self.TINY],
-                              cwd=self.tmp, env=env, capture_output=True, text=True, timeout=600)
-        self.assertRan(proc)
-        # 512 tokens a step: 2 processes of 8 rows x 32 tokens need no accumulation
-        self.assertIn('512 tokens a step (1 x 8 rows x 32 tokens x 2 processes)', proc.stderr)
-        self.assertIn('(rank 0 of 2)', proc.stderr)
-        self.assertEqual(proc.stderr.count('gpt2: config:'), 1)
-        self.assertEqual(proc.stderr.count('val bits per byte'), 1)
-        self.assertEqual(proc.stdout.count('bits/byte after 10 steps (5,120 tokens)'), 1)
-        with open(work_dir / 'results.json') as f:
-            self.assertEqual(json.load(f)['tokens'], 5120)
+        # under FSDP every rank samples with the sharded model (rank 0 alone would wait forever)
+        for parallel in ('ddp', 'fsdp'):
+            with self.subTest(parallel=parallel):
+                work_dir = self.tmp / f'out-{parallel}'
+                proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                       '--nproc_per_node=2', str(PROJECTS / 'gpt2' / 'gpt2.py'),
+                                       f'--data.dir={self.shards}', f'--system.work_dir={work_dir}',
+                                       '--trainer.max_iters=10', *self.TINY, '--trainer.eval_interval=5',
+                                       '--sample.interval=5', f'--trainer.parallel={parallel}'],
+                                      cwd=self.tmp, env=env, capture_output=True, text=True, timeout=300)
+                self.assertRan(proc)
+                # 512 tokens a step: 2 processes of 8 rows x 32 tokens need no accumulation
+                self.assertIn('512 tokens a step (1 x 8 rows x 32 tokens x 2 processes)', proc.stderr)
+                self.assertIn('(rank 0 of 2)', proc.stderr)
+                self.assertEqual(proc.stderr.count('gpt2: config:'), 1)
+                self.assertEqual(proc.stderr.count('val bits per byte'), 2)
+                self.assertEqual(proc.stdout.count('bits/byte after 10 steps (5,120 tokens)'), 1)
+                with open(work_dir / 'results.json') as f:
+                    results = json.load(f)
+                self.assertEqual(results['tokens'], 5120)
+                samples = (work_dir / 'samples.txt').read_text(encoding='utf-8')
+                self.assertEqual(samples.count('--- iter '), 2)  # at step 5 and at the end, written once each
+                self.assertIn(results['sample'], samples)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ import torch.distributed.fsdp
 from safetensors.torch import load_file
 
 from mingpt.checkpoint import SHARDED, find_checkpoint, read_checkpoint
-from mingpt.distributed import require_fsdp
+from mingpt.distributed import require_fsdp, require_whole_model
 from mingpt.errors import CheckpointError, ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
@@ -47,6 +47,13 @@ class TestConfig(unittest.TestCase):
         with self.assertRaisesRegex(ConfigError, "parallel='zero' cannot work.*'ddp'.*'fsdp'"):
             Trainer(C, tiny_model(), RepeatDataset())
         self.assertEqual(Trainer.get_default_config().parallel, 'ddp')  # today's behaviour by default
+
+    def test_scripts_that_run_the_model_on_rank_0_alone_refuse_fsdp_over_processes(self):
+        require_whole_model('fsdp', 'x.py')  # one process: nothing is sharded
+        with mock.patch.dict(os.environ, {'WORLD_SIZE': '2', 'RANK': '1'}):
+            require_whole_model('ddp', 'x.py')
+            with self.assertRaisesRegex(ConfigError, r'x.py runs the model on rank 0 alone.*parallel=ddp'):
+                require_whole_model('fsdp', 'x.py')
 
     def test_a_torch_without_fsdp2_is_told_which_it_needs(self):
         with mock.patch.dict(torch.distributed.fsdp.__dict__):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
-from mingpt.errors import CheckpointError
+from mingpt.errors import CheckpointError, DataError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
@@ -48,6 +48,21 @@ def train(work_dir, max_iters, model=None, **kw):
     return trainer
 
 
+class StatefulDataset(RepeatDataset):
+    """ a dataset with a state, as token shards have (which shards): a resume must find the same """
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def state_dict(self):
+        return {'name': self.name}
+
+    def load_state_dict(self, state):
+        if state != self.state_dict():
+            raise DataError(f"trained on {state['name']}, not {self.name}")
+
+
 class TestCheckpointFiles(TempDirTestCase):
 
     def setUp(self):
@@ -73,6 +88,18 @@ class TestCheckpointFiles(TempDirTestCase):
         self.assertTrue(torch.equal(model.lm_head.weight, trainer.model.lm_head.weight))
         with open(os.path.join(ckpt, 'config.json')) as f:
             self.assertEqual(json.load(f)['model']['n_embd'], 48)
+
+    def test_the_datasets_state_is_checked_before_a_resume(self):
+        C = quiet_config(max_iters=2, batch_size=4, work_dir=self.dir, checkpoint_interval=2)
+        Trainer(C, tiny_model(), StatefulDataset('a'), val_dataset=RepeatDataset()).run()
+        _, state = read_checkpoint(find_checkpoint(os.path.join(self.dir, 'ckpt')))
+        self.assertEqual(state['datasets'], [{'name': 'a'}, None])  # the val dataset has no state
+        C.max_iters, C.resume = 4, True
+        with self.assertRaisesRegex(DataError, 'trained on a, not b'):
+            Trainer(C, tiny_model(), StatefulDataset('b'))  # refused when the Trainer is made: nothing written
+        trainer = Trainer(C, tiny_model(), StatefulDataset('a'))
+        trainer.run()
+        self.assertEqual(trainer.iter_num, 4)
 
     def test_in_process_resume_matches_straight_run(self):
         straight = train(os.path.join(self.dir, 'a'), 6).model

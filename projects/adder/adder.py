@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.distributed import is_rank0, process_group
+from mingpt.distributed import is_rank0, process_group, require_whole_model
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('adder')
@@ -225,6 +225,7 @@ def main(args):
     model = GPT(config.model)
 
     # the trainer measures the test loss every eval_interval iterations; we add exact-match accuracy
+    require_whole_model(config.trainer.parallel, 'projects/adder/adder.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=test_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     best_dir = os.path.join(config.system.work_dir, 'best')

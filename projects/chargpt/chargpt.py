@@ -26,7 +26,7 @@ from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import is_rank0, process_group
+from mingpt.distributed import is_rank0, process_group, require_whole_model
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
@@ -130,6 +130,7 @@ def main(args):
     model = GPT(config.model)
 
     # the trainer evaluates, keeps work_dir/ckpt_best and resumes; we add samples and the plot
+    require_whole_model(config.trainer.parallel, 'projects/chargpt/chargpt.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     if is_rank0():  # under torchrun every rank runs this script; rank 0 writes and shows

@@ -31,7 +31,7 @@ from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group
+from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
@@ -106,6 +106,7 @@ def main(args):
 
     config.model.vocab_size, config.model.block_size = enc.n_vocab, B
     model = GPT(config.model)
+    require_whole_model(config.trainer.parallel, 'projects/chat/base.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     trainer.run()

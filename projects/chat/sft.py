@@ -43,7 +43,7 @@ from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group
+from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
@@ -213,6 +213,8 @@ def main(args):
         logger.info("%s: %d conversations packed in %d rows of %d tokens (%d skipped: longer than "
                     "that), %d tokens learned", name, ds.n_conversations, len(ds), block_size,
                     ds.skipped, int((ds.y != -1).sum()))
+
+    require_whole_model(config.trainer.parallel, 'projects/chat/sft.py')
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten

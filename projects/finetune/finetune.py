@@ -28,7 +28,7 @@ from mingpt.errors import ConfigError
 from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group
+from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
 from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('finetune')
@@ -119,6 +119,8 @@ def main(args):
     train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction)
     logger.info("%d characters, %d tokens: %d to train on, %d to validate on",
                 len(text), len(ids), len(train_dataset.ids), len(val_dataset.ids))
+
+    require_whole_model(config.trainer.parallel, 'projects/finetune/finetune.py')
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten

@@ -9,7 +9,7 @@ Pretrains GPT-2 from scratch on token shards, the way nanoGPT and llm.c reproduc
 optimizer step (2^19, reached by gradient accumulation), AdamW with betas (0.9, 0.95) and weight decay
 0.1, lr 6e-4 warmed up over 715 steps then decayed along a cosine to a tenth, gradients clipped at 1.0,
 bf16 autocast and torch.compile (for a GPU), 19,073 steps: 10B tokens. --preset=cpu is the same recipe
-scaled down to train in about ten minutes on a 2-core CPU (see README.md). Any field can then be
+scaled down to train in about twelve minutes on a 2-core CPU (see README.md). Any field can then be
 overridden: --trainer.max_iters=100, --model.n_layer=24, ...
 
 The data is a directory `python -m mingpt.prepare` wrote: train shards, validation shards, the tokenizer
@@ -22,14 +22,13 @@ Every eval_interval steps: the validation loss and its bits per byte (the nats o
 over the UTF-8 bytes of their text, mingpt.evaluate's formula: it compares across tokenizers), in the log
 and in work_dir/metrics.jsonl ({'iter', 'val_bpb'} records beside the Trainer's), and loss.png. A sample
 from the tokenizer of the shards at the end (and every sample.interval steps), in samples.txt. Running
-the same command again continues from work_dir/ckpt, on the same shards only (data.json records them).
+the same command again continues from work_dir/ckpt, on the same shards only (the checkpoint records them).
 Under torchrun only rank 0 logs and writes.
 """
 
 import copy
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -37,7 +36,6 @@ import time
 import numpy as np
 import torch
 
-from mingpt.checkpoint import find_checkpoint
 from mingpt.data import open_shard, read_meta, shard_windows
 from mingpt.errors import ConfigError, DataError
 from mingpt.evaluate import bits_per_byte, token_byte_lengths
@@ -46,7 +44,8 @@ from mingpt.model import GPT
 from mingpt.schedule import eval_batches
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.utils import dist_env, is_rank0, log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.distributed import dist_env, is_rank0, process_group
+from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
 
 logger = logging.getLogger('gpt2')
 
@@ -117,7 +116,7 @@ def get_config():
 # the overrides each preset makes to get_config(), before the command line's
 PRESETS = {
     'gpt2': {},
-    # the recipe on a 2-core CPU in about ten minutes: the same optimizer and schedule shape, scaled down.
+    # the recipe on a 2-core CPU in about twelve minutes: the same optimizer and schedule shape, scaled down.
     # GPT-2's 50,257-token vocabulary dominates a model this narrow (the lm_head is most of its FLOPs);
     # a higher learning rate suits a small model; 2,048 tokens a step (no accumulation), so that a budget
     # of about a million tokens still makes 500 optimizer steps
@@ -167,22 +166,6 @@ def shards_tokenizer(directory):
     return found if found is not None else load_tokenizer(read_meta(directory)['tokenizer'])
 
 
-def check_same_shards(work_dir, train, val, resuming):
-    """
-    work_dir/data.json holds the datasets' state (mingpt.data.ShardWindows.state_dict: which shards, cut
-    how). A run that resumes must find the same; a DataError before anything is written otherwise.
-    Returns what to write there.
-    """
-    state = {'train': train.state_dict(), 'val': val.state_dict()}
-    path = os.path.join(work_dir, 'data.json')
-    if resuming and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        train.load_state_dict(saved['train'])
-        val.load_state_dict(saved['val'])
-    return state
-
-
 def unigram_entropy(val):
     """ nats per token of the validation split's own token frequencies: the loss of the best model that
     ignores context, so a loss below it shows the model uses context """
@@ -208,15 +191,12 @@ def main(args):
     logger.info("config:\n%s", config)
     check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
 
-    # the shards, their tokenizer, and a resumed run's check that they are the ones it trained on
+    # the shards and their tokenizer (a resumed run's Trainer checks they are the ones it trained on)
     train_dataset, val_dataset = shard_windows(D.dir, D.block_size)
     if val_dataset is None:
         raise DataError(f"{D.dir} has no validation shards (prepared with --val-tokens 0); this recipe "
                         f"evaluates on them: prepare the corpus again with some")
     tokenizer = shards_tokenizer(D.dir)
-    resuming = (config.trainer.resume is not False
-                and find_checkpoint(os.path.join(config.system.work_dir, 'ckpt')) is not None)
-    data_state = check_same_shards(config.system.work_dir, train_dataset, val_dataset, resuming)
     eot = tokenizer.special_tokens.get('<|endoftext|>') if hasattr(tokenizer, 'special_tokens') else None
     prompt_ids = ([] if eot is None else [eot]) + tokenizer.encode(str(S.prompt))
     if not prompt_ids:
@@ -253,8 +233,6 @@ def main(args):
     setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     work_dir = config.system.work_dir
     if is_rank0():  # under torchrun every rank runs this script; rank 0 writes and shows
-        with open(os.path.join(work_dir, 'data.json'), 'w') as f:
-            json.dump({**data_state, 'dir': os.path.abspath(D.dir)}, f, indent=2)
         save_tokenizer(tokenizer, work_dir)  # mingpt.evaluate and the chat find it next to ckpt/
 
     def sample():
@@ -269,15 +247,20 @@ def main(args):
         with open(os.path.join(work_dir, 'samples.txt'), 'a', encoding='utf-8') as f:
             f.write(f"--- iter {trainer.iter_num} (val loss {trainer.val_loss:.4f}) ---\n{text}\n\n")
 
+    # a model sharded by FSDP runs only when every rank runs it: then each rank samples (in step, the same
+    # shapes at every forward) and rank 0 keeps the text; otherwise rank 0 samples alone
+    sharded = config.trainer.parallel == 'fsdp' and world_size > 1
+
     def on_eval_end(trainer):
         trainer.val_bpb = bits_per_byte(trainer.val_loss * eval_targets, eval_bytes)
+        due = S.interval and trainer.iter_num % S.interval == 0 and trainer.iter_num != config.trainer.max_iters
+        text = sample() if due and (sharded or is_rank0()) else None
         if not is_rank0():
             return
         logger.info("iter %d: val bits per byte %.4f", trainer.iter_num, trainer.val_bpb)
         trainer.metrics.log({'iter': trainer.iter_num, 'val_bpb': trainer.val_bpb})
         trainer.plot(os.path.join(work_dir, 'loss.png'))
-        if S.interval and trainer.iter_num % S.interval == 0 and trainer.iter_num != config.trainer.max_iters:
-            text = sample()
+        if text is not None:
             logger.info("iter %d: sample\n%s", trainer.iter_num, text)
             keep_sample(text)
 
@@ -293,10 +276,11 @@ def main(args):
     results = {'iters': trainer.iter_num, 'tokens': trainer.iter_num * step_tokens, 'val_loss': trainer.val_loss,
                'val_bpb': trainer.val_bpb, 'best_val_loss': trainer.best_val_loss, 'unigram_entropy': unigram,
                'parameters': n_params, 'seconds': round(seconds, 1)}
+    text = sample() if sharded or is_rank0() else None
     if not is_rank0():
         return results  # rank 0 reports the run
     plotted = trainer.plot(os.path.join(work_dir, 'loss.png'))  # None without matplotlib
-    results['sample'] = sample()
+    results['sample'] = text
     keep_sample(results['sample'])
     with open(os.path.join(work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
@@ -308,4 +292,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_script(main, sys.argv[1:])
+    with process_group():  # under torchrun: an evaluation after run() (of a finished run) reaches every rank
+        run_script(main, sys.argv[1:])
