@@ -7,7 +7,6 @@ Loss and bits per byte of any model on any text file.
     from mingpt.evaluate import evaluate_text
     from mingpt.tokenizers import tokenizer_for_model
     evaluate_text(model, tokenizer, text)  # -> {'loss': nats/token, 'bits_per_byte': ..., 'tokens': ..., 'bytes': ...}
-    dataset_loss(model, dataset, batches, device)  # the mean loss on (x, y) rows: the Trainer's evaluation
     bits_per_byte(loss * n_tokens, token_byte_lengths(tokenizer)[ids].sum())  # ids scored elsewhere (shards)
 
 Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the scored text. Unlike loss per token it does
@@ -27,16 +26,13 @@ directory, else GPT-2's BPE for a GPT-2-sized vocabulary); --tokenizer overrides
 """
 
 import argparse
-import contextlib
 import logging
 import math
 import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data.dataloader import default_collate
 
 from mingpt.bpe import Encoder
 from mingpt.data import read_text_file
@@ -160,49 +156,6 @@ def evaluate_text(model, tokenizer, text, *, block_size=None, stride=None, batch
     assert n_scored == len(ids) - 1, (n_scored, len(ids))
     return {'loss': total_nats / n_scored, 'bits_per_byte': bits_per_byte(total_nats, n_bytes),
             'tokens': n_scored, 'bytes': n_bytes}
-
-# -----------------------------------------------------------------------------
-# the loss on a dataset of (x, y) rows, as the Trainer evaluates it
-
-def count_targets(y):
-    """ how many targets of y count in the loss: -1 is GPT's ignore_index """
-    if torch.is_tensor(y) and not y.is_floating_point():
-        return y.ne(-1).sum().float()
-    return torch.ones((), device=y.device if torch.is_tensor(y) else None)
-
-
-@torch.no_grad()
-def dataset_loss(model, dataset, batches, device, autocast=contextlib.nullcontext, rank=0, world_size=1,
-                 every_rank=False):
-    """
-    Mean loss per counted target of model (forward(x, y) -> (logits, loss)) on the rows of dataset
-    that batches (lists of indices) name. world_size ranks share each batch, rank r taking every
-    W-th row, and their sums meet in an all-reduce. every_rank: a rank with no row of a batch runs
-    one anyway, uncounted (FSDP's ranks gather the weights together: none may skip a forward).
-    autocast: a function returning the context each forward runs in.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
-    for global_idx in batches:
-        mine, counted = global_idx[rank::world_size], 1
-        if len(mine) == 0:
-            if not every_rank:
-                continue
-            mine, counted = global_idx[:1], 0
-        x, y = [t.to(device) for t in default_collate([dataset[int(i)] for i in mine])]
-        with autocast():
-            _, loss = model(x, y)
-        n = count_targets(y) * counted
-        loss_sum += loss.float() * n
-        count += n
-    if world_size > 1:
-        both = torch.stack([loss_sum, count])
-        dist.all_reduce(both)
-        loss_sum, count = both[0], both[1]
-    model.train(was_training)
-    return (loss_sum / count.clamp(min=1)).item()
 
 # -----------------------------------------------------------------------------
 # command line

@@ -7,6 +7,7 @@ What a training run shows while it runs and leaves to look at afterwards:
 - Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise;
   track: the same around any long loop (an evaluation, a long sample).
 - plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
+- dataset_loss: the validation loss the Trainer records (on any dataset of (x, y) rows, over every rank).
 """
 
 import contextlib
@@ -16,6 +17,10 @@ import os
 import sys
 import time
 from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.utils.data.dataloader import default_collate
 
 from mingpt.utils import atomic_write
 
@@ -195,3 +200,46 @@ def plot_metrics(history, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+# -----------------------------------------------------------------------------
+# the loss on a dataset of (x, y) rows: the Trainer's evaluation
+
+def count_targets(y):
+    """ how many targets of y count in the loss: -1 is GPT's ignore_index """
+    if torch.is_tensor(y) and not y.is_floating_point():
+        return y.ne(-1).sum().float()
+    return torch.ones((), device=y.device if torch.is_tensor(y) else None)
+
+
+@torch.no_grad()
+def dataset_loss(model, dataset, batches, device, autocast=contextlib.nullcontext, rank=0, world_size=1,
+                 every_rank=False):
+    """
+    Mean loss per counted target of model (forward(x, y) -> (logits, loss)) on the rows of dataset
+    that batches (lists of indices) name. world_size ranks share each batch, rank r taking every
+    W-th row, and their sums meet in an all-reduce. every_rank: a rank with no row of a batch runs
+    one anyway, uncounted (FSDP's ranks gather the weights together: none may skip a forward).
+    autocast: a function returning the context each forward runs in.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for global_idx in batches:
+        mine, counted = global_idx[rank::world_size], 1
+        if len(mine) == 0:
+            if not every_rank:
+                continue
+            mine, counted = global_idx[:1], 0
+        x, y = [t.to(device) for t in default_collate([dataset[int(i)] for i in mine])]
+        with autocast():
+            _, loss = model(x, y)
+        n = count_targets(y) * counted
+        loss_sum += loss.float() * n
+        count += n
+    if world_size > 1:
+        both = torch.stack([loss_sum, count])
+        dist.all_reduce(both)
+        loss_sum, count = both[0], both[1]
+    model.train(was_training)
+    return (loss_sum / count.clamp(min=1)).item()

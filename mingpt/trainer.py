@@ -28,9 +28,8 @@ from mingpt.checkpoint import (apply_resume_state, diverged, gather_rng_states, 
                                write_checkpoint)
 from mingpt.distributed import PARALLEL, dist_env, process_group, require_fsdp, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
-from mingpt.evaluate import count_targets, dataset_loss
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
-from mingpt.metrics import MetricsLog, Progress, plot_metrics
+from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, plot_metrics
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
 
