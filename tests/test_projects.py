@@ -552,7 +552,7 @@ class TestGPT2(ProjectTestCase):
         self.assertEqual([line.split(' (')[0] for line in samples.splitlines() if line.startswith('--- iter')],
                          ['--- iter 10', '--- iter 20', '--- iter 30'])
         self.assertIn(results['sample'], samples)
-        self.assertGreater(len(results['sample']), 20)
+        self.assertGreater(len(results['sample']), 10)  # 20 new tokens (an <|endoftext|> among them adds no text)
         self.assertIn(results['sample'], proc.stdout)
 
         # the same command with a longer schedule continues from iteration 30
