@@ -58,6 +58,20 @@ def log_to_stderr():
         logging.basicConfig(level=logging.INFO if is_rank0() else logging.WARNING,
                             format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
 
+
+def start_run(config, logger):
+    """
+    The start every project script shares: logging to stderr (log_to_stderr), every RNG seeded with
+    config.system.seed, torch's threads set to config.system.num_threads when the config has one and
+    it is set, and the resolved config logged through the script's logger, before any work.
+    """
+    log_to_stderr()
+    set_seed(config.system.seed)
+    if getattr(config.system, 'num_threads', None):
+        torch.set_num_threads(config.system.num_threads)
+    logger.info("config:\n%s", config)
+
+
 def atomic_write(path, content):
     """
     Write the file at path so that it holds either its old content or the whole new one, never a

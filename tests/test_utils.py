@@ -13,7 +13,7 @@ from mingpt.errors import ConfigError
 from safetensors.torch import save_file
 
 from mingpt.distributed import barrier, process_group
-from mingpt.utils import CfgNode, atomic_write, dist_env, is_rank0, set_seed, setup_logging
+from mingpt.utils import CfgNode, atomic_write, dist_env, is_rank0, set_seed, setup_logging, start_run
 
 from tests.common import TempDirTestCase, patched_env, tiny_gpt
 
@@ -115,6 +115,25 @@ class TestSeedAndLogging(unittest.TestCase):
             self.assertFalse(torch.distributed.is_initialized())
             barrier()  # nothing to wait for
         self.assertFalse(torch.distributed.is_initialized())
+
+
+class TestStartRun(unittest.TestCase):
+
+    def test_seeds_sets_threads_and_logs_the_config(self):
+        import logging
+        config = CfgNode(system=CfgNode(seed=7, num_threads=1))
+        threads = torch.get_num_threads()
+        try:
+            with self.assertLogs('start-run-test', level='INFO') as logs:
+                start_run(config, logging.getLogger('start-run-test'))
+            self.assertEqual(torch.get_num_threads(), 1)
+        finally:
+            torch.set_num_threads(threads)
+        self.assertIn('seed: 7', logs.output[0])
+        drawn = torch.rand(3)
+        set_seed(7)
+        self.assertTrue(torch.equal(drawn, torch.rand(3)))  # the same stream as set_seed(7)
+        start_run(CfgNode(system=CfgNode(seed=7)), logging.getLogger('start-run-test'))  # no num_threads: fine
 
 
 class TestAtomicWrite(TempDirTestCase):

@@ -24,7 +24,7 @@ from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.distributed import is_rank0, process_group, require_whole_model
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
 
 logger = logging.getLogger('adder')
 
@@ -209,11 +209,7 @@ def main(args):
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints and metrics.jsonl live there too
     given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    log_to_stderr()
-    set_seed(config.system.seed)
-    if config.system.num_threads:
-        torch.set_num_threads(config.system.num_threads)
-    logger.info("config:\n%s", config)
+    start_run(config, logger)
 
     # the two splits, and a model sized for them
     train_dataset = AdditionDataset(config.data, split='train')

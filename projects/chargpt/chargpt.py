@@ -27,7 +27,7 @@ from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
 from mingpt.distributed import is_rank0, process_group, require_whole_model
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -95,11 +95,7 @@ def main(args):
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
     given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    log_to_stderr()
-    set_seed(config.system.seed)
-    if config.system.num_threads:
-        torch.set_num_threads(config.system.num_threads)
-    logger.info("config:\n%s", config)
+    start_run(config, logger)
 
     # the text, its vocabulary and the two splits: the first 90% to train on, the last 10% to
     # validate on, as nanoGPT does. The vocabulary is kept in the work dir as chars.json: a resumed

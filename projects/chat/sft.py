@@ -44,7 +44,7 @@ from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
 from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
 
@@ -186,9 +186,7 @@ def main(args):
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir
     given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
-    log_to_stderr()
-    set_seed(config.system.seed)
-    logger.info("config:\n%s", config)
+    start_run(config, logger)
     S = config.sample
     check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
 

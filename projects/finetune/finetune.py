@@ -29,7 +29,7 @@ from mingpt.generate import check_sampling_args
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
 
 logger = logging.getLogger('finetune')
 
@@ -88,11 +88,7 @@ def main(args):
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
     given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
-    log_to_stderr()
-    set_seed(config.system.seed)
-    if config.system.num_threads:
-        torch.set_num_threads(config.system.num_threads)
-    logger.info("config:\n%s", config)
+    start_run(config, logger)
     S = config.sample
     check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
 

@@ -45,7 +45,7 @@ from mingpt.schedule import eval_batches
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
 from mingpt.trainer import Trainer
 from mingpt.distributed import dist_env, is_rank0, process_group
-from mingpt.utils import log_to_stderr, run_script, set_seed, setup_logging, CfgNode as CN
+from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
 
 logger = logging.getLogger('gpt2')
 
@@ -184,11 +184,7 @@ def main(args):
         config.trainer.grad_accum_steps = grad_accum_steps(D.total_batch_tokens, config.trainer.batch_size,
                                                            D.block_size, world_size)
     given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    log_to_stderr()
-    set_seed(config.system.seed)
-    if config.system.num_threads:
-        torch.set_num_threads(config.system.num_threads)
-    logger.info("config:\n%s", config)
+    start_run(config, logger)
     check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
 
     # the shards and their tokenizer (a resumed run's Trainer checks they are the ones it trained on)
