@@ -53,7 +53,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from mingpt.bpe import Encoder, bytes_to_unicode
 from mingpt.metrics import Progress
 from mingpt.pretokenize import pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
