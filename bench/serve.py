@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from mingpt.bpe import get_encoder  # noqa: E402
 from mingpt.chat import ChatTokenizer, add_chat_tokens  # noqa: E402
+from mingpt.hardware import pack_weights  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 
 SHARED_DATA = REPO.parent / 'shared' / 'data'
@@ -78,6 +79,7 @@ def time_steps(model, prompt_tokens, new_tokens, clients, repeats=5):
             f()
             times.append(time.perf_counter() - t0)
         return min(times)
+    pack_weights(model)  # as the server's BatchEngine does
     with torch.inference_mode():
         cache = model.make_kv_cache(max(clients))
         x = torch.randint(model.config.vocab_size, (1, prompt_tokens))

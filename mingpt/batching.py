@@ -49,6 +49,7 @@ import torch
 
 from mingpt.errors import ConfigError
 from mingpt.generate import decoding_options, next_input, prepare_prompts, sample
+from mingpt.hardware import pack_weights
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class BatchEngine:
         if self.n_rows < 1:
             raise ConfigError(f"a batch needs at least 1 row (got rows={rows})")
         self.cache = model.make_kv_cache(self.n_rows)
+        pack_weights(model)  # a step's products have a row per request: see hardware.pack_weights
         self.device = next(model.parameters()).device
         self.threaded = threaded
         self.rows = []  # the running requests, request i in row i; touched by the stepping thread only

@@ -2,7 +2,8 @@
 Choices that depend on the machine, kept in one place so that the model and the trainer read as plain
 PyTorch:
 
-- Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off).
+- Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off);
+  pack_weights gives a model's Linears a second copy in oneDNN's blocked layout for products of many rows.
 - resolve_device: 'auto' made concrete, and any other device checked against this machine.
 - training_device: the device a training process uses (one GPU per process under torchrun).
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
@@ -23,16 +24,17 @@ logger = logging.getLogger(__name__)
 # -----------------------------------------------------------------------------
 # the oneDNN linear
 
-def _find_onednn_linear():
-    """ torch's oneDNN linear kernel (the op inductor's CPU backend calls), or None: absent, or turned off """
+def _find_onednn_op(name):
+    """ one of torch's oneDNN linear ops (those inductor's CPU backend calls), or None: absent, or turned off """
     if os.environ.get('MINGPT_ONEDNN', '1') == '0':
         return None
     if not torch.backends.mkldnn.is_available():
         return None
-    return getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+    return getattr(torch.ops.mkldnn, name, None)
 
 
-_onednn_linear = _find_onednn_linear()
+_onednn_linear = _find_onednn_op('_linear_pointwise')
+_onednn_pack = _find_onednn_op('_reorder_linear_weight')  # (out, in) weight -> oneDNN's blocked layout
 
 # below this many weight elements (1 MB in fp32) the fixed cost of a oneDNN call outweighs its faster
 # reads, so toy models' products stay with F.linear
@@ -50,10 +52,20 @@ class Linear(nn.Linear):
     and init are nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes,
     and small weights take F.linear; the two agree to fp32 rounding.
 
+    After pack() (see pack_weights), products of two rows or more read a copy of the weight in
+    oneDNN's blocked layout instead, made at the first such product and again whenever the weight
+    has changed since.
+
     The kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call fails
     (a torch whose op takes other arguments), every product takes F.linear, the latter after one
     debug log line.
     """
+
+    packs = False  # set by pack(): keep and use a blocked copy of the weight
+    _packed = None  # ((weight's version, its address), the blocked copy)
+
+    def pack(self):
+        self.packs = True
 
     def forward(self, x):
         global _onednn_linear
@@ -62,12 +74,49 @@ class Linear(nn.Linear):
                 and x.dtype == torch.float32 and w.dtype == torch.float32
                 and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
+            if self.packs and x.numel() >= 2 * x.size(-1):
+                w = self._packed_weight()
             try:
                 return _onednn_linear(x, w, self.bias, 'none', [], '')
             except (RuntimeError, TypeError) as e:
                 logger.debug("oneDNN linear failed (%s); using F.linear from now on", e)
                 _onednn_linear = None
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed_weight(self):
+        """ the blocked copy of the weight, made anew if the weight changed in place (an optimizer
+        step, load_state_dict) or was replaced; the weight itself where packing is unavailable """
+        global _onednn_pack
+        w = self.weight
+        key = (w._version, w.data_ptr())
+        if _onednn_pack is not None and (self._packed is None or self._packed[0] != key):
+            try:
+                self._packed = (key, _onednn_pack(w.detach(), None))
+            except (RuntimeError, TypeError) as e:
+                logger.debug("oneDNN weight packing failed (%s); products read the weight as it is", e)
+                _onednn_pack, self._packed = None, None
+        return w if _onednn_pack is None or self._packed is None else self._packed[1]
+
+    def __getstate__(self):
+        # a oneDNN tensor has no storage to copy or pickle: a copy of this layer packs its own
+        state = super().__getstate__().copy()
+        state.pop('_packed', None)
+        return state
+
+
+def pack_weights(model):
+    """
+    Have every Linear of model that takes the oneDNN path keep a second copy of its weight in
+    oneDNN's blocked layout, read by its products of two rows or more (a batched decode step, a
+    prompt's prefill). Why: a matrix-vector product (one row) streams nn.Linear's (out, in) weight
+    fastest as it is, but with more rows the arithmetic starts to count, and oneDNN's kernel then
+    runs faster on the blocked layout it would otherwise rebuild piece by piece at every call
+    (bench/README.md, "Serving"). The cost is memory: the big weights are held twice. Single-row
+    products, training and every other path are unchanged.
+    """
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.pack()
 
 # -----------------------------------------------------------------------------
 # devices and training

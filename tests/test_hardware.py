@@ -1,8 +1,10 @@
 """
 mingpt.hardware: the oneDNN linear (taken exactly when it should be, equal to F.linear, with a fallback
-and an opt-out), and the machine-dependent training defaults.
+and an opt-out; packed weights for products of many rows, kept in step with the weight), and the
+machine-dependent training defaults.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,18 +17,20 @@ from torch.nn import functional as F
 
 from mingpt import hardware
 from mingpt.errors import ConfigError
-from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, training_device
+from mingpt.batching import BatchEngine
+from mingpt.hardware import (ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, pack_weights,
+                             training_device)
 
 from tests.common import REPO, slow, tiny_gpt
 
 
 def counting():
-    """ patch the oneDNN op with a wrapper that counts its calls; returns (patcher, calls) """
+    """ patch the oneDNN op with a wrapper that counts its calls; returns (patcher, the weights it was given) """
     calls = []
     op = hardware._onednn_linear
 
     def counted(*args):
-        calls.append(args[1].shape)
+        calls.append(args[1])
         return op(*args)
     return mock.patch.object(hardware, '_onednn_linear', counted if op else None), calls
 
@@ -115,7 +119,7 @@ class TestLinear(unittest.TestCase):
         self.assertTrue(torch.equal(batched, reference))
         torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-5, atol=1e-5)
         if hardware._onednn_linear is not None:
-            self.assertIn(model.lm_head.weight.shape, calls)
+            self.assertIn(model.lm_head.weight.shape, [w.shape for w in calls])
 
     def test_a_failing_kernel_falls_back_to_f_linear_once(self):
         torch.manual_seed(0)
@@ -135,6 +139,43 @@ class TestLinear(unittest.TestCase):
         torch.testing.assert_close(second, first)
         self.assertEqual(len(calls), 1)
         self.assertIn('F.linear', '\n'.join(logs.output))
+
+    @unittest.skipIf(hardware._onednn_pack is None, "this torch has no oneDNN weight packing op")
+    def test_packed_weights_for_many_rows(self):
+        torch.manual_seed(0)
+        layer = Linear(512, 1024)
+        layer.pack()
+        patch, calls = counting()
+        with patch, torch.no_grad():
+            for x in (torch.randn(1, 1, 512), torch.randn(16, 1, 512), torch.randn(3, 7, 512)[:, -1:, :],
+                      torch.randn(1, 64, 512)):
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            # one row reads the weight as it is; two rows or more, the blocked copy
+            self.assertEqual([w.is_mkldnn for w in calls], [False, True, True, True])
+            packed = layer._packed[1]
+            layer.weight.mul_(-2)  # an in-place change (an optimizer step): the copy is made anew
+            x = torch.randn(4, 512)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            self.assertIsNot(layer._packed[1], packed)
+        # the copy is no parameter or buffer, and a copy of the layer makes its own
+        self.assertEqual(set(layer.state_dict()), {'weight', 'bias'})
+        twin = copy.deepcopy(layer)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), layer(x))
+        self.assertTrue(twin.packs)
+
+    def test_batch_engine_on_packed_weights_gives_each_request_its_tokens_alone(self):
+        # the engine packs the model's weights: its batched steps (and prefills) read the blocked
+        # copies, a request generated alone reads the weights as they are, and the two agree
+        model = onednn_gpt(vocab_size=700)
+        prompts = [torch.randint(0, 700, (n,)).tolist() for n in (3, 9, 1, 12)]
+        alone = [model.generate(torch.tensor(p)[None], 8)[0, len(p):].tolist() for p in prompts]
+        with BatchEngine(model, rows=4) as engine:
+            requests = [engine.submit(p, 8) for p in prompts]
+            batched = [list(r) for r in requests]
+        self.assertEqual(batched, alone)
+        if hardware._onednn_pack is not None:
+            self.assertIsNotNone(model.lm_head._packed)
 
     @slow
     def test_env_var_turns_it_off(self):
