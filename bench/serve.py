@@ -1,6 +1,6 @@
 """
 Benchmark the web chat serving many users at once: N clients talk to a real server (python -m
-mingpt.serve's app under uvicorn, in a subprocess, on 127.0.0.1) over HTTP, each request a 64-token
+mingpt.serve's app and runner, in a subprocess, on 127.0.0.1) over HTTP, each request a 64-token
 prompt and 128 new tokens, for N = 1, 4, 16; first with the replies batched (16 rows), then with the
 same server generating one reply at a time (1 row), in one run. GPT-2 124M with random weights, fp32.
 
@@ -96,15 +96,15 @@ def time_steps(model, prompt_tokens, new_tokens, clients, repeats=5):
 # the server, in a subprocess
 
 def serve(args):
-    """ the subprocess: the chat app on 127.0.0.1:args.port with args.rows rows """
-    import uvicorn
-    from mingpt.serve import create_app
+    """ the subprocess: the chat app on 127.0.0.1:args.port with args.rows rows, run as python -m
+    mingpt.serve runs it (run_server: the engine's steps in the main thread, HTTP in another) """
+    from mingpt.serve import create_app, run_server
     torch.set_num_threads(args.threads)
     model, tok = chat_model(args.model)
     app = create_app(model, tok, model_name=args.model, max_concurrent=args.rows,
                      max_queue=max(args.clients) * args.requests, queue_timeout=3600,
-                     max_new_tokens=args.new_tokens)
-    uvicorn.run(app, host='127.0.0.1', port=args.port, log_level='warning')
+                     max_new_tokens=args.new_tokens, engine_thread=False)
+    run_server(app, '127.0.0.1', args.port)
 
 
 def free_port():

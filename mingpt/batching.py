@@ -114,8 +114,9 @@ class BatchEngine:
     """
     A pool of `rows` KV-cache rows (default: default_rows(model)) and the thread that steps
     every running request together; see the module docstring. threaded=False starts no thread:
-    the caller runs step() itself (to control exactly when requests join). A context manager, or
-    call close().
+    the caller steps, by calling step() (to control exactly when requests join) or run() (in a
+    thread of its choosing, until close()). A context manager, or call close(). On a CPU in fp32 the model's big weights are also held in oneDNN's blocked layout,
+    for the many-row products of its steps and prefills (mingpt.hardware.pack_weights).
     """
 
     RATE_WINDOW = 10.0  # seconds over which stats() counts tokens per second
@@ -133,7 +134,9 @@ class BatchEngine:
         self.waiting = collections.deque()  # submitted requests waiting for a row
         self.lock = threading.Condition()
         self.closed = False
-        self.thread = None
+        self.thread = None  # the engine's own thread, once started
+        self.stepper = None  # the thread in run(): the engine's own, or the caller's
+        self.stopped = threading.Event()  # set when run() returns
         self.recent = collections.deque()  # (time, tokens) of the steps of the last RATE_WINDOW seconds
         self.started = time.monotonic()
 
@@ -169,7 +172,7 @@ class BatchEngine:
                 raise RuntimeError("this BatchEngine is closed")
             self.waiting.append(req)
             if self.thread is None and self.threaded:
-                self.thread = threading.Thread(target=self._run, name='mingpt-batch', daemon=True)
+                self.thread = self.stepper = threading.Thread(target=self._run, name='mingpt-batch', daemon=True)
                 self.thread.start()
             self.lock.notify()
         return req
@@ -179,8 +182,8 @@ class BatchEngine:
         with self.lock:
             self.closed = True
             self.lock.notify()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join()
+        if self.stepper is not None and self.stepper is not threading.current_thread():
+            self.stopped.wait()
         with self.lock:
             left, self.rows = self.rows + list(self.waiting), []
             self.waiting.clear()
@@ -205,20 +208,36 @@ class BatchEngine:
     # -------------------------------------------------------------------------
     # the steps
 
+    def run(self):
+        """
+        Step in the calling thread until close(), with threaded=False. Why a caller would: the
+        thread that loaded the model owns an OpenMP thread pool already, and a second thread doing
+        the model's work starts another; with more pool threads than cores, OpenMP's threads sleep
+        between parallel regions instead of spinning, and every step is slower (mingpt.serve
+        steps in its main thread and serves HTTP from another: see serve.run_server).
+        """
+        if self.threaded:
+            raise RuntimeError("this BatchEngine steps in its own thread; run() is for threaded=False")
+        self.stepper = threading.current_thread()
+        self._run()
+
     def _run(self):
-        while True:
-            with self.lock:
-                while not (self.closed or self.waiting or self.rows):
-                    self.lock.wait()
-                if self.closed:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # a bug or an out-of-memory: the running requests fail, the engine goes on
-                logger.exception("a generation step failed")
-                failed, self.rows = self.rows, []
-                for req in failed:
-                    req._finish('error', RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+        try:
+            while True:
+                with self.lock:
+                    while not (self.closed or self.waiting or self.rows):
+                        self.lock.wait()
+                    if self.closed:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a bug or an out-of-memory: the running requests fail, the engine goes on
+                    logger.exception("a generation step failed")
+                    failed, self.rows = self.rows, []
+                    for req in failed:
+                        req._finish('error', RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            self.stopped.set()
 
     def step(self):
         """

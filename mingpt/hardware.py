@@ -48,13 +48,12 @@ class Linear(nn.Linear):
     Why: decoding one token makes every layer a matrix-vector product that reads its whole weight once,
     so a decode step runs at the speed weights stream from memory, and oneDNN's kernel reads
     nn.Linear's (out, in) weight faster than torch's default CPU path does on some CPUs (bench/README.md
-    has the measurements). oneDNN takes the weight as it is (no packed copy), so parameters, state dict
-    and init are nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes,
-    and small weights take F.linear; the two agree to fp32 rounding.
+    has the measurements). oneDNN takes the weight as it is, so parameters, state dict and init are
+    nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes, and small
+    weights take F.linear; the two agree to fp32 rounding.
 
     After pack() (see pack_weights), products of two rows or more read a copy of the weight in
-    oneDNN's blocked layout instead, made at the first such product and again whenever the weight
-    has changed since.
+    oneDNN's blocked layout instead, made by pack() and again whenever the weight has changed since.
 
     The kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call fails
     (a torch whose op takes other arguments), every product takes F.linear, the latter after one
@@ -65,7 +64,13 @@ class Linear(nn.Linear):
     _packed = None  # ((weight's version, its address), the blocked copy)
 
     def pack(self):
+        """ from now on, products of two rows or more read a blocked copy of the weight; made here
+        already when the layer takes the oneDNN path, so that the first such product does not wait """
         self.packs = True
+        w = self.weight
+        if w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() >= ONEDNN_MIN_WEIGHT:
+            with torch.no_grad():
+                self._packed_weight()
 
     def forward(self, x):
         global _onednn_linear
@@ -109,10 +114,10 @@ def pack_weights(model):
     Have every Linear of model that takes the oneDNN path keep a second copy of its weight in
     oneDNN's blocked layout, read by its products of two rows or more (a batched decode step, a
     prompt's prefill). Why: a matrix-vector product (one row) streams nn.Linear's (out, in) weight
-    fastest as it is, but with more rows the arithmetic starts to count, and oneDNN's kernel then
-    runs faster on the blocked layout it would otherwise rebuild piece by piece at every call
-    (bench/README.md, "Serving"). The cost is memory: the big weights are held twice. Single-row
-    products, training and every other path are unchanged.
+    fastest as it is, but with more rows the arithmetic starts to count, and oneDNN's matmul kernel
+    then runs faster on weights already in its own blocked layout (bench/README.md, serving). The
+    cost is memory: the big weights are held twice. Single-row products, training and every other
+    path are unchanged.
     """
     for m in model.modules():
         if isinstance(m, Linear):

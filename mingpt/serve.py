@@ -30,8 +30,9 @@ defeats DNS rebinding; refuses a request whose Origin is not its own; takes /cha
 application/json, which a cross-origin page cannot send without the browser asking first; and /config
 names the model without its path.
 
-Replies are generated together, in one mingpt.batching.BatchEngine of --max-concurrent rows: each step
-of its thread decodes a token of every running reply in one forward. Rendering a conversation runs in a
+Replies are generated together, in one mingpt.batching.BatchEngine of --max-concurrent rows: each of
+its steps decodes a token of every running reply in one forward (python -m mingpt.serve steps in its
+main thread and answers HTTP in another: run_server). Rendering a conversation runs in a
 worker thread and each reply's tokens become text in a thread of its own, so the event loop keeps
 serving (and noticing disconnects) while the model computes. A client that goes away (the page's Stop
 button) leaves the batch at the next step, freeing its row. The server binds to 127.0.0.1 by default:
@@ -44,6 +45,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import threading
 import time
 import weakref
@@ -156,7 +158,7 @@ def check_limits(flags=False, **values):
 
 def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_prompt_tokens=None,
                max_concurrent=None, queue_timeout=10.0, max_queue=None, temperature=0.8, top_k=50,
-               top_p=None, default_max_tokens=256, allowed_hosts=LOCAL_HOSTS):
+               top_p=None, default_max_tokens=256, allowed_hosts=LOCAL_HOSTS, engine_thread=True):
     """
     The Starlette app serving model (in eval mode) with its ChatTokenizer. Limits: max_new_tokens
     (the most a request may ask for), max_prompt_tokens (default: the model's context less room
@@ -166,7 +168,8 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     seconds, then 429) and how many may wait (max_queue, default 4 x max_concurrent; more: a 429 at once).
     temperature, top_k, top_p, default_max_tokens: defaults for requests that do not say.
     allowed_hosts: the host names (without port) requests may be addressed to; None allows any.
-    model_name is shown on the page: a name, never a path.
+    model_name is shown on the page: a name, never a path. engine_thread=False: the batch engine
+    (app.state.engine) starts no thread of its own; the caller runs it (run_server does).
     """
     try:
         from starlette.applications import Starlette
@@ -185,7 +188,7 @@ def create_app(model, tokenizer, *, model_name='model', max_new_tokens=512, max_
     allowed_hosts = None if allowed_hosts is None else frozenset(h.lower().strip('[]') for h in allowed_hosts)
     max_concurrent = default_rows(model) if max_concurrent is None else max_concurrent
     # the engine's rows and the slots agree: a request holds a slot exactly while its reply runs
-    engine = BatchEngine(model, max_concurrent)
+    engine = BatchEngine(model, max_concurrent, threaded=engine_thread)
     slots = Slots(max_concurrent, max_waiting=4 * max_concurrent if max_queue is None else max_queue)
     stats_lock = threading.Lock()
     stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'rejected': 0, 'tokens': 0}
@@ -410,6 +413,36 @@ def port_number(value):
     return port
 
 
+def run_server(app, host, port):
+    """
+    Serve app (from create_app(..., engine_thread=False)) with uvicorn: HTTP in a thread of its
+    own, the batch engine's steps in this one, the thread that loaded the model (the reason is in
+    BatchEngine.run). Ctrl-C or SIGTERM shuts down as uvicorn does, and the app's shutdown
+    closes the engine, which ends the steps. -> False if the server could not start (the error
+    is logged), else True once it has shut down.
+    """
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level='warning'))
+
+    def serve_http():
+        try:
+            server.run()
+        finally:  # a server that could not bind its port ends here too: the steps must end with it
+            app.state.engine.close()
+    web = threading.Thread(target=serve_http, name='mingpt-http')
+    # signals reach only the main thread: pass them on to uvicorn, which then shuts down gracefully
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        web.start()
+        app.state.engine.run()
+    finally:
+        server.should_exit = True
+        web.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return server.started
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m mingpt.serve', description=__doc__.split('\n\n')[0])
     add_sampling_args(parser)  # --model, and the defaults of --temperature, --top-k, --top-p
@@ -446,11 +479,13 @@ def main(argv=None):
                          max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit))
+                         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), engine_thread=False)
     except (ValueError, OSError) as e:  # a DownloadError is an OSError
         parser.exit(2, f"error: {e}\n")
     logger.info("chat with %s at http://%s:%d", args.model, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level='warning')
+    if not run_server(app, args.host, args.port):
+        parser.exit(2, f"error: could not serve on {args.host}:{args.port} (the reason is logged above); "
+                       "is another server using the port? Try --port\n")
 
 
 if __name__ == '__main__':

@@ -618,7 +618,7 @@ def run_in_process(target, argv):
     status = 0
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
             mock.patch.object(sys, 'argv', [target, *argv]), mock.patch.object(sys, 'stdin', io.StringIO('')), \
-            mock.patch('uvicorn.run', side_effect=AssertionError('the web server would have started')):
+            mock.patch('mingpt.serve.run_server', side_effect=AssertionError('the web server would have started')):
         try:
             if target in SCRIPTS:
                 run_script(load_script(target).main, argv)

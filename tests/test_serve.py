@@ -323,15 +323,16 @@ class TestServeRefuses(ServeTestCase):
                                              f"{sorted(latencies)[-5:]}")
 
     def test_cli_shows_no_path_checks_port_and_allowed_hosts(self):
-        import uvicorn
         from mingpt import serve
         apps = []
         with mock.patch.object(serve, 'load_chat_model', lambda path, device: (self.model, self.tok)), \
-                mock.patch.object(uvicorn, 'run', lambda app, **kw: apps.append((app, kw))):
+                mock.patch.object(serve, 'run_server', lambda app, host, port: apps.append((app, host, port)) or True):
             serve.main(['--model', '/home/someone/secret/mymodel', '--port', '8123'])
             serve.main(['--model', 'm', '--host', '0.0.0.0', '--allowed-hosts', 'box.lan, other'])
-        (app, kw), (lan_app, _) = apps
-        self.assertEqual((kw['host'], kw['port']), ('127.0.0.1', 8123))
+        (app, host, port), (lan_app, _, _) = apps
+        self.assertEqual((host, port), ('127.0.0.1', 8123))
+        for a in (app, lan_app):  # run_server would step their engines: here, a thread does
+            threading.Thread(target=a.state.engine.run, daemon=True).start()
         with local_client(app) as client:
             r = client.get('/config')
         self.assertEqual(r.json()['model'], 'mymodel')
@@ -347,6 +348,59 @@ class TestServeRefuses(ServeTestCase):
                 self.assertEqual(cm.exception.code, 2)
                 self.assertIn(f"{port!r} is not a port number (1 to 65535)", err.getvalue())
                 self.assertNotIn('Traceback', err.getvalue())
+
+
+class TestServeCommand(unittest.TestCase):
+    """ python -m mingpt.serve for real: the steps in its main thread, HTTP in another (run_server) """
+
+    @slow
+    def test_serves_then_shuts_down_on_sigint_and_reports_a_busy_port(self):
+        import signal
+        import socket
+        import tempfile
+        from tests.test_chat import make_chat_model_dir
+        with tempfile.TemporaryDirectory() as tmp, socket.socket() as busy:
+            model_dir = make_chat_model_dir(os.path.join(tmp, 'model'), block_size=64)
+            busy.bind(('127.0.0.1', 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
+            command = [sys.executable, '-m', 'mingpt.serve', '--model', str(model_dir), '--temperature', '0']
+            # a port in use: one error line, status 2, once the server has given up
+            proc = subprocess.run(command + ['--port', str(port)], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=120)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(f"error: could not serve on 127.0.0.1:{port}", proc.stderr)
+            self.assertNotIn('Traceback', proc.stderr)
+            busy.close()
+            proc = subprocess.Popen(command + ['--port', str(port)], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                                    text=True)
+            try:
+                url = f'http://127.0.0.1:{port}'
+                deadline = time.monotonic() + 120
+                while True:
+                    self.assertIsNone(proc.poll(), "the server exited before answering")
+                    try:
+                        if httpx.get(url + '/health', timeout=2).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        self.assertLess(time.monotonic(), deadline, "the server did not answer within 120 s")
+                        time.sleep(0.2)
+                # two replies at once, from the engine stepped in the main thread
+                with ThreadPoolExecutor(2) as pool:
+                    replies = list(pool.map(lambda text: httpx.post(
+                        url + '/chat', json={'messages': [{'role': 'user', 'content': text}], 'max_tokens': 5},
+                        timeout=60), ['hello', 'to be or not']))
+                for r in replies:
+                    self.assertEqual(r.status_code, 200, r.text)
+                    self.assertEqual(sse_events(r.text.splitlines())[-1]['done'], True)
+                proc.send_signal(signal.SIGINT)
+                self.assertEqual(proc.wait(60), 0)  # a graceful shutdown: the steps end with the server
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            proc.stderr.close()
 
 
 class TestServeWithoutItsPackages(ServeTestCase):
