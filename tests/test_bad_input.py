@@ -71,6 +71,7 @@ SCRIPTS = {
     'chat/sft': 'projects/chat/sft.py',
 }
 MODULES = {'mingpt.evaluate': False, 'mingpt.bpe_train': False, 'mingpt.chat': True, 'mingpt.serve': False}
+PACKAGES = ('mingpt.chat', 'mingpt.serve')  # whose command is their __main__.py
 API = 'api'
 
 # arguments every run of a project script starts with (a case's own come after, and win): tiny sizes,
@@ -618,12 +619,12 @@ def run_in_process(target, argv):
     status = 0
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
             mock.patch.object(sys, 'argv', [target, *argv]), mock.patch.object(sys, 'stdin', io.StringIO('')), \
-            mock.patch('mingpt.serve.run_server', side_effect=AssertionError('the web server would have started')):
+            mock.patch('mingpt.serve.__main__.run_server', side_effect=AssertionError('the web server would have started')):
         try:
             if target in SCRIPTS:
                 run_script(load_script(target).main, argv)
             else:
-                main = importlib.import_module(target + ('.__main__' if target == 'mingpt.chat' else '')).main
+                main = importlib.import_module(target + ('.__main__' if target in PACKAGES else '')).main
                 run_script(main, argv) if MODULES[target] else main(argv)
         except SystemExit as e:
             status = e.code

@@ -1,5 +1,5 @@
 """
-Tests for mingpt/serve.py through HTTP: the page and settings, a reply streamed as server-sent events
+Tests for mingpt/serve through HTTP: the page and settings, a reply streamed as server-sent events
 (the same text the chat engine gives in-process), every limit a clear JSON error with the right
 status, and on a real uvicorn server on 127.0.0.1: events arriving while the model still generates,
 the event loop answering during generation, generation stopping when the client disconnects, and 8
@@ -323,7 +323,7 @@ class TestServeRefuses(ServeTestCase):
                                              f"{sorted(latencies)[-5:]}")
 
     def test_cli_shows_no_path_checks_port_and_allowed_hosts(self):
-        from mingpt import serve
+        from mingpt.serve import __main__ as serve  # the command
         apps = []
         with mock.patch.object(serve, 'load_chat_model', lambda path, device: (self.model, self.tok)), \
                 mock.patch.object(serve, 'run_server', lambda app, host, port: apps.append((app, host, port)) or True):
