@@ -115,8 +115,9 @@ class BatchEngine:
     A pool of `rows` KV-cache rows (default: default_rows(model)) and the thread that steps
     every running request together; see the module docstring. threaded=False starts no thread:
     the caller steps, by calling step() (to control exactly when requests join) or run() (in a
-    thread of its choosing, until close()). A context manager, or call close(). On a CPU in fp32 the model's big weights are also held in oneDNN's blocked layout,
-    for the many-row products of its steps and prefills (mingpt.hardware.pack_weights).
+    thread of its choosing, until close()). A context manager, or call close(). On a CPU in fp32,
+    the model's big weights are also held in oneDNN's blocked layout, for the many-row products of
+    the steps and prefills (mingpt.hardware.pack_weights).
     """
 
     RATE_WINDOW = 10.0  # seconds over which stats() counts tokens per second
