@@ -18,8 +18,7 @@ from torch.nn import functional as F
 from mingpt import hardware
 from mingpt.errors import ConfigError
 from mingpt.batching import BatchEngine
-from mingpt.hardware import (ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, pack_weights,
-                             training_device)
+from mingpt.hardware import ONEDNN_MIN_WEIGHT, Linear, default_num_workers, fast_dtype, training_device
 
 from tests.common import REPO, slow, tiny_gpt
 
