@@ -135,8 +135,7 @@ class BatchEngine:
         self.waiting = collections.deque()  # submitted requests waiting for a row
         self.lock = threading.Condition()
         self.closed = False
-        self.thread = None  # the engine's own thread, once started
-        self.stepper = None  # the thread in run(): the engine's own, or the caller's
+        self.stepper = None  # the thread in run(): the engine's own (started at the first submit), or the caller's
         self.stopped = threading.Event()  # set when run() returns
         self.recent = collections.deque()  # (time, tokens) of the steps of the last RATE_WINDOW seconds
         self.started = time.monotonic()
@@ -172,9 +171,9 @@ class BatchEngine:
             if self.closed:
                 raise RuntimeError("this BatchEngine is closed")
             self.waiting.append(req)
-            if self.thread is None and self.threaded:
-                self.thread = self.stepper = threading.Thread(target=self._run, name='mingpt-batch', daemon=True)
-                self.thread.start()
+            if self.stepper is None and self.threaded:
+                self.stepper = threading.Thread(target=self._run, name='mingpt-batch', daemon=True)
+                self.stepper.start()
             self.lock.notify()
         return req
 

@@ -200,7 +200,7 @@ class TestBatchEngine(unittest.TestCase):
                 t.join(60)
             waiting = engine.submit([1], BLOCK * 50)  # still running at close()
             next(iter(waiting))
-        self.assertFalse(engine.thread.is_alive())
+        self.assertFalse(engine.stepper.is_alive())
         self.assertEqual(waiting.finish_reason, 'cancelled')
         for i, p in enumerate(prompts):
             self.assertEqual(results[i], alone(model, p, 10 + i, do_sample=True, seed=i))

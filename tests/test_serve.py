@@ -220,7 +220,7 @@ class TestServeHTTP(ServeTestCase):
             app.state.slots.release()
             r = client.post('/chat', json={'messages': HELLO, 'max_tokens': 5})
             self.assertEqual(sse_events(r.text.splitlines())[-1]['tokens'], 5)
-        self.assertFalse(app.state.engine.thread.is_alive())  # the app's shutdown stopped the engine
+        self.assertFalse(app.state.engine.stepper.is_alive())  # the app's shutdown stopped the engine
 
 
 class TestServeRefuses(ServeTestCase):
