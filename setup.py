@@ -35,6 +35,7 @@ setup(
             'nbformat',
             'ipykernel',
             'matplotlib',
+            'peft',
         ],
     },
     license='MIT',

@@ -11,6 +11,10 @@ processes reads back (each takes the slices it needs). trainer.pt then holds no 
 weights are gathered into model.safetensors too, so that every checkpoint is also a model that
 GPT.from_pretrained loads, whichever way it was trained.
 
+A LoRA model's checkpoint (mingpt.lora) holds only its adapters, in model.safetensors, and trainer.pt
+the adapters' optimizer state and a reference to the frozen base weights: where they came from and
+their fingerprint, which resume checks (mingpt.lora.from_checkpoint rebuilds the model from it).
+
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
 - rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
@@ -38,6 +42,7 @@ import torch.distributed as dist
 
 from mingpt.distributed import barrier, is_sharded
 from mingpt.errors import CheckpointError
+from mingpt.lora import adapter_state_dict, check_base, checkpoint_reference
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -161,6 +166,9 @@ def write_checkpoint(directory, model, state, trainer_config=None, optimizer=Non
     directory = os.fspath(directory)
     tmp, old = directory + '.tmp', directory + '.old'
     sd = full_state_dict(model)
+    lora = checkpoint_reference(unwrap(model))
+    if lora is not None:  # the adapters alone: the frozen base weights are named and fingerprinted, not copied
+        sd, state = adapter_state_dict(sd), {**state, 'lora': lora}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
         os.makedirs(tmp)
@@ -346,6 +354,8 @@ def read_resume_state(config, model, datasets=()):
         model_sd, state = _sharded_shapes(shards), _read_state(found)
     else:
         model_sd, state = read_checkpoint(found)
+    if state.get('lora') is not None or checkpoint_reference(unwrap(model)) is not None:
+        check_base(unwrap(model), state.get('lora'), found)
     if state['optimizer'] is None and not sharded:
         raise CheckpointError(f"{found} holds the weights only (like ckpt_best: a checkpoint to use the "
                               "model, e.g. with GPT.from_pretrained), not the optimizer state a run "
@@ -369,8 +379,11 @@ def read_resume_state(config, model, datasets=()):
 
 
 def check_fits(model_sd, model, where):
-    """ CheckpointError naming (a few of) the tensors of model_sd that model has not, or not in that shape """
+    """ CheckpointError naming (a few of) the tensors of model_sd that model has not, or not in that shape
+    (of a LoRA model: of its adapters) """
     own = clean_state_dict(unwrap(model).state_dict())
+    if checkpoint_reference(unwrap(model)) is not None:
+        own = adapter_state_dict(own)
     problems = [f"{k}: {tuple(model_sd[k].shape)} in the checkpoint, {tuple(v.shape)} in this model"
                 for k, v in own.items() if k in model_sd and model_sd[k].shape != v.shape]
     problems += [f"{k}: not in the checkpoint" for k in own if k not in model_sd]
@@ -407,7 +420,8 @@ def apply_resume_state(resume, model, optimizer, scaler, config, rank=0, world_s
                               "parallel='fsdp' are sharded")
     else:
         try:
-            unwrap(model).load_state_dict(model_sd, strict=True)
+            # a LoRA checkpoint has the adapters only, checked to be all of this model's by check_fits
+            unwrap(model).load_state_dict(model_sd, strict=state.get('lora') is None)
         except RuntimeError as e:
             raise CheckpointError(f"the checkpoint in {where} does not fit this model: {e}") from e
         try:

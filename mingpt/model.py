@@ -223,12 +223,14 @@ class GPT(nn.Module):
         """
         AdamW with weight decay on the weights of Linear layers only: biases, LayerNorm gains and
         embeddings are not decayed (shrinking them towards zero has no regularising meaning).
-        Every parameter lands in exactly one group; a weight shared between lm_head and wte counts
-        as the embedding it is.
+        Every trainable parameter lands in exactly one group (frozen ones, e.g. under LoRA, in none; LoRA's
+        A and B are Linear weights, decayed towards zero: towards the pretrained model); a weight
+        shared between lm_head and wte counts as the embedding it is.
         """
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
-        params = list(dict(self.named_parameters()).values())  # named_parameters dedups shared tensors
+        # named_parameters dedups shared tensors
+        params = [p for p in dict(self.named_parameters()).values() if p.requires_grad]
         decay = [p for p in params if id(p) in decay_ids]
         no_decay = [p for p in params if id(p) not in decay_ids]
         optim_groups = [

@@ -19,10 +19,13 @@ import math
 import os
 import sys
 import time
+import types
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from mingpt.checkpoint import (apply_resume_state, diverged, gather_rng_states, read_resume_state, trainer_state,
                                write_checkpoint)
@@ -69,6 +72,9 @@ class Trainer:
         # torch.compile the model for training; compile_backend is passed on ('eager' to debug)
         C.compile = False
         C.compile_backend = 'inductor'
+        # recompute each block's activations in the backward pass instead of keeping them: activation
+        # memory of one block instead of all, for about one more forward pass of compute
+        C.activation_checkpointing = False
         # with several processes (torchrun): 'ddp' keeps a whole replica of the model in each;
         # 'fsdp' shards parameters, gradients and AdamW's state over them (FSDP2, for models whose
         # replica does not fit), and its checkpoints, which resume on any number of processes
@@ -185,6 +191,10 @@ class Trainer:
         need(C.progress_bar in (None, False, True), 'progress_bar', "None (a bar when stderr is a terminal), "
              "True or False")
         need(isinstance(C.compile, bool), 'compile', "True or False")
+        need(isinstance(C.activation_checkpointing, bool), 'activation_checkpointing', "True or False")
+        if self._fsdp and getattr(self.model, 'lora_config', None) is not None:
+            raise ConfigError("LoRA adapters train in one process or under parallel='ddp'; FSDP, for models "
+                              "whose replica does not fit, is not needed when only the adapters train")
         if C.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {C.dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
         if C.dtype == 'float16' and self.device_type != 'cuda':
@@ -264,7 +274,7 @@ class Trainer:
 
         show_bar = config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
         with Progress(config.max_iters, self.iter_num, bar=bool(show_bar), log_interval=config.log_interval,
-                      enabled=self.is_master) as progress:
+                      enabled=self.is_master) as progress, checkpointed_blocks(model, config.activation_checkpointing):
             self._loop(loader, progress)
 
     def _loop(self, train_loader, progress):
@@ -417,3 +427,30 @@ class Trainer:
         if self.is_master:
             logger.info("iter %d: saved checkpoint %s", self.iter_num, directory)
             self.trigger_callbacks('on_checkpoint')
+
+# -----------------------------------------------------------------------------
+# activation checkpointing
+
+@contextlib.contextmanager
+def checkpointed_blocks(model, enabled=True):
+    """
+    Within: every block of model (each module of an nn.ModuleList, the layers of a transformer) keeps only
+    its input for the backward pass, which recomputes the block's activations from it. Gradients are
+    the same: the recomputation replays the RNG state, so dropout draws the same masks.
+    """
+    blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m] if enabled else []
+    for block in blocks:  # an instance attribute, not a wrapper module: parameter names stay the same
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _checkpointed_forward(block, *args, **kwargs):
+    forward = type(block).forward
+    if not torch.is_grad_enabled():  # evaluation, generation: nothing to keep anyway
+        return forward(block, *args, **kwargs)
+    # the non-reentrant variant: keyword arguments, DDP and torch.compile work with it
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
