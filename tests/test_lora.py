@@ -17,7 +17,7 @@ from mingpt.errors import CheckpointError, ConfigError, WeightsError
 from mingpt.hardware import pack_weights
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
-from tests.common import TempDirTestCase, tiny_gpt
+from tests.common import TempDirTestCase, shakespeare, slow, tiny_gpt
 from tests.test_trainer import RepeatDataset, quiet_config
 
 ALL = ('c_attn', 'c_proj', 'c_fc', 'lm_head')
@@ -266,6 +266,47 @@ class TestActivationCheckpointing(unittest.TestCase):
         with self.assertRaisesRegex(ConfigError, 'activation_checkpointing'):
             Trainer(quiet_config(activation_checkpointing='yes'), tiny_gpt(), RepeatDataset())
         self.assertFalse(Trainer.get_default_config().activation_checkpointing)
+
+
+class TestFinetuneProject(TempDirTestCase):
+
+    @slow
+    def test_lora_fine_tuning_saves_the_adapter_and_the_merged_model(self):
+        import peft
+        import transformers
+        from tests.test_projects import read_metrics, run_project
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                                             n_head=2)).save_pretrained(self.tmp / 'tiny')
+        (self.tmp / 'text.txt').write_text(shakespeare(40000), encoding='utf-8')
+        work_dir = self.tmp / 'out'
+        args = [f'--system.work_dir={work_dir}', f'--model.init_from={self.tmp / "tiny"}',
+                f'--data.path={self.tmp / "text.txt"}', '--data.block_size=32', '--trainer.device=cpu',
+                '--system.num_threads=1', '--trainer.batch_size=8', '--trainer.learning_rate=3e-3',
+                '--trainer.warmup_iters=3', '--trainer.eval_interval=10', '--trainer.eval_iters=4',
+                '--sample.max_new_tokens=10', '--lora.r=8', '--lora.targets=c_attn,c_fc,lm_head',
+                '--trainer.activation_checkpointing=True']
+        proc = run_project('finetune', *args, '--trainer.max_iters=20')
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        stored = load_file(work_dir / 'ckpt' / 'model.safetensors')
+        self.assertTrue(stored and all('lora_' in k for k in stored))  # the adapters, not the model
+        _, _, val = read_metrics(work_dir)
+        self.assertLess(val[-1][1], val[0][1])
+        # the same command, further: it continues from the adapter checkpoint
+        proc = run_project('finetune', *args, '--trainer.max_iters=30')
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        self.assertIn('resuming from', proc.stderr)
+        results = json.loads((work_dir / 'results.json').read_text())
+        self.assertEqual(results['iters'], 30)
+        self.assertLess(results['val_loss_after'], results['val_loss_before'])
+        # the PEFT adapter on transformers' base model and the merged export give the same logits
+        x = torch.randint(0, 50257, (1, 16))
+        base = transformers.GPT2LMHeadModel.from_pretrained(self.tmp / 'tiny').eval()
+        with torch.no_grad():
+            adapted = peft.PeftModel.from_pretrained(base, work_dir / 'adapter').eval()(x).logits
+            merged = transformers.GPT2LMHeadModel.from_pretrained(work_dir / 'model').eval()(x).logits
+        torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
 
 
 if __name__ == '__main__':

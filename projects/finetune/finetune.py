@@ -11,6 +11,12 @@ an OpenAI TensorFlow checkpoint or an llm.c .bin file. The text comes from --dat
 the validation split; the validation loss and a sample are shown before and after fine-tuning.
 The model with the best validation loss is exported to work_dir/model (a Hugging Face directory).
 Running the same command again continues from work_dir/ckpt.
+
+    python projects/finetune/finetune.py --lora.r=8 --trainer.activation_checkpointing=True
+
+--lora.r > 0 trains low-rank adapters of the --lora.targets layers and freezes every other weight
+(mingpt.lora): checkpoints hold the adapters only, and the result is saved as a PEFT adapter in
+work_dir/adapter and/or merged into the weights in work_dir/model (--lora.save).
 """
 
 import copy
@@ -26,6 +32,7 @@ from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
 from mingpt.generate import check_sampling_args
+from mingpt.lora import TARGETS, add_lora, merge, save_adapter
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
@@ -49,6 +56,14 @@ def get_config():
     C.model = CN()
     C.model.init_from = 'gpt2'
     C.model.dropout = None  # None: the checkpoint's own (0.1 for OpenAI's GPT-2s)
+
+    # LoRA: r=0 fine-tunes every weight; r > 0 trains rank-r adapters of the target layers only
+    C.lora = CN()
+    C.lora.r = 0
+    C.lora.alpha = 16  # the adapters' output is scaled by alpha / r
+    C.lora.dropout = 0.05
+    C.lora.targets = 'c_attn'  # comma-separated, of c_attn, c_proj, c_fc, lm_head (lm_head unties it from wte)
+    C.lora.save = 'both'  # after training: 'adapter' (work_dir/adapter, PEFT's format), 'merged' (work_dir/model), 'both'
 
     # data
     C.data = CN()
@@ -97,12 +112,20 @@ def main(args):
     enc = get_encoder()
 
     # the pretrained model
-    dropout = {} if config.model.dropout is None else dict(
+    L = config.lora
+    targets = lora_targets(L)
+    overrides = {} if config.model.dropout is None else dict(
         embd_pdrop=config.model.dropout, resid_pdrop=config.model.dropout, attn_pdrop=config.model.dropout)
+    if 'lm_head' in targets:
+        overrides['tie_weights'] = False  # an adapter on lm_head must not change the token embedding
     try:
-        model = GPT.from_pretrained(config.model.init_from, **dropout)
+        model = GPT.from_pretrained(config.model.init_from, **overrides)
     except (OSError, ValueError) as e:  # no such checkpoint, a bad one, or offline (a DownloadError)
         raise ConfigError(f"--model.init_from={config.model.init_from}: {e}") from e
+    if L.r:
+        init_from = str(config.model.init_from)
+        base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+        add_lora(model, L.r, L.alpha, L.dropout, targets, base=base)
     if config.data.block_size > model.block_size:
         raise ConfigError(f"--data.block_size={config.data.block_size} is longer than the "
                           f"model's context of {model.block_size} tokens; use at most that")
@@ -143,22 +166,45 @@ def main(args):
     best = find_checkpoint(os.path.join(config.system.work_dir, 'ckpt_best'))
     if best is not None:
         state_dict, _ = read_checkpoint(best)
-        model.load_state_dict(state_dict)
+        model.load_state_dict(state_dict, strict=not L.r)  # a LoRA checkpoint holds the adapters only
     loss_after = trainer.evaluate()
     if not is_rank0():
         return {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
-    model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
+    saved = save_results(model, L, config.system.work_dir)
     sample_after = sample()
 
     results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num,
-               'model': str(model_dir), 'sample_before': sample_before, 'sample_after': sample_after}
+               **saved, 'sample_before': sample_before, 'sample_after': sample_after}
     with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f"--- sample before fine-tuning (val loss {loss_before:.4f}) ---\n{sample_before}\n")
     print(f"--- sample after fine-tuning (val loss {loss_after:.4f}) ---\n{sample_after}\n")
-    print(f"fine-tuned model in {model_dir}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
+    print(f"fine-tuned {' and '.join(f'{k} in {v}' for k, v in saved.items())}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
           f"{config.system.work_dir}")
     return results
+
+
+def lora_targets(L):
+    """ the --lora.targets layer names, checked, with the other --lora fields """
+    targets = [t.strip() for t in str(L.targets).split(',') if t.strip()]
+    if not targets or any(t not in TARGETS for t in targets):
+        raise ConfigError(f"--lora.targets={L.targets!r}: give a comma-separated list of {', '.join(TARGETS)}")
+    if L.save not in ('adapter', 'merged', 'both'):
+        raise ConfigError(f"--lora.save={L.save!r}: use 'adapter', 'merged' or 'both'")
+    if not (isinstance(L.r, int) and L.r >= 0):
+        raise ConfigError(f"--lora.r={L.r!r}: use 0 (every weight trains) or the adapters' rank, e.g. 8")
+    return targets
+
+
+def save_results(model, L, work_dir):
+    """ the fine-tuned model into work_dir: the whole model, or LoRA's adapter and/or its merge; {what: where} """
+    saved = {}
+    if L.r and L.save in ('adapter', 'both'):
+        saved['adapter'] = str(save_adapter(model, os.path.join(work_dir, 'adapter')))
+    if not L.r or L.save in ('merged', 'both'):
+        merge(model)  # no adapters: nothing to do. Merged, the samples below cost what the base model's do
+        saved['model'] = str(model.save_pretrained(os.path.join(work_dir, 'model')))
+    return saved
 
 
 if __name__ == '__main__':
