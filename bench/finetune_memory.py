@@ -8,10 +8,11 @@ activation checkpointing, on the CPU, at the same batch:
   is that process's RSS before the model is built), seconds per step the median after the first step;
 - loss: a small GPT (4 layers, 128 wide, GPT-2's vocabulary) pretrained briefly on War and Peace, then
   fine-tuned each way on the finetune project's text (tiny shakespeare) for the same steps; the
-  validation loss each reaches.
+  validation loss each reaches (both texts from ../shared/data when it is there).
 
     python bench/finetune_memory.py                       # both tables, ~10 minutes on 2 cores
     python bench/finetune_memory.py --models gpt2 --steps 2 --no-loss
+    python bench/finetune_memory.py --no-memory --pretrain-text my_base_text.txt
 
 LoRA: rank 8, alpha 16, dropout 0.05 on c_attn (projects/finetune's --lora.r=8), and on every Linear but
 lm_head in the loss table's last row.
@@ -101,10 +102,8 @@ def memory_table(args):
 def loss_table(args):
     """ pretrain a small GPT on War and Peace, then fine-tune it each way on the project's text """
     enc = get_encoder()
-    base_text = os.path.join(SHARED, 'warpeace.txt')
-    text = os.path.join(SHARED, 'tinyshakespeare.txt')
-    base_ids = torch.tensor(enc.encode(read_text_file(base_text)[:1_000_000]))
-    ids = torch.tensor(enc.encode(read_text_file(text) if os.path.isfile(text) else training_text(None)))
+    base_ids = torch.tensor(enc.encode(read_text_file(args.pretrain_text)[:1_000_000]))
+    ids = torch.tensor(enc.encode(training_text(args.text)))
     block = 64
     set_seed(0)
     C = GPT.get_default_config()
@@ -112,7 +111,7 @@ def loss_table(args):
     C.vocab_size, C.block_size, C.tie_weights = 50257, block, True
     base = GPT(C)
     T = Trainer.get_default_config()
-    T.device, T.batch_size, T.num_workers, T.log_interval, T.progress_bar = 'cpu', 16, 0, None, False
+    T.device, T.batch_size, T.num_workers, T.log_interval, T.progress_bar = 'cpu', 8, 0, None, False
     T.max_iters, T.learning_rate, T.lr_schedule, T.warmup_iters = args.pretrain_steps, 2e-3, 'cosine', 20
     Trainer(T, base, split_windows(base_ids, block, 0.0)[0]).run()
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -137,7 +136,7 @@ def loss_table(args):
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows.append(f"| {name} | {trained:,} | {lr:g} | {before:.3f} | {trainer.evaluate():.3f} |")
         print(rows[-1], flush=True)
-    return [f'| fine-tuning ({args.finetune_steps} steps of 16 x {block} tokens) | trained parameters | lr | '
+    return [f'| fine-tuning ({args.finetune_steps} steps of {T.batch_size} x {block} tokens) | trained parameters | lr | '
             'val loss before | after |', '|---|---:|---:|---:|---:|'] + rows
 
 
@@ -147,9 +146,15 @@ def main():
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--block-size', type=int, default=128)
     parser.add_argument('--steps', type=int, default=3)
-    parser.add_argument('--no-loss', action='store_true', help='only the memory and time table')
-    parser.add_argument('--pretrain-steps', type=int, default=300)
-    parser.add_argument('--finetune-steps', type=int, default=100)
+    parser.add_argument('--no-loss', action='store_true', help='no loss table')
+    parser.add_argument('--no-memory', action='store_true', help='no memory and time table')
+    parser.add_argument('--pretrain-text', default=os.path.join(SHARED, 'warpeace.txt'),
+                        help="the small model's pretraining text (its first 1 MB)")
+    shakespeare = os.path.join(SHARED, 'tinyshakespeare.txt')
+    parser.add_argument('--text', default=shakespeare if os.path.isfile(shakespeare) else None,
+                        help="the fine-tuning text (default: tiny shakespeare, as projects/finetune's)")
+    parser.add_argument('--pretrain-steps', type=int, default=200)
+    parser.add_argument('--finetune-steps', type=int, default=60)
     parser.add_argument('--full-lr', type=float, default=3e-4)
     parser.add_argument('--lora-lr', type=float, default=3e-3)
     parser.add_argument('--one', nargs=2, metavar=('MODEL', 'MODE'), help=argparse.SUPPRESS)
@@ -157,9 +162,9 @@ def main():
     if args.one:
         print(json.dumps(measure(*args.one, args.batch_size, args.block_size, args.steps)))
         return
-    lines = memory_table(args)
+    lines = [] if args.no_memory else memory_table(args) + ['']
     if not args.no_loss:
-        lines += [''] + loss_table(args)
+        lines += loss_table(args)
     print('\n'.join(lines))
 
 
