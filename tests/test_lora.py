@@ -6,6 +6,7 @@ Trainer's activation checkpointing, whose gradients equal those without it.
 
 import json
 import os
+import tempfile
 import unittest
 
 import torch
@@ -17,7 +18,7 @@ from mingpt.errors import CheckpointError, ConfigError, WeightsError
 from mingpt.hardware import pack_weights
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
-from tests.common import TempDirTestCase, shakespeare, slow, tiny_gpt
+from tests.common import TempDirTestCase, run_train_script, shakespeare, slow, tiny_gpt
 from tests.test_trainer import RepeatDataset, quiet_config
 
 ALL = ('c_attn', 'c_proj', 'c_fc', 'lm_head')
@@ -266,6 +267,22 @@ class TestActivationCheckpointing(unittest.TestCase):
         with self.assertRaisesRegex(ConfigError, 'activation_checkpointing'):
             Trainer(quiet_config(activation_checkpointing='yes'), tiny_gpt(), RepeatDataset())
         self.assertFalse(Trainer.get_default_config().activation_checkpointing)
+
+    @slow
+    def test_with_lora_under_ddp(self):
+        # 2 gloo processes of 8 rows, LoRA and activation checkpointing, take the steps 1 process of 16 rows takes
+        common = ['max_iters=4', 'data_seed=7', 'learning_rate=1e-3', 'activation_checkpointing=True']
+        with tempfile.TemporaryDirectory() as d:
+            ddp = run_train_script(os.path.join(d, 'ddp'), '--dropout', 0, '--lora', nproc=2,
+                                   trainer=[*common, 'batch_size=8'])
+            self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+            one = run_train_script(os.path.join(d, 'one'), '--dropout', 0, '--lora', trainer=[*common, 'batch_size=16'])
+            self.assertEqual(one.returncode, 0, one.stderr[-3000:])
+            a = load_file(os.path.join(d, 'ddp', 'final.safetensors'))
+            b = load_file(os.path.join(d, 'one', 'final.safetensors'))
+            self.assertTrue(any('lora_B' in k and b[k].abs().max() > 0 for k in b))  # the adapters trained
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
 class TestFinetuneProject(TempDirTestCase):

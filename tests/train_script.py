@@ -8,6 +8,7 @@ to --out/losses.json.
     python -m torch.distributed.run --nproc_per_node=2 tests/train_script.py --out DIR --batch_size 8
     python tests/train_script.py --out DIR --shards SHARDS ...   # train on a prepared shard directory
     python tests/train_script.py --out DIR --val ...   # with a validation set of 33 rows
+    python tests/train_script.py --out DIR --lora ...  # LoRA adapters (no dropout) on every Linear but lm_head
 """
 
 import argparse
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mingpt.data import shard_windows  # noqa: E402
 from mingpt.distributed import is_sharded  # noqa: E402
+from mingpt.lora import add_lora  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 from mingpt.trainer import Trainer  # noqa: E402
 from mingpt.utils import set_seed  # noqa: E402
@@ -53,6 +55,7 @@ def main():
     parser.add_argument('--kill_at', type=int, default=None, help="SIGKILL self after this many iters")
     parser.add_argument('--shards', default=None, help="a directory of token shards to train on (mingpt.prepare)")
     parser.add_argument('--val', action='store_true', help="evaluate on 33 rows (an odd count: some rank gets none)")
+    parser.add_argument('--lora', action='store_true', help="train LoRA adapters of c_attn, c_proj and c_fc only")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same arithmetic in every process, and room for two of them
 
@@ -64,6 +67,8 @@ def main():
     mc.embd_pdrop = mc.resid_pdrop = mc.attn_pdrop = args.dropout
     mc.tie_weights = args.tie_weights
     model = GPT(mc)
+    if args.lora:
+        add_lora(model, dropout=0.0, targets=('c_attn', 'c_proj', 'c_fc'))
 
     C = Trainer.get_default_config()
     C.device = 'cpu'
