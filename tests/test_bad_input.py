@@ -236,6 +236,10 @@ CASES = [
     cmd('finetune', '--system.work_dir={fx}/run',
         expect=r"the checkpoint in .*run/ckpt was written by a model of another size"),
     cmd('finetune', '--trainer.compile=yes', expect=r"--trainer\.compile=yes: expected True or False"),
+    cmd('finetune', '--lora.r=4', '--lora.targets=c_attn,attn', expect=r"--lora\.targets='c_attn,attn': give a comma"),
+    cmd('finetune', '--lora.r=4', '--lora.save=all', expect=r"--lora\.save='all': use 'adapter', 'merged' or 'both'"),
+    cmd('finetune', '--lora.r=-1', expect=r"--lora\.r=-1: use 0 \(every weight trains\)"),
+    cmd('finetune', '--lora.r=4', '--lora.alpha=0', expect=r"LoRA alpha=0 cannot work"),
 
     # --- chat/base.py
     cmd('chat/base', '--data.n_merges=-1', expect=r"--data\.n_merges must be in \[0, 50000\], got -1"),
