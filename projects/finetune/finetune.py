@@ -179,7 +179,8 @@ def main(args):
         json.dump(results, f, indent=2)
     print(f"--- sample before fine-tuning (val loss {loss_before:.4f}) ---\n{sample_before}\n")
     print(f"--- sample after fine-tuning (val loss {loss_after:.4f}) ---\n{sample_after}\n")
-    print(f"fine-tuned {' and '.join(f'{k} in {v}' for k, v in saved.items())}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
+    where = ' and '.join(f'{what} in {path}' for what, path in saved.items())
+    print(f"fine-tuned {where}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
           f"{config.system.work_dir}")
     return results
 
