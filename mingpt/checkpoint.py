@@ -13,13 +13,14 @@ GPT.from_pretrained loads, whichever way it was trained.
 
 A LoRA model's checkpoint (mingpt.lora) holds only its adapters, in model.safetensors, and trainer.pt
 the adapters' optimizer state and a reference to the frozen base weights: where they came from and
-their fingerprint, which resume checks (mingpt.lora.from_checkpoint rebuilds the model from it).
+their fingerprint, which resume checks (load_lora_checkpoint rebuilds the model from it).
 
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
 - rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
 - read_resume_state / apply_resume_state: the checks that a checkpoint may continue this run, and
   putting it back on every rank. diverged: the error that points a diverged run to its last checkpoint.
+- load_lora_checkpoint: base model + adapters from a LoRA run's checkpoint.
 - unwrap / clean_state_dict / full_state_dict: the plain model inside torch.compile's and DDP's
   wrappers; the whole of an FSDP model's weights.
 
@@ -42,7 +43,7 @@ import torch.distributed as dist
 
 from mingpt.distributed import barrier, is_sharded
 from mingpt.errors import CheckpointError
-from mingpt.lora import adapter_state_dict, check_base, checkpoint_reference
+from mingpt.lora import add_lora, adapter_state_dict, check_base, checkpoint_reference
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -443,6 +444,27 @@ def apply_resume_state(resume, model, optimizer, scaler, config, rank=0, world_s
     # last, so that nothing in the setup above can consume the restored streams
     set_rng_state(rng[rank % len(rng)])
     return state
+
+
+def load_lora_checkpoint(directory, model_cls, base=None):
+    """
+    The model a LoRA run's checkpoint (work_dir/ckpt or ckpt_best) holds, as a model_cls (GPT): its base
+    model loaded from the reference the checkpoint records (or from base: the same weights elsewhere),
+    checked against the recorded fingerprint, with the checkpoint's adapters added and loaded.
+    """
+    sd, state = read_checkpoint(directory)
+    reference = state.get('lora')
+    if reference is None:
+        raise CheckpointError(f"{directory} holds a whole model, not LoRA adapters: load it with from_pretrained")
+    source = base if base is not None else reference['base']
+    if source is None:
+        raise CheckpointError(f"{directory} does not record where its base model came from: pass base=")
+    model = model_cls.from_pretrained(source)
+    add_lora(model, reference['r'], reference['alpha'], reference['dropout'], reference['targets'], base=source)
+    check_base(model, reference, directory)
+    check_fits(sd, model, directory)
+    model.load_state_dict(sd, strict=False)  # the adapters, all of them (check_fits)
+    return model
 
 
 def diverged(loss, iter_num, work_dir=None):

@@ -9,7 +9,7 @@ so AdamW keeps its two moments for them alone, and the gradients of the frozen w
     add_lora(model, r=8, alpha=16, dropout=0.05, targets=('c_attn',))   adapters in, everything else frozen
     merge(model) / unmerge(model)          fold B A into W for inference (no extra cost per token), and back
     save_adapter(model, dir) / load_adapter(model, dir)   Hugging Face PEFT's adapter directory format
-    from_checkpoint(dir)                   base model (from the reference a Trainer checkpoint holds) + adapters
+    checkpoint_reference / check_base      what a Trainer checkpoint of adapters records of its base, and the check
 
 Parameter names are PEFT's without its wrapper prefix: transformer.h.0.attn.c_attn.lora_A.weight is
 PEFT's base_model.model.transformer.h.0.attn.c_attn.lora_A.weight. Hugging Face's GPT-2 keeps its
@@ -109,7 +109,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.05, targets=('c_attn',), base=None)
     Give the Linears of model whose name ends in one of targets (c_attn, c_proj, c_fc, lm_head) an
     adapter of rank r, scaled by alpha / r, with dropout on its input; freeze every other parameter.
     base names where the pretrained weights came from (a path or hub name; checkpoints record it
-    with a fingerprint of the frozen weights, see from_checkpoint). Returns the model.
+    with a fingerprint of the frozen weights, see mingpt.checkpoint.load_lora_checkpoint). Returns the model.
     """
     if adapters(model):
         raise ConfigError("this model already has LoRA adapters; add them once, to the pretrained model")
@@ -296,7 +296,7 @@ def check_base(model, reference, where):
     if cfg is None:
         raise CheckpointError(f"the checkpoint in {where} holds LoRA adapters (r={reference['r']}, targets "
                               f"{reference['targets']}) but this model has none: add_lora with those settings "
-                              "first, or use mingpt.lora.from_checkpoint")
+                              "first, or use mingpt.checkpoint.load_lora_checkpoint")
     if cfg['fingerprint'] != reference['fingerprint']:
         raise CheckpointError(f"the checkpoint in {where} holds adapters trained on other base weights "
                               f"(base {reference['base']!r}, fingerprint {reference['fingerprint'][:12]}, this "
@@ -305,26 +305,3 @@ def check_base(model, reference, where):
         if cfg[k] != reference[k]:
             raise CheckpointError(f"the checkpoint in {where} has LoRA {k}={reference[k]!r}, this model "
                                   f"{cfg[k]!r}: add the adapters with the checkpoint's settings")
-
-
-def from_checkpoint(directory, model_cls=None, base=None):
-    """
-    The model a LoRA Trainer checkpoint (work_dir/ckpt or ckpt_best) holds: its base model loaded from the
-    reference the checkpoint records (or from base, if given: e.g. the same weights moved elsewhere),
-    checked against the recorded fingerprint, with the checkpoint's adapters added and loaded.
-    """
-    from mingpt.checkpoint import check_fits, read_checkpoint  # here: checkpoint.py imports this module
-    from mingpt.model import GPT
-    sd, state = read_checkpoint(directory)
-    reference = state.get('lora')
-    if reference is None:
-        raise CheckpointError(f"{directory} holds a whole model, not LoRA adapters: load it with GPT.from_pretrained")
-    source = base if base is not None else reference['base']
-    if source is None:
-        raise CheckpointError(f"{directory} does not record where its base model came from: pass base=")
-    model = (model_cls or GPT).from_pretrained(source)
-    add_lora(model, reference['r'], reference['alpha'], reference['dropout'], reference['targets'], base=source)
-    check_base(model, reference, directory)
-    check_fits(sd, model, directory)
-    model.load_state_dict(sd, strict=False)
-    return model

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from mingpt import hardware, lora
-from mingpt.checkpoint import read_checkpoint
+from mingpt.checkpoint import load_lora_checkpoint, read_checkpoint
 from mingpt.errors import CheckpointError, ConfigError, WeightsError
 from mingpt.hardware import pack_weights
+from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
 from tests.common import TempDirTestCase, run_train_script, shakespeare, slow, tiny_gpt
@@ -154,12 +155,12 @@ class TestTraining(TempDirTestCase):
         set_seed(0)
         Trainer(quiet_config(max_iters=2, batch_size=4, learning_rate=3e-3, work_dir=self.tmp / 'run'),
                 model, RepeatDataset()).run()
-        rebuilt = lora.from_checkpoint(self.tmp / 'run' / 'ckpt')
+        rebuilt = load_lora_checkpoint(self.tmp / 'run' / 'ckpt', GPT)
         for (n, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
             self.assertTrue(torch.equal(a, b), n)
         tiny_gpt(seed=5).save_pretrained(self.tmp / 'other')
         with self.assertRaisesRegex(CheckpointError, 'other base weights'):
-            lora.from_checkpoint(self.tmp / 'run' / 'ckpt', base=self.tmp / 'other')
+            load_lora_checkpoint(self.tmp / 'run' / 'ckpt', GPT, base=self.tmp / 'other')
 
     def test_resume_refuses_another_base_or_rank(self):
         lora_run(self.tmp / 'run', 2)
