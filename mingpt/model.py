@@ -56,10 +56,10 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def row(self, i):
-        """ row i as a cache of batch size 1 sharing this one's memory: one sequence of a batch prefilled alone """
-        view = KVCache(1, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
-        view.k, view.v = self.k[i:i + 1], self.v[i:i + 1]
+    def rows(self, a, b):
+        """ rows a..b-1 as a cache of their own, sharing this one's memory (some sequences of a batch prefilled alone) """
+        view = KVCache(b - a, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
+        view.k, view.v = self.k[a:b], self.v[a:b]
         return view
 
 
@@ -291,35 +291,32 @@ class GPT(nn.Module):
         from mingpt.weights import save_hf  # here, like from_pretrained's import
         return save_hf(self, directory, **kwargs)
 
-    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,
-                last_only=False):
+    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, last_only=False):
         """
         idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
         targets (B, T): next-token ids; -1 marks positions that do not count in the loss.
 
-        The keyword-only arguments serve incremental decoding (mingpt.generate): kv_cache is a
-        list of KVCache (one per layer) written at [cache_pos, cache_pos+T); pos (T,) or (B, T)
-        overrides the position ids (left-padded batches start each row at 0); attn_mask (B, 1, T,
-        cache_pos+T) bool, True where attention is allowed; last_only computes logits for the last
-        position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
-        cache_pos may be a (B,) LongTensor for one token per row (T == 1), each row of the cache's
-        first B written at its own position, which is also its position id; the mask then lets
-        each row see its own positions up to there only (mingpt.batching's decode step).
+        The keyword-only arguments serve incremental decoding (mingpt.decoder): kv_cache is a list
+        of KVCache (one per layer), the new tokens written at positions [cache_pos, cache_pos+T)
+        (also their position ids) and attending causally to everything before them; last_only
+        computes logits for the last position only, (B, 1, vocab_size), skipping T-1 needless
+        vocabulary projections. cache_pos may be a (B,) LongTensor for one token per row (T == 1),
+        each row of the cache's first B at its own position: a row then sees its own positions up to
+        there only, whatever other rows (other sequences) hold.
         """
         device = idx.device
         if idx.dim() != 2:
             raise ConfigError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}; "
                               "for one sequence use idx[None]")
         b, t = idx.size()
-        end = cache_pos + t
+        end, pos, attn_mask = cache_pos + t, None, None
         if torch.is_tensor(cache_pos):
-            # one new token per row, each at its own position (a batch of independent sequences,
-            # mingpt.batching): a row sees its own cached keys only, up to the furthest row's end
+            # one new token per row, each at its own position (a batch of independent sequences):
+            # a row sees its own cached keys only, up to the furthest row's end
             assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
             end = int(cache_pos.max()) + 1
-            pos = cache_pos[:, None] if pos is None else pos  # (B, 1)
-            if attn_mask is None:  # (B, 1, 1, end)
-                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]
+            pos = cache_pos[:, None]  # (B, 1)
+            attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
         if end > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
@@ -386,7 +383,11 @@ class GPT(nn.Module):
         Prefills a KV cache once and then decodes one token per step (use_cache=False recomputes
         everything, as minGPT did, for the same tokens). More keyword arguments: top_p, seed,
         generator, eos_token_id, pad_token_id, attention_mask (or pass idx as a list of 1-D
-        prompts), use_cache, window_keep; see mingpt.generate.stream, the engine this runs.
+        prompts), use_cache, window_keep, options (a SamplingOptions); see mingpt.generate.stream.
         """
-        return complete(self, idx, max_new_tokens, temperature=temperature,
-                                   do_sample=do_sample, top_k=top_k, **kwargs)
+        options = kwargs.pop('options', None)  # a mingpt.decoder.SamplingOptions, instead of its fields
+        if options is None:
+            kwargs.update(temperature=temperature, do_sample=do_sample, top_k=top_k)
+        elif (temperature, do_sample, top_k) != (1.0, False, None):
+            raise ConfigError("give the sampling options either as options= or as keywords, not both")
+        return complete(self, idx, max_new_tokens, options, **kwargs)

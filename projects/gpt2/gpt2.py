@@ -39,7 +39,7 @@ import torch
 from mingpt.data import open_shard, read_meta, shard_windows
 from mingpt.errors import ConfigError, DataError
 from mingpt.evaluate import bits_per_byte, token_byte_lengths
-from mingpt.generate import check_sampling_args, complete
+from mingpt.generate import checked_options, complete
 from mingpt.model import GPT
 from mingpt.schedule import eval_batches
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
@@ -185,7 +185,7 @@ def main(args):
                                                            D.block_size, world_size)
     given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
     start_run(config, logger)
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)
 
     # the shards and their tokenizer (a resumed run's Trainer checks they are the ones it trained on)
     train_dataset, val_dataset = shard_windows(D.dir, D.block_size)
