@@ -206,19 +206,20 @@ class Encoder:
             for piece in pending:  # leave no None behind
                 del self._cache[piece]
             raise
-        merger = self._pair_merger()
-        short = [len(b) <= LONG_PIECE for b in encoded]
-        if not all(short):  # each long piece alone, in O(n log n)
-            for piece, b, is_short in zip(pending, encoded, short):
-                if not is_short:
-                    self._cache[piece] = self._rank_id_to_id[merger.merge_long(b)].tobytes()
-                    self._cache.long_bytes += len(b)
-            pending, encoded = list(compress(pending, short)), list(compress(encoded, short))
-        if len(encoded) < 64:  # a few pieces (a prompt): one at a time
+        merger, lengths = self._pair_merger(), list(map(len, encoded))
+        if max(lengths) > LONG_PIECE:  # counted for the cache's bound on memory
+            self._cache.long_bytes += sum(n for n in lengths if n > LONG_PIECE)
+        if len(encoded) < 64:  # a few pieces (a prompt): one at a time (merge takes a long one to merge_long)
             merged = [merger.merge(b) for b in encoded]
             parts, counts = list(chain.from_iterable(merged)), list(map(len, merged))
-        else:  # many (a corpus): all at once, where numpy pays off
-            parts, counts = merger.merge_many(encoded)
+        else:  # many (a corpus): all at once, where numpy pays off, but for pieces too long for that
+            alone = set(merger.alone(lengths))
+            for k in alone:
+                self._cache[pending[k]] = self._rank_id_to_id[merger.merge_long(encoded[k])].tobytes()
+            if alone:
+                batched = [k not in alone for k in range(len(encoded))]
+                pending, encoded = list(compress(pending, batched)), list(compress(encoded, batched))
+            parts, counts = merger.merge_many(encoded) if encoded else ([], [])
         ids, end = self._rank_id_to_id[parts].tobytes(), 0  # every piece's ids, one after the other
         for piece, n in zip(pending, counts):
             start, end = end, end + n * IDS.itemsize

@@ -21,7 +21,8 @@ from heapq import heapify, heappop, heappush
 
 import numpy as np
 
-LONG_PIECE = 64  # bytes; a longer piece is merged with merge_long, alone (merge_many's rounds would wait for it)
+LONG_PIECE = 64  # bytes; merge hands a longer piece to merge_long, and merge_many may leave it out (see alone)
+ROUND_COST = 1 / 200  # a round of merge_many over N bytes costs about as much as merge_long on N * ROUND_COST bytes
 
 
 class PairMerger:
@@ -45,6 +46,26 @@ class PairMerger:
         order = np.argsort(keys)
         self.table = keys[order], np.fromiter(pairs.values(), np.int64, len(pairs))[order]
         self.pairs = pairs
+
+    def alone(self, lengths: list) -> list:
+        """Which pieces of a batch (by index, given their lengths in bytes) to merge with merge_long instead
+        of merge_many. Each round of merge_many passes over all N bytes of the batch, and there are as many
+        rounds as its longest piece needs, so one long piece among short ones costs far more there than
+        alone. Leaving out the k longest costs about their bytes in merge_long and makes the rounds as many as
+        the longest piece kept needs: this picks the k for which that sum is least."""
+        if max(lengths) <= LONG_PIECE:
+            return []
+        order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+        per_round = ROUND_COST * sum(lengths)
+        best, best_k, left_out = per_round * lengths[order[0]], 0, 0
+        for k, i in enumerate(order, 1):
+            if lengths[i] <= LONG_PIECE:
+                break
+            left_out += lengths[i]
+            cost = left_out + per_round * (lengths[order[k]] if k < len(order) else 0)
+            if cost < best:
+                best, best_k = cost, k
+        return order[:best_k]
 
     def merge(self, b: bytes) -> list:
         """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
@@ -79,35 +100,40 @@ class PairMerger:
         their new entries are pushed, and the old ones are skipped when popped, as ranks[i] no longer holds
         their rank id (the pair at a position only ever grows, each time into a longer token, so a rank id
         that left a position never comes back to it)."""
-        rank, shift, NONE = self.pairs.get, self.shift, 1 << 62
-        pop, push = heappop, heappush  # looked up per call, so that a test can count the heap operations
+        rank, shift = self.pairs.get, self.shift
+        pop, push = heappop, heappush  # module globals looked up per call, so that a test can count them
         n = len(b)
         bits = n.bit_length()
         at = (1 << bits) - 1  # entry & at: the position
         parts = list(b)
-        # ranks[i]: rank id of the pair (part at i, next part); NONE if they never merge or i is merged away
-        ranks = [rank(x << shift | y, NONE) for x, y in zip(parts, parts[1:])] + [NONE]
-        heap = [r << bits | i for i, r in enumerate(ranks) if r != NONE]
+        # ranks[i]: rank id of the pair (part at i, next part); None if they never merge or i is merged away
+        ranks = [rank(x << shift | y) for x, y in zip(parts, parts[1:])]
+        heap = [r << bits | i for i, r in enumerate(ranks) if r is not None]
         heapify(heap)
+        ranks.append(None)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # the neighbours' positions (n, -1: none)
         while heap:
             entry = pop(heap)
-            r, i = entry >> bits, entry & at
+            r = entry >> bits
+            i = entry & at
             if ranks[i] != r:
                 continue
             j = nxt[i]  # the right part, absorbed into i
             k = nxt[i] = nxt[j]
-            parts[i], ranks[j], ranks[i] = r, NONE, NONE
+            parts[i] = r
+            ranks[j] = None
             if k < n:
                 prv[k] = i
-                ranks[i] = rank(r << shift | parts[k], NONE)
-                if ranks[i] != NONE:
-                    push(heap, ranks[i] << bits | i)
+                right = ranks[i] = rank(r << shift | parts[k])
+                if right is not None:
+                    push(heap, right << bits | i)
+            else:
+                ranks[i] = None
             h = prv[i]
             if h >= 0:
-                ranks[h] = rank(parts[h] << shift | r, NONE)
-                if ranks[h] != NONE:
-                    push(heap, ranks[h] << bits | h)
+                left = ranks[h] = rank(parts[h] << shift | r)
+                if left is not None:
+                    push(heap, left << bits | h)
         merged, i = [], 0
         while i < n:
             merged.append(parts[i])

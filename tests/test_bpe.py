@@ -294,6 +294,17 @@ class LongPieceTest(unittest.TestCase):
             self.assertEqual(ids, self.tik._encode_single_piece(data))
             self.assertEqual(b''.join(map(self.e._id_to_bytes.__getitem__, ids)), data)
 
+    def test_long_pieces_among_many_new_ones(self):
+        # a corpus's new pieces are merged together with numpy, in as many rounds as the longest needs:
+        # two long pieces among them are merged alone instead
+        text = english_text(100_000) + ' ' + 'a' * 5_000 + ' ' + cjk_text(random.Random(5), 3_000)
+        self.e.clear_cache()
+        with mock.patch.object(self.merger, 'merge_many', wraps=self.merger.merge_many) as many:
+            self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+        batched = [len(piece) for call in many.call_args_list for piece in call.args[0]]
+        self.assertGreater(len(batched), 500)
+        self.assertLess(max(batched), 100)
+
     def test_heap_merge_equals_scanning_merge(self):
         # merge_long against merge's own loop (LONG_PIECE lifted), on pieces with many equal-rank pairs
         rng = random.Random(4)
