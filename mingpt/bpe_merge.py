@@ -22,7 +22,8 @@ from heapq import heapify, heappop, heappush
 import numpy as np
 
 LONG_PIECE = 64  # bytes; merge hands a longer piece to merge_long, and merge_many may leave it out (see alone)
-ROUND_COST = 1 / 200  # a round of merge_many over N bytes costs about as much as merge_long on N * ROUND_COST bytes
+ROUND_COST = 1 / 200  # in a batch of N bytes, each byte of the longest piece costs merge_many (in rounds, each a
+                      # pass over all N) about what merge_long spends on N * ROUND_COST bytes
 
 
 class PairMerger:
