@@ -68,7 +68,8 @@ class _PieceCache(dict):
     the process, holding the GIL). A dict subclass so that hits never leave C: a lookup pass is
     list(map(cache.__getitem__, pieces)). A miss notes the piece in `pending` and gives None (stored, so
     later occurrences in the pass are hits too); Encoder._resolve then runs BPE on all of them at once.
-    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss."""
+    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss.
+    long_bytes counts the bytes of the pieces it has taken in that are over LONG_PIECE bytes."""
     __slots__ = ('initial', 'pending', 'long_bytes')
 
     def __init__(self, initial: dict):
@@ -191,10 +192,10 @@ class Encoder:
             cache = self._cache
             if len(cache) > MAX_CACHED_PIECES or cache.long_bytes > MAX_CACHED_LONG_BYTES:  # between passes
                 cache.reset()
-            ids = list(map(self._cache.__getitem__, pieces))
-            if self._cache.pending:
+            ids = list(map(cache.__getitem__, pieces))
+            if cache.pending:
                 self._resolve()
-                ids = list(map(self._cache.__getitem__, pieces))
+                ids = list(map(cache.__getitem__, pieces))
         return np.frombuffer(b''.join(ids), IDS).tolist()
 
     def _resolve(self):
