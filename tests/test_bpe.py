@@ -296,8 +296,8 @@ class LongPieceTest(unittest.TestCase):
 
     def test_long_pieces_among_many_new_ones(self):
         # a corpus's new pieces are merged together with numpy, in as many rounds as the longest needs:
-        # two long pieces among them are merged alone instead
-        text = english_text(100_000) + ' ' + 'a' * 5_000 + ' ' + cjk_text(random.Random(5), 3_000)
+        # two long pieces among them (in the first chunk, with thousands of new pieces) are merged alone instead
+        text = 'a' * 5_000 + ' ' + cjk_text(random.Random(5), 3_000) + ' ' + english_text(100_000)
         self.e.clear_cache()
         with mock.patch.object(self.merger, 'merge_many', wraps=self.merger.merge_many) as many:
             self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
