@@ -13,7 +13,9 @@ or the gains and biases: those parameter groups (muon=False) take AdamW.
 
 One optimizer rather than two, so that whatever steps, schedules and checkpoints an optimizer (the
 Trainer, its learning-rate schedule scaling every group's lr, state_dict for exact resume) serves
-both. Under DDP every rank holds the all-reduced gradient, so every rank computes the same update.
+both. Under DDP every rank holds the all-reduced gradient, so every rank computes the same update;
+under FSDP every rank gathers each whole matrix's update for the Newton-Schulz iteration (the
+momentum and AdamW's moments stay sharded).
 
     from mingpt.muon import Muon
     opt = Muon([{'params': matrices, 'muon': True, 'lr': 0.02},
@@ -95,7 +97,7 @@ class Muon(torch.optim.Optimizer):
             buf = state['momentum_buffer']
             buf.lerp_(p.grad, 1 - beta)  # an average of the gradients, not a sum: NS ignores the scale
             update = p.grad.lerp(buf, beta) if group['nesterov'] else buf
-            update = orthogonalize(update, group['ns_steps'])
+            update = _whole(orthogonalize, update, group['ns_steps'])
             p.mul_(1 - lr * wd)
             p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
@@ -118,3 +120,18 @@ class Muon(torch.optim.Optimizer):
             # the moments start at zero: divide by their total weight so far (bias correction)
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
             p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+
+
+def _whole(fn, x, *args):
+    """
+    fn(x, *args) for a matrix x, which may be an FSDP shard (a DTensor holding this process's rows):
+    then every process gathers the whole matrix, computes fn of it (the same result on each), and
+    keeps its own rows of the result, which needs no further communication.
+    """
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # a torch without DTensor shards nothing
+        return fn(x, *args)
+    if not isinstance(x, DTensor):
+        return fn(x, *args)
+    return distribute_tensor(fn(x.full_tensor(), *args), x.device_mesh, x.placements, src_data_rank=None)

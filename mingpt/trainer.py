@@ -189,10 +189,6 @@ class Trainer:
         need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
         need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
         need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
-        if C.optimizer == 'muon' and self._fsdp:
-            raise ConfigError("optimizer='muon' orthogonalizes whole weight matrices, which parallel='fsdp' splits "
-                              "over the processes; use parallel='ddp' (every rank computes the same update), "
-                              "or optimizer='adamw' with FSDP")
         need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
         need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
         if C.parallel == 'fsdp':
