@@ -41,16 +41,6 @@ OPTIONS = {
 }
 
 
-def setUpModule():
-    global _threads
-    _threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def tearDownModule():
-    torch.set_num_threads(_threads)
-
-
 def make_config(**options):
     c = GPT.get_default_config()
     c.model_type = None

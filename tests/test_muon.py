@@ -21,19 +21,9 @@ from mingpt.errors import ConfigError
 from mingpt.muon import Muon, orthogonalize
 from mingpt.schedule import get_lr
 from mingpt.trainer import Trainer
-from tests.common import TempDirTestCase, run_train_script, slow
+from tests.common import ProcessRunsTestCase, TempDirTestCase, run_train_script, slow
 from tests.test_trainer import RepeatDataset, quiet_config
 from tests.test_trainer_resume import tiny_model, train
-
-
-def setUpModule():
-    global _threads
-    _threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def tearDownModule():
-    torch.set_num_threads(_threads)
 
 
 class TestNewtonSchulz(unittest.TestCase):
@@ -172,7 +162,7 @@ class TestTrainerWithMuon(TempDirTestCase):
 
 
 @slow  # on the class: setUpClass starts the processes
-class TestProcessesWithMuon(unittest.TestCase):
+class TestProcessesWithMuon(ProcessRunsTestCase):
     """
     Under torchrun (2 gloo processes, 8 rows each) against 1 process of 16 rows, with the recipe's
     rotary positions, RMSNorm and no biases: DDP (each rank orthogonalizes the all-reduced gradient)
@@ -196,14 +186,6 @@ class TestProcessesWithMuon(unittest.TestCase):
         }
         cls.runs = {name: run_train_script(cls.path(name), *script, nproc=nproc, trainer=trainer)
                     for name, (nproc, trainer) in runs.items()}
-
-    @classmethod
-    def path(cls, name):
-        return os.path.join(cls.tmp, name)
-
-    def setUp(self):
-        for name, p in self.runs.items():
-            self.assertEqual(p.returncode, 0, f"{name}: {p.stderr[-3000:]}")
 
     def weights(self, name):
         if name.startswith('w_'):
