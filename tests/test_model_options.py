@@ -4,7 +4,8 @@ bias, zero_init_out, logit_softcap): each one, and all of them together, compute
 (rotary positions as transformers' LLaMA rotates, relative positions only; RMSNorm; scale-free QK-norm;
 relu^2; no biases; zero output layers; capped logits); decodes with the KV cache to the logits of a full
 forward, generates the tokens of minGPT's recomputation, and in the BatchEngine the tokens of each
-request alone; round-trips through a Trainer checkpoint and a mingpt directory; and is refused, by
+request alone; round-trips through a Trainer checkpoint and a mingpt directory, and resumes bit-exact
+(with Muon); and is refused, by
 name, by the GPT-2 formats (Hugging Face, llm.c). The default config's state dict keeps GPT-2's names.
 """
 
@@ -24,6 +25,7 @@ from mingpt.model import GPT
 from mingpt.weights import save_llmc
 
 from tests.common import TempDirTestCase
+from tests.test_trainer_resume import train
 
 V, BLOCK = 23, 16
 
@@ -233,6 +235,20 @@ class TestSaving(TempDirTestCase):
                     loaded = GPT.from_pretrained(out)
                     self._same_model(loaded, model, options)
                     self.assertEqual(loaded.lm_head.weight is loaded.transformer.wte.weight, tie)
+
+    def test_a_resumed_run_of_the_recipe_is_bit_exact(self):
+        def model():
+            torch.manual_seed(0)
+            c = make_config(**OPTIONS['recipe'])
+            c.vocab_size, c.block_size = 5, 8  # RepeatDataset's
+            return GPT(c)
+        straight = train(str(self.tmp / 'a'), 6, model=model(), optimizer='muon').model
+        train(str(self.tmp / 'b'), 4, model=model(), optimizer='muon')
+        resumed = train(str(self.tmp / 'b'), 6, model=model(), optimizer='muon', resume=True)
+        self.assertEqual(resumed.iter_num, 6)
+        for (name, a), b in zip(straight.named_parameters(), resumed.model.parameters()):
+            self.assertTrue(torch.equal(a, b), name)
+        self.assertTrue(straight.lm_head.weight.any())  # it trained away from its zero start
 
     def test_a_checkpoint_from_before_the_options_loads_as_gpt2(self):
         model = make_model()

@@ -5,7 +5,9 @@ pytorch_model.bin (shards too). Both GPT2LMHeadModel names (transformer.h.0...) 
 (h.0..., what the hub's gpt2 stores) load; the four projections are Conv1D, stored (in, out).
 
 mingpt's own checkpoints ARE these directories (save_hf, GPT.save_pretrained): one format to read
-back, and transformers (or anything else in that ecosystem) reads ours. A hub name such as 'gpt2'
+back, and transformers (or anything else in that ecosystem) reads ours. A model with architecture
+options GPT-2 has not is written as a mingpt directory instead (save_mingpt): the same files, holding
+its GPT config and its own state dict, which read_hf recognises and transformers does not read. A hub name such as 'gpt2'
 is such a directory downloaded once into the cache (download_hub).
 """
 
