@@ -23,8 +23,8 @@ def rotary_angles(pos, head_size, base):
     """
     pos (T,) or (B, T) position ids -> (cos, sin), each (T, hs/2) or (B, T, hs/2), in fp32. Channel
     pair i turns by pos * base^(-2i/hs): fast pairs tell near positions apart, slow ones far ones.
-    Computed from the same position ids the learned wpe reads, so left-padded rows and per-row
-    decode positions (mingpt.batching) rotate exactly as their tokens sit.
+    Computed from the same position ids the learned wpe reads, so the rows of a batched decode step,
+    each at its own position ((B, 1) ids), rotate exactly as their tokens sit.
     """
     inv_freq = base ** (-torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
     angles = pos.float()[..., None] * inv_freq  # (..., T, hs/2)

@@ -108,16 +108,17 @@ class TestWhatEachOptionComputes(unittest.TestCase):
         torch.testing.assert_close(apply_rotary(q, cos, sin), ref_q)
         torch.testing.assert_close(apply_rotary(k, cos, sin), ref_k)
 
-        model = make_model(pos_emb='rope')
-        self.assertNotIn('transformer.wpe.weight', model.state_dict())
-        x = torch.randint(V, (1, 8))
-        with torch.no_grad():
-            at_0 = model(x, pos=torch.arange(8))[0]
-            at_5 = model(x, pos=torch.arange(5, 13))[0]
-            learned = make_model()
-            moved = learned(x, pos=torch.arange(5, 13))[0]
-        torch.testing.assert_close(at_5, at_0, rtol=1e-4, atol=1e-4)  # a shift of every position changes nothing
-        self.assertGreater((moved - learned(x)[0]).abs().max().item(), 1e-2)  # for learned positions it does
+        # attention scores q_m . k_n depend on m - n only: shifting every position changes none of them
+        def scores(start):
+            cos, sin = rotary_angles(torch.arange(start, start + 5), 8, 10000.0)
+            return apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2)
+        torch.testing.assert_close(scores(7), scores(0), rtol=1e-4, atol=1e-4)
+        # a position per row, (B, T) ids, as a batched decode step has: row b turns by its own positions
+        per_row = rotary_angles(torch.tensor([[3], [9]]), 8, 10000.0)
+        for b, p in enumerate((3, 9)):
+            torch.testing.assert_close(apply_rotary(q[:, :, :1], *per_row)[b],
+                                       apply_rotary(q[b:b + 1, :, :1], *rotary_angles(torch.tensor([p]), 8, 10000.0))[0])
+        self.assertNotIn('transformer.wpe.weight', make_model(pos_emb='rope').state_dict())
 
     def test_rmsnorm_relu2_no_bias(self):
         model = make_model(norm='rmsnorm', mlp_act='relu2', bias=False)
@@ -166,7 +167,7 @@ class TestWhatEachOptionComputes(unittest.TestCase):
 
 
 class TestDecoding(unittest.TestCase):
-    """ every option with the KV cache, generate, padded batches and the BatchEngine """
+    """ every option with the KV cache, generate (batches of prompts too) and the BatchEngine """
 
     def test_kv_cache_logits_equal_a_full_forward(self):
         x = torch.randint(V, (2, 12))
@@ -191,7 +192,7 @@ class TestDecoding(unittest.TestCase):
                 self.assertTrue(torch.equal(cached, recomputed))
                 sampled = [model.generate(prompts, 10, do_sample=True, seed=3, use_cache=c) for c in (True, False)]
                 self.assertTrue(torch.equal(*sampled))
-                # a left-padded row gets the tokens of its prompt alone (its own position ids)
+                # a row of a batch gets the tokens of its prompt alone (its own positions)
                 alone = model.generate([prompts[0]], 20)
                 self.assertEqual(cached[0, -20:].tolist(), alone[0, -20:].tolist())
                 self.assertGreater(len(set(cached[0, -20:].tolist())), 1)  # not one token repeated
