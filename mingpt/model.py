@@ -1,5 +1,7 @@
 """
-The GPT language model: GPT-2's architecture, minGPT's API.
+The GPT language model: GPT-2's architecture, minGPT's API, and the options of the modern recipe
+(modded-nanogpt, nanochat): rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
+output layers, logit soft-capping; each off by default (see GPT.get_default_config).
 
 References:
 1) the official GPT-2 TensorFlow implementation released by OpenAI:
@@ -18,10 +20,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt.config import PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
+from mingpt.config import ARCH_OPTIONS, PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
+from mingpt.layers import ReLUSquared, apply_rotary, make_norm, rotary_angles
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -75,21 +78,29 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads, but in a batch
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # output projection
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn_pdrop = config.attn_pdrop
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
         B, T, C = x.size()
         # (B, T, 3C) -> three (B, nh, T, hs): heads become a batch dimension. One view + permute
         # rather than split + 3 views + 3 transposes: the same strided views in fewer ops, which
         # counts when decoding runs ~25 small ops per layer per token
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.qk_norm:
+            # each head's query and key to unit RMS: attention logits stay bounded, however large
+            # the projections grow (no gain: the scale of the logits is the softmax's 1/sqrt(hs))
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            # keys are cached rotated: a cached key keeps the position it was written at
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
 
         if kv_cache is not None:
             # attend over everything cached so far plus this step: k, v become (B, nh, cache_pos+T, hs)
@@ -132,9 +143,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.act = NewGELU()
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = ReLUSquared() if config.mlp_act == 'relu2' else NewGELU()
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -142,17 +153,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """ an unassuming Transformer block: pre-LayerNorm, attention then MLP, each residual """
+    """ an unassuming Transformer block: pre-norm, attention then MLP, each residual """
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask)
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -178,6 +189,24 @@ class GPT(nn.Module):
         C.attn_pdrop = 0.1
         # share the token embedding with lm_head, as GPT-2 checkpoints do (minGPT keeps them apart)
         C.tie_weights = False
+        # the modern recipe's architecture (modded-nanogpt, nanochat); every default is GPT-2's.
+        # Positions: 'learned' (GPT-2's wpe table) or 'rope' (rotary: queries and keys turned by
+        # their position, no wpe; rope_base sets the slowest turn)
+        C.pos_emb = ARCH_OPTIONS['pos_emb']
+        C.rope_base = ARCH_OPTIONS['rope_base']
+        # 'layernorm' or 'rmsnorm' (scale by the root mean square only: no mean, no bias)
+        C.norm = ARCH_OPTIONS['norm']
+        # True: RMS-normalise each head's queries and keys before attention
+        C.qk_norm = ARCH_OPTIONS['qk_norm']
+        # the MLP's activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x) squared)
+        C.mlp_act = ARCH_OPTIONS['mlp_act']
+        # False: no biases in the Linear layers and LayerNorms
+        C.bias = ARCH_OPTIONS['bias']
+        # True: lm_head and every block's output projections (attn.c_proj, mlp.c_proj) start at zero,
+        # so each block starts as the identity and the first logits are uniform (needs tie_weights=False)
+        C.zero_init_out = ARCH_OPTIONS['zero_init_out']
+        # a number c: logits become c * tanh(logits / c), smoothly bounded in (-c, c); None: as they are
+        C.logit_softcap = ARCH_OPTIONS['logit_softcap']
         return C
 
     def __init__(self, config):
@@ -185,13 +214,14 @@ class GPT(nn.Module):
         config = resolve_config(config)
         self.config = config
         self.block_size = config.block_size
+        self.rope = config.pos_emb == 'rope'
 
         self.transformer = nn.ModuleDict(dict(
             wte = nn.Embedding(config.vocab_size, config.n_embd),
-            wpe = nn.Embedding(config.block_size, config.n_embd),
+            **({} if self.rope else dict(wpe = nn.Embedding(config.block_size, config.n_embd))),
             drop = nn.Dropout(config.embd_pdrop),
             h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f = nn.LayerNorm(config.n_embd),
+            ln_f = make_norm(config, config.n_embd),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
@@ -201,6 +231,8 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
+            if config.zero_init_out and (pn.endswith('c_proj.weight') or pn == 'lm_head.weight'):
+                torch.nn.init.zeros_(p)
         if getattr(config, 'tie_weights', False):
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -215,8 +247,9 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if getattr(module, 'bias', None) is not None:
+                torch.nn.init.zeros_(module.bias)
             torch.nn.init.ones_(module.weight)
 
     def configure_optimizers(self, train_config):
@@ -225,6 +258,10 @@ class GPT(nn.Module):
         embeddings are not decayed (shrinking them towards zero has no regularising meaning).
         Every parameter lands in exactly one group; a weight shared between lm_head and wte counts
         as the embedding it is.
+
+        train_config.optimizer == 'muon': the Linear layers' weights inside the blocks take Muon
+        (mingpt.muon, at muon_lr with muon_momentum and muon_weight_decay) and every other
+        parameter takes AdamW, grouped as above, in one mingpt.muon.Muon optimizer.
         """
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
@@ -235,6 +272,15 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": train_config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        if getattr(train_config, 'optimizer', 'adamw') == 'muon':
+            from mingpt.muon import Muon  # here: the default optimizer needs no import of it
+            matrix_ids = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Linear)}
+            optim_groups = [{'params': [p for p in params if id(p) in matrix_ids], 'muon': True,
+                             'lr': train_config.muon_lr, 'momentum': train_config.muon_momentum,
+                             'weight_decay': train_config.muon_weight_decay}] + \
+                           [dict(g, params=[p for p in g['params'] if id(p) not in matrix_ids], muon=False,
+                                 lr=train_config.learning_rate) for g in optim_groups]
+            return Muon(optim_groups, betas=train_config.betas)
         # the fused kernel does the whole update in one pass over memory; foreach is the fallback
         fused = params[0].device.type in ('cuda', 'cpu')
         return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas,
@@ -286,10 +332,17 @@ class GPT(nn.Module):
         from mingpt.weights import load_pretrained  # here: importing the model loads no checkpoint format
         return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
 
-    def save_pretrained(self, directory, **kwargs):
-        """ write a Hugging Face GPT-2 directory (config.json + model.safetensors); see mingpt.weights.save_hf """
-        from mingpt.weights import save_hf  # here, like from_pretrained's import
-        return save_hf(self, directory, **kwargs)
+    def save_pretrained(self, directory, format='hf', **kwargs):
+        """
+        write a Hugging Face GPT-2 directory (config.json + model.safetensors; mingpt.weights.save_hf),
+        or with format='mingpt' a mingpt directory, which also holds the architecture options GPT-2
+        has not (mingpt.weights.save_mingpt); from_pretrained reads both
+        """
+        from mingpt.weights import save_hf, save_mingpt  # here, like from_pretrained's import
+        if format not in ('hf', 'mingpt'):
+            raise ConfigError(f"save_pretrained's format is 'hf' (transformers reads it) or 'mingpt' (any "
+                              f"architecture option), not {format!r}")
+        return (save_hf if format == 'hf' else save_mingpt)(self, directory, **kwargs)
 
     def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, last_only=False):
         """
@@ -334,15 +387,22 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
 
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.rope:  # positions enter in attention, as turns of the queries and keys
+            rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        else:
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask)
+            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
 
         # if we are given some desired targets also calculate the loss
         loss = None
