@@ -130,12 +130,13 @@ class BatchEngine:
         self.started = time.monotonic()
 
     def request(self, prompt, max_new_tokens, options=None, *, generator=None, window_keep=None,
-                should_stop=None, on_logits=None, **sampling):
+                should_stop=None, on_logits=None, assistant_model=None, prompt_lookup_num_tokens=None,
+                num_assistant_tokens=5, **sampling):
         """
         A Request, every argument checked (a ConfigError, or PromptTooLong for a prompt longer than
         the context), not yet submitted. prompt: a 1-D sequence of token ids. options (a
-        mingpt.decoder.SamplingOptions, or its fields as keywords), generator and window_keep are
-        mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
+        mingpt.decoder.SamplingOptions, or its fields as keywords), generator, window_keep and the
+        speculative decoding arguments are mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
         on_logits(logits) is called in the engine's thread with the (V,) logits each token is
         sampled from (an inference tensor: copy it to keep it).
         """
@@ -145,8 +146,12 @@ class BatchEngine:
         keep = check_window_keep(self.model, window_keep)
         warn_if_training(self.model)
         _, (tokens,) = prepare_prompts(self.model, [prompt])
+        drafter = None
+        if assistant_model is not None or prompt_lookup_num_tokens is not None:
+            from mingpt.speculative import make_drafter  # here: speculation is an option most requests never use
+            drafter = make_drafter(self.model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens)
         return Request(tokens, max_new_tokens, options, generator=generator or options.make_generator(self.device),
-                       window_keep=keep, should_stop=should_stop, on_logits=on_logits)
+                       window_keep=keep, should_stop=should_stop, on_logits=on_logits, drafter=drafter)
 
     def submit(self, prompt_or_request, max_new_tokens=None, **kwargs):
         """

@@ -204,17 +204,19 @@ class Sequence:
     'length' (max_new_tokens), 'cancelled' (should_stop() said so) or 'error' (error holds why).
     on_logits(logits), if given, sees the (V,) logits each token is drawn from (an inference tensor:
     copy it to keep it). use_cache=False re-runs the whole window at every step (minGPT's way, for
-    comparison). Subclasses receive tokens as they come by overriding emit() and finish().
+    comparison). drafter: a mingpt.speculative drafter, whose drafts each step checks. Subclasses
+    receive tokens as they come by overriding emit() and finish().
     """
 
     _order = itertools.count()  # the order sequences were made in: rows that sample together draw in it
 
     def __init__(self, prompt, max_new_tokens, options, *, generator=None, window_keep=None,
-                 use_cache=True, should_stop=None, on_logits=None):
+                 use_cache=True, should_stop=None, on_logits=None, drafter=None):
         self.tokens = list(prompt)
         self.max_new_tokens, self.options, self.generator = max_new_tokens, options, generator
         self.keep, self.use_cache = window_keep, use_cache  # window_keep: checked by the caller
         self.should_stop, self.on_logits = should_stop, on_logits
+        self.drafter, self.draft_state = drafter, None  # speculative decoding (mingpt.speculative)
         self.stop_ids = options.stop_ids
         self.order = next(Sequence._order)
         self.n_new = 0  # tokens generated so far
@@ -270,26 +272,59 @@ class Decoder:
         starts = [next_input(len(s.tokens), s.cache_len if s.use_cache else 0, block_size, s.keep)
                   for s in self.rows]
         decoding = [i for i, (_, cache_pos) in enumerate(starts) if cache_pos > 0]
+        n_before = sum(s.n_new for s in self.rows)
         with torch.inference_mode():
             logits = {}
             if decoding:
-                decoded = self._decode(decoding)  # (n, V)
-                logits.update((i, decoded[i]) for i in decoding)
+                drafts = self._drafts(decoding)
+                decoded = self._decode(decoding, drafts)  # (n, T, V)
+                for i in decoding:
+                    if i in drafts:
+                        self._verify(i, decoded[i], *drafts[i])
+                    else:
+                        logits[i] = decoded[i, 0]
             logits.update(self._prefill([(i, start) for i, (start, cache_pos) in enumerate(starts)
                                          if cache_pos == 0]))
             self._sample_and_emit(logits)
+        n_tokens = sum(s.n_new for s in self.rows) - n_before
         self._leave_finished()
-        return len(starts)
+        return n_tokens
 
     # -------------------------------------------------------------------------
     # forwards
 
-    def _decode(self, decoding):
-        """ the newest token of every row in ONE forward -> logits (n, V), a row of zeros for rows not in decoding """
+    def _drafts(self, decoding):
+        """ {row: (draft ids, their distributions or None)} for the rows whose drafter has one that fits """
+        limit = min(self.cache[0].k.size(2), self.model.block_size)
+        # the forward feeds every row as many tokens as the longest draft: they must fit the fullest row
+        room = limit - 1 - max(self.rows[i].cache_len for i in decoding)
+        drafts = {}
+        for i in decoding:
+            seq = self.rows[i]
+            k = min(room, seq.max_new_tokens - seq.n_new - 1)  # no guessing past the last token wanted
+            if seq.drafter is None or k < 1:
+                continue
+            try:
+                draft, q = seq.drafter.propose(seq, min(k, seq.drafter.num_tokens))
+            except Exception as e:
+                self._fail(i, 'its draft', e)
+                continue
+            if draft:
+                drafts[i] = (draft, q)
+        return drafts
+
+    def _decode(self, decoding, drafts):
+        """
+        The newest token of every row in decoding, and its draft if it has one, in ONE forward:
+        -> logits (n, T, V), T = 1 + the longest draft; rows not decoding get zeros
+        """
         n = len(self.rows)
         decoding = set(decoding)
-        x = torch.tensor([[s.tokens[-1] if i in decoding else 0] for i, s in enumerate(self.rows)],
-                         device=self.device)  # (n, 1)
+        T = 1 + max((len(d) for d, _ in drafts.values()), default=0)
+        rows = [([s.tokens[-1]] + (drafts[i][0] if i in drafts else []) if i in decoding else [])
+                for i, s in enumerate(self.rows)]
+        # (n, T): past a row's own tokens, padding that lands past its cache's end, where nobody reads
+        x = torch.tensor([row + [0] * (T - len(row)) for row in rows], device=self.device)
         positions = [s.cache_len if i in decoding else 0 for i, s in enumerate(self.rows)]
         try:
             if len(decoding) == n and len(set(positions)) == 1:
@@ -297,22 +332,39 @@ class Decoder:
                 cache, cache_pos = self._rows_view(0, n), positions[0]
             else:
                 cache, cache_pos = self.cache, torch.tensor(positions, device=self.device)
-            logits = self.model(x, kv_cache=cache, cache_pos=cache_pos, last_only=True)[0][:, -1]
-        except Exception as e:
-            if n == 1:
-                self._fail(0, 'its forward', e)
-                return torch.zeros(1, self.model.config.vocab_size, device=self.device)
+            logits = self.model(x, kv_cache=cache, cache_pos=cache_pos, last_only=T == 1)[0]
+        except Exception:
             # one row's input broke the batch (or the machine did): each row alone finds which
-            logits = torch.zeros(n, self.model.config.vocab_size, device=self.device)
+            logits = torch.zeros(n, T, self.model.config.vocab_size, device=self.device)
             for i in decoding:
                 try:
                     logits[i] = self.model(x[i:i + 1], kv_cache=self._rows_view(i, i + 1),
-                                           cache_pos=positions[i], last_only=True)[0][0, -1]
+                                           cache_pos=positions[i], last_only=T == 1)[0][0]
                 except Exception as e:
                     self._fail(i, 'its forward', e)
         for i in decoding:
             self.rows[i].cache_len += 1
         return logits
+
+    def _verify(self, i, logits, draft, q):
+        """ row i's draft checked against the model's logits (T, V) (mingpt.speculative.verify) """
+        from mingpt.speculative import verify  # here: speculation is an option most decoding never uses
+        seq = self.rows[i]
+        if seq.ending is not None:
+            return
+        n_before = len(seq.tokens)
+        try:
+            tokens = verify(logits[:len(draft) + 1], draft, q, seq.options, seq.generator)
+        except Exception as e:
+            self._fail(i, 'checking its draft', e)
+            return
+        seq.cache_len += len(tokens) - 1  # the kept draft tokens are in the cache now; the rest is past its end
+        seq.drafter.rewind(seq, n_before + len(tokens) - 1)
+        for j, tok in enumerate(tokens):
+            if seq.on_logits is not None:
+                seq.on_logits(logits[j])
+            if self._append(seq, tok):
+                break
 
     def _prefill(self, todo):
         """
@@ -381,14 +433,18 @@ class Decoder:
         seq = self.rows[rows[0]]
         toks = sample(logits, seq.options, seq.generator).tolist()
         for i, tok in zip(rows, toks):
-            seq = self.rows[i]
-            seq.tokens.append(tok)
-            seq.n_new += 1
-            seq.emit(tok)
-            if tok in seq.stop_ids:
-                seq.ending = ('stop', None)
-            elif seq.n_new == seq.max_new_tokens:
-                seq.ending = ('length', None)
+            self._append(self.rows[i], tok)
+
+    def _append(self, seq, tok):
+        """ tok is seq's next token: emitted, its stop rules applied -> True if it ended the sequence """
+        seq.tokens.append(tok)
+        seq.n_new += 1
+        seq.emit(tok)
+        if tok in seq.stop_ids:
+            seq.ending = ('stop', None)
+        elif seq.n_new == seq.max_new_tokens:
+            seq.ending = ('length', None)
+        return seq.ending is not None
 
     def _fail(self, i, where, e):
         """ row i's sequence ends with error e, its own: the others run on """

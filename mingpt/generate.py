@@ -105,7 +105,8 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
 # the prompts' rows through the decoder
 
 def stream(model, idx, max_new_tokens, options=None, *, generator=None, pad_token_id=None,
-           attention_mask=None, use_cache=True, window_keep=None, **sampling):
+           attention_mask=None, use_cache=True, window_keep=None, assistant_model=None,
+           prompt_lookup_num_tokens=None, num_assistant_tokens=5, **sampling):
     """
     Generate up to max_new_tokens tokens after the prompt(s), yielding each step's new token ids
     as a (B,) LongTensor, one per row (in the prompt's row order). Arguments are checked when
@@ -122,9 +123,14 @@ def stream(model, idx, max_new_tokens, options=None, *, generator=None, pad_toke
     use_cache: False recomputes the whole window every step (minGPT's way; for comparison).
     window_keep: how many of the most recent tokens to re-prefill when the sequence fills the
       context (default block_size: identical to minGPT's cropping; see mingpt.decoder).
+    assistant_model (a smaller GPT with the same vocabulary, drafting num_assistant_tokens a step) or
+      prompt_lookup_num_tokens (drafts copied from earlier in the text): speculative decoding, the
+      same tokens (greedy) or the same distribution (sampled) faster; see mingpt.speculative.
     """
     _, steps = _start(model, idx, max_new_tokens, options, generator=generator, pad_token_id=pad_token_id,
-                      attention_mask=attention_mask, use_cache=use_cache, window_keep=window_keep, **sampling)
+                      attention_mask=attention_mask, use_cache=use_cache, window_keep=window_keep,
+                      assistant_model=assistant_model, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                      num_assistant_tokens=num_assistant_tokens, **sampling)
     return steps
 
 
@@ -163,7 +169,8 @@ def checked_options(max_new_tokens, options=None, **fields):
 
 
 def _start(model, idx, max_new_tokens, options=None, *, generator=None, pad_token_id=None,
-           attention_mask=None, use_cache=True, window_keep=None, **sampling):
+           attention_mask=None, use_cache=True, window_keep=None, assistant_model=None,
+           prompt_lookup_num_tokens=None, num_assistant_tokens=5, **sampling):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
     options = checked_options(max_new_tokens, options, **sampling)
     if generator is not None and options.seed is not None:
@@ -174,8 +181,12 @@ def _start(model, idx, max_new_tokens, options=None, *, generator=None, pad_toke
         pad_token_id = options.eos_token_id if isinstance(options.eos_token_id, int) else None
     idx, prompts = prepare_prompts(model, idx, attention_mask, pad_token_id)
     generator = generator or options.make_generator(idx.device)
-    seqs = [Sequence(p, max_new_tokens, options, generator=generator, window_keep=keep, use_cache=use_cache)
-            for p in prompts]
+    drafter = None
+    if assistant_model is not None or prompt_lookup_num_tokens is not None:
+        from mingpt.speculative import make_drafter  # here: speculation is an option most decoding never uses
+        drafter = make_drafter(model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens)
+    seqs = [Sequence(p, max_new_tokens, options, generator=generator, window_keep=keep, use_cache=use_cache,
+                     drafter=drafter) for p in prompts]
     return idx, _steps(model, seqs, 0 if pad_token_id is None else pad_token_id)
 
 
@@ -196,16 +207,18 @@ def _steps(model, seqs, pad_token_id):
     longest = max(len(s.tokens) for s in seqs)
     decoder = Decoder(model, len(seqs), max_len=min(model.block_size, longest + n_steps))
     decoder.add(seqs)
+    starts = [len(s.tokens) - s.n_new for s in seqs]  # where each row's new tokens begin
     for step in range(1, n_steps + 1):
-        if step > 1:
+        # a step of the decoder gives each running row one token, or several (speculative decoding)
+        while decoder.rows and any(s.n_new < step and s.finish_reason is None for s in seqs):
             decoder.step()
         for s in seqs:
             if s.error is not None:
                 raise s.error
-        yield torch.tensor([s.tokens[-1] if s.n_new == step else pad_token_id for s in seqs],
-                           device=decoder.device)
-        if not decoder.rows:  # every row ended early (a stop token)
+        if all(s.n_new < step for s in seqs):  # every row ended early (a stop token)
             return
+        yield torch.tensor([s.tokens[start + step - 1] if s.n_new >= step else pad_token_id
+                            for s, start in zip(seqs, starts)], device=decoder.device)
 
 # -----------------------------------------------------------------------------
 # text

@@ -47,13 +47,17 @@ class KVCache(nn.Module):
     def update(self, start, k, v):
         """
         write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there.
-        start may also be a (B,) LongTensor, one position per row for one new token each (T == 1):
-        then the first B rows come back whole, and the caller's mask hides what a row has not written
+        start may also be a (B,) LongTensor, a position per row: row b's T keys go to [start[b],
+        start[b]+T); the first B rows then come back whole, and the caller's mask hides what a row
+        has not written
         """
         if torch.is_tensor(start):
-            rows = torch.arange(k.size(0), device=k.device)
-            self.k[rows, :, start], self.v[rows, :, start] = k[:, :, 0], v[:, :, 0]
-            return self.k[:k.size(0)], self.v[:k.size(0)]
+            B, T = k.size(0), k.size(2)
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            cols = start[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            # indexed as [rows, :, cols] the cache reads (B, T, nh, hs): the heads move behind time
+            self.k[rows, :, cols], self.v[rows, :, cols] = k.transpose(1, 2), v.transpose(1, 2)
+            return self.k[:B], self.v[:B]
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -353,9 +357,9 @@ class GPT(nn.Module):
         of KVCache (one per layer), the new tokens written at positions [cache_pos, cache_pos+T)
         (also their position ids) and attending causally to everything before them; last_only
         computes logits for the last position only, (B, 1, vocab_size), skipping T-1 needless
-        vocabulary projections. cache_pos may be a (B,) LongTensor for one token per row (T == 1),
-        each row of the cache's first B at its own position: a row then sees its own positions up to
-        there only, whatever other rows (other sequences) hold.
+        vocabulary projections. cache_pos may be a (B,) LongTensor, each row of the cache's first B
+        at its own position (its T tokens at [cache_pos[b], cache_pos[b]+T)): a row then sees its own
+        positions up to each token's only, whatever other rows (other sequences) hold.
         """
         device = idx.device
         if idx.dim() != 2:
@@ -364,12 +368,12 @@ class GPT(nn.Module):
         b, t = idx.size()
         end, pos, attn_mask = cache_pos + t, None, None
         if torch.is_tensor(cache_pos):
-            # one new token per row, each at its own position (a batch of independent sequences):
-            # a row sees its own cached keys only, up to the furthest row's end
-            assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
-            end = int(cache_pos.max()) + 1
-            pos = cache_pos[:, None]  # (B, 1)
-            attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+            # each row at its own position (a batch of independent sequences): a row's token sees its
+            # own row's keys only, up to its own position, and keys run to the furthest row's end
+            assert cache_pos.shape == (b,), "cache_pos as a tensor holds one position per row"
+            end = int(cache_pos.max()) + t
+            pos = cache_pos[:, None] + torch.arange(t, device=device)  # (B, T)
+            attn_mask = (torch.arange(end, device=device) <= pos[:, :, None])[:, None]  # (B, 1, T, end)
         if end > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
