@@ -30,10 +30,18 @@ import logging
 import sys
 
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+NEEDS = "the lm-evaluation-harness is optional: pip install lm-eval (or pip install -e '.[eval]')"
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:
+    if __name__ == '__main__':  # the command line: one line, as every mingpt tool says it
+        print(f'error: {NEEDS}', file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ImportError(NEEDS) from e
 
 from mingpt.errors import ConfigError
 from mingpt.generate import stream

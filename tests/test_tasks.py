@@ -24,8 +24,8 @@ from mingpt.metrics import history_of, plot_metrics
 from mingpt.tasks import (Example, choice_scores, core_prompts, eval_callback, evaluate_core, evaluate_multiple_choice,
                           evaluate_task, load_task, read_bundle, read_hellaswag, read_llmc_eval)
 from tests import test_projects as projects
-from tests.common import (FIXTURES, REPO, TempDirTestCase, free_port_url, local_http_server, patched_env, slow,
-                          tiktoken_gpt2, tiny_gpt)
+from tests.common import (FIXTURES, REPO, TempDirTestCase, free_port_url, local_http_server, patched_env,
+                          python_without, slow, tiktoken_gpt2, tiny_gpt)
 
 HELLASWAG = FIXTURES / 'hellaswag_tiny.jsonl'  # 24 examples in HellaSwag's format
 BUNDLE = FIXTURES / 'core_bundle'  # 3 tasks: multiple choice (1-shot), schema, language modelling (2-shot)
@@ -45,6 +45,7 @@ class ModelTestCase(TempDirTestCase):
     def setUpClass(cls):
         import transformers
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         cls.enc = get_encoder()
         cls.model = tiny_gpt(vocab_size=50257, block_size=64)
         cls.model_dir = tempfile.mkdtemp()
@@ -398,6 +399,12 @@ class TestHarness(ModelTestCase):
                                      pad_token_id=EOT, eos_token_id=EOT)[0, ids.size(1):].tolist()
             want = self.enc.decode(out[:out.index(EOT)] if EOT in out else out).split('\n')[0]
             self.assertEqual(text, want)
+
+    def test_without_lm_eval_one_line_says_what_to_install(self):
+        proc = subprocess.run([*python_without('lm_eval'), '-m', 'mingpt.harness', '--model', 'mingpt'], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        self.assertEqual((proc.returncode, proc.stderr.count('\n')), (2, 1), proc.stderr)
+        self.assertTrue(proc.stderr.startswith('error: ') and "pip install -e '.[eval]'" in proc.stderr, proc.stderr)
 
     @slow
     def test_lm_eval_command_line_equals_the_library(self):
