@@ -63,6 +63,7 @@ class TestHarness(ModelTestCase):
             want = self.enc.decode(out[:out.index(EOT)] if EOT in out else out).split('\n')[0]
             self.assertEqual(text, want)
 
+    @slow
     def test_without_lm_eval_one_line_says_what_to_install(self):
         proc = subprocess.run([*python_without('lm_eval'), '-m', 'mingpt.harness', '--model', 'mingpt'], cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)

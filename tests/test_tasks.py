@@ -5,14 +5,13 @@ training callback (also in projects/gpt2).
 """
 
 import copy
+import io
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import unittest
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import torch
@@ -21,9 +20,9 @@ from mingpt.bpe import get_encoder
 from mingpt.errors import ConfigError, DataError, DownloadError, MissingFileError
 from mingpt.metrics import history_of, plot_metrics
 from mingpt.tasks import (choice_scores, core_prompts, eval_callback, evaluate_core, evaluate_multiple_choice,
-                          evaluate_task, load_task, read_bundle, read_hellaswag, read_llmc_eval)
+                          evaluate_task, load_task, main, read_bundle, read_hellaswag, read_llmc_eval)
 from tests import test_projects as projects
-from tests.common import (FIXTURES, REPO, TempDirTestCase, free_port_url, local_http_server, patched_env, slow,
+from tests.common import (FIXTURES, TempDirTestCase, free_port_url, local_http_server, patched_env, slow,
                           tiktoken_gpt2, tiny_gpt)
 
 HELLASWAG = FIXTURES / 'hellaswag_tiny.jsonl'  # 24 examples in HellaSwag's format
@@ -193,32 +192,36 @@ class TestHellaSwagDownload(ModelTestCase):
         self.assertIn(str(self.tmp / 'empty' / 'datasets' / 'hellaswag_val.jsonl'), str(cm.exception))
 
     def run_cli(self, *args, **env):
-        return subprocess.run([sys.executable, '-m', 'mingpt.tasks', '--model', self.model_dir, *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=str(REPO), MINGPT_CACHE=str(self.tmp / 'cache'), **env))
+        """ python -m mingpt.tasks --model <the model> *args, in this process: (stdout, stderr, exit status) """
+        out, err, status = io.StringIO(), io.StringIO(), 0
+        with patched_env(MINGPT_CACHE=self.tmp / 'cache', **env), redirect_stdout(out), redirect_stderr(err):
+            try:
+                main(['--model', self.model_dir, *args])
+            except SystemExit as e:
+                status = e.code
+        return out.getvalue(), err.getvalue(), status
 
     def test_command_line(self):
-        proc = self.run_cli('--task', str(HELLASWAG), '--limit', '10', '--batch-size', '8')
-        self.assertEqual(proc.returncode, 0, proc.stderr)
+        out, err, status = self.run_cli('--task', str(HELLASWAG), '--limit', '10', '--batch-size', '8')
+        self.assertEqual(status, 0, err)
         r = evaluate_task(self.model, load_task(HELLASWAG, self.enc), self.enc, limit=10)
-        self.assertIn(f"| {self.model_dir} | hellaswag_tiny | 10 | {r['acc']:.4f} | {r['acc_norm']:.4f} |", proc.stdout)
-        self.assertIn('acc_norm: the highest mean log-likelihood per token', proc.stdout)
-        proc = self.run_cli('--task', str(BUNDLE), '--limit', '4')
-        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(f"| {self.model_dir} | hellaswag_tiny | 10 | {r['acc']:.4f} | {r['acc_norm']:.4f} |", out)
+        self.assertIn('acc_norm: the highest mean log-likelihood per token', out)
+        out, err, status = self.run_cli('--task', str(BUNDLE), '--limit', '4')
+        self.assertEqual(status, 0, err)
         r = evaluate_task(self.model, load_task(BUNDLE, self.enc), self.enc, limit=4)
-        self.assertIn(f"| CORE (mean centered accuracy) | | | | {r['core']:.4f} |", proc.stdout)
-        self.assertIn(f"| everyday_choice | 4 | {r['tasks']['everyday_choice']['acc']:.4f} | 0.2500 |", proc.stdout)
+        self.assertIn(f"| CORE (mean centered accuracy) | | | | {r['core']:.4f} |", out)
+        self.assertIn(f"| everyday_choice | 4 | {r['tasks']['everyday_choice']['acc']:.4f} | 0.2500 |", out)
 
     def test_command_line_errors_are_one_line(self):
         for args, env, message in (((), dict(MINGPT_HELLASWAG_URL=free_port_url()), 'error: could not download'),
                                    (('--task', 'nope.jsonl'), {}, "error: no task 'nope.jsonl'"),
                                    (('--task', str(HELLASWAG), '--limit', '0'), {}, 'error: --limit 0')):
-            proc = self.run_cli(*args, **env)
-            self.assertEqual(proc.returncode, 2, proc.stderr)
-            errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-            self.assertEqual(len(errors), 1, proc.stderr)
-            self.assertTrue(errors[0].startswith(message), proc.stderr)
-            self.assertNotIn('Traceback', proc.stderr)
+            _, err, status = self.run_cli(*args, **env)
+            self.assertEqual(status, 2, err)
+            errors = [line for line in err.splitlines() if line.startswith('error:')]
+            self.assertEqual(len(errors), 1, err)
+            self.assertTrue(errors[0].startswith(message), err)
 
 
 class TestCore(ModelTestCase):
