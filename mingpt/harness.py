@@ -5,17 +5,16 @@ mingpt's models in EleutherAI's lm-evaluation-harness (pip install -e '.[eval]')
     python -m mingpt.harness --model mingpt --model_args pretrained=gpt2 --tasks my_task --include_path my_tasks/
 
 `python -m mingpt.harness` is lm_eval's own command line (every option of `lm_eval`) in a process where
-the model type 'mingpt' is registered. lm_eval (0.4.x) finds a model type only in a module imported
-before it looks the name up, and imports none of other packages'; this package also declares the class
-under the 'lm_eval.models' entry point group, for lm_eval versions that load models from there (then
-`lm_eval --model mingpt ...` works too). From Python, lm_eval.simple_evaluate(model=MinGPTLM(...), ...).
+the model type 'mingpt' is registered: lm_eval 0.4 knows a model type only once a module that registers it
+is imported, and imports no other package's. This package also declares the class under the entry point
+group 'lm_eval.models', for lm_eval versions that load models from there. From Python:
+lm_eval.simple_evaluate(model=MinGPTLM(model=gpt, tokenizer=tok), tasks=[...]).
 
-model_args: pretrained (anything GPT.from_pretrained reads), tokenizer ("gpt2" or a directory; default
-the model's, see mingpt.tokenizers.tokenizer_for_model), max_gen_toks (default 256, at most half the
-context); --batch_size is the number of
-sequences a forward pass takes ('auto' is 16) and --device the device (a CUDA one falls back to the CPU
-on a machine without, as with transformers' model in the harness). A mingpt error is one `error:` line and
-exit status 2.
+model_args: pretrained (anything GPT.from_pretrained reads), tokenizer ("gpt2" or a directory; default the
+model's, see mingpt.tokenizers.tokenizer_for_model), max_gen_toks (default 256, at most half the context).
+--batch_size is the number of sequences a forward pass takes ('auto': 16); --device the device (a CUDA one
+falls back to the CPU on a machine without, as transformers' model in the harness does). A mingpt error is
+one `error:` line and exit status 2.
 
 What it computes, on the library's own code: loglikelihood is mingpt.tasks.score_continuations (the
 continuation's summed log-probabilities after its context, the oldest tokens dropped to fit the context,
