@@ -44,9 +44,14 @@ GPT2_BASE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2'
 TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 TINY_SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 
+# HellaSwag's validation split (10,042 examples), the file build-nanogpt and llm.c evaluate on; no sha256
+# is published for it, so only its size is checked (against the server's Content-Length)
+HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+
 # name -> (url, sha256, file name in the cache). get_dataset(name) downloads one of them once.
 DATASETS = {
     'tinyshakespeare': (TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, 'tinyshakespeare.txt'),
+    'hellaswag': (HELLASWAG_URL, None, 'hellaswag_val.jsonl'),
 }
 
 

@@ -42,6 +42,7 @@ from mingpt.evaluate import bits_per_byte, token_byte_lengths
 from mingpt.generate import checked_options, complete
 from mingpt.model import GPT
 from mingpt.schedule import eval_batches
+from mingpt.tasks import eval_callback
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
 from mingpt.trainer import Trainer
 from mingpt.distributed import dist_env, is_rank0, process_group
@@ -109,6 +110,14 @@ def get_config():
     C.sample.top_k = 50
     C.sample.seed = 0
     C.sample.interval = 0
+
+    # downstream evaluation at every `every`-th evaluation (mingpt.tasks), off when path is None: 'hellaswag'
+    # (downloaded once), a HellaSwag-format .jsonl, an llm.c eval .bin or a CORE bundle directory, on its first
+    # `limit` examples (None: all); its score goes into metrics.jsonl and loss.png
+    C.tasks = CN()
+    C.tasks.path = None
+    C.tasks.every = 1
+    C.tasks.limit = None
 
     return C
 
@@ -261,6 +270,9 @@ def main(args):
             keep_sample(text)
 
     trainer.val_bpb = None
+    if config.tasks.path is not None:  # before on_eval_end, whose plot then shows the score
+        trainer.add_callback('on_eval_end', eval_callback(config.tasks.path, tokenizer, config.tasks.every,
+                                                          config.tasks.limit))
     trainer.add_callback('on_eval_end', on_eval_end)
     t0 = time.time()
     trainer.run()
