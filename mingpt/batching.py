@@ -135,7 +135,7 @@ class BatchEngine:
         """
         A Request, every argument checked (a ConfigError, or PromptTooLong for a prompt longer than
         the context), not yet submitted. prompt: a 1-D sequence of token ids. options (a
-        mingpt.decoder.SamplingOptions, or its fields as keywords), generator, window_keep and the
+        mingpt.sampling.SamplingOptions, or its fields as keywords), generator, window_keep and the
         speculative decoding arguments are mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
         on_logits(logits) is called in the engine's thread with the (V,) logits each token is
         sampled from (an inference tensor: copy it to keep it).

@@ -2,174 +2,58 @@
 The one decode step. Everything in this library that generates tokens (GPT.generate and
 mingpt.generate.stream, the terminal chat, the web server's mingpt.batching.BatchEngine) runs its
 sequences through a Decoder: a KV cache of n rows, one running sequence per row, and step(), which
-gives every row its next token. A feature of decoding (a stop rule, a sampling option) is written here once.
+gives every row its next token. A feature of decoding (a stop rule, a sampling option, speculative
+drafts) is written here once.
 
-    options = SamplingOptions(do_sample=True, temperature=0.8, top_k=50, seed=0).check()
+    options = SamplingOptions(do_sample=True, temperature=0.8, top_k=50, seed=0).check()  # mingpt.sampling
     decoder = Decoder(model, n_rows=4)
     decoder.add([Sequence(prompt_ids, 20, options)])  # prefilled into a free row, first token sampled
     while decoder.rows:
         decoder.step()                                # a token for every running row; ended rows leave
 
 A step:
-1. ONE forward decodes the newest token of every row, each row at its own position (cache_pos is an
-   int when all rows stand at the same position, which needs no mask, else a (n,) tensor: see
-   GPT.forward). A row whose sequence fills the context re-prefills its last window_keep tokens
-   instead (see next_input); its slot in the batched forward writes position 0, which that prefill rewrites.
-2. Each row samples its next token with its own options and generator. Rows that share both (the
-   rows of one stream() call) sample together, in the order they were added, in one call.
-3. A sequence that emitted a stop token or its last token, or was cancelled, leaves, and so does one
-   whose own forward, sampling or callback failed, with its error: the failure is that sequence's
-   alone (a batched forward that fails is re-run row by row to find whose it was). The last row
-   moves into a freed row, so the running sequences always fill rows 0..n-1.
+1. ONE forward decodes the newest token of every row (and its draft, if it has one: see
+   mingpt.speculative), each row at its own position: cache_pos is an int when all rows stand at the
+   same position, which needs no mask, else a (n,) tensor (see GPT.forward). A row whose sequence
+   fills the context re-prefills its last window_keep tokens instead (next_input).
+2. Each row samples with its own options and generator; rows that share both (the rows of one
+   stream() call) sample together, in the order they were added, in one call.
+3. A sequence that emitted a stop token or its last token, or was cancelled, leaves; so does one
+   whose own forward, sampling or callback failed, with its error, which is its alone (a batched
+   forward that fails is re-run row by row to find whose it was). The last row moves into a freed
+   row, so the running sequences fill rows 0..n-1.
+add() prefills new sequences into free rows: neighbours with prompts of one length in one forward.
 
-add() prefills new sequences into free rows, together when they are neighbours with prompts of the
-same length (a stream() of equal-length prompts is one forward), each alone otherwise.
+A row's tokens do not depend on its neighbours: it attends only to its own cache positions (the mask
+hides other rows and whatever an earlier owner left past its position), its position ids are its
+own, and the rest of a transformer works row by row. So each sequence gets the tokens it would get
+alone, its logits within float rounding (batched matmuls sum in another order).
 
-A row's tokens do not depend on its neighbours: a row attends only to its own cache positions (the
-mask hides other rows and whatever an earlier owner left past the row's position), its position ids
-are its own, and everything else in a transformer works row by row. So each sequence gets the tokens
-it would get alone, its logits within float rounding (batched matmuls sum in another order).
-
-Context window. A GPT sees at most block_size tokens. minGPT's generate crops the sequence to its
-last block_size tokens at every step, and so does a row here by default: once its sequence fills the
-context, each further step re-prefills the last window_keep (default block_size) tokens, positions
-restarting at 0, a full forward each, like the uncached path. A smaller window_keep (e.g.
-block_size // 2) is much faster past the limit (one re-prefill every block_size - window_keep tokens)
-but a token then sees between window_keep and block_size tokens of context, unlike minGPT.
+Context window. A GPT sees at most block_size tokens. Like minGPT's generate, which crops the sequence
+to its last block_size tokens at every step, a full row re-prefills its last window_keep (default
+block_size) tokens each step, a full forward each. A smaller window_keep (e.g. block_size // 2) is
+much faster past the limit (one re-prefill every block_size - window_keep tokens) but a token then
+sees between window_keep and block_size tokens of context, unlike minGPT.
 
 The model interface relied on, which mingpt.model.GPT provides:
 
     model.block_size, model.config.vocab_size    the context length; ids must be below vocab_size
-    model.make_kv_cache(n_rows, max_len)         a list, one cache per layer, for max_len positions;
-                                                 cache[i].rows(a, b) is rows a..b-1 sharing its memory
-    model(idx, kv_cache=, cache_pos=, last_only=True) -> (logits (B, 1, V), _)
+    model.make_kv_cache(n_rows, max_len)         one cache per layer; cache[i].rows(a, b) is rows a..b-1
+    model(idx, kv_cache=, cache_pos=, last_only=) -> (logits (B, T or 1, V), _)
         idx (B, T) new tokens written at cache positions [cache_pos, cache_pos + T), causal; or, with
-        cache_pos a (B,) LongTensor and T == 1, row b's token at position cache_pos[b] (also its
-        position id), attending to that row's positions [0, cache_pos[b]] only
+        cache_pos a (B,) LongTensor, row b's at [cache_pos[b], cache_pos[b] + T) (also their position
+        ids), each attending to its own row's positions up to its own only
 """
 
-import dataclasses
 import itertools
 import logging
-import math
-import numbers
-from typing import Collection, Optional, Union
 
 import torch
 
 from mingpt.errors import ConfigError
+from mingpt.sampling import is_int, sample
 
 logger = logging.getLogger(__name__)
-
-# Below this temperature sampling is greedy. softmax(logits / t) is one-hot to float precision long
-# before t reaches 0 (two tokens would need logits within ~t of each other to share the draw), and
-# logits / t overflows to inf for a tiny enough t, which torch's sampling rejects.
-MIN_TEMPERATURE = 1e-4
-
-# -----------------------------------------------------------------------------
-# how to choose the next token
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """
-    How one generation chooses its tokens and when it stops; what every caller of the engine builds.
-    temperature: softmax(logits / temperature); 0 (or below MIN_TEMPERATURE) is greedy.
-    do_sample: False (minGPT's default) is greedy whatever the other options say.
-    top_k: draw among the k most likely tokens only (None: all). top_p: nucleus sampling, the smallest
-      set of most likely tokens holding top_p of the probability (None or 1.0: all).
-    seed: a fresh torch.Generator for this generation, so a seed reproduces its samples (None:
-      torch's global RNG, minGPT's behaviour, or a generator the caller passes).
-    eos_token_id: an id, or a collection of ids, that ends the sequence once emitted (it is emitted).
-    """
-    temperature: float = 1.0
-    do_sample: bool = False
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-    eos_token_id: Union[int, Collection[int], None] = None
-
-    def check(self):
-        """ self, or a ConfigError (a ValueError) that names the option out of range and what to use """
-        t = self.temperature
-        if not _is_number(t) or not t >= 0 or math.isinf(t):  # `not t >= 0` also rejects NaN
-            raise ConfigError(f"temperature must be >= 0 (got {t!r}); use 0 or do_sample=False for greedy "
-                              "decoding, 1.0 to sample from the model's distribution as is")
-        if not isinstance(self.do_sample, bool):
-            raise ConfigError(f"do_sample must be True or False (got {self.do_sample!r})")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ConfigError(f"top_k must be an int >= 1 or None (got {self.top_k!r}); top_k=1 is greedy, "
-                              "None keeps the whole vocabulary")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be in (0, 1] or None (got {self.top_p!r}); it is the probability "
-                              "mass of the most likely tokens kept, e.g. 0.9; 1.0 or None keeps them all")
-        if self.seed is not None and not (_is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
-            raise ConfigError(f"seed must be an int from -2**63 to 2**64 - 1 or None (got {self.seed!r:.40})")
-        if not all(_is_int(i) and i >= 0 for i in self.stop_ids):
-            raise ConfigError(f"eos_token_id must be a token id (an int >= 0) or a collection of them "
-                              f"(got {self.eos_token_id!r:.80})")
-        return self
-
-    @property
-    def greedy(self):
-        return not self.do_sample or self.temperature < MIN_TEMPERATURE
-
-    @property
-    def stop_ids(self):
-        """ the ids that end a sequence, a frozenset (empty: none) """
-        eos = self.eos_token_id
-        if eos is None:
-            return frozenset()
-        return frozenset([eos] if isinstance(eos, numbers.Number) else eos)
-
-    def make_generator(self, device):
-        """ a torch.Generator seeded with seed, or None when there is no seed """
-        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    """
-    logits (B, V) -> logits (B, V) with -inf for every token outside the k most likely (top_k)
-    and outside the smallest set of most likely tokens whose probabilities add up to at least
-    top_p (nucleus sampling), in that order; transformers' TopK/TopPLogitsWarper, in short.
-    """
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass; the first
-        # has nothing above it, so at least one token always survives
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float('-inf'))
-    return logits
-
-
-def sample(logits, options, generator=None):
-    """
-    logits (B, V) -> next token ids (B,): the argmax when options are greedy, else a draw from
-    softmax(logits / temperature) restricted by top_k and top_p, from generator (None: torch's global RNG).
-    """
-    if options.greedy:
-        # temperature and the filters keep the most likely token the most likely one
-        return logits.argmax(dim=-1)
-    logits, idx = logits.float() / options.temperature, None
-    if options.top_k is not None and options.top_k < logits.size(-1):
-        # draw among the k most likely tokens only: the distribution top_k filtering leaves, but
-        # multinomial's cost is one exponential per entry, k of them rather than vocab_size
-        logits, idx = torch.topk(logits, options.top_k, dim=-1)  # (B, k)
-    probs = filter_logits(logits, top_p=options.top_p).softmax(dim=-1)
-    tok = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-    return (tok if idx is None else idx.gather(-1, tok)).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # the sequences and the rows they run in
@@ -177,7 +61,7 @@ def sample(logits, options, generator=None):
 def check_window_keep(model, window_keep):
     """ how many recent tokens a full context keeps: window_keep checked, default block_size """
     keep = model.block_size if window_keep is None else window_keep
-    if not _is_int(keep) or not 1 <= keep <= model.block_size:
+    if not is_int(keep) or not 1 <= keep <= model.block_size:
         raise ConfigError(f"window_keep must be an int in [1, block_size={model.block_size}] (got "
                           f"{window_keep!r}); it is how many recent tokens are kept when the "
                           "sequence fills the context")

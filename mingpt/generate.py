@@ -21,8 +21,8 @@ import logging
 
 import torch
 
-from mingpt.decoder import (Decoder, SamplingOptions, Sequence, check_window_keep, filter_logits,  # noqa: F401
-                            sample)
+from mingpt.decoder import Decoder, Sequence, check_window_keep
+from mingpt.sampling import SamplingOptions, is_int
 from mingpt.errors import ConfigError, PromptTooLong
 from mingpt.hardware import pack_weights
 
@@ -154,7 +154,7 @@ def checked_options(max_new_tokens, options=None, **fields):
     The options of one generation checked (a ConfigError naming any out of range): options itself,
     or a SamplingOptions made of its fields (not both); and max_new_tokens, an int >= 0.
     """
-    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+    if not (is_int(max_new_tokens) and max_new_tokens >= 0):
         raise ConfigError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
     if options is None:
         try:

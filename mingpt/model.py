@@ -449,7 +449,7 @@ class GPT(nn.Module):
         generator, eos_token_id, pad_token_id, attention_mask (or pass idx as a list of 1-D
         prompts), use_cache, window_keep, options (a SamplingOptions); see mingpt.generate.stream.
         """
-        options = kwargs.pop('options', None)  # a mingpt.decoder.SamplingOptions, instead of its fields
+        options = kwargs.pop('options', None)  # a mingpt.sampling.SamplingOptions, instead of its fields
         if options is None:
             kwargs.update(temperature=temperature, do_sample=do_sample, top_k=top_k)
         elif (temperature, do_sample, top_k) != (1.0, False, None):

@@ -23,8 +23,8 @@ a step, as without speculation.
 
 import torch
 
-from mingpt.decoder import filter_logits
 from mingpt.errors import ConfigError
+from mingpt.sampling import probabilities
 
 
 def make_drafter(model, assistant_model=None, prompt_lookup_num_tokens=None, num_assistant_tokens=5):
@@ -45,12 +45,6 @@ def make_drafter(model, assistant_model=None, prompt_lookup_num_tokens=None, num
     if next(assistant_model.parameters()).device != next(model.parameters()).device:
         raise ConfigError("the assistant_model must be on the model's device")
     return AssistantDraft(assistant_model, num_assistant_tokens)
-
-
-def probabilities(logits, options):
-    """ logits (n, V) -> the distributions `sample` draws from under options (temperature, top_k, top_p) """
-    logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
-    return logits.softmax(dim=-1)
 
 
 class PromptLookup:

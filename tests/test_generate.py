@@ -11,8 +11,8 @@ import unittest
 
 import torch
 
-from mingpt.decoder import MIN_TEMPERATURE, SamplingOptions
-from mingpt.generate import checked_options, filter_logits, stream, stream_text, decode_text
+from mingpt.sampling import MIN_TEMPERATURE, SamplingOptions, filter_logits, sample
+from mingpt.generate import checked_options, stream, stream_text, decode_text
 from mingpt.hardware import ONEDNN_MIN_WEIGHT
 from mingpt.model import GPT
 
@@ -212,7 +212,7 @@ class TestSampling(unittest.TestCase):
     def test_draws_stay_in_the_kept_set(self):
         probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
         logits = probs.log().repeat(2000, 1)
-        from mingpt.generate import sample
+
         g = torch.Generator().manual_seed(0)
         drawn = sample(logits, SamplingOptions(do_sample=True, top_p=0.7), g)
         self.assertEqual(set(drawn.tolist()), {0, 1})  # 0.5 < 0.7 so token 1 is still needed

@@ -125,7 +125,7 @@ class TestSampling(unittest.TestCase):
 
     def check(self, model, prompt, rows, **kw):
         """ the largest gap, in standard errors, between a cell's frequency and its probability """
-        from mingpt.decoder import SamplingOptions
+        from mingpt.sampling import SamplingOptions
         options = SamplingOptions(do_sample=True, temperature=kw.pop('temperature', 1.0), top_k=kw.pop('top_k', None),
                                   seed=0)
         out = model.generate([prompt] * rows, 3, options=options, **kw)

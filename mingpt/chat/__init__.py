@@ -206,7 +206,7 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, options=None, *
     """
     Yield the assistant's reply to messages as text pieces, as the tokens are generated; a piece
     never ends inside a UTF-8 character. Stops at the end of the turn or after max_new_tokens.
-    options: a mingpt.decoder.SamplingOptions, or its fields as keywords (default: sampling at
+    options: a mingpt.sampling.SamplingOptions, or its fields as keywords (default: sampling at
     temperature 0.8; temperature 0 is greedy); the turn's end is added to its stop ids. Old turns are
     dropped to fit max_prompt_tokens (default prompt_budget). If info (a dict) is given it receives
     prompt_tokens, tokens (generated) and finish_reason ('stop': the model ended its turn, 'length':

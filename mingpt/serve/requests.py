@@ -8,7 +8,7 @@ import json
 import math
 
 from mingpt.chat import check_messages, prompt_budget
-from mingpt.decoder import SamplingOptions
+from mingpt.sampling import SamplingOptions
 
 MAX_MESSAGES = 1000  # more messages than a context of a few thousand tokens can hold (each is >= 3 tokens)
 # A message longer than this many characters per token of the prompt budget is refused before it is
