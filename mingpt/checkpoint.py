@@ -5,6 +5,12 @@ torch.load(weights_only=True)), plus config.json (the trainer's and the model's 
 A checkpoint to use rather than to resume (the Trainer's ckpt_best) keeps the weights and the
 progress only: no optimizer state, which for AdamW is twice the size of the weights.
 
+The files of one save are one unit: each carries the same save id (random, plus the iteration) in
+its own place (model.safetensors' metadata, trainer.pt, config.json, the sharded state), so that a
+file copied in from another save or another run is an error when the checkpoint is read, not a
+resume that silently mixes two runs. A checkpoint written before save ids existed has none: it is
+read with a warning that its files cannot be checked.
+
 A sharded checkpoint (FSDP's, parallel='fsdp') also holds sharded/: the model's and the optimizer's
 state written by torch.distributed.checkpoint, each process its own slices, which any number of
 processes reads back (each takes the slices it needs). trainer.pt then holds no optimizer; the
@@ -14,6 +20,7 @@ GPT.from_pretrained loads, whichever way it was trained.
 - trainer_state: what trainer.pt holds.
 - write_checkpoint / find_checkpoint / read_checkpoint: one checkpoint directory, replaced atomically.
 - rng_state / set_rng_state / gather_rng_states: every RNG a training step may touch.
+- new_save_id / check_one_save: the save id, and the check that a directory's files share it.
 - read_resume_state / apply_resume_state: the checks that a checkpoint may continue this run, and
   putting it back on every rank. diverged: the error that points a diverged run to its last checkpoint.
 - unwrap / clean_state_dict / full_state_dict: the plain model inside torch.compile's and DDP's
@@ -29,6 +36,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 import shutil
 import warnings
 
@@ -146,6 +154,18 @@ def trainer_state(iter_num, optimizer, scaler, rng, data_seed, global_batch, bes
     }
 
 
+def new_save_id(iter_num, every_rank=False):
+    """
+    The id every file of one save carries: random (two runs never share one) plus the iteration (for
+    people reading an error). every_rank: every process of the run is saving (a sharded checkpoint,
+    whose state each of them writes): rank 0 draws the id and every process gets it.
+    """
+    box = [f"{secrets.token_hex(8)}-{iter_num}"]
+    if every_rank and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def write_checkpoint(directory, model, state, trainer_config=None, optimizer=None, rank=0):
     """
     Write model weights + trainer state to `directory`, with config.json (the trainer's config and
@@ -160,6 +180,8 @@ def write_checkpoint(directory, model, state, trainer_config=None, optimizer=Non
     """
     directory = os.fspath(directory)
     tmp, old = directory + '.tmp', directory + '.old'
+    every_rank = optimizer is not None or is_sharded(unwrap(model))
+    state = {**state, 'save_id': new_save_id(state['iter_num'], every_rank)}
     sd = full_state_dict(model)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from an earlier crash
@@ -170,7 +192,8 @@ def write_checkpoint(directory, model, state, trainer_config=None, optimizer=Non
         barrier()  # tmp exists before any process writes into it
         model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)  # this process's slices, keyed by name
         with _alone_is_fine():
-            dcp.save({'model': model_sd, 'optimizer': optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED))
+            dcp.save({'model': model_sd, 'optimizer': optim_sd, 'save_id': state['save_id']},
+                     checkpoint_id=os.path.join(tmp, SHARDED))
     if rank == 0:
         _write_files(tmp, sd, model, state, trainer_config)
         if os.path.exists(directory):
@@ -199,9 +222,10 @@ def _write_files(tmp, sd, model, state, trainer_config):
             continue
         seen[key] = k
         tensors[k] = v.detach().to('cpu').contiguous()
-    metadata = {'iter_num': str(state['iter_num']), 'aliases': json.dumps(aliases)}
+    metadata = {'iter_num': str(state['iter_num']), 'save_id': state['save_id'], 'aliases': json.dumps(aliases)}
     model_config = getattr(unwrap(model), 'config', None)
-    info = {'trainer': trainer_config.to_dict() if trainer_config is not None else None,
+    info = {'save_id': state['save_id'],
+            'trainer': trainer_config.to_dict() if trainer_config is not None else None,
             'model': model_config.to_dict() if hasattr(model_config, 'to_dict') else None}
     atomic_write(os.path.join(tmp, 'model.safetensors'), lambda p: save_file(tensors, p, metadata=metadata))
     atomic_write(os.path.join(tmp, 'trainer.pt'), lambda p: torch.save(state, p))
@@ -230,13 +254,64 @@ def read_checkpoint(directory):
         raise CheckpointError(f"cannot read {model_path} ({type(e).__name__}: {e}); the file is "
                               "corrupt or not a safetensors file: delete the checkpoint directory "
                               "to start afresh") from e
-    if metadata.get('iter_num') != str(state['iter_num']):
-        raise CheckpointError(f"checkpoint {directory} mixes files of two saves (weights of iteration "
-                              f"{metadata.get('iter_num')}, trainer state of iteration "
-                              f"{state['iter_num']}); delete it to start afresh")
+    check_one_save(directory, state, metadata)
     for alias, target in json.loads(metadata.get('aliases', '{}')).items():
         sd[alias] = sd[target]
     return sd, state
+
+
+def check_one_save(directory, state=None, metadata=None, sharded_id=None):
+    """
+    CheckpointError, naming both files, unless every file of the checkpoint in directory comes from
+    the same save: trainer.pt's save id against model.safetensors', config.json's and the sharded
+    state's. state, metadata (model.safetensors') and sharded_id: what the caller has read already
+    (None: read here; trainer.pt memory-mapped, so its optimizer state is not read in). A checkpoint
+    without save ids (written before they existed) passes with a warning, its iterations compared.
+    """
+    directory = os.fspath(directory)
+    if state is None:
+        state = _read_state(directory, mmap=True)
+    if metadata is None:
+        metadata = _safetensors_metadata(_needed(directory, 'model.safetensors'))
+    ids = {'model.safetensors': metadata.get('save_id'), 'trainer.pt': state.get('save_id')}
+    config_path = os.path.join(directory, 'config.json')
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding='utf-8') as f:
+                ids['config.json'] = json.load(f).get('save_id')
+        except (OSError, ValueError, AttributeError):
+            pass  # config.json is for people; a broken one does not stop a resume
+    if sharded_id is not None or os.path.isdir(os.path.join(directory, SHARDED)):
+        ids[SHARDED + '/'] = sharded_id if sharded_id is not None else _sharded_save_id(
+            os.path.join(directory, SHARDED))
+    if not any(ids.values()):  # written before save ids: the iterations are all there is to compare
+        logger.warning("%s has no save ids (it was written by an older mingpt): its files cannot be "
+                       "checked to come from one save", directory)
+        if metadata.get('iter_num') != str(state['iter_num']):
+            raise CheckpointError(f"checkpoint {directory} mixes files of two saves: model.safetensors "
+                                  f"is of iteration {metadata.get('iter_num')}, trainer.pt of iteration "
+                                  f"{state['iter_num']}; delete it to start afresh")
+        return
+    def which(save_id):
+        return f"save {save_id}" if save_id else "no save (it has no save id)"
+    for name, save_id in ids.items():
+        if name != 'trainer.pt' and save_id != ids['trainer.pt'] and not (name == 'config.json' and save_id is None):
+            raise CheckpointError(
+                f"checkpoint {directory} mixes files of two saves: {name} is from {which(save_id)} and "
+                f"trainer.pt from {which(ids['trainer.pt'])} (a save id is <random>-<iteration>): a "
+                "file was copied in from another checkpoint or run. Put back the files of one save, or "
+                "delete the directory to start afresh")
+
+
+def _safetensors_metadata(path):
+    """ the metadata of a safetensors file, without reading its tensors """
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the file is corrupt "
+                              "or not a safetensors file: delete the checkpoint directory to start afresh") from e
 
 
 def _needed(directory, name):
@@ -248,11 +323,12 @@ def _needed(directory, name):
     return path
 
 
-def _read_state(directory):
-    """ the trainer state of directory/trainer.pt, refusing anything but plain tensors and containers """
+def _read_state(directory, mmap=False):
+    """ the trainer state of directory/trainer.pt, refusing anything but plain tensors and containers;
+    mmap: its tensors mapped from the file, read only when used """
     state_path = _needed(directory, 'trainer.pt')
     try:
-        state = torch.load(state_path, map_location='cpu', weights_only=True)
+        state = torch.load(state_path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's own message suggests loading with weights_only=False, which would run that code
         refused = re.search(r'GLOBAL (\S+)', str(e))
@@ -282,6 +358,22 @@ def _sharded_shapes(path):
                               f"{e}): delete the checkpoint directory to start afresh") from e
     return {k.split('.', 1)[1]: torch.empty(m.size, dtype=m.properties.dtype, device='meta')
             for k, m in tensors.items() if k.startswith('model.') and hasattr(m, 'size')}
+
+
+def _sharded_save_id(path):
+    """ the save id stored in the sharded checkpoint at path (None if it has none) """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        if 'save_id' not in FileSystemReader(path).read_metadata().state_dict_metadata:
+            return None
+        box = {'save_id': ''}
+        with _alone_is_fine():
+            dcp.load(box, checkpoint_id=path, no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the sharded checkpoint in {path} ({type(e).__name__}: "
+                              f"{e}): delete the checkpoint directory to start afresh") from e
+    return box['save_id']
 
 
 @contextlib.contextmanager
@@ -344,6 +436,7 @@ def read_resume_state(config, model, datasets=()):
     sharded = os.path.isdir(shards)
     if sharded:  # only the shapes now: every rank reads its own slices in run()
         model_sd, state = _sharded_shapes(shards), _read_state(found)
+        check_one_save(found, state)
     else:
         model_sd, state = read_checkpoint(found)
     if state['optimizer'] is None and not sharded:

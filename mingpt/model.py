@@ -283,12 +283,12 @@ class GPT(nn.Module):
         'distilgpt2'), a Hugging Face directory (mingpt's own checkpoints are these), an OpenAI
         TensorFlow checkpoint directory or an llm.c .bin file. See mingpt.weights.load_pretrained.
         """
-        from mingpt.weights import load_pretrained  # here: importing the model loads no checkpoint format
-        return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
+        from mingpt.weights import load_pretrained  # the one way in: mingpt.weights never imports this module
+        return load_pretrained(model_type_or_path, cls, **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
         """ write a Hugging Face GPT-2 directory (config.json + model.safetensors); see mingpt.weights.save_hf """
-        from mingpt.weights import save_hf  # here, like from_pretrained's import
+        from mingpt.weights import save_hf  # as in from_pretrained
         return save_hf(self, directory, **kwargs)
 
     def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,
