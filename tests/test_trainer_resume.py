@@ -195,6 +195,25 @@ class TestCheckpointErrors(TempDirTestCase):
                     train(self.dir, 4, resume=True)
                 self.assertNotIn('weights_only', str(ctx.exception))  # never advice to run a file's code
 
+    def test_a_file_copied_in_from_another_run_is_refused(self):
+        # the other run is the same command: same model, same iteration, so only the save id tells them apart
+        other = os.path.join(self.dir, 'other')
+        train(os.path.join(self.dir, 'a'), 2)
+        train(other, 2)
+        ckpt = os.path.join(self.dir, 'a', 'ckpt')
+        for name in ('model.safetensors', 'trainer.pt'):
+            with self.subTest(copied=name):
+                backup = os.path.join(self.dir, 'backup')
+                shutil.copytree(ckpt, backup)
+                shutil.copy(os.path.join(other, 'ckpt', name), os.path.join(ckpt, name))
+                with self.assertRaises(CheckpointError) as ctx:
+                    train(os.path.join(self.dir, 'a'), 4, resume='auto')
+                self.assertRegex(str(ctx.exception), "mixes files of two saves: model.safetensors is from save "
+                                                     "[0-9a-f]+-2 and trainer.pt from save [0-9a-f]+-2")
+                shutil.rmtree(ckpt)
+                os.replace(backup, ckpt)
+        self.assertEqual(train(os.path.join(self.dir, 'a'), 4, resume=True).iter_num, 4)
+
     def test_mismatched_model_or_data_seed(self):
         train(self.dir, 2)
         with self.assertRaisesRegex(CheckpointError, "was written by a model of another size") as ctx:
