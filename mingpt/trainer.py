@@ -309,8 +309,8 @@ class Trainer:
             if self.val_dataset is not None and (self.iter_num % config.eval_interval == 0 or last):
                 self._eval_and_keep_best()
             last = last or self._stop_requested  # an 'on_eval_end' callback may have stopped the run
-            if config.work_dir is not None and (self.iter_num % config.checkpoint_interval == 0 or last
-                                                or self._checkpoint_overdue()):
+            overdue = config.work_dir is not None and self._checkpoint_overdue()  # asked every iteration, on every rank
+            if config.work_dir is not None and (self.iter_num % config.checkpoint_interval == 0 or last or overdue):
                 self.save_checkpoint()
 
     def _checkpoint_overdue(self):
