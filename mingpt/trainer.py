@@ -1,9 +1,9 @@
 """
 The training loop, and everything that wraps one optimizer step: gradient accumulation, mixed
 precision, torch.compile, evaluation and callbacks. What it draws on lives next door: the
-learning rate and data order in schedule.py, checkpoints and resume in checkpoint.py, the metrics
-log, progress lines and plot in metrics.py, machine-dependent choices in hardware.py, the model
-spread over several processes (DDP or FSDP) in distributed.py.
+learning rate and data order in schedule.py, checkpoints in checkpoint.py and resuming from them
+in resume.py, the metrics log, progress lines and plot in metrics.py, machine-dependent choices in
+hardware.py, the model spread over several processes (DDP or FSDP) in distributed.py.
 
 Nothing here is specific to GPT: the model only has to provide configure_optimizers(config) and
 forward(x, y) -> (logits, loss), with -1 marking targets that do not count.
@@ -24,12 +24,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from mingpt.checkpoint import (apply_resume_state, diverged, gather_rng_states, read_resume_state, trainer_state,
-                               write_checkpoint)
+from mingpt.checkpoint import trainer_state, write_checkpoint
 from mingpt.distributed import PARALLEL, dist_env, process_group, require_fsdp, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, plot_metrics
+from mingpt.resume import apply_resume_state, diverged, gather_rng_states, read_resume_state
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
 

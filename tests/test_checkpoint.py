@@ -1,23 +1,20 @@
 """
 Checkpoint directories on their own: what write_checkpoint writes and read_checkpoint gives back
-(wrappers' prefixes stripped, tied weights stored once), the .old fallback, RNG capture and restore,
-and clear errors for files that do not belong together. (Resuming a Trainer: test_trainer_resume.py.)
+(wrappers' prefixes stripped, tied weights stored once), the .old fallback, and clear errors for files
+that do not belong together. (RNG capture: test_resume.py; resuming a Trainer: test_trainer_resume.py.)
 """
 
 import fractions
 import json
 import os
-import random
 import shutil
 
-import numpy as np
 import torch
 from safetensors import safe_open
-
 from safetensors.torch import load_file, save_file
 
 from mingpt.checkpoint import (CHECKPOINT_VERSION, SHARDED, check_one_save, clean_state_dict, find_checkpoint,
-                               read_checkpoint, rng_state, set_rng_state, write_checkpoint)
+                               read_checkpoint, write_checkpoint)
 from mingpt.errors import CheckpointError
 from mingpt.model import GPT
 from tests.common import TempDirTestCase, tiny_gpt
@@ -168,17 +165,3 @@ class TestOneSave(TempDirTestCase):
         shutil.copy(b / 'trainer.pt', a / 'trainer.pt')
         with self.assertRaisesRegex(CheckpointError, r"model.safetensors is from no save \(it has no save id\)"):
             read_checkpoint(a)
-
-
-class TestRNGState(TempDirTestCase):
-
-    def test_capture_and_restore_replays_every_stream(self):
-        def draws():
-            return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
-        np.random.randn()  # leaves a cached gaussian behind: part of numpy's state
-        saved = rng_state()
-        first = draws()
-        # through a checkpoint file, as a resumed run gets it
-        torch.save(saved, self.tmp / 'rng.pt')
-        set_rng_state(torch.load(self.tmp / 'rng.pt', weights_only=True))
-        self.assertEqual(draws(), first)
