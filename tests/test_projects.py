@@ -416,6 +416,32 @@ class TestChatPipeline(ProjectTestCase):
         self.assertTrue((self.tmp / 'out' / 'chat' / 'sft' / 'model' / 'encoder.json').is_file())
 
 
+    def test_sft_shows_a_bar_while_it_samples_replies(self):
+        import io
+        from unittest import mock
+        from mingpt.bpe import get_encoder
+        from mingpt.chat import ChatTokenizer, add_chat_tokens
+        from tests.common import tiny_gpt
+        spec = importlib.util.spec_from_file_location('project_chat_sft', PROJECTS / 'chat' / 'sft.py')
+        sft = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sft)
+        tokenizer = ChatTokenizer(add_chat_tokens(get_encoder()))
+        model = tiny_gpt(tokenizer.encoder.n_vocab, block_size=64)
+        conversations = [[{'role': 'user', 'content': f'Hail, {name}!'}, {'role': 'assistant', 'content': 'Hail.'}]
+                         for name in ('Romeo', 'Juliet', 'Tybalt')]
+        S = sft.get_config().sample
+        S.max_new_tokens = 2
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+        with mock.patch('sys.stderr', Terminal()) as stderr:
+            dialogues, _ = sft.sample_replies(model, tokenizer, conversations, S)
+        self.assertEqual(len(dialogues), 3)
+        self.assertIn('replies', stderr.getvalue())
+        self.assertIn('3/3', stderr.getvalue())
+
+
 class TestWithoutOptionalPackages(ProjectTestCase):
     """ matplotlib is optional: without it a run ends well, says once what to install, and skips the plot """
 
