@@ -230,7 +230,7 @@ def check_one_save(directory, state=None, metadata=None, sharded_id=None):
     """
     directory = os.fspath(directory)
     if state is None:
-        state = read_state(directory, mmap=True)
+        state = read_state(directory, mmap=True, any_version=True)
     if metadata is None:
         metadata = _safetensors_metadata(_needed(directory, 'model.safetensors'))
     ids = {'model.safetensors': metadata.get('save_id'), 'trainer.pt': state.get('save_id')}
@@ -247,10 +247,10 @@ def check_one_save(directory, state=None, metadata=None, sharded_id=None):
     if not any(ids.values()):  # written before save ids: the iterations are all there is to compare
         logger.warning("%s has no save ids (it was written by an older mingpt): its files cannot be "
                        "checked to come from one save", directory)
-        if metadata.get('iter_num') != str(state['iter_num']):
+        if metadata.get('iter_num') != str(state.get('iter_num')):
             raise CheckpointError(f"checkpoint {directory} mixes files of two saves: model.safetensors "
                                   f"is of iteration {metadata.get('iter_num')}, trainer.pt of iteration "
-                                  f"{state['iter_num']}; delete it to start afresh")
+                                  f"{state.get('iter_num')}; delete it to start afresh")
         return
     def which(save_id):
         return f"save {save_id}" if save_id else "no save (it has no save id)"
@@ -283,9 +283,10 @@ def _needed(directory, name):
     return path
 
 
-def read_state(directory, mmap=False):
+def read_state(directory, mmap=False, any_version=False):
     """ the trainer state of directory/trainer.pt, refusing anything but plain tensors and containers;
-    mmap: its tensors mapped from the file, read only when used """
+    mmap: its tensors mapped from the file, read only when used; any_version: for its save id alone,
+    which every version of the state keeps in the same place """
     state_path = _needed(directory, 'trainer.pt')
     try:
         state = torch.load(state_path, map_location='cpu', weights_only=True, mmap=mmap)
@@ -302,7 +303,7 @@ def read_state(directory, mmap=False):
     except Exception as e:
         raise CheckpointError(f"cannot read {state_path} ({type(e).__name__}: {e}); the file is "
                               "corrupt: delete the checkpoint directory to start afresh") from e
-    if not isinstance(state, dict) or state.get('version') != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or (state.get('version') != CHECKPOINT_VERSION and not any_version):
         raise CheckpointError(f"{state_path} is not a mingpt trainer checkpoint of version "
                               f"{CHECKPOINT_VERSION}")
     return state
