@@ -220,13 +220,13 @@ def read_checkpoint(directory):
     return sd, state
 
 
-def check_one_save(directory, state=None, metadata=None, sharded_id=None):
+def check_one_save(directory, state=None, metadata=None):
     """
     CheckpointError, naming both files, unless every file of the checkpoint in directory comes from
     the same save: trainer.pt's save id against model.safetensors', config.json's and the sharded
-    state's. state, metadata (model.safetensors') and sharded_id: what the caller has read already
-    (None: read here; trainer.pt memory-mapped, so its optimizer state is not read in). A checkpoint
-    without save ids (written before they existed) passes with a warning, its iterations compared.
+    state's. state and metadata (model.safetensors'): what the caller has read already (None: read
+    here; trainer.pt memory-mapped, so its optimizer state is not read in). A checkpoint without save
+    ids (written before they existed) passes with a warning, its iterations compared.
     """
     directory = os.fspath(directory)
     if state is None:
@@ -241,9 +241,9 @@ def check_one_save(directory, state=None, metadata=None, sharded_id=None):
                 ids['config.json'] = json.load(f).get('save_id')
         except (OSError, ValueError, AttributeError):
             pass  # config.json is for people; a broken one does not stop a resume
-    if sharded_id is not None or os.path.isdir(os.path.join(directory, SHARDED)):
-        ids[SHARDED + '/'] = sharded_id if sharded_id is not None else _sharded_save_id(
-            os.path.join(directory, SHARDED))
+    if os.path.isdir(os.path.join(directory, SHARDED)):
+        ids[SHARDED + '/'] = _sharded_save_id(os.path.join(directory, SHARDED))
+
     if not any(ids.values()):  # written before save ids: the iterations are all there is to compare
         logger.warning("%s has no save ids (it was written by an older mingpt): its files cannot be "
                        "checked to come from one save", directory)
@@ -252,15 +252,18 @@ def check_one_save(directory, state=None, metadata=None, sharded_id=None):
                                   f"is of iteration {metadata.get('iter_num')}, trainer.pt of iteration "
                                   f"{state.get('iter_num')}; delete it to start afresh")
         return
-    def which(save_id):
-        return f"save {save_id}" if save_id else "no save (it has no save id)"
+    expected = ids['trainer.pt']
     for name, save_id in ids.items():
-        if name != 'trainer.pt' and save_id != ids['trainer.pt'] and not (name == 'config.json' and save_id is None):
+        if save_id != expected and not (name == 'config.json' and save_id is None):
             raise CheckpointError(
-                f"checkpoint {directory} mixes files of two saves: {name} is from {which(save_id)} and "
-                f"trainer.pt from {which(ids['trainer.pt'])} (a save id is <random>-<iteration>): a "
+                f"checkpoint {directory} mixes files of two saves: {name} is from {_which_save(save_id)} "
+                f"and trainer.pt from {_which_save(expected)} (a save id is <random>-<iteration>): a "
                 "file was copied in from another checkpoint or run. Put back the files of one save, or "
                 "delete the directory to start afresh")
+
+
+def _which_save(save_id):
+    return f"save {save_id}" if save_id else "no save (it has no save id)"
 
 
 def _safetensors_metadata(path):
