@@ -52,6 +52,9 @@ WARPEACE_URL = (f'{GITHUB_RAW}/MrHereward/machine_learning_sandbox/2d0fdf30f4afb
                 'warpeace_input.txt')
 WIKITEXT2_URL = (f'{GITHUB_RAW}/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/'
                  'word_language_model/data/wikitext-2/{split}.txt')
+# HellaSwag's validation split (10,042 examples), the file build-nanogpt and llm.c evaluate on; no sha256
+# is published for it, so only its size is checked (against the server's Content-Length)
+HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 
 # name -> (url, sha256, file name in the cache). get_dataset(name) downloads one of them once.
 DATASETS = {
@@ -61,7 +64,10 @@ DATASETS = {
                         'f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8', 'wikitext2_valid.txt'),
     'wikitext2_test': (WIKITEXT2_URL.format(split='test'),
                        'd790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0', 'wikitext2_test.txt'),
+    'hellaswag': (HELLASWAG_URL, None, 'hellaswag_val.jsonl'),
 }
+# the DATASETS that are plain text, a corpus to tokenize (mingpt.prepare --fetch takes these)
+CORPORA = ('tinyshakespeare', 'warpeace', 'wikitext2_valid', 'wikitext2_test')
 
 
 def cache_dir() -> Path:

@@ -55,7 +55,7 @@ import numpy as np
 
 from mingpt.bpe import ENDOFTEXT
 from mingpt.data import META_FILE, decode_text, read_shard_header, shard_dtype, write_shard
-from mingpt.download import DATASETS, get_dataset
+from mingpt.download import CORPORA, get_dataset
 from mingpt.errors import ConfigError, DataError
 from mingpt.hardware import cpu_count
 from mingpt.metrics import PLAIN_PROGRESS_EVERY, duration
@@ -433,8 +433,8 @@ def prepare(inputs, out, tokenizer='gpt2', shard_tokens=SHARD_TOKENS, val_tokens
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m mingpt.prepare', description=__doc__.strip().split('\n\n')[0])
     parser.add_argument('inputs', nargs='*', metavar='INPUT', help='text files, .jsonl files, or directories of them')
-    parser.add_argument('--fetch', nargs='+', default=[], metavar='NAME', choices=sorted(DATASETS), help='public '
-                        f'corpora to add before the INPUTs, downloaded once into the mingpt cache: {", ".join(DATASETS)}')
+    parser.add_argument('--fetch', nargs='+', default=[], metavar='NAME', choices=CORPORA, help='public '
+                        f'corpora to add before the INPUTs, downloaded once into the mingpt cache: {", ".join(CORPORA)}')
     parser.add_argument('--out', required=True, help='directory for the shards and meta.json')
     parser.add_argument('--tokenizer', default='gpt2', help="'gpt2' (default) or a directory with encoder.json + "
                         "vocab.bpe that has <|endoftext|>, e.g. from python -m mingpt.bpe_train")

@@ -57,6 +57,13 @@ class Trainer:
         C.betas = (0.9, 0.95)
         C.weight_decay = 0.1 # only applied on matmul weights
         C.grad_norm_clip = 1.0  # None or 0 disables clipping
+        # 'adamw', or 'muon': the blocks' weight matrices take Muon (mingpt.muon) at muon_lr, with
+        # Nesterov momentum muon_momentum and decoupled muon_weight_decay; the rest AdamW as above.
+        # The schedule scales both learning rates alike
+        C.optimizer = 'adamw'
+        C.muon_lr = 0.02
+        C.muon_momentum = 0.95
+        C.muon_weight_decay = 0.0
         # learning-rate schedule: None keeps learning_rate constant (after warmup_iters, if any);
         # 'cosine' decays it to min_lr (None: learning_rate / 10) at lr_decay_iters (None: max_iters)
         C.lr_schedule = None
@@ -186,6 +193,10 @@ class Trainer:
         need(betas_ok and all(is_number(b, 0) and b < 1 for b in C.betas), 'betas', "two numbers in [0, 1), "
              "like (0.9, 0.95)")
         need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
+        need(C.optimizer in ('adamw', 'muon'), 'optimizer', "'adamw' or 'muon'")
+        need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
+        need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
+        need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
         need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
         need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
         if C.parallel == 'fsdp':

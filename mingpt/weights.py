@@ -5,13 +5,15 @@ GPT-2 weights on disk, in every common format, into and out of mingpt's GPT.
     load_pretrained('path/to/hf_dir', GPT)   config.json + model.safetensors (sharded too) or pytorch_model.bin
     load_pretrained('models/124M', GPT)      OpenAI's TensorFlow checkpoint, read without TensorFlow
     load_pretrained('gpt2_124M.bin', GPT)    llm.c's checkpoint
-    save_hf(model, dir) / save_llmc(model, path)
+    save_hf(model, dir) / save_mingpt(model, dir) / save_llmc(model, path)
 
 GPT.from_pretrained and GPT.save_pretrained are the entry points; they pass the model class in, so
 that nothing here (or in mingpt.formats) imports mingpt.model: the imports run one way, no circle.
 
 mingpt's own checkpoints ARE Hugging Face directories (config.json + model.safetensors): one format
-to read back, and transformers (or anything else in that ecosystem) reads ours.
+to read back, and transformers (or anything else in that ecosystem) reads ours. A model with the
+architecture options GPT-2 has not (rotary positions, RMSNorm, ...) is saved as a mingpt directory
+instead (save_mingpt: its GPT config and its own state dict), which the same reader loads.
 
 Each format lives in mingpt.formats (hf, llmc, tf with its tf_bundle reader). Every reader returns
 the same two things, sizes (a dict of GPT config fields) and tensors (a state dict in mingpt's
@@ -31,10 +33,10 @@ from mingpt.config import resolve_config
 from mingpt.errors import WeightsError
 from mingpt.formats import LM_HEAD, check_sizes
 from mingpt.formats import hf, llmc, tf, tf_bundle
-from mingpt.formats.hf import HUB_MODELS, save_hf
+from mingpt.formats.hf import HUB_MODELS, save_hf, save_mingpt
 from mingpt.formats.llmc import save_llmc
 
-__all__ = ['load_pretrained', 'detect_format', 'build_model', 'check_sizes', 'save_hf', 'save_llmc',
+__all__ = ['load_pretrained', 'detect_format', 'build_model', 'check_sizes', 'save_hf', 'save_mingpt', 'save_llmc',
            'WeightsError', 'HUB_MODELS', 'OVERRIDABLE']
 
 logger = logging.getLogger(__name__)

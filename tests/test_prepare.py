@@ -238,7 +238,8 @@ class TestFetch(TempDirTestCase):
     def test_fetched_corpora_are_downloaded_once_checked_and_tokenized(self):
         log = []
         with local_http_server(self.served, requests_log=log) as url, \
-                patched_env(MINGPT_CACHE=self.tmp / 'cache'), mock.patch.dict(download.DATASETS, {
+                patched_env(MINGPT_CACHE=self.tmp / 'cache'), \
+                mock.patch.object(prepare_module, 'CORPORA', ('play', 'more', 'bad')), mock.patch.dict(download.DATASETS, {
                     'play': (f'{url}/play.txt', download.sha256sum(self.served / 'play.txt'), 'play.txt'),
                     'more': (f'{url}/more.txt', download.sha256sum(self.served / 'more.txt'), 'more.txt')}):
             ids, meta = self.fetch('play', 'more')
@@ -254,15 +255,16 @@ class TestFetch(TempDirTestCase):
             with self.assertRaisesRegex(DownloadError, 'sha256'):
                 self.fetch('bad', out='bad')
         self.assertFalse((self.tmp / 'cache' / 'datasets' / 'bad.txt').exists())
-        with self.assertRaises(SystemExit):  # an unknown name is argparse's usage error, which lists the names
-            prepare_module.main(['--fetch', 'nonesuch', '--out', str(self.tmp / 'x')])
+        for name in ('nonesuch', 'hellaswag'):  # unknown, or a dataset that is no text corpus: a usage error
+            with self.subTest(name=name), self.assertRaises(SystemExit):
+                prepare_module.main(['--fetch', name, '--out', str(self.tmp / 'x')])
 
     @needs_shared_data('warpeace.txt', 'wikitext-2/valid.txt', 'wikitext-2/test.txt', 'tinyshakespeare.txt')
     def test_the_pinned_checksums_are_those_of_the_public_files(self):
         # the copies in the shared data folder were taken from the same public commits the URLs name
         files = {'tinyshakespeare': 'tinyshakespeare.txt', 'warpeace': 'warpeace.txt',
                  'wikitext2_valid': 'wikitext-2/valid.txt', 'wikitext2_test': 'wikitext-2/test.txt'}
-        self.assertEqual(sorted(download.DATASETS), sorted(files))
+        self.assertEqual(sorted(download.CORPORA), sorted(files))
         for name, path in files.items():
             self.assertEqual(download.DATASETS[name][1], download.sha256sum(SHARED_DATA / path), name)
         # and the real entry, its URL pointed at a local copy, goes through the checksum

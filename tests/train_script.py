@@ -8,6 +8,7 @@ to --out/losses.json.
     python -m torch.distributed.run --nproc_per_node=2 tests/train_script.py --out DIR --batch_size 8
     python tests/train_script.py --out DIR --shards SHARDS ...   # train on a prepared shard directory
     python tests/train_script.py --out DIR --val ...   # with a validation set of 33 rows
+    python tests/train_script.py --out DIR --model pos_emb=rope ...   # GPT config overrides
     ... --still_clock_off_rank0   # the clock of checkpoint_minutes stands still on every rank but 0
 
 Rank 0 also writes the iterations it checkpointed at to --out/checkpoints.json.
@@ -52,6 +53,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--out', required=True)
     parser.add_argument('--trainer', nargs='*', default=[], help="trainer overrides, --key=value")
+    parser.add_argument('--model', nargs='*', default=[], help="GPT config overrides, --key=value")
     parser.add_argument('--dropout', type=float, default=0.1)
     parser.add_argument('--tie_weights', action='store_true')
     parser.add_argument('--kill_at', type=int, default=None, help="SIGKILL self after this many iters")
@@ -69,6 +71,7 @@ def main():
     mc.vocab_size, mc.block_size = (11 if args.shards is None else dataset.get_vocab_size()), 8
     mc.embd_pdrop = mc.resid_pdrop = mc.attn_pdrop = args.dropout
     mc.tie_weights = args.tie_weights
+    mc.merge_from_args(['--' + a for a in args.model])
     model = GPT(mc)
 
     C = Trainer.get_default_config()

@@ -13,7 +13,8 @@ imports mingpt.model (nor mingpt.weights): the model reaches the formats, never 
 
 import json
 
-from mingpt.errors import WeightsError
+from mingpt.config import non_gpt2_options
+from mingpt.errors import ConfigError, WeightsError
 
 # -----------------------------------------------------------------------------
 # the parameter names, written once. Our names are Hugging Face's; OpenAI's TensorFlow code named
@@ -78,3 +79,12 @@ def read_json(path):
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: cannot read it as JSON ({e}); the file is corrupt, replace it") from None
+
+
+def refuse_non_gpt2(model, fmt):
+    """ a ConfigError naming the options of model's config that GPT-2's format fmt cannot hold """
+    options = non_gpt2_options(model.config)
+    if options:
+        raise ConfigError(f"{fmt} holds GPT-2's architecture only, but this model has {', '.join(options)}; "
+                          "save it as a mingpt directory instead, model.save_pretrained(path, format='mingpt') "
+                          "(GPT.from_pretrained reads it back), or train a model without these options")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mingpt.errors import ConfigError, WeightsError
-from mingpt.formats import param_names, param_shapes
+from mingpt.formats import param_names, param_shapes, refuse_non_gpt2
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def save_llmc(model, path, version=3):
     llm.c has no separate head, so the model must be tied (GPT-2 checkpoints are).
     """
     import numpy as np
+    refuse_non_gpt2(model, "llm.c's format")
     if version not in LLMC_VERSIONS:
         raise ConfigError(f"llm.c checkpoint version must be one of {sorted(LLMC_VERSIONS)}, got {version}")
     if model.lm_head.weight is not model.transformer.wte.weight and \

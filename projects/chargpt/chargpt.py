@@ -19,7 +19,7 @@ import torch
 from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args, stream
+from mingpt.generate import checked_options, stream
 from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
@@ -115,7 +115,7 @@ def main(args):
                        "(no val loss, no ckpt_best; a sample at the end only)", config.data.val_fraction)
     # check the sampling options and the prompt now, not after training
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)
     try:
         prompt = torch.tensor([vocab.encode(str(S.prompt))], dtype=torch.long)
     except ValueError as e:

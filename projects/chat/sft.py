@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from mingpt.chat import ChatTokenizer, add_chat_tokens, check_messages, stream_reply, tokenizer_or_gpt2
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args
+from mingpt.generate import checked_options
 from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
@@ -189,7 +189,7 @@ def main(args):
     config.trainer.work_dir = config.system.work_dir
     run = start_run(config, logger, script='projects/chat/sft.py')
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)  # now, not after training
 
     # the base model and its tokenizer, both grown for the chat tokens
     init = config.model.init_from

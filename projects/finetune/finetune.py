@@ -23,7 +23,7 @@ from mingpt.bpe import get_encoder
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args
+from mingpt.generate import checked_options
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.distributed import barrier, process_group
@@ -87,7 +87,7 @@ def main(args):
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
     run = start_run(config, logger, script='projects/finetune/finetune.py')
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)  # now, not after training
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     text = training_text(config.data.path)

@@ -37,9 +37,10 @@ import torch
 from mingpt.data import open_shard, read_meta, shard_windows
 from mingpt.errors import ConfigError, DataError
 from mingpt.evaluate import bits_per_byte, token_byte_lengths
-from mingpt.generate import check_sampling_args, complete
+from mingpt.generate import checked_options, complete
 from mingpt.model import GPT
 from mingpt.schedule import eval_batches
+from mingpt.tasks import eval_callback
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
 from mingpt.trainer import Trainer
 from mingpt.distributed import dist_env, process_group
@@ -107,6 +108,14 @@ def get_config():
     C.sample.top_k = 50
     C.sample.seed = 0
     C.sample.interval = 0
+
+    # downstream evaluation at every `every`-th evaluation (mingpt.tasks), off when path is None: 'hellaswag'
+    # (downloaded once), a HellaSwag-format .jsonl, an llm.c eval .bin or a CORE bundle directory, on its first
+    # `limit` examples (None: all); its score goes into metrics.jsonl and loss.png
+    C.tasks = CN()
+    C.tasks.path = None
+    C.tasks.every = 1
+    C.tasks.limit = None
 
     return C
 
@@ -182,7 +191,7 @@ def main(args):
         config.trainer.grad_accum_steps = grad_accum_steps(D.total_batch_tokens, config.trainer.batch_size,
                                                            D.block_size, world_size)
     run = start_run(config, logger)  # samples run on every rank under FSDP: the model may be sharded
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)
 
     # the shards and their tokenizer (a resumed run's Trainer checks they are the ones it trained on)
     train_dataset, val_dataset = shard_windows(D.dir, D.block_size)
@@ -257,6 +266,9 @@ def main(args):
             keep_sample(text)
 
     trainer.val_bpb = None
+    if config.tasks.path is not None:  # before on_eval_end, whose plot then shows the score
+        trainer.add_callback('on_eval_end', eval_callback(config.tasks.path, tokenizer, config.tasks.every,
+                                                          config.tasks.limit))
     trainer.add_callback('on_eval_end', on_eval_end)
     t0 = time.time()
     run.train(trainer)
