@@ -4,6 +4,9 @@ What a training run shows while it runs and leaves to look at afterwards:
 - MetricsLog: work_dir/metrics.jsonl, one JSON record per line (a training step's {'iter', 'loss',
   'lr', 'tokens_per_sec', 'time'}, an evaluation's {'iter', 'val_loss'}, a downstream task's {'iter',
   'task', 'metric', 'score', ...} from mingpt.tasks), and the same numbers in memory as a history.
+  metrics.jsonl is the current run's; the log of an earlier run in the same work_dir that starts
+  afresh (it wrote no checkpoint to resume) is kept as metrics.1.jsonl, metrics.2.jsonl, ... in the
+  order they were written.
 - Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise;
   track: the same around any long loop (an evaluation, a long sample).
 - plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
@@ -53,12 +56,14 @@ class MetricsLog:
     """
     The history of a run and, when it has a work_dir, the same records appended to
     work_dir/metrics.jsonl. A resumed run keeps the records up to its checkpoint and drops the
-    ones after it, which it is about to redo.
+    ones after it, which it is about to redo. A fresh run never overwrites an earlier log: it moves
+    it to the next free metrics.<n>.jsonl first (kept_as says where, for the run's log line).
     """
 
     def __init__(self):
         self.history = defaultdict(list)
         self._file = None
+        self.kept_as = None
 
     def open(self, work_dir, resume_iter=None):
         """ start a run's log (in memory only if work_dir is None); resume_iter: resuming from there """
@@ -74,6 +79,8 @@ class MetricsLog:
             records = [r for r in records if r.get('iter', 0) <= resume_iter]
             atomic_write(path, ''.join(json.dumps(r) + '\n' for r in records))
             history_of(records, self.history)
+        elif resume_iter is None and os.path.isfile(path) and os.path.getsize(path) > 0:
+            self.kept_as = _keep_earlier(path)
         self._file = open(path, 'a' if resume_iter is not None else 'w')
 
     def log(self, record):
@@ -87,6 +94,16 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _keep_earlier(path):
+    """ move the metrics log at path to the next free metrics.<n>.jsonl beside it; returns that path """
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
 
 
 # seconds between plain progress lines when there is no bar to watch

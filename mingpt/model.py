@@ -333,8 +333,8 @@ class GPT(nn.Module):
         'distilgpt2'), a Hugging Face directory (mingpt's own checkpoints are these), an OpenAI
         TensorFlow checkpoint directory or an llm.c .bin file. See mingpt.weights.load_pretrained.
         """
-        from mingpt.weights import load_pretrained  # here: importing the model loads no checkpoint format
-        return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
+        from mingpt.weights import load_pretrained  # the one way in: mingpt.weights never imports this module
+        return load_pretrained(model_type_or_path, cls, **kwargs)
 
     def save_pretrained(self, directory, format='hf', **kwargs):
         """
@@ -342,7 +342,7 @@ class GPT(nn.Module):
         or with format='mingpt' a mingpt directory, which also holds the architecture options GPT-2
         has not (mingpt.weights.save_mingpt); from_pretrained reads both
         """
-        from mingpt.weights import save_hf, save_mingpt  # here, like from_pretrained's import
+        from mingpt.weights import save_hf, save_mingpt  # as in from_pretrained
         if format not in ('hf', 'mingpt'):
             raise ConfigError(f"save_pretrained's format is 'hf' (transformers reads it) or 'mingpt' (any "
                               f"architecture option), not {format!r}")

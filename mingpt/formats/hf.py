@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mingpt.config import ARCH_OPTIONS
+from mingpt.config import ARCH_OPTIONS, PRESETS
 from mingpt.errors import WeightsError
 from mingpt.formats import LM_HEAD, check_sizes, param_names, read_json, refuse_non_gpt2
 from mingpt.utils import atomic_write
@@ -96,19 +96,18 @@ def _sizes_from_config(cfg, path):
     if isinstance(cfg.get('model'), dict) and 'block_size' in cfg['model']:
         cfg = cfg['model']  # a whole run config (setup_logging's config.json): its model part
     if 'block_size' in cfg:
-        # mingpt's own GPT config, dumped with to_dict(); resolve_config fills sizes from a preset
-        from mingpt.model import GPT, resolve_config  # here: mingpt.model loads weights through this module
-        config = GPT.get_default_config()
-        config.merge_from_dict({k: v for k, v in cfg.items() if k in config.to_dict()})
-        if all(config.to_dict().get(k) is not None for k in ('n_layer', 'n_head', 'n_embd')):
-            config.model_type = None
-        try:
-            config = resolve_config(config)
-        except ValueError as e:
-            raise WeightsError(f"{path}: {e}") from None
+        # mingpt's own GPT config, dumped with to_dict(): explicit sizes, or a preset's
         keys = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'tie_weights',
                 'embd_pdrop', 'resid_pdrop', 'attn_pdrop', *ARCH_OPTIONS)
-        return {k: getattr(config, k) for k in keys}
+        sizes = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        if not all(k in sizes for k in ('n_layer', 'n_head', 'n_embd')):
+            preset = PRESETS.get(cfg.get('model_type'))
+            if preset is None:
+                raise WeightsError(f"{path}: the model config gives neither n_layer, n_head and n_embd nor "
+                                   f"a known model_type (got {cfg.get('model_type')!r}; the presets are: "
+                                   f"{', '.join(PRESETS)}); the config is corrupt")
+            sizes.update(preset)
+        return sizes
 
     model_type = cfg.get('model_type', 'gpt2')
     if model_type != 'gpt2':
