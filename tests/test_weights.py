@@ -56,10 +56,11 @@ class TestImports(unittest.TestCase):
             if module != 'mingpt.weights':
                 self.assertNotIn('mingpt.weights', graph[module], module)
 
-    def test_no_import_circle_through_the_model_or_its_formats(self):
+    def test_no_import_circle_anywhere_in_the_package(self):
+        # counting imports inside functions: a circle there is a circle a reader has to untangle too
         graph = mingpt_imports()
-        starts = ['mingpt.model', 'mingpt.weights'] + [m for m in graph if m.startswith('mingpt.formats')]
-        for start in starts:  # a path from start back to itself is a circle
+        self.assertGreaterEqual(len(graph), 30)
+        for start in graph:  # a path from start back to itself is a circle
             paths = [[start]]
             seen = set()
             while paths:
