@@ -22,6 +22,8 @@ setup(
     extras_require={
         'serve': ['starlette', 'uvicorn'],
         'plot': ['matplotlib'],
+        # mingpt.harness (lm-eval's command line with mingpt's models); pyyaml reads CORE bundles (mingpt.tasks)
+        'eval': ['lm-eval', 'pyyaml'],
         # transformers 5 needs torch >= 2.6; with torch 2.4 or 2.5 use transformers<4.50
         'test': [
             'starlette',
@@ -36,7 +38,12 @@ setup(
             'ipykernel',
             'matplotlib',
             'peft',
+            'lm-eval',
+            'pyyaml',
         ],
     },
+    # the 'mingpt' model type for lm-eval versions that load models from this entry point group
+    # (lm-eval 0.4.x does not: there, python -m mingpt.harness is its command line with the model registered)
+    entry_points={'lm_eval.models': ['mingpt = mingpt.harness:MinGPTLM']},
     license='MIT',
 )

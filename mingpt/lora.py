@@ -109,7 +109,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.05, targets=('c_attn',), base=None)
     Give the Linears of model whose name ends in one of targets (c_attn, c_proj, c_fc, lm_head) an
     adapter of rank r, scaled by alpha / r, with dropout on its input; freeze every other parameter.
     base names where the pretrained weights came from (a path or hub name; checkpoints record it
-    with a fingerprint of the frozen weights, see mingpt.checkpoint.load_lora_checkpoint). Returns the model.
+    with a fingerprint of the frozen weights, see mingpt.resume.load_lora_checkpoint). Returns the model.
     """
     if adapters(model):
         raise ConfigError("this model already has LoRA adapters; add them once, to the pretrained model")
@@ -296,7 +296,7 @@ def check_base(model, reference, where):
     if cfg is None:
         raise CheckpointError(f"the checkpoint in {where} holds LoRA adapters (r={reference['r']}, targets "
                               f"{reference['targets']}) but this model has none: add_lora with those settings "
-                              "first, or use mingpt.checkpoint.load_lora_checkpoint")
+                              "first, or use mingpt.resume.load_lora_checkpoint")
     if cfg['fingerprint'] != reference['fingerprint']:
         raise CheckpointError(f"the checkpoint in {where} holds adapters trained on other base weights "
                               f"(base {reference['base']!r}, fingerprint {reference['fingerprint'][:12]}, this "

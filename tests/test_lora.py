@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mingpt import hardware, lora
-from mingpt.checkpoint import load_lora_checkpoint, read_checkpoint
+from mingpt.checkpoint import read_checkpoint
+from mingpt.resume import load_lora_checkpoint
 from mingpt.errors import CheckpointError, ConfigError, WeightsError
 from mingpt.hardware import pack_weights
 from mingpt.model import GPT
