@@ -161,6 +161,25 @@ def unmerge(model):
     return model
 
 
+def merge_and_unload(model):
+    """
+    The model with every adapter folded into its weight and its adapted layers plain Linears again,
+    all parameters trainable: the fine-tuned model, as if it had been fine-tuned whole (PEFT's
+    merge_and_unload). Returns the model.
+    """
+    for name, layer in adapters(model):
+        layer.set_merged(True)
+        plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.weight.device, dtype=layer.weight.dtype)
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent_name, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain.train(layer.training))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.__dict__.pop('lora_config', None)
+    return model
+
+
 def base_fingerprint(model):
     """
     sha256 over the names, dtypes, shapes and bytes of model's state dict without its adapters: what

@@ -28,7 +28,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from mingpt.checkpoint import trainer_state, write_checkpoint
-from mingpt.distributed import PARALLEL, dist_env, process_group, require_fsdp, set_grad_sync, wrap_model
+from mingpt.config import DTYPES, check_trainer_config
+from mingpt.distributed import dist_env, process_group, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, plot_metrics
@@ -37,8 +38,6 @@ from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 clock = time.monotonic  # what checkpoint_minutes are measured by (a test may put a fake clock here)
 
@@ -132,7 +131,8 @@ class Trainer:
         self.device_type = torch.device(self.device).type
         if config.dtype == 'auto':
             config.dtype = fast_dtype(self.device_type)
-        self._check_config()
+        check_trainer_config(config, self.device_type, lora=getattr(model, 'lora_config', None) is not None,
+                             fsdp=self._fsdp)
         if hasattr(train_dataset, '__len__') and len(train_dataset) == 0:
             raise ConfigError("the training dataset is empty: there is nothing to draw batches from; give it "
                               "at least one example (more text, or a smaller block_size)")
@@ -171,61 +171,6 @@ class Trainer:
     def history(self):
         """ iter/loss/lr of every step and val_iter/val_loss of every evaluation so far, for plot() """
         return self.metrics.history
-
-    def _check_config(self):
-        """ every field, before anything runs: a value that cannot work is a ConfigError saying what to set """
-        C = self.config
-        is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
-        is_number = lambda v, low: (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    and math.isfinite(v) and v >= low)
-
-        def need(ok, k, what):
-            if not ok:
-                raise ConfigError(f"trainer config {k}={getattr(C, k)!r} cannot work: set it to {what}")
-        for k in ('batch_size', 'grad_accum_steps', 'eval_interval', 'eval_iters', 'checkpoint_interval'):
-            need(is_int(getattr(C, k), 1), k, "an int >= 1")
-        need(is_int(C.warmup_iters, 0), 'warmup_iters', "an int >= 0")
-        need(C.max_iters is None or is_int(C.max_iters, 0), 'max_iters',
-             "an int >= 0, or None to train until stopped")
-        for k in ('lr_decay_iters', 'data_seed', 'num_workers', 'log_interval'):
-            need(getattr(C, k) is None or is_int(getattr(C, k), 0), k, "an int >= 0, or None")
-        need(C.checkpoint_minutes is None or is_number(C.checkpoint_minutes, 0), 'checkpoint_minutes',
-             "a number of minutes >= 0, or None (0 and None: checkpoints by iterations only)")
-        need(is_number(C.learning_rate, 0) and C.learning_rate > 0, 'learning_rate', "a number > 0, e.g. 3e-4")
-        need(C.min_lr is None or is_number(C.min_lr, 0), 'min_lr', "a number >= 0, or None (a tenth of lr)")
-        need(is_number(C.weight_decay, 0), 'weight_decay', "a number >= 0")
-        need(not C.grad_norm_clip or is_number(C.grad_norm_clip, 0), 'grad_norm_clip', "a number > 0, or None")
-        betas_ok = isinstance(C.betas, (tuple, list)) and len(C.betas) == 2
-        need(betas_ok and all(is_number(b, 0) and b < 1 for b in C.betas), 'betas', "two numbers in [0, 1), "
-             "like (0.9, 0.95)")
-        need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
-        need(C.optimizer in ('adamw', 'muon'), 'optimizer', "'adamw' or 'muon'")
-        need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
-        need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
-        need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
-        need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
-        need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
-        if C.parallel == 'fsdp':
-            require_fsdp()
-        need(C.progress_bar in (None, False, True), 'progress_bar', "None (a bar when stderr is a terminal), "
-             "True or False")
-        need(isinstance(C.compile, bool), 'compile', "True or False")
-        need(isinstance(C.activation_checkpointing, bool), 'activation_checkpointing', "True or False")
-        if self._fsdp and getattr(self.model, 'lora_config', None) is not None:
-            raise ConfigError("LoRA adapters train in one process or under parallel='ddp'; FSDP, for models "
-                              "whose replica does not fit, is not needed when only the adapters train")
-        if C.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {C.dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
-        if C.dtype == 'float16' and self.device_type != 'cuda':
-            raise ConfigError(f"dtype='float16' needs a CUDA device (its GradScaler is CUDA-only), but "
-                              f"the device is {self.device!r}; use dtype='bfloat16' on CPU, or 'float32'")
-        if C.dtype == 'bfloat16' and self.device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-            raise ConfigError("this GPU has no bfloat16 support; use dtype='float16' (or 'float32')")
-        if C.lr_schedule == 'cosine' and C.lr_decay_iters is None and C.max_iters is None:
-            raise ConfigError("lr_schedule='cosine' needs to know when to reach min_lr: set "
-                              "lr_decay_iters or max_iters")
-        if C.resume and C.work_dir is None:
-            raise ConfigError(f"resume={C.resume!r} needs the work_dir that holds the checkpoint")
 
     def add_callback(self, onevent: str, callback):
         self.callbacks[onevent].append(callback)

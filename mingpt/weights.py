@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mingpt.checkpoint import check_one_save
+from mingpt.checkpoint import check_one_save, read_state
 from mingpt.config import resolve_config
 from mingpt.errors import WeightsError
 from mingpt.formats import LM_HEAD, check_sizes
@@ -163,13 +163,20 @@ def load_pretrained(source, model_cls, *, dtype=torch.float32, **overrides):
     formats), mingpt's defaults otherwise; overrides may set embd_pdrop, resid_pdrop, attn_pdrop
     and tie_weights (False unties a tied head). dtype=None keeps the stored dtype. The model is
     returned in training mode, like any new nn.Module: call .eval() before inference.
-    A Trainer checkpoint (an HF directory with a trainer.pt) must hold the files of one save.
+    A Trainer checkpoint (an HF directory with a trainer.pt) must hold the files of one save; a LoRA
+    run's holds only adapters, which come back merged into the base weights they name (mingpt.lora).
     """
     fmt, path = detect_format(source)
     if fmt == 'hub':
         path = hf.download_hub(path)
     if fmt == 'hf' and (path / 'trainer.pt').is_file():
-        check_one_save(path)  # weights copied in from another run would load without a word
+        state = read_state(path, mmap=True, any_version=True)
+        check_one_save(path, state)  # weights copied in from another run would load without a word
+        if state.get('lora') is not None:  # the adapters alone: on their base, as one plain model
+            from mingpt.lora import merge_and_unload
+            from mingpt.resume import load_lora_checkpoint
+            model = merge_and_unload(load_lora_checkpoint(path, model_cls))
+            return model if dtype is None else model.to(dtype)
     readers = {'hf': hf.read_hf, 'hub': hf.read_hf, 'tf': tf.read_tf, 'llmc': llmc.read_llmc}
     sizes, tensors = readers[fmt](path)
     model = build_model(model_cls, sizes, tensors, path, dtype=dtype, **overrides)

@@ -162,6 +162,14 @@ class TestTraining(TempDirTestCase):
         tiny_gpt(seed=5).save_pretrained(self.tmp / 'other')
         with self.assertRaisesRegex(CheckpointError, 'other base weights'):
             load_lora_checkpoint(self.tmp / 'run' / 'ckpt', GPT, base=self.tmp / 'other')
+        # from_pretrained reads the run's checkpoint as the fine-tuned model: one plain GPT, adapters merged
+        plain = GPT.from_pretrained(self.tmp / 'run' / 'ckpt').eval()
+        self.assertFalse(lora.adapters(plain))
+        self.assertFalse(any('lora_' in n for n in plain.state_dict()))
+        self.assertTrue(all(p.requires_grad for p in plain.parameters()))
+        x = torch.randint(0, plain.config.vocab_size, (2, 8))
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x)[0], rebuilt.eval()(x)[0], rtol=0, atol=1e-5)
 
     def test_resume_refuses_another_base_or_rank(self):
         lora_run(self.tmp / 'run', 2)
