@@ -41,12 +41,13 @@ logger = logging.getLogger(__name__)
 OVERRIDABLE = ('embd_pdrop', 'resid_pdrop', 'attn_pdrop', 'tie_weights')
 
 
-def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **overrides):
+def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, quantization=None, **overrides):
     """
     sizes: GPT config fields (n_layer, n_head, n_embd, vocab_size, block_size, tie_weights and
     optionally the dropouts); tensors: mingpt-layout state dict, without lm_head.weight when tied.
     Checks every key and shape against the model the sizes describe, then loads strictly.
     origin names the checkpoint in error messages; model_cls is GPT or a subclass (default GPT).
+    quantization: the method (mingpt.quantize) the tensors were saved with, head included.
     """
     # here, not at the top: mingpt.model imports this module
     from mingpt.model import GPT, resolve_config
@@ -72,10 +73,14 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **o
     # on the meta device: no memory and no random init spent on weights we are about to replace
     with torch.device('meta'):
         model = model_cls(config)
+    if quantization is not None:
+        from mingpt.quantize import quantize
+        quantize(model, quantization)
+    tied = config.tie_weights and quantization is None  # a quantized head is an int8 copy, saved
 
     tensors = dict(tensors)
     wte = tensors.get('transformer.wte.weight')
-    if config.tie_weights:
+    if tied:
         if LM_HEAD in tensors and wte is not None and not torch.equal(tensors[LM_HEAD], wte):
             logger.warning("%s: lm_head.weight differs from wte but the model ties them: using wte", origin)
         tensors.pop(LM_HEAD, None)
@@ -83,7 +88,7 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **o
         tensors[LM_HEAD] = wte.clone()  # untied on request: the head starts as a copy of wte
 
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_weights:
+    if tied:
         del expected[LM_HEAD]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -101,12 +106,12 @@ def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, **o
             f"block_size={config.block_size}): {'; '.join(problems)}. The config and the weights "
             "do not belong together, or the file is not a GPT-2 checkpoint")
 
-    if config.tie_weights:
+    if tied:
         tensors[LM_HEAD] = tensors['transformer.wte.weight']
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
-    if config.tie_weights:
+    if tied:
         # assign=True gave lm_head its own Parameter object: share wte's again, as GPT.__init__ does
         model.lm_head.weight = model.transformer.wte.weight
     assert not any(t.is_meta for t in model.state_dict().values()), "a weight was left on meta"
@@ -162,6 +167,10 @@ def load_pretrained(source, *, dtype=torch.float32, model_cls=None, **overrides)
     the class to build (GPT.from_pretrained passes its own, so a subclass gets itself back).
     """
     fmt, path = detect_format(source)
+    if fmt == 'hf':
+        from mingpt import quantize  # a directory that mingpt.quantize.save wrote
+        if quantize.saved_method(path) is not None:
+            return quantize.load(path, model_cls=model_cls, **overrides)
     if fmt == 'hub':
         path = hf.download_hub(path)
     readers = {'hf': hf.read_hf, 'hub': hf.read_hf, 'tf': tf.read_tf, 'llmc': llmc.read_llmc}

@@ -189,8 +189,12 @@ def save_hf(model, directory, safe_serialization=True):
     Write model as a Hugging Face GPT-2 directory: config.json + model.safetensors (or
     pytorch_model.bin with safe_serialization=False), Conv1D weights transposed as HF stores
     them and, for a tied model, no lm_head.weight (HF re-ties it to wte). This is also mingpt's
-    own checkpoint format. Returns the directory as a Path.
+    own checkpoint format. Returns the directory as a Path. A quantized model (mingpt.quantize),
+    which this format cannot hold, is written by mingpt.quantize.save instead.
     """
+    if getattr(model, 'quantization', None):
+        from mingpt.quantize import save
+        return save(model, directory)
     def own(t):  # a contiguous tensor with a storage of its own (safetensors refuses shared ones)
         t = t.detach().cpu().contiguous()
         return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
