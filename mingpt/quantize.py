@@ -115,11 +115,17 @@ def quantize(model, method='int8'):
     Replace every nn.Linear of model (mingpt's Linears, lm_head included) with an Int8Linear, in
     place, and return the model. A head tied to the token embedding gets its own int8 copy of it;
     the embedding itself stays as it is. For inference: the int8 weights are not trained.
+    method None leaves the model as it is (a command line's --quantize left out).
     """
+    if method is None:
+        return model
     if method not in METHODS:
         raise ConfigError(f"quantize(model, {method!r}): unknown method; use one of {', '.join(METHODS)}")
     if is_quantized(model):
-        raise ConfigError("this model is quantized already; quantize an fp32 model")
+        if getattr(model, 'quantization', None) == method:
+            return model  # e.g. a saved int8 model loaded with --quantize int8
+        raise ConfigError(f"this model is quantized already ({getattr(model, 'quantization', 'in part')}); "
+                          "quantize an fp32 model")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
