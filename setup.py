@@ -22,6 +22,9 @@ setup(
     extras_require={
         'serve': ['starlette', 'uvicorn'],
         'plot': ['matplotlib'],
+        # the engines bench/generate.py compares with (llama-cpp-python builds llama.cpp from source
+        # where PyPI has no wheel for the platform; gguf writes its model files)
+        'bench': ['transformers', 'ctranslate2', 'llama-cpp-python', 'gguf'],
         # transformers 5 needs torch >= 2.6; with torch 2.4 or 2.5 use transformers<4.50
         'test': [
             'starlette',
