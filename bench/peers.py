@@ -39,9 +39,14 @@ def available():
 def gpt2_tokenizer(directory):
     """ write GPT-2's tokenizer files (from mingpt's own copy of the vocabulary) into an HF directory """
     from transformers import GPT2TokenizerFast
-    tok = GPT2TokenizerFast(vocab_file=str(ASSETS / 'encoder.json'), merges_file=str(ASSETS / 'vocab.bpe'))
+    vocab = json.loads((ASSETS / 'encoder.json').read_text(encoding='utf-8'))
+    lines = (ASSETS / 'vocab.bpe').read_text(encoding='utf-8').split('\n')[1:]  # after the version line
+    tok = GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split()) for m in lines if m])  # transformers 5
+    if len(tok) != len(vocab):  # transformers 4 takes the two files instead
+        tok = GPT2TokenizerFast(vocab_file=str(ASSETS / 'encoder.json'), merges_file=str(ASSETS / 'vocab.bpe'))
     tok.save_pretrained(directory)
     return tok
+
 
 # -----------------------------------------------------------------------------
 # CTranslate2
@@ -95,7 +100,7 @@ def write_gguf(hf_dir, path, qtype='q8_0'):
     w.add_head_count(cfg['n_head'])
     w.add_layer_norm_eps(cfg.get('layer_norm_epsilon', 1e-5))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == 'q8_0' else gguf.LlamaFileType.ALL_F32)
-    encoder = json.loads((ASSETS / 'encoder.json').read_text())
+    encoder = json.loads((ASSETS / 'encoder.json').read_text(encoding='utf-8'))
     merges = (ASSETS / 'vocab.bpe').read_text(encoding='utf-8').split('\n')[1:]
     w.add_tokenizer_model('gpt2')
     w.add_tokenizer_pre('gpt-2')
