@@ -174,7 +174,7 @@ def bench_quality(args):
     print('| weights | bits per byte | vs fp32 |')
     print('|---|---:|---:|')
     for name, value in rows:
-        print(f'| {name} | {value:.4f} | {value / rows[0][1] - 1:+.2%} |')
+        print(f'| {name} | {value:.5f} | {value / rows[0][1] - 1:+.3%} |')
 
 
 def main():

@@ -27,16 +27,6 @@ from tests import common
 V, BLOCK = 60, 32
 
 
-def setUpModule():
-    global _threads
-    _threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a busy machine
-
-
-def tearDownModule():
-    torch.set_num_threads(_threads)
-
-
 def tiny(tie_weights=False, seed=0):
     return common.tiny_gpt(V, BLOCK, n_layer=2, n_head=2, n_embd=64, tie_weights=tie_weights, seed=seed,
                            sharpen=4)
