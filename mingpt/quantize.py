@@ -10,11 +10,14 @@ channel, a quarter of fp32's bytes, which is what decoding one token at a time i
 Row n of a weight W (out, in) is stored as q[n] = round(W[n] / s[n]) with s[n] = max|W[n]| / 127, so
 every weight is off by at most s[n] / 2 and q stays in [-127, 127] (symmetric, no zero point). One
 scale per row rather than per block of 32 inputs (llama.cpp's q8_0): the fast int8 kernels that torch
-has take per-row scales, and on GPT-2 the two differ by little in bits per byte (bench/README.md).
+has take per-row scales, and on a trained model the two differ by little in bits per byte
+(bench/README.md).
 
 The product itself is mingpt.hardware.int8_kernel's choice for this CPU, in one place: fbgemm's
 int8 x int8 product with the activations quantized per call where that is correct here, else an
-exact dequantize-and-multiply. The embeddings stay fp32 (a step gathers one row of each); a head
+exact dequantize-and-multiply. fbgemm quantizes the activations with one scale per product, so a
+row's result depends a little on the other rows multiplied with it (a batch, a prompt's positions);
+the exact kernel's does not. The embeddings stay fp32 (a step gathers one row of each); a head
 tied to wte gets an int8 copy of wte, since the head reads all of it every step.
 """
 
