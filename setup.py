@@ -22,6 +22,8 @@ setup(
     extras_require={
         'serve': ['starlette', 'uvicorn'],
         'plot': ['matplotlib'],
+        # mingpt.harness (lm-eval's command line with mingpt's models); pyyaml reads CORE bundles (mingpt.tasks)
+        'eval': ['lm-eval', 'pyyaml'],
         # the engines bench/generate.py compares with (llama-cpp-python builds llama.cpp from source
         # where PyPI has no wheel for the platform; gguf writes its model files)
         'bench': ['transformers', 'ctranslate2', 'llama-cpp-python', 'gguf'],
@@ -38,7 +40,12 @@ setup(
             'nbformat',
             'ipykernel',
             'matplotlib',
+            'lm-eval',
+            'pyyaml',
         ],
     },
+    # the 'mingpt' model type for lm-eval versions that load models from this entry point group
+    # (lm-eval 0.4.x does not: there, python -m mingpt.harness is its command line with the model registered)
+    entry_points={'lm_eval.models': ['mingpt = mingpt.harness:MinGPTLM']},
     license='MIT',
 )

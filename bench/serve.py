@@ -83,7 +83,7 @@ def time_steps(model, prompt_tokens, new_tokens, clients, repeats=5):
     with torch.inference_mode():
         cache = model.make_kv_cache(max(clients))
         x = torch.randint(model.config.vocab_size, (1, prompt_tokens))
-        prefill = best(lambda: model(x, kv_cache=[c.row(0) for c in cache], last_only=True))
+        prefill = best(lambda: model(x, kv_cache=[c.rows(0, 1) for c in cache], last_only=True))
         steps = {}
         for n in clients:
             # positions spread over a reply's span, as in a running batch

@@ -12,6 +12,10 @@ shakespeare through mingpt's own download code. Rows:
 Each row is the best of --repeats runs (runs are interleaved, so load on the machine hits all rows alike).
 More rows (e.g. training a vocabulary) plug in as further entries of the `tasks` list in main().
 
+Then a table of one long pre-token each, cold, best of 3 runs at most (BPE on a piece is O(n log n) in
+its length): 300 KB of CJK ideographs with no space or punctuation, and a run of 300,000 'a's (every pair
+ties with every other).
+
 Two more tables (skip them with --no-train):
 - training a vocabulary: mingpt.bpe_train.train_bpe (pure Python) against Hugging Face's `tokenizers`
   BpeTrainer (Rust), --train-vocab tokens (default 4096) on the same text; best of --train-repeats runs.
@@ -22,6 +26,7 @@ Two more tables (skip them with --no-train):
 
 import argparse
 import os
+import random
 import shlex
 import sys
 import time
@@ -42,7 +47,8 @@ def load_text(path, n_bytes):
         if not path.is_file():
             from mingpt.download import get_tiny_shakespeare
             path = get_tiny_shakespeare()
-    data = Path(path).read_bytes()[:n_bytes]
+    path = Path(path)
+    data = path.read_bytes()[:n_bytes]
     return data.decode('utf-8', errors='ignore'), path
 
 
@@ -57,6 +63,31 @@ def get_tiktoken():
     except Exception as e:  # not installed, or no network to fetch its files
         print(f'(tiktoken unavailable: {e})\n')
         return None
+
+
+def long_piece_table(enc, tik, repeats):
+    """Seconds to encode one long pre-token from a cold cache, mingpt against tiktoken (if installed); also
+    mingpt's CPU seconds, which other work on the machine inflates less than the wall clock."""
+    ideographs = random.Random(0).choices(range(0x4E00, 0x9FA6), k=100_000)
+    texts = [('300 KB of CJK ideographs', ''.join(map(chr, ideographs))), ("300,000 x 'a'", 'a' * 300_000)]
+    print(f'\nOne long pre-token, from a cold cache; best of {repeats}, load average {os.getloadavg()[0]:.1f}\n')
+    print('| text | mingpt seconds | mingpt CPU seconds | tiktoken seconds |')
+    print('|---|---:|---:|---:|')
+    for label, text in texts:
+        assert len(enc.pretokenize(text)) == 1
+        if tik and enc.encode(text) != tik.encode_ordinary(text):
+            sys.exit(f'mingpt and tiktoken disagree on {label}; not benchmarking a wrong tokenizer')
+        wall, cpu, tik_wall = float('inf'), float('inf'), float('inf')
+        for _ in range(repeats):
+            enc.clear_cache()
+            t0, c0 = time.perf_counter(), time.process_time()
+            enc.encode(text)
+            wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+            if tik:
+                t0 = time.perf_counter()
+                tik.encode_ordinary(text)
+                tik_wall = min(tik_wall, time.perf_counter() - t0)
+        print(f'| {label} | {wall:.3f} | {cpu:.3f} | ' + (f'{tik_wall:.3f} |' if tik else 'n/a |'))
 
 
 def training_table(text, vocab_size, repeats):
@@ -162,6 +193,7 @@ def main():
         seconds = best[name]
         ratio = f'{tik_time / seconds:.2f}x' if tik_time else 'n/a'
         print(f'| {name} | {seconds:.3f} | {n_bytes / seconds / 1e6:.2f} | {ratio} |')
+    long_piece_table(enc, tik, min(args.repeats, 3))
 
     if not args.no_train:
         training_table(text, args.train_vocab, args.train_repeats)

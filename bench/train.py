@@ -1,9 +1,11 @@
 """
 Training throughput: tokens/s of full training steps (forward + backward + grad clip + AdamW step)
 of the gpt-mini config (n_layer 6, n_head 6, n_embd 192; batch 64, block 128, vocab 65, dropout 0),
-mingpt against transformers.GPT2LMHeadModel of identical dims and identical initial weights.
+mingpt against transformers.GPT2LMHeadModel of identical dims and identical initial weights, and
+against nanoGPT's model.py when given its path (its GPT is read from that file, not installed).
 
     python bench/train.py                      # everything: a markdown table on stdout
+    python bench/train.py --nanogpt ~/nanoGPT/model.py   # nanoGPT's step too
     python bench/train.py --only mingpt        # one configuration in this process (used for peak RSS)
 
 Two measurements, because they answer different questions:
@@ -13,7 +15,9 @@ Two measurements, because they answer different questions:
   (getrusage ru_maxrss) is then that configuration's and nobody else's.
 
 The mingpt step mirrors Trainer._step (zero_grad, autocast forward, backward, clip, step), with
-the optimizer from GPT.configure_optimizers (fused AdamW); transformers gets a plain torch AdamW.
+the optimizer from GPT.configure_optimizers (fused AdamW; mingpt+muon: Trainer's optimizer='muon');
+transformers gets a plain torch AdamW, nanoGPT its own configure_optimizers. nanoGPT ties lm_head to
+wte; here its head is untied, as mingpt's and transformers' are, so that all start from one model.
 MFU counts 6 * N + 12 * n_layer * block * n_embd FLOPs per token (N: the matmul weights, i.e.
 Linear layers and lm_head) against the FLOP/s of a large fp32 matmul measured here, on the same
 number of threads.
@@ -39,10 +43,13 @@ N_LAYER, N_HEAD, N_EMBD = 6, 6, 192
 BATCH, BLOCK, VOCAB = 64, 128, 65
 LR = 3e-4
 
-# name -> (library, torch.compile?, autocast dtype)
+# name -> (library, torch.compile?, autocast dtype); the nanogpt ones only with --nanogpt
 CONFIGS = {
     'transformers':         ('transformers', False, None),
+    'nanogpt':              ('nanogpt', False, None),
+    'nanogpt+bf16':         ('nanogpt', False, torch.bfloat16),
     'mingpt':               ('mingpt', False, None),
+    'mingpt+muon':          ('mingpt', False, None),
     'mingpt+compile':       ('mingpt', True, None),
     'mingpt+bf16':          ('mingpt', False, torch.bfloat16),
     'mingpt+compile+bf16':  ('mingpt', True, torch.bfloat16),
@@ -114,6 +121,23 @@ def make_transformers(reference):
     return model
 
 
+def make_nanogpt(reference, path):
+    """ nanoGPT's GPT (its model.py at path) of the same dims, with reference's weights copied in """
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
+                              dropout=0.0, bias=True)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
+        model = module.GPT(config)
+    # untie lm_head from wte, as the other configurations are; the names and layouts are mingpt's
+    model.lm_head.weight = torch.nn.Parameter(torch.empty(VOCAB, N_EMBD))
+    with torch.no_grad():
+        model.load_state_dict(reference.state_dict(), strict=True)
+    return model
+
+
 def _takes_attn_impl():
     import inspect
     from transformers import GPT2LMHeadModel
@@ -132,10 +156,18 @@ def matmul_params(model):
 class Runner:
     """ one configuration: its model, optimizer and step function """
 
-    def __init__(self, name):
+    def __init__(self, name, nanogpt=None):
         library, compile_, dtype = CONFIGS[name]
         self.name = name
-        if library == 'transformers':
+        if library == 'nanogpt':
+            self.model = make_nanogpt(make_mingpt(), nanogpt)
+            with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter groups
+                self.optimizer = self.model.configure_optimizers(0.1, LR, (0.9, 0.95), 'cpu')
+            forward = self.model
+
+            def loss_fn(x, y):
+                return forward(x, y)[1]
+        elif library == 'transformers':
             self.model = make_transformers(make_mingpt())
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95),
                                                weight_decay=0.1)
@@ -146,7 +178,9 @@ class Runner:
                 return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
         else:
             self.model = make_mingpt()  # seeded: every row starts from the same weights
-            train_config = argparse.Namespace(learning_rate=LR, betas=(0.9, 0.95), weight_decay=0.1)
+            train_config = argparse.Namespace(learning_rate=LR, betas=(0.9, 0.95), weight_decay=0.1,
+                                              optimizer='muon' if name == 'mingpt+muon' else 'adamw',
+                                              muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
             self.optimizer = self.model.configure_optimizers(train_config)
             forward = torch.compile(self.model) if compile_ else self.model
 
@@ -176,9 +210,9 @@ def batches(n, seed=0):
         yield data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def measure(names, warmup, steps, peak=None):
+def measure(names, warmup, steps, peak=None, nanogpt=None):
     """ the configurations in turn, one step each; returns {name: [step seconds]}, {name: first loss} """
-    runners = [Runner(n) for n in names]
+    runners = [Runner(n, nanogpt) for n in names]
     losses = {}
     for i, (x, y) in enumerate(batches(warmup + steps)):
         if peak is not None and i >= warmup:
@@ -196,36 +230,47 @@ def measure(names, warmup, steps, peak=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', choices=list(CONFIGS), help="run one configuration alone, print JSON")
-    parser.add_argument('--configs', default=','.join(CONFIGS), help="comma-separated subset")
+    parser.add_argument('--configs', default=None, help="comma-separated subset (default: all; the nanogpt "
+                        "ones with --nanogpt)")
+    parser.add_argument('--nanogpt', metavar='PATH', help="nanoGPT's model.py, to measure its step too")
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--no-rss', action='store_true', help="skip the per-configuration subprocesses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    names = args.configs.split(',') if args.configs else [n for n in CONFIGS
+                                                          if args.nanogpt or CONFIGS[n][0] != 'nanogpt']
+    for n in names + ([args.only] if args.only else []):
+        if n not in CONFIGS:
+            parser.error(f"unknown configuration {n!r}; the configurations are {', '.join(CONFIGS)}")
+        if CONFIGS[n][0] == 'nanogpt' and not args.nanogpt:
+            parser.error(f"{n} needs --nanogpt PATH, the path of nanoGPT's model.py")
+    if args.nanogpt and not os.path.isfile(args.nanogpt):
+        parser.error(f"--nanogpt {args.nanogpt}: no such file (give the path of nanoGPT's model.py)")
+    nanogpt = ['--nanogpt', args.nanogpt] if args.nanogpt else []
 
     if args.only:
         if CONFIGS[args.only][0] == 'transformers':
             import transformers  # noqa: F401  (a library's import is not its training memory)
         base = rss_mb()
-        times, _ = measure([args.only], args.warmup, args.steps)
+        times, _ = measure([args.only], args.warmup, args.steps, nanogpt=args.nanogpt)
         print(json.dumps({'name': args.only, 'median_s': statistics.median(times[args.only]),
                           'peak_rss_mb': peak_rss_mb(), 'rss_after_imports_mb': base}))
         return
 
-    names = args.configs.split(',')
     # memory first, while this driver is still small (its own peak is not the children's anyway)
     rss = {}
     if not args.no_rss:
         for n in names:
             cmd = [sys.executable, os.path.abspath(__file__), '--only', n, '--warmup', str(args.warmup),
-                   '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads)]
+                   '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads), *nanogpt]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
             print(f"  {n}: peak RSS {rss[n]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
 
     matmul = MatmulPeak()
-    times, first_losses = measure(names, args.warmup, args.steps, matmul)
+    times, first_losses = measure(names, args.warmup, args.steps, matmul, args.nanogpt)
     peak = matmul.flops()
     # the same weights and batch: every row's first loss must agree (bf16 approximately)
     ref = first_losses[names[0]]
@@ -238,17 +283,21 @@ def main():
     flops_per_token = 6 * matmul_params(make_mingpt()) + 12 * N_LAYER * BLOCK * N_EMBD
     base = tokens / statistics.median(times['transformers']) if 'transformers' in times else None
     rows = [(n, tokens / statistics.median(times[n])) for n in names]
-    best = max((r for r in rows if r[0] != 'transformers'), key=lambda r: r[1])[0]
+    best = max((r for r in rows if r[0].startswith('mingpt')), key=lambda r: r[1], default=rows[0])[0]
+    nano = tokens / statistics.median(times['nanogpt']) if 'nanogpt' in times else None
 
     print(f"\ngpt-mini training step (n_layer {N_LAYER}, n_head {N_HEAD}, n_embd {N_EMBD}; batch {BATCH}, "
           f"block {BLOCK}, vocab {VOCAB}), torch {torch.__version__}, {args.threads} threads, median of "
           f"{args.steps} steps after {args.warmup} warm-up, configurations alternated step by step.")
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32 2048^3, median, taking turns with the steps); "
           f"{flops_per_token / 1e6:.2f} MFLOP per token\n")
-    print("| configuration | tokens/s | vs transformers | MFU | peak RSS (MB) | RSS after imports (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    vs_nano = (" vs nanoGPT |", "---:|") if nano else ("", "")
+    print(f"| configuration | tokens/s | vs transformers |{vs_nano[0]} MFU | peak RSS (MB) | RSS after imports (MB) |")
+    print(f"|---|---:|---:|{vs_nano[1]}---:|---:|---:|")
     for n, tps in rows:
         ratio = f"{tps / base:.2f}x" if base else "-"
+        if nano:
+            ratio += f" | {tps / nano:.2f}x"
         mfu = tps * flops_per_token / peak
         r = rss.get(n)
         rss_cols = f"{r['peak_rss_mb']:.0f} | {r['rss_after_imports_mb']:.0f}" if r else "- | -"

@@ -1,6 +1,7 @@
 """
-Many generations at once: continuous batching, built from the generation engine's own parts
-(mingpt.generate: its option checks, its context-window rule and its `sample`).
+Many generations at once: continuous batching. A BatchEngine is the one decode step of
+mingpt.decoder (a Decoder: a KV cache of `rows` rows, one running request per row, each step ONE
+forward for all of them) driven by a thread, with requests handed over through thread-safe queues.
 
     engine = BatchEngine(model, rows=16)               # a KV cache of 16 rows, one thread of steps
     request = engine.submit(ids, 100, do_sample=True, temperature=0.8, seed=0)
@@ -13,30 +14,15 @@ sequences reads them once too, and its 16-row matmuls cost little more than a si
 until the arithmetic, not the memory, is the limit. Serving concurrent users one after another
 leaves most of the machine idle; stepping all of them together does not.
 
-How. The engine owns one KV cache of `rows` rows (model.make_kv_cache(rows)); a running request
-owns one row, rows 0..n-1 for the n running requests. Each step:
+Each step: requests whose consumer stopped listening (cancel(), should_stop) leave, freeing their
+rows; every running request gets its next token (Decoder.step); waiting requests take the free rows,
+each prefilled and given its first token, and join the batched forward at the next step. Each
+request samples with its own options and generator and attends to its own row only, so its tokens
+are those of the same request generated alone by mingpt.generate.stream (see mingpt.decoder). A
+request whose forward, sampling or callback fails ends alone with an error; the others run on.
 
-1. a request whose consumer stopped listening (cancel(), should_stop) leaves, freeing its row;
-2. ONE forward decodes the newest token of every row, each row at its own position
-   (cache_pos is a (n,) tensor: see GPT.forward), and each request samples its own next token
-   with its own settings and its own torch.Generator. A row whose sequence fills the context
-   instead re-prefills its last window_keep tokens alone (as mingpt.generate.stream does); its
-   slot in the batched forward writes position 0 of its row, which that prefill rewrites;
-3. a request that emitted its eos token or its last token leaves: the last row moves into its
-   place (a copy of that row's cache), so the running requests always fill rows 0..n-1;
-4. waiting requests take the free rows: each is prefilled alone into its row (a prompt's
-   forward is compute-bound, so batching prefills would gain little), emits its first token, and
-   joins the batched forward at the next step.
-
-A row's output does not depend on its neighbours: every row attends only to its own cache
-positions (the mask hides other requests and whatever an earlier owner of the row left past the
-row's position), its position ids are its own, and everything else in a transformer works on each
-row separately. So each request's tokens are those of the same request generated alone by
-mingpt.generate.stream, with its logits within float rounding of them (the batched matmuls sum in
-another order).
-
-Requests are handed over through thread-safe queues: submit() from any thread, the steps in the
-engine's own thread, each request's tokens on a queue its consumer reads.
+submit() from any thread; the steps in the engine's own thread (or the caller's: threaded=False);
+each request's tokens on a queue its consumer reads.
 """
 
 import collections
@@ -45,10 +31,9 @@ import queue
 import threading
 import time
 
-import torch
-
+from mingpt.decoder import Decoder, Sequence, check_window_keep
 from mingpt.errors import ConfigError
-from mingpt.generate import decoding_options, next_input, prepare_prompts, sample
+from mingpt.generate import checked_options, prepare_prompts, warn_if_training
 from mingpt.hardware import pack_weights
 
 logger = logging.getLogger(__name__)
@@ -69,22 +54,18 @@ def default_rows(model, budget_bytes=2 << 30):
     return max(1, min(16 if p.device.type == 'cpu' else 64, budget_bytes // per_row))
 
 
-class Request:
+class Request(Sequence):
     """
-    One generation in the batch: its tokens so far, its decoding options, and the queue its new
-    tokens go out on. Iterate it for the token ids (ints) as they come; leaving the loop early
-    cancels it. finish_reason says why it ended: 'stop' (eos_token_id), 'length' (max_new_tokens),
-    'cancelled', or 'error' (the iteration then raises the step's error).
+    One generation in the batch (a mingpt.decoder.Sequence) and the queue its new tokens go out on.
+    Iterate it for the token ids (ints) as they come; leaving the loop early cancels it.
+    finish_reason says why it ended: 'stop' (eos_token_id), 'length' (max_new_tokens),
+    'cancelled', or 'error' (the iteration then raises a RuntimeError saying what failed).
     """
 
-    def __init__(self, tokens, max_new_tokens, keep, how, eos_token_id, should_stop, on_logits):
-        self.tokens = tokens  # prompt + generated ids, a list of ints
-        self.max_new_tokens, self.keep, self.how = max_new_tokens, keep, how
-        self.eos_token_id, self.should_stop, self.on_logits = eos_token_id, should_stop, on_logits
-        self.n_new = 0  # tokens generated so far
-        self.cache_len = 0  # positions of this request's row that hold its tokens
-        self.finish_reason = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.cancelled = False
+        self.done = threading.Event()  # set once it has ended and its row is free
         self._out = queue.SimpleQueue()  # token ids, then an exception or _END
 
     def cancel(self):
@@ -92,7 +73,20 @@ class Request:
         self.cancelled = True
 
     def stopped(self):
-        return self.cancelled or (self.should_stop is not None and self.should_stop())
+        return self.cancelled or super().stopped()
+
+    def emit(self, tok):
+        self._out.put(tok)
+
+    def finish(self, reason, error=None):
+        super().finish(reason, error)
+        self.done.set()
+        if error is not None:
+            failed = RuntimeError(f"generation failed: {type(error).__name__}: {error}")
+            failed.__cause__ = error
+            self._out.put(failed)
+        else:
+            self._out.put(_END)
 
     def __iter__(self):
         try:
@@ -104,10 +98,6 @@ class Request:
             self._out.put(_END)  # iterating an ended request again ends at once rather than wait forever
         finally:
             self.cancel()  # a consumer that stops listening frees the row; after the end, a no-op
-
-    def _finish(self, reason, error=None):
-        self.finish_reason = reason
-        self._out.put(_END if error is None else error)
 
 
 class BatchEngine:
@@ -127,11 +117,10 @@ class BatchEngine:
         self.n_rows = default_rows(model) if rows is None else rows
         if self.n_rows < 1:
             raise ConfigError(f"a batch needs at least 1 row (got rows={rows})")
-        self.cache = model.make_kv_cache(self.n_rows)
+        self.decoder = Decoder(model, self.n_rows)  # touched by the stepping thread only
         pack_weights(model)  # a step's products have a row per request: see hardware.pack_weights
         self.device = next(model.parameters()).device
         self.threaded = threaded
-        self.rows = []  # the running requests, request i in row i; touched by the stepping thread only
         self.waiting = collections.deque()  # submitted requests waiting for a row
         self.lock = threading.Condition()
         self.closed = False
@@ -140,21 +129,29 @@ class BatchEngine:
         self.recent = collections.deque()  # (time, tokens) of the steps of the last RATE_WINDOW seconds
         self.started = time.monotonic()
 
-    def request(self, prompt, max_new_tokens, *, temperature=1.0, do_sample=False, top_k=None,
-                top_p=None, generator=None, seed=None, eos_token_id=None, window_keep=None,
-                should_stop=None, on_logits=None):
+    def request(self, prompt, max_new_tokens, options=None, *, generator=None, window_keep=None,
+                should_stop=None, on_logits=None, assistant_model=None, prompt_lookup_num_tokens=None,
+                num_assistant_tokens=5, **sampling):
         """
         A Request, every argument checked (a ConfigError, or PromptTooLong for a prompt longer than
-        the context), not yet submitted. prompt: a 1-D sequence of token ids. The options are
-        mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
-        on_logits(logits), called in the engine's thread with the (V,) logits each token is
+        the context), not yet submitted. prompt: a 1-D sequence of token ids. options (a
+        mingpt.sampling.SamplingOptions, or its fields as keywords), generator, window_keep and the
+        speculative decoding arguments are mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
+        on_logits(logits) is called in the engine's thread with the (V,) logits each token is
         sampled from (an inference tensor: copy it to keep it).
         """
-        keep, how = decoding_options(self.model, max_new_tokens, temperature=temperature,
-                                     do_sample=do_sample, top_k=top_k, top_p=top_p,
-                                     generator=generator, seed=seed, window_keep=window_keep)
-        idx, _ = prepare_prompts(self.model, [prompt])
-        return Request(idx[0].tolist(), max_new_tokens, keep, how, eos_token_id, should_stop, on_logits)
+        options = checked_options(max_new_tokens, options, **sampling)
+        if generator is not None and options.seed is not None:
+            raise ConfigError("give either generator or seed, not both (seed makes a new generator)")
+        keep = check_window_keep(self.model, window_keep)
+        warn_if_training(self.model)
+        _, (tokens,) = prepare_prompts(self.model, [prompt])
+        drafter = None
+        if assistant_model is not None or prompt_lookup_num_tokens is not None:
+            from mingpt.speculative import make_drafter  # here: speculation is an option most requests never use
+            drafter = make_drafter(self.model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens)
+        return Request(tokens, max_new_tokens, options, generator=generator or options.make_generator(self.device),
+                       window_keep=keep, should_stop=should_stop, on_logits=on_logits, drafter=drafter)
 
     def submit(self, prompt_or_request, max_new_tokens=None, **kwargs):
         """
@@ -165,7 +162,7 @@ class BatchEngine:
         if not isinstance(req, Request):
             req = self.request(req, max_new_tokens, **kwargs)
         if req.max_new_tokens == 0:
-            req._finish('length')
+            req.finish('length')
             return req
         with self.lock:
             if self.closed:
@@ -185,10 +182,10 @@ class BatchEngine:
         if self.stepper is not None and self.stepper is not threading.current_thread():
             self.stopped.wait()
         with self.lock:
-            left, self.rows = self.rows + list(self.waiting), []
+            left, self.decoder.rows = self.decoder.rows + list(self.waiting), []
             self.waiting.clear()
         for req in left:
-            req._finish('cancelled')
+            req.finish('cancelled')
 
     def __enter__(self):
         return self
@@ -202,7 +199,7 @@ class BatchEngine:
         with self.lock:
             tokens = sum(n for t, n in self.recent if t > now - self.RATE_WINDOW)
         span = min(self.RATE_WINDOW, now - self.started)
-        return {'rows': self.n_rows, 'rows_in_use': len(self.rows), 'queued': len(self.waiting),
+        return {'rows': self.n_rows, 'rows_in_use': len(self.decoder.rows), 'queued': len(self.waiting),
                 'tokens_per_second': round(tokens / span, 1) if span > 0 else 0.0}
 
     # -------------------------------------------------------------------------
@@ -225,17 +222,17 @@ class BatchEngine:
         try:
             while True:
                 with self.lock:
-                    while not (self.closed or self.waiting or self.rows):
+                    while not (self.closed or self.waiting or self.decoder.rows):
                         self.lock.wait()
                     if self.closed:
                         return
                 try:
                     self.step()
-                except Exception as e:  # a bug or an out-of-memory: the running requests fail, the engine goes on
+                except Exception as e:  # a failure no request owns (a bug): the running ones end, the engine goes on
                     logger.exception("a generation step failed")
-                    failed, self.rows = self.rows, []
+                    failed, self.decoder.rows = self.decoder.rows, []
                     for req in failed:
-                        req._finish('error', RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                        req.finish('error', e)
         finally:
             self.stopped.set()
 
@@ -244,12 +241,8 @@ class BatchEngine:
         One step (see the module docstring): the engine's thread calls it in a loop; with
         threaded=False the caller does. Returns the number of tokens generated.
         """
-        n_tokens = 0
-        with torch.inference_mode():
-            self._leave([i for i, req in enumerate(self.rows) if req.stopped()], 'cancelled')
-            if self.rows:
-                n_tokens += self._decode()
-            n_tokens += self._join()
+        n_tokens = self.decoder.step()  # cancelled requests leave first, freeing their rows
+        n_tokens += self._join()
         now = time.monotonic()
         with self.lock:
             self.recent.append((now, n_tokens))
@@ -257,82 +250,12 @@ class BatchEngine:
                 self.recent.popleft()
         return n_tokens
 
-    def _decode(self):
-        """ one token for every row: one batched forward, re-prefills for rows whose context is full """
-        block_size = self.model.block_size
-        starts = [next_input(len(r.tokens), r.cache_len, block_size, r.keep) for r in self.rows]
-        decoding = [cache_pos > 0 for _, cache_pos in starts]
-        if any(decoding):
-            # a row that re-prefills below is fed token 0 at position 0: its prefill rewrites it
-            x = torch.tensor([[r.tokens[-1] if d else 0] for r, d in zip(self.rows, decoding)],
-                             device=self.device)  # (n, 1)
-            pos = torch.tensor([r.cache_len if d else 0 for r, d in zip(self.rows, decoding)],
-                               device=self.device)  # (n,)
-            logits, _ = self.model(x, kv_cache=self.cache, cache_pos=pos, last_only=True)  # (n, 1, V)
-        done = []
-        for i, req in enumerate(self.rows):
-            if decoding[i]:
-                req.cache_len += 1
-                self._emit(req, logits[i, -1])
-            else:
-                self._prefill(i, starts[i][0])
-            if req.finish_reason is not None:
-                done.append(i)
-        self._leave(done)
-        return len(decoding)
-
     def _join(self):
-        """ waiting requests into the free rows, each prefilled and given its first token """
+        """ waiting requests into the free rows, prefilled and given their first token """
         with self.lock:
             for req in [r for r in self.waiting if r.stopped()]:
                 self.waiting.remove(req)
-                req._finish('cancelled')
-        n_tokens = 0
-        while len(self.rows) < self.n_rows:
-            with self.lock:
-                if not self.waiting:
-                    break
-                req = self.waiting.popleft()
-            self.rows.append(req)
-            self._prefill(len(self.rows) - 1, 0)
-            n_tokens += 1
-            if req.finish_reason is not None:  # its first token was its last: the row is free again
-                self._leave([len(self.rows) - 1])
-        return n_tokens
-
-    def _prefill(self, i, start):
-        """ row i's tokens from start on, alone into its row at position 0; its next token """
-        req = self.rows[i]
-        x = torch.tensor(req.tokens[start:], device=self.device)[None]  # (1, T)
-        logits, _ = self.model(x, kv_cache=[layer.row(i) for layer in self.cache], cache_pos=0,
-                               last_only=True)  # (1, 1, V)
-        req.cache_len = x.size(1)
-        self._emit(req, logits[0, -1])
-
-    def _emit(self, req, logits):
-        """ sample req's next token from its logits (V,) with its own options, and send it """
-        if req.on_logits is not None:
-            req.on_logits(logits)
-        tok = int(sample(logits[None], **req.how))
-        req.tokens.append(tok)
-        req.n_new += 1
-        req._out.put(tok)
-        if tok == req.eos_token_id:
-            req.finish_reason = 'stop'
-        elif req.n_new == req.max_new_tokens:
-            req.finish_reason = 'length'
-
-    def _leave(self, indices, reason=None):
-        """
-        Free the rows at indices (their requests end, with reason or their own finish_reason):
-        the last row's request moves into each freed row, so rows 0..n-1 stay the running ones.
-        """
-        for i in sorted(indices, reverse=True):
-            req = self.rows[i]
-            req._finish(reason or req.finish_reason)
-            last = self.rows.pop()
-            if i < len(self.rows):
-                self.rows[i] = last
-                for layer in self.cache:
-                    layer.k[i, :, :last.cache_len] = layer.k[len(self.rows), :, :last.cache_len]
-                    layer.v[i, :, :last.cache_len] = layer.v[len(self.rows), :, :last.cache_len]
+                req.finish('cancelled')
+            joining = [self.waiting.popleft()
+                       for _ in range(min(len(self.waiting), self.n_rows - len(self.decoder.rows)))]
+        return self.decoder.add(joining) if joining else 0

@@ -10,12 +10,10 @@ its own (bench/tokenizer.py compares the speeds). How, in the order text flows t
    C-level map() over the cache's __getitem__, so a hit never runs a line of Python. The cache starts out
    holding every token of the vocabulary (a piece that is a whole token is that one id, as in tiktoken).
    A long text goes through in chunks, so that no C call (which holds the GIL) takes long.
-3. The pieces the cache lacks run BPE on their UTF-8 bytes: merge the adjacent pair whose concatenation
-   has the lowest rank, until none makes a token; then a second lookup pass finds them all. The parts
-   are small ints (a token's "rank id" orders tokens by merge rank), and a table of every way to write a
-   token as two tokens answers "do these two merge, and into what?". A few new pieces are merged one at
-   a time (_merge); many, as when a corpus is encoded, all together with numpy (_merge_many), a few array
-   operations per round over all of them instead of a Python loop per piece.
+3. The pieces the cache lacks run BPE on their UTF-8 bytes (mingpt/bpe_merge.py): merge the adjacent
+   pair whose concatenation has the lowest rank, until none makes a token; then a second lookup pass finds
+   them all. A few new pieces are merged one at a time; many, as when a corpus is encoded, all together
+   with numpy; a long piece (CJK text without spaces, a run of one character) alone, in O(n log n).
 
 Vocabulary files are GPT-2's encoder.json (token string -> id, with bytes shown through bytes_to_unicode)
 and vocab.bpe (the merges in order). Any vocabulary in that format works, e.g. one trained later on your
@@ -26,12 +24,13 @@ tokens (GPT-2 has one, <|endoftext|> = 50256), produced only when allowed via al
 import json
 import logging
 import threading
-from itertools import chain
+from itertools import chain, compress
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mingpt.bpe_merge import LONG_PIECE, PairMerger
 from mingpt.download import gpt2_vocab_files
 from mingpt.errors import ConfigError, MissingFileError, WeightsError
 from mingpt.pretokenize import PAT, pretokenize, safe_chunks, special_tokens_regex, without_lone_surrogates
@@ -40,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 ENDOFTEXT = '<|endoftext|>'
 
-MAX_CACHED_PIECES = 500_000  # bounds the piece cache (~150 bytes an entry, so ~75 MB) on huge corpora
+MAX_CACHED_PIECES = 500_000  # past this many pieces the cache is emptied: bounds its memory on huge corpora
+MAX_CACHED_LONG_BYTES = 1 << 24  # or past this many bytes of pieces over LONG_PIECE bytes, unbounded by a count
 CHUNK_CHARS = 1 << 16  # longer texts are encoded a chunk at a time (see 2. above)
 IDS = np.dtype('<u4')  # a piece's token ids in the cache: bytes, 4 a token
 
@@ -68,12 +68,13 @@ class _PieceCache(dict):
     the process, holding the GIL). A dict subclass so that hits never leave C: a lookup pass is
     list(map(cache.__getitem__, pieces)). A miss notes the piece in `pending` and gives None (stored, so
     later occurrences in the pass are hits too); Encoder._resolve then runs BPE on all of them at once.
-    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss."""
-    __slots__ = ('initial', 'pending')
+    It starts out holding the vocabulary's tokens that are valid UTF-8, so only pieces that need merging miss.
+    long_bytes counts the bytes of the pieces it has taken in that are over LONG_PIECE bytes."""
+    __slots__ = ('initial', 'pending', 'long_bytes')
 
     def __init__(self, initial: dict):
         super().__init__(initial)
-        self.initial, self.pending = initial, []
+        self.initial, self.pending, self.long_bytes = initial, [], 0
 
     def __missing__(self, piece):
         self.pending.append(piece)
@@ -83,6 +84,7 @@ class _PieceCache(dict):
     def reset(self):
         self.clear()
         self.update(self.initial)
+        self.long_bytes = 0
 
 
 class Encoder:
@@ -106,10 +108,8 @@ class Encoder:
                 raise ConfigError(f'the vocabulary has no token for byte {b} ({self.byte_encoder[b]!r}); a byte-level '
                                   f'BPE vocabulary must contain all 256 single bytes')
             str_to_bytes[self.byte_encoder[b]] = bytes([b])
-        # rank of a token = position of the merge that creates it. Like tiktoken, two adjacent parts may merge
-        # whenever their concatenation is a token, and the lowest-ranked such pair merges first.
-        # BPE itself runs on "rank ids": byte b is b, the token made by merge r is 256 + r, so a part is a small
-        # int, comparing rank ids compares ranks, and the part a merge makes is the pair's rank id itself.
+        # rank of a token = position of the merge that creates it. BPE runs on "rank ids" (mingpt/bpe_merge.py):
+        # byte b is b, the token made by merge r is 256 + r.
         self._rank_id = {bytes([b]): b for b in range(256)}  # token bytes -> rank id
         for rank, (a, b) in enumerate(bpe_merges):
             merged = to_bytes(a + b)
@@ -128,8 +128,7 @@ class Encoder:
             self._rank_id_bytes[r] = tb
         # rank id -> token id (0 for a merge that repeats a token: no part ever has that rank id)
         self._rank_id_to_id = np.array([self._bytes_to_id.get(tb, 0) for tb in self._rank_id_bytes], IDS)
-        self._pair_shift = n_rank_ids.bit_length()  # a pair of rank ids (a, b) is the int a << shift | b
-        self._pairs = self._pair_table = None  # which pairs merge into what: see _pair_ranks
+        self._n_rank_ids, self._merger = n_rank_ids, None  # the PairMerger, built on first use
         whole_tokens = {}
         for tb, i in self._bytes_to_id.items():
             try:
@@ -190,12 +189,13 @@ class Encoder:
     def _lookup(self, pieces: list) -> list:
         """pieces -> their ids, through the cache; the pieces it lacks are merged together, then looked up."""
         with self._lock:
-            if len(self._cache) > MAX_CACHED_PIECES:  # bound the memory on huge corpora (between passes)
-                self._cache.reset()
-            ids = list(map(self._cache.__getitem__, pieces))
-            if self._cache.pending:
+            cache = self._cache
+            if len(cache) > MAX_CACHED_PIECES or cache.long_bytes > MAX_CACHED_LONG_BYTES:  # between passes
+                cache.reset()
+            ids = list(map(cache.__getitem__, pieces))
+            if cache.pending:
                 self._resolve()
-                ids = list(map(self._cache.__getitem__, pieces))
+                ids = list(map(cache.__getitem__, pieces))
         return np.frombuffer(b''.join(ids), IDS).tolist()
 
     def _resolve(self):
@@ -207,11 +207,20 @@ class Encoder:
             for piece in pending:  # leave no None behind
                 del self._cache[piece]
             raise
-        if len(encoded) < 64:  # a few pieces (a prompt): one at a time
-            merged = [self._merge(b) for b in encoded]
+        merger, lengths = self._pair_merger(), list(map(len, encoded))
+        if max(lengths) > LONG_PIECE:  # counted for the cache's bound on memory
+            self._cache.long_bytes += sum(n for n in lengths if n > LONG_PIECE)
+        if len(encoded) < 64:  # a few pieces (a prompt): one at a time (merge takes a long one to merge_long)
+            merged = [merger.merge(b) for b in encoded]
             parts, counts = list(chain.from_iterable(merged)), list(map(len, merged))
-        else:  # many (a corpus): all at once, where numpy pays off
-            parts, counts = self._merge_many(encoded)
+        else:  # many (a corpus): all at once, where numpy pays off, but for pieces too long for that
+            alone = set(merger.alone(lengths))
+            for k in alone:
+                self._cache[pending[k]] = self._rank_id_to_id[merger.merge_long(encoded[k])].tobytes()
+            if alone:
+                batched = [k not in alone for k in range(len(encoded))]
+                pending, encoded = list(compress(pending, batched)), list(compress(encoded, batched))
+            parts, counts = merger.merge_many(encoded) if encoded else ([], [])
         ids, end = self._rank_id_to_id[parts].tobytes(), 0  # every piece's ids, one after the other
         for piece, n in zip(pending, counts):
             start, end = end, end + n * IDS.itemsize
@@ -221,94 +230,12 @@ class Encoder:
         """The pieces GPT-2's pre-tokenizer cuts text into (mingpt.pretokenize): self.pat.findall(text), faster."""
         return pretokenize(text)
 
-    def _pair_ranks(self) -> dict:
-        """Every way to write a token as two tokens: (a << shift | b) -> rank id of a + b, built on first use,
-        also as sorted numpy arrays (keys, rank ids) for _merge_many. Any two adjacent parts whose
-        concatenation is a token merge, so these are more than vocab.bpe's merges; absent pairs never merge."""
-        if self._pairs is None:
-            pairs, rank_id, shift = {}, self._rank_id.get, self._pair_shift
-            for tb, r in self._rank_id.items():
-                for j in range(1, len(tb)):
-                    a, b = rank_id(tb[:j]), rank_id(tb[j:])
-                    if a is not None and b is not None:
-                        pairs[a << shift | b] = r
-            keys = np.fromiter(pairs.keys(), np.int64, len(pairs))
-            order = np.argsort(keys)
-            self._pair_table = keys[order], np.fromiter(pairs.values(), np.int64, len(pairs))[order]
-            self._pairs = pairs
-        return self._pairs
-
-    def _merge(self, b: bytes) -> list:
-        """BPE of one piece: start from single bytes, repeatedly merge the adjacent pair whose concatenation
-        has the lowest rank (leftmost on ties), until no adjacent pair makes a token. Returns the parts as
-        rank ids: small ints, so a merge step is a few list operations and dict lookups, and no new bytes."""
-        rank, shift, NONE = self._pair_ranks().get, self._pair_shift, 1 << 62
-        parts = list(b)  # the rank id of a single byte is the byte
-        # ranks[i] = rank id of parts[i] + parts[i+1] (NONE: they never merge), updated after each merge
-        ranks = [rank(x << shift | y, NONE) for x, y in zip(parts, parts[1:])]
-        while ranks:
-            r = min(ranks)
-            if r == NONE:
-                break
-            i = ranks.index(r)
-            parts[i:i + 2] = (r,)
-            del ranks[i]
-            # only the pairs touching the new part changed
-            if i > 0:
-                ranks[i - 1] = rank(parts[i - 1] << shift | r, NONE)
-            if i < len(ranks):
-                ranks[i] = rank(r << shift | parts[i + 1], NONE)
-        return parts
-
-    def _merge_many(self, pieces: list) -> tuple:
-        """_merge for many pieces (bytes) at once, with numpy: every round merges, in each piece still
-        merging, its lowest-ranked pair (leftmost on ties), as _merge does; a round is a few array operations
-        over all the pieces, so a corpus's thousands of new pieces take ~20 rounds, not ~6 Python steps each.
-        Returns the parts of all pieces one after the other as rank ids (an array), and each piece's count."""
-        self._pair_ranks()
-        keys, values = self._pair_table
-        parts = np.frombuffer(b''.join(pieces), dtype=np.uint8).astype(np.int64)
-        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
-        if not len(keys):  # a vocabulary of single bytes: nothing ever merges
-            return parts, lengths.tolist()
-        shift, NONE = self._pair_shift, 1 << self._pair_shift  # NONE: above every rank id
-
-        def rank(a, b):  # rank id of the token a + b, for arrays of rank ids; NONE where they never merge
-            key = a << shift | b
-            i = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-            return np.where(keys[i] == key, values[i], NONE)
-
-        # all pieces side by side: parts (N,) rank ids, and each part linked to its neighbours in its
-        # piece (-1 at a piece's ends); a merge overwrites the left part and unlinks the right one
-        N = len(parts)
-        starts = np.cumsum(lengths) - lengths
-        nxt, prv = np.arange(1, N + 1), np.arange(-1, N - 1)
-        nxt[starts + lengths - 1], prv[starts] = -1, -1
-        ranks = np.full(N, NONE)  # ranks[i]: rank id of the pair (i, nxt[i])
-        linked = nxt >= 0
-        ranks[linked] = rank(parts[linked], parts[nxt[linked]])
-        alive = np.ones(N, dtype=bool)
-        position = np.arange(N)
-        while True:
-            # per piece, the lowest (rank, position): rank * N + position orders by rank, then leftmost
-            best = np.minimum.reduceat(ranks * N + position, starts)
-            best = best[best < NONE * N]  # the pieces that still have a pair to merge
-            if not len(best):
-                break
-            i, r = best % N, best // N
-            j = nxt[i]  # the right part of each pair, absorbed into i
-            parts[i], alive[j], ranks[j] = r, False, NONE
-            after = nxt[j]
-            nxt[i] = after
-            has_after = after >= 0
-            prv[after[has_after]] = i[has_after]
-            # only the pairs touching the new parts changed
-            ranks[i] = NONE
-            ranks[i[has_after]] = rank(r[has_after], parts[after[has_after]])
-            before = prv[i]
-            has_before = before >= 0
-            ranks[before[has_before]] = rank(parts[before[has_before]], r[has_before])
-        return parts[alive], np.add.reduceat(alive, starts).tolist()
+    def _pair_merger(self) -> PairMerger:
+        """BPE's merge step for this vocabulary (mingpt/bpe_merge.py): merge, merge_long and merge_many
+        take UTF-8 bytes and give parts as rank ids. Its table of pairs is built on first use."""
+        if self._merger is None:
+            self._merger = PairMerger(self._rank_id, self._n_rank_ids)
+        return self._merger
 
     def merges(self) -> list:
         """The merges in rank order, as (a, b) token strings: the lines of vocab.bpe."""
@@ -317,7 +244,7 @@ class Encoder:
     def bpe(self, token: str) -> str:
         """minGPT's bpe(): one pre-token in bytes_to_unicode form -> its BPE parts joined by spaces."""
         b = self._to_bytes(token)
-        parts = [b] if b in self._bytes_to_id else map(self._rank_id_bytes.__getitem__, self._merge(b))
+        parts = [b] if b in self._bytes_to_id else map(self._rank_id_bytes.__getitem__, self._pair_merger().merge(b))
         return ' '.join(''.join(self.byte_encoder[x] for x in p) for p in parts)
 
     def encode_and_show_work(self, text: str) -> dict:

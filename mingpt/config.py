@@ -1,7 +1,8 @@
 """
-A GPT's configuration: the sizes of the well-known models (the model_type presets) and the checks
-that make a config one a GPT can be built from (resolve_config). mingpt.model, the network, imports
-both from here (and still offers them as mingpt.model.PRESETS and mingpt.model.resolve_config).
+A GPT's configuration: the sizes of the well-known models (the model_type presets), the
+architecture options beyond GPT-2 (ARCH_OPTIONS) and the checks that make a config one a GPT can be
+built from (resolve_config). mingpt.model, the network, imports these from here (and still offers
+them as mingpt.model.PRESETS and mingpt.model.resolve_config).
 """
 
 import numbers
@@ -30,11 +31,49 @@ PRESETS = {
 }
 
 
+# the architecture options of the modern recipe (modded-nanogpt, nanochat), each defaulting to GPT-2's
+# own choice, so that a config without them is GPT-2 (GPT.get_default_config documents each)
+ARCH_OPTIONS = dict(pos_emb='learned', rope_base=10000.0, norm='layernorm', qk_norm=False, mlp_act='gelu',
+                    bias=True, zero_init_out=False, logit_softcap=None)
+# the options that only change the initial weights: a trained model with them is still a GPT-2
+INIT_ONLY = ('zero_init_out',)
+
+
+def non_gpt2_options(config):
+    """ ["pos_emb='rope'", ...]: the options set away from GPT-2's architecture, which its formats cannot hold """
+    return [f"{k}={getattr(config, k, v)!r}" for k, v in ARCH_OPTIONS.items()
+            if k not in INIT_ONLY and k != 'rope_base' and getattr(config, k, v) != v]
+
+
+def _check_options(config):
+    """ the architecture options: each one of its values; ConfigError otherwise """
+    def need(ok, k, what):
+        if not ok:
+            raise ConfigError(f"the model config has {k}={getattr(config, k)!r}, but it must be {what}")
+    need(config.pos_emb in ('learned', 'rope'), 'pos_emb', "'learned' (GPT-2's wpe) or 'rope' (rotary)")
+    need(isinstance(config.rope_base, numbers.Real) and not isinstance(config.rope_base, bool)
+         and config.rope_base > 1, 'rope_base', "a number > 1, e.g. 10000.0")
+    need(config.norm in ('layernorm', 'rmsnorm'), 'norm', "'layernorm' or 'rmsnorm'")
+    need(config.mlp_act in ('gelu', 'relu2'), 'mlp_act', "'gelu' or 'relu2' (ReLU squared)")
+    for k in ('qk_norm', 'bias', 'zero_init_out'):
+        need(isinstance(getattr(config, k), bool), k, "True or False")
+    cap = config.logit_softcap
+    need(cap is None or (isinstance(cap, numbers.Real) and not isinstance(cap, bool) and cap > 0),
+         'logit_softcap', "None (no capping) or a number > 0, e.g. 15.0")
+    if config.pos_emb == 'rope' and (config.n_embd // config.n_head) % 2:
+        raise ConfigError(f"pos_emb='rope' rotates pairs of channels, so the head size n_embd / n_head must be "
+                          f"even (got {config.n_embd} / {config.n_head} = {config.n_embd // config.n_head})")
+    if config.zero_init_out and getattr(config, 'tie_weights', False):
+        raise ConfigError("zero_init_out=True starts lm_head at zero, which tie_weights=True would do to the "
+                          "token embedding too; set tie_weights=False (the recipe unties them)")
+
+
 def resolve_config(config):
     """
     Fill n_layer/n_head/n_embd from config.model_type, checking that exactly one of a preset or
     explicit sizes was given, that every size is an int >= 1 and every dropout a probability.
-    Mutates and returns config. Anything else is a ConfigError (a ValueError), here rather than
+    The architecture options a config lacks (one written before they existed) get their GPT-2
+    defaults. Mutates and returns config. Anything else is a ConfigError (a ValueError), here rather than
     as an error deep inside torch, because a half-specified model is always a mistake the user
     wants to hear about.
     """
@@ -70,4 +109,8 @@ def resolve_config(config):
                               "(a dropout probability)")
     if config.n_embd % config.n_head != 0:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    for k, v in ARCH_OPTIONS.items():
+        if not hasattr(config, k):
+            setattr(config, k, v)
+    _check_options(config)
     return config

@@ -64,9 +64,9 @@ def decode_text(data: bytes, where, offset=0) -> str:
                         f'UTF-8 first, e.g. iconv -f latin1 -t utf-8') from None
 
 
-def training_text(path=None) -> str:
+def training_text_path(path=None):
     """
-    The text to train on: path; else input.txt in the working directory (minGPT's chargpt
+    The file to train on: path; else input.txt in the working directory (minGPT's chargpt
     convention); else tiny shakespeare, downloaded once into the mingpt cache (a DownloadError when
     that fails, e.g. offline, that says to give a file).
     """
@@ -81,7 +81,12 @@ def training_text(path=None) -> str:
                                 f"shakespeare was to be downloaded, which failed:\n{e}\nGive the path "
                                 f"of a text file to train on (the projects' --data.path=...).") from e
     logger.info("training on %s", path)
-    return read_text_file(path)
+    return path
+
+
+def training_text(path=None) -> str:
+    """ the text of training_text_path(path) """
+    return read_text_file(training_text_path(path))
 
 
 class TokenWindows(Dataset):

@@ -44,10 +44,30 @@ GPT2_BASE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2'
 TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 TINY_SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 
+# public text corpora at pinned commits (so their sha256 never moves): Tolstoy's War and Peace (Project
+# Gutenberg's text, as char-rnn's data sets carry it), and WikiText-2's validation and test splits (v1, as
+# pytorch/examples' word language model carries them)
+GITHUB_RAW = 'https://raw.githubusercontent.com'
+WARPEACE_URL = (f'{GITHUB_RAW}/MrHereward/machine_learning_sandbox/2d0fdf30f4afbcf01c1b8c7b408e738a0161d613/'
+                'warpeace_input.txt')
+WIKITEXT2_URL = (f'{GITHUB_RAW}/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/'
+                 'word_language_model/data/wikitext-2/{split}.txt')
+# HellaSwag's validation split (10,042 examples), the file build-nanogpt and llm.c evaluate on; no sha256
+# is published for it, so only its size is checked (against the server's Content-Length)
+HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+
 # name -> (url, sha256, file name in the cache). get_dataset(name) downloads one of them once.
 DATASETS = {
     'tinyshakespeare': (TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, 'tinyshakespeare.txt'),
+    'warpeace': (WARPEACE_URL, 'b0fc81c399971eaf738c8be89809e6a0d95c151749112b04f06b6af648d8a39f', 'warpeace.txt'),
+    'wikitext2_valid': (WIKITEXT2_URL.format(split='valid'),
+                        'f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8', 'wikitext2_valid.txt'),
+    'wikitext2_test': (WIKITEXT2_URL.format(split='test'),
+                       'd790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0', 'wikitext2_test.txt'),
+    'hellaswag': (HELLASWAG_URL, None, 'hellaswag_val.jsonl'),
 }
+# the DATASETS that are plain text, a corpus to tokenize (mingpt.prepare --fetch takes these)
+CORPORA = ('tinyshakespeare', 'warpeace', 'wikitext2_valid', 'wikitext2_test')
 
 
 def cache_dir() -> Path:

@@ -2,8 +2,11 @@
 What a training run shows while it runs and leaves to look at afterwards:
 
 - MetricsLog: work_dir/metrics.jsonl, one JSON record per line (a training step's {'iter', 'loss',
-  'lr', 'tokens_per_sec', 'time'}, or an evaluation's {'iter', 'val_loss'}), and the same numbers in
-  memory as a history.
+  'lr', 'tokens_per_sec', 'time'}, an evaluation's {'iter', 'val_loss'}, a downstream task's {'iter',
+  'task', 'metric', 'score', ...} from mingpt.tasks), and the same numbers in memory as a history.
+  metrics.jsonl is the current run's; the log of an earlier run in the same work_dir that starts
+  afresh (it wrote no checkpoint to resume) is kept as metrics.1.jsonl, metrics.2.jsonl, ... in the
+  order they were written.
 - Progress: what a person watching the run sees: the tqdm bar in a terminal, log lines otherwise;
   track: the same around any long loop (an evaluation, a long sample).
 - plot_metrics: a PNG of the loss curves, from a history or from metrics.jsonl's records.
@@ -30,7 +33,8 @@ logger = logging.getLogger(__name__)
 def history_of(records, history=None):
     """
     Add metrics records to a history: iter/loss/lr of the training steps, val_iter/val_loss of the
-    evaluations (a defaultdict(list), the shape plot_metrics reads). Returns the history.
+    evaluations, task_iter/task_score/task_label of the downstream tasks (a defaultdict(list), the shape
+    plot_metrics reads). Returns the history.
     """
     history = defaultdict(list) if history is None else history
     for r in records:
@@ -41,6 +45,10 @@ def history_of(records, history=None):
         if 'val_loss' in r:
             history['val_iter'].append(r['iter'])
             history['val_loss'].append(r['val_loss'])
+        if 'task' in r and 'score' in r:
+            history['task_iter'].append(r['iter'])
+            history['task_score'].append(r['score'])
+            history['task_label'].append(f"{r['task']} {r.get('metric', '')}".strip())
     return history
 
 
@@ -48,12 +56,14 @@ class MetricsLog:
     """
     The history of a run and, when it has a work_dir, the same records appended to
     work_dir/metrics.jsonl. A resumed run keeps the records up to its checkpoint and drops the
-    ones after it, which it is about to redo.
+    ones after it, which it is about to redo. A fresh run never overwrites an earlier log: it moves
+    it to the next free metrics.<n>.jsonl first (kept_as says where, for the run's log line).
     """
 
     def __init__(self):
         self.history = defaultdict(list)
         self._file = None
+        self.kept_as = None
 
     def open(self, work_dir, resume_iter=None):
         """ start a run's log (in memory only if work_dir is None); resume_iter: resuming from there """
@@ -69,6 +79,8 @@ class MetricsLog:
             records = [r for r in records if r.get('iter', 0) <= resume_iter]
             atomic_write(path, ''.join(json.dumps(r) + '\n' for r in records))
             history_of(records, self.history)
+        elif resume_iter is None and os.path.isfile(path) and os.path.getsize(path) > 0:
+            self.kept_as = _keep_earlier(path)
         self._file = open(path, 'a' if resume_iter is not None else 'w')
 
     def log(self, record):
@@ -82,6 +94,16 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _keep_earlier(path):
+    """ move the metrics log at path to the next free metrics.<n>.jsonl beside it; returns that path """
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
 
 
 # seconds between plain progress lines when there is no bar to watch
@@ -173,7 +195,8 @@ _warned_no_matplotlib = False
 
 def plot_metrics(history, path):
     """
-    Save a PNG of training (and validation) loss against iteration; returns path. history is
+    Save a PNG of training (and validation) loss against iteration, and a downstream task's score
+    on a second axis when there is one; returns path. history is
     Trainer.history or a list of metrics.jsonl records. matplotlib is optional: without it this
     logs one warning (the first time) and returns None, so a run that ends with a plot still ends
     well. Uses the Agg canvas directly, so it touches no global pyplot backend state.
@@ -196,7 +219,14 @@ def plot_metrics(history, path):
     ax.set_xlabel('iteration')
     ax.set_ylabel('loss')
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    if history.get('task_score'):  # another scale (accuracy): its own axis on the right
+        label = history['task_label'][-1]
+        score = ax.twinx()
+        score.plot(history['task_iter'], history['task_score'], 's--', color='C2', label=label)
+        score.set_ylabel(label)
+        handles = [a + b for a, b in zip(handles, score.get_legend_handles_labels())]
+    ax.legend(*handles)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

@@ -1,5 +1,7 @@
 """
-The GPT language model: GPT-2's architecture, minGPT's API.
+The GPT language model: GPT-2's architecture, minGPT's API, and the options of the modern recipe
+(modded-nanogpt, nanochat): rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
+output layers, logit soft-capping; each off by default (see GPT.get_default_config).
 
 References:
 1) the official GPT-2 TensorFlow implementation released by OpenAI:
@@ -18,10 +20,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt.config import PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
+from mingpt.config import ARCH_OPTIONS, PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
+from mingpt.layers import ReLUSquared, apply_rotary, make_norm, rotary_angles
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -44,22 +47,26 @@ class KVCache(nn.Module):
     def update(self, start, k, v):
         """
         write k, v (B, nh, T, hs) at positions [start, start+T); return everything up to there.
-        start may also be a (B,) LongTensor, one position per row for one new token each (T == 1):
-        then the first B rows come back whole, and the caller's mask hides what a row has not written
+        start may also be a (B,) LongTensor, a position per row: row b's T keys go to [start[b],
+        start[b]+T); the first B rows then come back whole, and the caller's mask hides what a row
+        has not written
         """
         if torch.is_tensor(start):
-            rows = torch.arange(k.size(0), device=k.device)
-            self.k[rows, :, start], self.v[rows, :, start] = k[:, :, 0], v[:, :, 0]
-            return self.k[:k.size(0)], self.v[:k.size(0)]
+            B, T = k.size(0), k.size(2)
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            cols = start[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            # indexed as [rows, :, cols] the cache reads (B, T, nh, hs): the heads move behind time
+            self.k[rows, :, cols], self.v[rows, :, cols] = k.transpose(1, 2), v.transpose(1, 2)
+            return self.k[:B], self.v[:B]
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def row(self, i):
-        """ row i as a cache of batch size 1 sharing this one's memory: one sequence of a batch prefilled alone """
-        view = KVCache(1, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
-        view.k, view.v = self.k[i:i + 1], self.v[i:i + 1]
+    def rows(self, a, b):
+        """ rows a..b-1 as a cache of their own, sharing this one's memory (some sequences of a batch prefilled alone) """
+        view = KVCache(b - a, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
+        view.k, view.v = self.k[a:b], self.v[a:b]
         return view
 
 
@@ -75,21 +82,29 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads, but in a batch
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # output projection
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn_pdrop = config.attn_pdrop
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
         B, T, C = x.size()
         # (B, T, 3C) -> three (B, nh, T, hs): heads become a batch dimension. One view + permute
         # rather than split + 3 views + 3 transposes: the same strided views in fewer ops, which
         # counts when decoding runs ~25 small ops per layer per token
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.qk_norm:
+            # each head's query and key to unit RMS: attention logits stay bounded, however large
+            # the projections grow (no gain: the scale of the logits is the softmax's 1/sqrt(hs))
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            # keys are cached rotated: a cached key keeps the position it was written at
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
 
         if kv_cache is not None:
             # attend over everything cached so far plus this step: k, v become (B, nh, cache_pos+T, hs)
@@ -132,9 +147,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.act = NewGELU()
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = ReLUSquared() if config.mlp_act == 'relu2' else NewGELU()
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -142,17 +157,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """ an unassuming Transformer block: pre-LayerNorm, attention then MLP, each residual """
+    """ an unassuming Transformer block: pre-norm, attention then MLP, each residual """
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask)
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -178,6 +193,24 @@ class GPT(nn.Module):
         C.attn_pdrop = 0.1
         # share the token embedding with lm_head, as GPT-2 checkpoints do (minGPT keeps them apart)
         C.tie_weights = False
+        # the modern recipe's architecture (modded-nanogpt, nanochat); every default is GPT-2's.
+        # Positions: 'learned' (GPT-2's wpe table) or 'rope' (rotary: queries and keys turned by
+        # their position, no wpe; rope_base sets the slowest turn)
+        C.pos_emb = ARCH_OPTIONS['pos_emb']
+        C.rope_base = ARCH_OPTIONS['rope_base']
+        # 'layernorm' or 'rmsnorm' (scale by the root mean square only: no mean, no bias)
+        C.norm = ARCH_OPTIONS['norm']
+        # True: RMS-normalise each head's queries and keys before attention
+        C.qk_norm = ARCH_OPTIONS['qk_norm']
+        # the MLP's activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x) squared)
+        C.mlp_act = ARCH_OPTIONS['mlp_act']
+        # False: no biases in the Linear layers and LayerNorms
+        C.bias = ARCH_OPTIONS['bias']
+        # True: lm_head and every block's output projections (attn.c_proj, mlp.c_proj) start at zero,
+        # so each block starts as the identity and the first logits are uniform (needs tie_weights=False)
+        C.zero_init_out = ARCH_OPTIONS['zero_init_out']
+        # a number c: logits become c * tanh(logits / c), smoothly bounded in (-c, c); None: as they are
+        C.logit_softcap = ARCH_OPTIONS['logit_softcap']
         return C
 
     def __init__(self, config):
@@ -185,13 +218,14 @@ class GPT(nn.Module):
         config = resolve_config(config)
         self.config = config
         self.block_size = config.block_size
+        self.rope = config.pos_emb == 'rope'
 
         self.transformer = nn.ModuleDict(dict(
             wte = nn.Embedding(config.vocab_size, config.n_embd),
-            wpe = nn.Embedding(config.block_size, config.n_embd),
+            **({} if self.rope else dict(wpe = nn.Embedding(config.block_size, config.n_embd))),
             drop = nn.Dropout(config.embd_pdrop),
             h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f = nn.LayerNorm(config.n_embd),
+            ln_f = make_norm(config, config.n_embd),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
@@ -201,6 +235,8 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
+            if config.zero_init_out and (pn.endswith('c_proj.weight') or pn == 'lm_head.weight'):
+                torch.nn.init.zeros_(p)
         if getattr(config, 'tie_weights', False):
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -215,8 +251,9 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if getattr(module, 'bias', None) is not None:
+                torch.nn.init.zeros_(module.bias)
             torch.nn.init.ones_(module.weight)
 
     def configure_optimizers(self, train_config):
@@ -225,6 +262,10 @@ class GPT(nn.Module):
         embeddings are not decayed (shrinking them towards zero has no regularising meaning).
         Every parameter lands in exactly one group; a weight shared between lm_head and wte counts
         as the embedding it is.
+
+        train_config.optimizer == 'muon': the Linear layers' weights inside the blocks take Muon
+        (mingpt.muon, at muon_lr with muon_momentum and muon_weight_decay) and every other
+        parameter takes AdamW, grouped as above, in one mingpt.muon.Muon optimizer.
         """
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
@@ -235,6 +276,15 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": train_config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        if getattr(train_config, 'optimizer', 'adamw') == 'muon':
+            from mingpt.muon import Muon  # here: the default optimizer needs no import of it
+            matrix_ids = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Linear)}
+            optim_groups = [{'params': [p for p in params if id(p) in matrix_ids], 'muon': True,
+                             'lr': train_config.muon_lr, 'momentum': train_config.muon_momentum,
+                             'weight_decay': train_config.muon_weight_decay}] + \
+                           [dict(g, params=[p for p in g['params'] if id(p) not in matrix_ids], muon=False,
+                                 lr=train_config.learning_rate) for g in optim_groups]
+            return Muon(optim_groups, betas=train_config.betas)
         # the fused kernel does the whole update in one pass over memory; foreach is the fallback
         fused = params[0].device.type in ('cuda', 'cpu')
         return torch.optim.AdamW(optim_groups, lr=train_config.learning_rate, betas=train_config.betas,
@@ -283,43 +333,47 @@ class GPT(nn.Module):
         'distilgpt2'), a Hugging Face directory (mingpt's own checkpoints are these), an OpenAI
         TensorFlow checkpoint directory or an llm.c .bin file. See mingpt.weights.load_pretrained.
         """
-        from mingpt.weights import load_pretrained  # here: importing the model loads no checkpoint format
-        return load_pretrained(model_type_or_path, model_cls=cls, **kwargs)
+        from mingpt.weights import load_pretrained  # the one way in: mingpt.weights never imports this module
+        return load_pretrained(model_type_or_path, cls, **kwargs)
 
-    def save_pretrained(self, directory, **kwargs):
-        """ write a Hugging Face GPT-2 directory (config.json + model.safetensors); see mingpt.weights.save_hf """
-        from mingpt.weights import save_hf  # here, like from_pretrained's import
-        return save_hf(self, directory, **kwargs)
+    def save_pretrained(self, directory, format='hf', **kwargs):
+        """
+        write a Hugging Face GPT-2 directory (config.json + model.safetensors; mingpt.weights.save_hf),
+        or with format='mingpt' a mingpt directory, which also holds the architecture options GPT-2
+        has not (mingpt.weights.save_mingpt); from_pretrained reads both
+        """
+        from mingpt.weights import save_hf, save_mingpt  # as in from_pretrained
+        if format not in ('hf', 'mingpt'):
+            raise ConfigError(f"save_pretrained's format is 'hf' (transformers reads it) or 'mingpt' (any "
+                              f"architecture option), not {format!r}")
+        return (save_hf if format == 'hf' else save_mingpt)(self, directory, **kwargs)
 
-    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, pos=None, attn_mask=None,
-                last_only=False):
+    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, last_only=False):
         """
         idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
         targets (B, T): next-token ids; -1 marks positions that do not count in the loss.
 
-        The keyword-only arguments serve incremental decoding (mingpt.generate): kv_cache is a
-        list of KVCache (one per layer) written at [cache_pos, cache_pos+T); pos (T,) or (B, T)
-        overrides the position ids (left-padded batches start each row at 0); attn_mask (B, 1, T,
-        cache_pos+T) bool, True where attention is allowed; last_only computes logits for the last
-        position only, (B, 1, vocab_size), skipping T-1 needless vocabulary projections.
-        cache_pos may be a (B,) LongTensor for one token per row (T == 1), each row of the cache's
-        first B written at its own position, which is also its position id; the mask then lets
-        each row see its own positions up to there only (mingpt.batching's decode step).
+        The keyword-only arguments serve incremental decoding (mingpt.decoder): kv_cache is a list
+        of KVCache (one per layer), the new tokens written at positions [cache_pos, cache_pos+T)
+        (also their position ids) and attending causally to everything before them; last_only
+        computes logits for the last position only, (B, 1, vocab_size), skipping T-1 needless
+        vocabulary projections. cache_pos may be a (B,) LongTensor, each row of the cache's first B
+        at its own position (its T tokens at [cache_pos[b], cache_pos[b]+T)): a row then sees its own
+        positions up to each token's only, whatever other rows (other sequences) hold.
         """
         device = idx.device
         if idx.dim() != 2:
             raise ConfigError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}; "
                               "for one sequence use idx[None]")
         b, t = idx.size()
-        end = cache_pos + t
+        end, pos, attn_mask = cache_pos + t, None, None
         if torch.is_tensor(cache_pos):
-            # one new token per row, each at its own position (a batch of independent sequences,
-            # mingpt.batching): a row sees its own cached keys only, up to the furthest row's end
-            assert t == 1 and cache_pos.shape == (b,), "a position per row is for one new token per row"
-            end = int(cache_pos.max()) + 1
-            pos = cache_pos[:, None] if pos is None else pos  # (B, 1)
-            if attn_mask is None:  # (B, 1, 1, end)
-                attn_mask = (torch.arange(end, device=device) <= cache_pos[:, None])[:, None, None, :]
+            # each row at its own position (a batch of independent sequences): a row's token sees its
+            # own row's keys only, up to its own position, and keys run to the furthest row's end
+            assert cache_pos.shape == (b,), "cache_pos as a tensor holds one position per row"
+            end = int(cache_pos.max()) + t
+            pos = cache_pos[:, None] + torch.arange(t, device=device)  # (B, T)
+            attn_mask = (torch.arange(end, device=device) <= pos[:, :, None])[:, None]  # (B, 1, T, end)
         if end > self.block_size:
             raise ConfigError(f"cannot forward a sequence of length {end}: the model's "
                               f"block_size (context length) is only {self.block_size}; crop the "
@@ -337,15 +391,22 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
 
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.rope:  # positions enter in attention, as turns of the queries and keys
+            rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        else:
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask)
+            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
 
         # if we are given some desired targets also calculate the loss
         loss = None
@@ -386,7 +447,11 @@ class GPT(nn.Module):
         Prefills a KV cache once and then decodes one token per step (use_cache=False recomputes
         everything, as minGPT did, for the same tokens). More keyword arguments: top_p, seed,
         generator, eos_token_id, pad_token_id, attention_mask (or pass idx as a list of 1-D
-        prompts), use_cache, window_keep; see mingpt.generate.stream, the engine this runs.
+        prompts), use_cache, window_keep, options (a SamplingOptions); see mingpt.generate.stream.
         """
-        return complete(self, idx, max_new_tokens, temperature=temperature,
-                                   do_sample=do_sample, top_k=top_k, **kwargs)
+        options = kwargs.pop('options', None)  # a mingpt.sampling.SamplingOptions, instead of its fields
+        if options is None:
+            kwargs.update(temperature=temperature, do_sample=do_sample, top_k=top_k)
+        elif (temperature, do_sample, top_k) != (1.0, False, None):
+            raise ConfigError("give the sampling options either as options= or as keywords, not both")
+        return complete(self, idx, max_new_tokens, options, **kwargs)

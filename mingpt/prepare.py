@@ -3,6 +3,7 @@ A corpus -> tokenized shards that training streams from disk (mingpt.data.shard_
 restartable.
 
     python -m mingpt.prepare INPUT... --out DIR [--tokenizer gpt2|DIR] [--shard-tokens N] [--val-tokens N]
+    python -m mingpt.prepare --fetch tinyshakespeare warpeace --out DIR   # public corpora, downloaded once
 
     from mingpt.prepare import prepare
     meta = prepare(['books/', 'web.jsonl'], 'data/shards')
@@ -54,6 +55,7 @@ import numpy as np
 
 from mingpt.bpe import ENDOFTEXT
 from mingpt.data import META_FILE, decode_text, read_shard_header, shard_dtype, write_shard
+from mingpt.download import CORPORA, get_dataset
 from mingpt.errors import ConfigError, DataError
 from mingpt.hardware import cpu_count
 from mingpt.metrics import PLAIN_PROGRESS_EVERY, duration
@@ -430,7 +432,9 @@ def prepare(inputs, out, tokenizer='gpt2', shard_tokens=SHARD_TOKENS, val_tokens
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m mingpt.prepare', description=__doc__.strip().split('\n\n')[0])
-    parser.add_argument('inputs', nargs='+', metavar='INPUT', help='text files, .jsonl files, or directories of them')
+    parser.add_argument('inputs', nargs='*', metavar='INPUT', help='text files, .jsonl files, or directories of them')
+    parser.add_argument('--fetch', nargs='+', default=[], metavar='NAME', choices=CORPORA, help='public '
+                        f'corpora to add before the INPUTs, downloaded once into the mingpt cache: {", ".join(CORPORA)}')
     parser.add_argument('--out', required=True, help='directory for the shards and meta.json')
     parser.add_argument('--tokenizer', default='gpt2', help="'gpt2' (default) or a directory with encoder.json + "
                         "vocab.bpe that has <|endoftext|>, e.g. from python -m mingpt.bpe_train")
@@ -439,8 +443,11 @@ def main(argv=None):
                         f'{VAL_REGIONS} places across the corpus (default {VAL_TOKENS:,}, or one per {BYTES_PER_VAL_TOKEN} input bytes if fewer)')
     parser.add_argument('--workers', type=int, default=None, help='tokenizing processes (default: every core)')
     args = parser.parse_args(argv)
+    if not args.inputs and not args.fetch:
+        parser.error('give the INPUTs to tokenize, or --fetch NAME...')
     log_to_stderr()
-    meta = prepare(args.inputs, args.out, args.tokenizer, args.shard_tokens, args.val_tokens, args.workers)
+    inputs = [get_dataset(name) for name in args.fetch] + args.inputs
+    meta = prepare(inputs, args.out, args.tokenizer, args.shard_tokens, args.val_tokens, args.workers)
     n = {split: sum(s['split'] == split for s in meta['shards']) for split in ('train', 'val')}
     print(f"{meta['documents']:,} documents -> {meta['tokens']['train']:,} training tokens in {n['train']} shards, "
           f"{meta['tokens']['val']:,} validation tokens in {n['val']}; {Path(args.out) / META_FILE}")

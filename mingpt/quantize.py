@@ -2,10 +2,10 @@
 int8 weights: every big Linear of a GPT holds its weight as int8 with one fp32 scale per output
 channel, a quarter of fp32's bytes, which is what decoding one token at a time is bound by.
 
-    from mingpt.quantize import quantize, save, load
+    from mingpt.quantize import quantize, save
     quantize(model, 'int8')          # in place; returns the model
     save(model, 'out/gpt2-int8')     # config.json + model.int8.safetensors (int8 weights and their scales)
-    GPT.from_pretrained('out/gpt2-int8')   # (or load(...)) the quantized model again
+    GPT.from_pretrained('out/gpt2-int8')   # the quantized model again
 
 Row n of a weight W (out, in) is stored as q[n] = round(W[n] / s[n]) with s[n] = max|W[n]| / 127, so
 every weight is off by at most s[n] / 2 and q stays in [-127, 127] (symmetric, no zero point). One
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt import hardware
+from mingpt.hardware import int8_kernel
 from mingpt.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Int8Linear(nn.Module):
     A Linear for inference whose weight is int8 (out, in) with fp32 scales (out,), the bias fp32.
     weight and weight_scale are buffers (not trained); the bias is a Parameter, as nn.Linear's.
 
-    fp32 CPU products without gradients run on hardware.int8_kernel(), with the weight prepared
+    fp32 CPU products without gradients run on int8_kernel(), with the weight prepared
     (packed) for it once, and again whenever the weight changes (load_state_dict); anything else
     (gradients, another dtype or device) multiplies by the dequantized weight, which is exact.
     """
@@ -88,12 +88,12 @@ class Int8Linear(nn.Module):
         """ prepare the weight for this CPU's kernel now, so that the first product does not wait
         (hardware.pack_weights calls this, as it packs fp32 Linears) """
         if self.weight.device.type == 'cpu' and not self.weight.is_meta:
-            self._kernel_weight(hardware.int8_kernel())
+            self._kernel_weight(int8_kernel())
 
     def forward(self, x):
         if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            kernel = hardware.int8_kernel()
+            kernel = int8_kernel()
             return kernel.product(x, self._kernel_weight(kernel), self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -149,15 +149,17 @@ def save(model, directory):
     """
     Write a quantized model to directory: config.json (GPT-2's, which says the method under
     'mingpt_quantization') and model.int8.safetensors, the state dict as it is (int8 weights, their
-    scales, the fp32 rest). GPT.from_pretrained (or load) makes the quantized model again; transformers
-    cannot read it (save the fp32 model with save_pretrained for that).
+    scales, the fp32 rest). GPT.from_pretrained makes the quantized model again; transformers cannot
+    read it (save the fp32 model with save_pretrained for that).
     """
     from safetensors.torch import save_file
+    from mingpt.formats import refuse_non_gpt2
     from mingpt.formats.hf import HF_WEIGHT_FILES, hf_config
     from mingpt.utils import atomic_write
     if not is_quantized(model):
         raise ConfigError("mingpt.quantize.save writes quantized models; call quantize(model) first, or "
                           "save an fp32 model with model.save_pretrained")
+    refuse_non_gpt2(model, "the int8 format (GPT-2's config.json)")  # the config says GPT-2's sizes only
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = hf_config(model)
@@ -183,16 +185,13 @@ def saved_method(directory):
     return entry.get('method') if isinstance(entry, dict) else None
 
 
-def load(directory, model_cls=None, **overrides):
-    """ the quantized model that save() wrote to directory, in training mode like any new module """
+def read(directory):
+    """ (sizes, tensors, method) of a directory that save() wrote: GPT.from_pretrained builds the model """
     from mingpt.formats.hf import _sizes_from_config, read_safetensors
-    from mingpt.weights import build_model
     directory = Path(directory)
     method = saved_method(directory)
     if method not in METHODS:
         raise WeightsError(f"{directory}: not a quantized mingpt model (config.json + {WEIGHTS_FILE} "
                            f"with a known '{CONFIG_KEY}'); load fp32 models with GPT.from_pretrained")
     sizes = _sizes_from_config(json.loads((directory / 'config.json').read_text()), directory)
-    tensors = read_safetensors(directory / WEIGHTS_FILE)
-    return build_model(sizes, tensors, directory, dtype=None, model_cls=model_cls,
-                       quantization=method, **overrides)
+    return sizes, read_safetensors(directory / WEIGHTS_FILE), method

@@ -1,9 +1,9 @@
 """
 The training loop, and everything that wraps one optimizer step: gradient accumulation, mixed
 precision, torch.compile, evaluation and callbacks. What it draws on lives next door: the
-learning rate and data order in schedule.py, checkpoints and resume in checkpoint.py, the metrics
-log, progress lines and plot in metrics.py, machine-dependent choices in hardware.py, the model
-spread over several processes (DDP or FSDP) in distributed.py.
+learning rate and data order in schedule.py, checkpoints in checkpoint.py and resuming from them
+in resume.py, the metrics log, progress lines and plot in metrics.py, machine-dependent choices in
+hardware.py, the model spread over several processes (DDP or FSDP) in distributed.py.
 
 Nothing here is specific to GPT: the model only has to provide configure_optimizers(config) and
 forward(x, y) -> (logits, loss), with -1 marking targets that do not count.
@@ -24,18 +24,20 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from mingpt.checkpoint import (apply_resume_state, diverged, gather_rng_states, read_resume_state, trainer_state,
-                               write_checkpoint)
+from mingpt.checkpoint import trainer_state, write_checkpoint
 from mingpt.distributed import PARALLEL, dist_env, process_group, require_fsdp, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, plot_metrics
+from mingpt.resume import apply_resume_state, diverged, gather_rng_states, read_resume_state
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+clock = time.monotonic  # what checkpoint_minutes are measured by (a test may put a fake clock here)
 
 # -----------------------------------------------------------------------------
 
@@ -55,6 +57,13 @@ class Trainer:
         C.betas = (0.9, 0.95)
         C.weight_decay = 0.1 # only applied on matmul weights
         C.grad_norm_clip = 1.0  # None or 0 disables clipping
+        # 'adamw', or 'muon': the blocks' weight matrices take Muon (mingpt.muon) at muon_lr, with
+        # Nesterov momentum muon_momentum and decoupled muon_weight_decay; the rest AdamW as above.
+        # The schedule scales both learning rates alike
+        C.optimizer = 'adamw'
+        C.muon_lr = 0.02
+        C.muon_momentum = 0.95
+        C.muon_weight_decay = 0.0
         # learning-rate schedule: None keeps learning_rate constant (after warmup_iters, if any);
         # 'cosine' decays it to min_lr (None: learning_rate / 10) at lr_decay_iters (None: max_iters)
         C.lr_schedule = None
@@ -77,10 +86,13 @@ class Trainer:
         # end, eval_iters batches (the same batches every time, so evaluations compare)
         C.eval_interval = 500
         C.eval_iters = 20
-        # checkpoints: None writes nothing; else work_dir/ckpt every checkpoint_interval iterations
-        # and at the end, work_dir/ckpt_best (weights only) on a new best val loss, work_dir/metrics.jsonl
+        # checkpoints: None writes nothing; else work_dir/ckpt every checkpoint_interval iterations,
+        # also once checkpoint_minutes have passed since the last one (so that a kill loses minutes,
+        # not hours; None or 0: only by iterations), and at the end; work_dir/ckpt_best (weights
+        # only) on a new best val loss; work_dir/metrics.jsonl
         C.work_dir = None
         C.checkpoint_interval = 500
+        C.checkpoint_minutes = 5.0
         # False: a new run (an existing checkpoint in work_dir is an error, never overwritten);
         # True: continue from work_dir/ckpt (missing is an error); 'auto': continue if there is one
         C.resume = False
@@ -147,6 +159,7 @@ class Trainer:
         self.best_val_loss = float('inf')
         self.metrics = MetricsLog()  # the history for plot(), and work_dir/metrics.jsonl
         self._stop_requested = False
+        self._last_checkpoint = None  # when work_dir/ckpt was last written, by clock()
 
     @property
     def history(self):
@@ -170,6 +183,8 @@ class Trainer:
              "an int >= 0, or None to train until stopped")
         for k in ('lr_decay_iters', 'data_seed', 'num_workers', 'log_interval'):
             need(getattr(C, k) is None or is_int(getattr(C, k), 0), k, "an int >= 0, or None")
+        need(C.checkpoint_minutes is None or is_number(C.checkpoint_minutes, 0), 'checkpoint_minutes',
+             "a number of minutes >= 0, or None (0 and None: checkpoints by iterations only)")
         need(is_number(C.learning_rate, 0) and C.learning_rate > 0, 'learning_rate', "a number > 0, e.g. 3e-4")
         need(C.min_lr is None or is_number(C.min_lr, 0), 'min_lr', "a number >= 0, or None (a tenth of lr)")
         need(is_number(C.weight_decay, 0), 'weight_decay', "a number >= 0")
@@ -178,6 +193,10 @@ class Trainer:
         need(betas_ok and all(is_number(b, 0) and b < 1 for b in C.betas), 'betas', "two numbers in [0, 1), "
              "like (0.9, 0.95)")
         need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
+        need(C.optimizer in ('adamw', 'muon'), 'optimizer', "'adamw' or 'muon'")
+        need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
+        need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
+        need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
         need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
         need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
         if C.parallel == 'fsdp':
@@ -256,6 +275,11 @@ class Trainer:
                 self.data_seed = draw_data_seed(self.world_size)
         self.metrics.open(config.work_dir if self.is_master else None,
                           resume_iter=self.iter_num if state is not None else None)
+        if state is None and config.work_dir is not None and self.is_master:
+            kept = self.metrics.kept_as  # a run that was stopped before its first checkpoint
+            (logger.warning if kept else logger.info)(
+                "no checkpoint in %s: starting afresh at iteration 0%s", os.path.join(config.work_dir, 'ckpt'),
+                f"; the metrics an earlier run logged are kept in {kept}" if kept else "")
 
         num_workers = default_num_workers() if config.num_workers is None else config.num_workers
         loader = train_loader(self.train_dataset, config.batch_size, config.grad_accum_steps, self.data_seed,
@@ -271,6 +295,7 @@ class Trainer:
         model, config = self.model, self.config
         model.train()
         self.iter_time = time.time()
+        self._last_checkpoint = clock()
         data_iter = iter(train_loader)
         self._stop_requested = False
         while not self._stop_requested and (config.max_iters is None or self.iter_num < config.max_iters):
@@ -295,8 +320,22 @@ class Trainer:
             if self.val_dataset is not None and (self.iter_num % config.eval_interval == 0 or last):
                 self._eval_and_keep_best()
             last = last or self._stop_requested  # an 'on_eval_end' callback may have stopped the run
-            if config.work_dir is not None and (self.iter_num % config.checkpoint_interval == 0 or last):
+            overdue = config.work_dir is not None and self._checkpoint_overdue()  # asked every iteration, on every rank
+            if config.work_dir is not None and (self.iter_num % config.checkpoint_interval == 0 or last or overdue):
                 self.save_checkpoint()
+
+    def _checkpoint_overdue(self):
+        """ whether checkpoint_minutes have passed since the last checkpoint, by rank 0's clock: every rank
+        must take the same decision (saving is collective), and their clocks differ a little """
+        minutes = self.config.checkpoint_minutes
+        if not minutes:
+            return False
+        overdue = clock() - self._last_checkpoint >= 60 * minutes
+        if self.world_size > 1:
+            flag = torch.tensor([overdue], dtype=torch.int32, device=self.device)
+            dist.broadcast(flag, src=0)
+            overdue = bool(flag.item())
+        return overdue
 
     def _set_lr(self):
         """ the schedule sets every group's lr, scaled like the group's own base lr """
@@ -414,6 +453,8 @@ class Trainer:
         directory = os.path.join(self.config.work_dir, name)
         write_checkpoint(directory, self.model, state, trainer_config=self.config,
                          optimizer=optimizer if sharded else None, rank=self.rank)
+        if name == 'ckpt':
+            self._last_checkpoint = clock()
         if self.is_master:
             logger.info("iter %d: saved checkpoint %s", self.iter_num, directory)
             self.trigger_callbacks('on_checkpoint')

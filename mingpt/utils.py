@@ -1,10 +1,12 @@
 """
 Small utilities shared by the library and the projects: seeding, work-dir setup, which process of a
-torchrun job reports, writing files atomically, running a script's main with clear errors, and
-CfgNode, the tiny attribute-dict that every config in mingpt is made of.
+torchrun job reports, a project script's start and finish (start_run, Run), writing files
+atomically, running a script's main with clear errors, and CfgNode, the tiny attribute-dict that
+every config in mingpt is made of.
 """
 
 import ast
+import copy
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 # which process of a torchrun job this is: their home is distributed.py, re-exported for older scripts
-from mingpt.distributed import dist_env, is_rank0  # noqa: F401
+from mingpt.distributed import dist_env, is_rank0, require_whole_model  # noqa: F401
 from mingpt.errors import ConfigError, MinGPTError
 
 logger = logging.getLogger(__name__)
@@ -59,17 +61,54 @@ def log_to_stderr():
                             format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
 
 
-def start_run(config, logger):
+def start_run(config, logger, script=None):
     """
     The start every project script shares: logging to stderr (log_to_stderr), every RNG seeded with
     config.system.seed, torch's threads set to config.system.num_threads when the config has one and
-    it is set, and the resolved config logged through the script's logger, before any work.
+    it is set, and the resolved config logged through the script's logger, before any work. script:
+    the path of a script that runs the model on rank 0 alone (to sample, to test), which therefore
+    refuses --trainer.parallel=fsdp over several processes. Returns the Run that carries main on.
     """
+    run = Run(config)
     log_to_stderr()
     set_seed(config.system.seed)
     if getattr(config.system, 'num_threads', None):
         torch.set_num_threads(config.system.num_threads)
     logger.info("config:\n%s", config)
+    if script is not None:
+        require_whole_model(config.trainer.parallel, script)
+    return run
+
+
+class Run:
+    """
+    A project script's run, from start_run to finish: the config, a copy of it as it was given
+    (what config.json records: the model and the trainer fill in what the command line left open),
+    the work_dir, and whether this process reports the run (rank0: under torchrun every rank runs
+    the script; only rank 0 writes files and prints).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.given = copy.deepcopy(config)
+        self.work_dir = getattr(config.system, 'work_dir', None)
+        self.rank0 = is_rank0()
+
+    def train(self, trainer):
+        """
+        trainer.run(), after recording the command and the config in work_dir (setup_logging). Not
+        before: making the Trainer checked what work_dir holds, and a run that cannot resume there
+        must leave the earlier run's files as they are.
+        """
+        setup_logging(self.given)
+        trainer.run()
+        return trainer
+
+    def finish(self, results):
+        """ results into work_dir/results.json (rank 0); returns whether this process reports the run """
+        if self.rank0:
+            atomic_write(os.path.join(self.work_dir, 'results.json'), json.dumps(results, indent=2))
+        return self.rank0
 
 
 def atomic_write(path, content):

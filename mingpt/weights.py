@@ -1,14 +1,19 @@
 """
 GPT-2 weights on disk, in every common format, into and out of mingpt's GPT.
 
-    load_pretrained('gpt2')                  a hub name: HF's model.safetensors + config.json, cached
-    load_pretrained('path/to/hf_dir')        config.json + model.safetensors (sharded too) or pytorch_model.bin
-    load_pretrained('models/124M')           OpenAI's TensorFlow checkpoint, read without TensorFlow
-    load_pretrained('gpt2_124M.bin')         llm.c's checkpoint
-    save_hf(model, dir) / save_llmc(model, path)
+    load_pretrained('gpt2', GPT)             a hub name: HF's model.safetensors + config.json, cached
+    load_pretrained('path/to/hf_dir', GPT)   config.json + model.safetensors (sharded too) or pytorch_model.bin
+    load_pretrained('models/124M', GPT)      OpenAI's TensorFlow checkpoint, read without TensorFlow
+    load_pretrained('gpt2_124M.bin', GPT)    llm.c's checkpoint
+    save_hf(model, dir) / save_mingpt(model, dir) / save_llmc(model, path)
+
+GPT.from_pretrained and GPT.save_pretrained are the entry points; they pass the model class in, so
+that nothing here (or in mingpt.formats) imports mingpt.model: the imports run one way, no circle.
 
 mingpt's own checkpoints ARE Hugging Face directories (config.json + model.safetensors): one format
-to read back, and transformers (or anything else in that ecosystem) reads ours.
+to read back, and transformers (or anything else in that ecosystem) reads ours. A model with the
+architecture options GPT-2 has not (rotary positions, RMSNorm, ...) is saved as a mingpt directory
+instead (save_mingpt: its GPT config and its own state dict), which the same reader loads.
 
 Each format lives in mingpt.formats (hf, llmc, tf with its tf_bundle reader). Every reader returns
 the same two things, sizes (a dict of GPT config fields) and tensors (a state dict in mingpt's
@@ -23,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from mingpt.checkpoint import check_one_save
+from mingpt.config import resolve_config
 from mingpt.errors import WeightsError
 from mingpt.formats import LM_HEAD, check_sizes
 from mingpt.formats import hf, llmc, tf, tf_bundle
-from mingpt.formats.hf import HUB_MODELS, save_hf
+from mingpt.formats.hf import HUB_MODELS, save_hf, save_mingpt
 from mingpt.formats.llmc import save_llmc
 
-__all__ = ['load_pretrained', 'detect_format', 'build_model', 'check_sizes', 'save_hf', 'save_llmc',
+__all__ = ['load_pretrained', 'detect_format', 'build_model', 'check_sizes', 'save_hf', 'save_mingpt', 'save_llmc',
            'WeightsError', 'HUB_MODELS', 'OVERRIDABLE']
 
 logger = logging.getLogger(__name__)
@@ -41,17 +48,14 @@ logger = logging.getLogger(__name__)
 OVERRIDABLE = ('embd_pdrop', 'resid_pdrop', 'attn_pdrop', 'tie_weights')
 
 
-def build_model(sizes, tensors, origin, dtype=torch.float32, model_cls=None, quantization=None, **overrides):
+def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, quantization=None, **overrides):
     """
-    sizes: GPT config fields (n_layer, n_head, n_embd, vocab_size, block_size, tie_weights and
-    optionally the dropouts); tensors: mingpt-layout state dict, without lm_head.weight when tied.
-    Checks every key and shape against the model the sizes describe, then loads strictly.
-    origin names the checkpoint in error messages; model_cls is GPT or a subclass (default GPT).
-    quantization: the method (mingpt.quantize) the tensors were saved with, head included.
+    model_cls: GPT or a subclass; sizes: GPT config fields (n_layer, n_head, n_embd, vocab_size,
+    block_size, tie_weights and optionally the dropouts); tensors: mingpt-layout state dict, without
+    lm_head.weight when tied. Checks every key and shape against the model the sizes describe, then
+    loads strictly. origin names the checkpoint in error messages. quantization: the method
+    (mingpt.quantize) the tensors were saved with, head included.
     """
-    # here, not at the top: mingpt.model imports this module
-    from mingpt.model import GPT, resolve_config
-    model_cls = GPT if model_cls is None else model_cls
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; a pretrained model's "
@@ -155,26 +159,29 @@ def detect_format(source):
     raise WeightsError(f"{source!r}: no such file or directory, and not a known model name: {what}")
 
 
-def load_pretrained(source, *, dtype=torch.float32, model_cls=None, **overrides):
+def load_pretrained(source, model_cls, *, dtype=torch.float32, **overrides):
     """
-    A GPT with pretrained weights from source: a hub name ('gpt2', 'gpt2-medium', 'gpt2-large',
+    A model_cls (GPT or a subclass) with pretrained weights from source: a hub name ('gpt2', 'gpt2-medium', 'gpt2-large',
     'gpt2-xl', 'distilgpt2'; downloaded once into cache_dir()/hub), an HF-format directory
     (mingpt's own checkpoints are these), an OpenAI TensorFlow checkpoint directory, or an llm.c
     .bin file. Sizes come from the checkpoint; dropout from its config where it has one (the HF
     formats), mingpt's defaults otherwise; overrides may set embd_pdrop, resid_pdrop, attn_pdrop
     and tie_weights (False unties a tied head). dtype=None keeps the stored dtype. The model is
-    returned in training mode, like any new nn.Module: call .eval() before inference. model_cls:
-    the class to build (GPT.from_pretrained passes its own, so a subclass gets itself back).
+    returned in training mode, like any new nn.Module: call .eval() before inference.
+    A Trainer checkpoint (an HF directory with a trainer.pt) must hold the files of one save.
     """
     fmt, path = detect_format(source)
     if fmt == 'hf':
-        from mingpt import quantize  # a directory that mingpt.quantize.save wrote
-        if quantize.saved_method(path) is not None:
-            return quantize.load(path, model_cls=model_cls, **overrides)
+        from mingpt.quantize import read, saved_method  # a directory mingpt.quantize.save wrote: int8
+        if saved_method(path) is not None:
+            sizes, tensors, method = read(path)
+            return build_model(model_cls, sizes, tensors, path, dtype=None, quantization=method, **overrides)
     if fmt == 'hub':
         path = hf.download_hub(path)
+    if fmt == 'hf' and (path / 'trainer.pt').is_file():
+        check_one_save(path)  # weights copied in from another run would load without a word
     readers = {'hf': hf.read_hf, 'hub': hf.read_hf, 'tf': tf.read_tf, 'llmc': llmc.read_llmc}
     sizes, tensors = readers[fmt](path)
-    model = build_model(sizes, tensors, path, dtype=dtype, model_cls=model_cls, **overrides)
+    model = build_model(model_cls, sizes, tensors, path, dtype=dtype, **overrides)
     logger.info("loaded %s (%s format)", path, fmt)
     return model

@@ -7,7 +7,8 @@ Helpers shared by the tests.
   (so the tests also work for someone with network but without ../shared). english_text(): 1 MB of prose.
 - local_http_server(directory): serve a directory on 127.0.0.1 (with Range support) for download tests.
 - tiktoken_gpt2(): tiktoken's "gpt2" encoding (the reference for exactness), offline when SHARED_DATA exists.
-- tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp.
+- tiny_gpt(...): a small random GPT in eval mode; TempDirTestCase: a test case with a fresh self.tmp;
+  ProcessRunsTestCase: a test case over runs its setUpClass started (cls.runs), each checked to succeed.
 - tiny_hf(seed, **config): a small random transformers GPT2LMHeadModel (TINY_HF sizes), the reference the
   checkpoint-format tests compare against; edit_json(path, **changes): rewrite some keys of a JSON file.
 - python_without(*packages): the command of a Python in which those packages are not installed (to check
@@ -88,6 +89,22 @@ class TempDirTestCase(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.tmp = Path(tmp.name)
+
+
+class ProcessRunsTestCase(unittest.TestCase):
+    """
+    A test case whose setUpClass starts runs in processes into the directory cls.tmp and keeps them in
+    cls.runs ({name: CompletedProcess}); every test first checks that each of them succeeded.
+    """
+
+    @classmethod
+    def path(cls, name):
+        return os.path.join(cls.tmp, name)
+
+    def setUp(self):
+        super().setUp()
+        for name, p in self.runs.items():
+            self.assertEqual(p.returncode, 0, f"{name}: {p.stderr[-3000:]}")
 
 
 # the sizes of tiny_hf: no <|endoftext|> in a 100-token vocabulary

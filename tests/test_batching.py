@@ -62,7 +62,7 @@ class TestPerRowPositions(unittest.TestCase):
         with torch.no_grad():
             for i, s in enumerate(seqs):
                 if len(s) > 1:
-                    model(s[None, :-1], kv_cache=[layer.row(i) for layer in cache])
+                    model(s[None, :-1], kv_cache=[layer.rows(i, i + 1) for layer in cache])
             x = torch.stack([s[-1] for s in seqs])[:, None]
             pos = torch.tensor([len(s) - 1 for s in seqs])
             logits, _ = model(x, kv_cache=cache, cache_pos=pos, last_only=True)
@@ -216,6 +216,48 @@ class TestBatchEngine(unittest.TestCase):
                 list(bad)
             self.assertEqual(bad.finish_reason, 'error')
             self.assertEqual(list(engine.submit([1, 2], 5)), alone(self.model, [1, 2], 5))
+
+    def test_one_failing_request_ends_alone(self):
+        # three healthy requests and one that fails: in its sampling (a callback that raises), in
+        # its forward (a token the model refuses, whichever batch it is in), or given a temperature
+        # so small that logits / t would be inf (greedy instead): the healthy ones finish as if alone
+        poison = V - 1
+
+        def refuse_poison(module, args, kwargs):
+            if (args[0] == poison).any():
+                raise RuntimeError("a token this model cannot take")
+        hook = self.model.register_forward_pre_hook(refuse_poison, with_kwargs=True)
+        self.addCleanup(hook.remove)
+
+        def boom(logits):
+            raise ValueError("a bad callback")
+
+        def draw_poison(logits):  # its first token is the poison: the next batched forward fails
+            logits.fill_(-1e9)
+            logits[poison] = 0
+        healthy = [([1, 2, 3], 12, dict(do_sample=True, seed=1)), ([4], 9, {}), ([5, 6], 15, dict(top_k=3, do_sample=True, seed=2))]
+        for name, bad, error in [('callback', dict(prompt=[7, 8], on_logits=boom), 'ValueError: a bad callback'),
+                                 ('prefill', dict(prompt=[poison]), 'cannot take'),
+                                 ('batched forward', dict(prompt=[7], on_logits=draw_poison), 'cannot take'),
+                                 ('tiny temperature', dict(prompt=[9, 3], do_sample=True, temperature=1e-300), None)]:
+            with self.subTest(failing=name):
+                engine = BatchEngine(self.model, rows=4, threaded=False)
+                reqs = [engine.submit(p, n, **o) for p, n, o in healthy[:2]]
+                engine.step()  # the bad one joins running requests, one more arrives after it
+                bad_prompt = bad.pop('prompt')
+                bad_req = engine.submit(bad_prompt, 10, **bad)
+                engine.step()
+                reqs.append(engine.submit(healthy[2][0], healthy[2][1], **healthy[2][2]))
+                while any(r.finish_reason is None for r in reqs + [bad_req]):
+                    engine.step()
+                for req, (p, n, o) in zip(reqs, healthy):
+                    self.assertEqual((req.finish_reason, list(req)), ('length', alone(self.model, p, n, **o)))
+                if error is None:
+                    self.assertEqual(list(bad_req), alone(self.model, bad_prompt, 10))  # greedy
+                else:
+                    with self.assertRaisesRegex(RuntimeError, 'generation failed: .*' + error):
+                        list(bad_req)
+                    self.assertEqual(bad_req.finish_reason, 'error')
 
     def test_default_rows(self):
         self.assertEqual(default_rows(self.model), 16)  # a CPU

@@ -1,5 +1,6 @@
 """Tests for mingpt/bpe.py: ids identical to tiktoken's gpt2 encoding, minGPT's API, vocabulary files."""
 
+import heapq
 import json
 import random
 import shutil
@@ -11,7 +12,7 @@ from unittest import mock
 import regex
 import torch
 
-from mingpt import download
+from mingpt import bpe, bpe_merge, download
 from mingpt.bpe import BPETokenizer, Encoder, bytes_to_unicode, get_encoder
 from mingpt.download import GPT2_VOCAB_FILES, sha256sum
 from mingpt.errors import DownloadError
@@ -55,6 +56,17 @@ def random_text(rng: random.Random, length: int) -> str:
             c = rng.randrange(0x110000 - 0x800)
             out.append(chr(c if c < 0xD800 else c + 0x800))
     return ''.join(out[:length])
+
+
+# letters only, so that a text of them is one pre-token however long: frequent Chinese characters, kana,
+# Hangul, and the whole CJK Unified Ideographs block (most of them are 2 or 3 tokens in GPT-2)
+CJK_POOLS = ['的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年', 'のにはをたがでてとしれさあいうアイウエオカキクケコー',
+             '한국어텍스트입니다', ''.join(map(chr, range(0x4E00, 0x9FA6)))]
+
+
+def cjk_text(rng: random.Random, length: int) -> str:
+    """length characters of CJK letters with no space or punctuation (3 UTF-8 bytes each): one pre-token."""
+    return ''.join(rng.choice(rng.choice(CJK_POOLS)) for _ in range(length))
 
 
 class GPT2EncoderTest(unittest.TestCase):
@@ -152,8 +164,10 @@ class GPT2EncoderTest(unittest.TestCase):
         rng = random.Random(5)
         pieces = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 24))) for _ in range(2000)]
         pieces += [p.encode('utf-8') for p in dict.fromkeys(self.e.pretokenize(english_text(100_000)))]
-        parts, counts = self.e._merge_many(pieces)
-        one_by_one = [self.e._merge(p) for p in pieces]
+        merger = self.e._pair_merger()
+        parts, counts = merger.merge_many(pieces)
+        one_by_one = [merger.merge(p) for p in pieces]
+        self.assertLessEqual(max(map(len, pieces)), bpe_merge.LONG_PIECE)  # all through merge's own loop
         self.assertEqual(counts, list(map(len, one_by_one)))
         self.assertEqual(parts.tolist(), [r for merged in one_by_one for r in merged])
 
@@ -207,6 +221,107 @@ class GPT2EncoderTest(unittest.TestCase):
             self.e.decode([50257])
         with self.assertRaises(ValueError):
             self.e.decode([-1])
+
+
+class LongPieceTest(unittest.TestCase):
+    """A pre-token can be as long as the text (CJK without spaces, a run of one character): BPE on it must
+    give tiktoken's ids and take O(n log n) work, not O(n^2)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.e = get_encoder()
+        cls.tik = tiktoken_gpt2()
+        cls.merger = cls.e._pair_merger()
+
+    def assertExactPiece(self, text):
+        self.assertEqual(len(self.e.pretokenize(text)), 1, 'the test text must be one pre-token')
+        ids = self.e.encode(text)
+        self.assertEqual(ids, self.tik.encode_ordinary(text), f'ids differ from tiktoken for {text[:20]!r}...')
+        self.assertEqual(self.e.decode(ids), text)
+        return ids
+
+    def heap_operations(self, text) -> int:
+        """The heap pushes and pops of encoding text, from a cold cache: merge_long's loop pops one entry
+        per iteration and does O(1) more work, pushes included, so this counts its work."""
+        counts = []
+
+        def counting(op):
+            def counted(*args):
+                counts.append(1)
+                return op(*args)
+            return counted
+        self.e.clear_cache()
+        with mock.patch.object(bpe_merge, 'heappop', counting(heapq.heappop)), \
+                mock.patch.object(bpe_merge, 'heappush', counting(heapq.heappush)):
+            ids = self.e.encode(text)
+        n_bytes = len(text.encode('utf-8'))
+        self.assertGreaterEqual(len(counts), n_bytes - len(ids))  # one pop at least per merge: the heap merged it
+        return len(counts)
+
+    def test_300kb_of_cjk_matches_tiktoken(self):
+        text = cjk_text(random.Random(0), 100_000)
+        self.assertEqual(len(text.encode('utf-8')), 300_000)
+        self.e.clear_cache()
+        ids = self.assertExactPiece(text)
+        self.assertEqual(self.e.encode(text), ids)  # again, from the cache
+
+    def test_work_grows_linearly(self):
+        # a deterministic count instead of a time: twice the text takes twice the heap operations (O(n^2)
+        # work would be four times), and a byte costs at most 5 (its initial entry, 2 pushes a merge, their pops)
+        rng = random.Random(1)
+        for make in (lambda n: cjk_text(rng, n), lambda n: 'a' * n, lambda n: '😀' * n):
+            work = [self.heap_operations(make(n)) for n in (20_000, 40_000)]
+            self.assertTrue(1.8 < work[1] / work[0] < 2.2, work)
+            self.assertLessEqual(work[1], 5 * len(make(40_000).encode('utf-8')), work)
+
+    def test_long_runs_match_tiktoken(self):
+        # runs of one character (every pair ties with every other: the leftmost must merge first), of a
+        # few, emoji with modifiers and joiners, digits, Devanagari consonants, letters from any script
+        rng = random.Random(2)
+        letters = [c for c in map(chr, range(0x30000)) if regex.fullmatch(r'\p{L}', c)]
+        for text in ['a' * 100_000, 'ab' * 30_000, ' ' * 50_000, '!' * 50_000, '1234567890' * 5_000,
+                     ''.join(rng.choice('aab') for _ in range(60_000)), '👨\u200d👩\u200d👧🏽😀🇫🇷\ufe0f' * 4_000,
+                     ''.join(rng.choice('कखगघङचछजझञटठडढणतथदधनपफबभमयरलवशषसह') for _ in range(30_000)),
+                     ''.join(rng.choice(letters) for _ in range(30_000))]:
+            with self.subTest(text=text[:20]):
+                self.assertExactPiece(text)
+
+    def test_long_random_bytes_match_tiktoken(self):
+        # any bytes at all, as one piece (text cannot make such a piece: the pre-tokenizer splits it)
+        rng = random.Random(3)
+        for data in [rng.randbytes(100_000), bytes(rng.choice(b'\xe4\xb8\x80 a') for _ in range(100_000))]:
+            ids = self.e._rank_id_to_id[self.merger.merge(data)].tolist()
+            self.assertEqual(ids, self.tik._encode_single_piece(data))
+            self.assertEqual(b''.join(map(self.e._id_to_bytes.__getitem__, ids)), data)
+
+    def test_long_pieces_among_many_new_ones(self):
+        # a corpus's new pieces are merged together with numpy, in as many rounds as the longest needs:
+        # two long pieces among them (in the first chunk, with thousands of new pieces) are merged alone instead
+        text = 'a' * 5_000 + ' ' + cjk_text(random.Random(5), 3_000) + ' ' + english_text(100_000)
+        self.e.clear_cache()
+        with mock.patch.object(self.merger, 'merge_many', wraps=self.merger.merge_many) as many:
+            self.assertEqual(self.e.encode(text), self.tik.encode_ordinary(text))
+        batched = [len(piece) for call in many.call_args_list for piece in call.args[0]]
+        self.assertGreater(len(batched), 500)
+        self.assertLess(max(batched), 100)
+
+    def test_heap_merge_equals_scanning_merge(self):
+        # merge_long against merge's own loop (LONG_PIECE lifted), on pieces with many equal-rank pairs
+        rng = random.Random(4)
+        pieces = [bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 400)))
+                  for alphabet in (b'a', b'ab', b'ab ', b'\xe4\xb8\x80\xe3', bytes(range(256))) for _ in range(40)]
+        with mock.patch.object(bpe_merge, 'LONG_PIECE', 1 << 30):
+            scanned = [self.merger.merge(p) for p in pieces]
+        self.assertEqual([self.merger.merge_long(p) for p in pieces], scanned)
+
+    def test_cached_long_pieces_are_bounded(self):
+        self.e.clear_cache()
+        with mock.patch.object(bpe, 'MAX_CACHED_LONG_BYTES', 1_000):
+            for c in 'abc':
+                self.assertExactPiece(c * 700)
+        self.assertEqual(self.e._cache.long_bytes, 700)  # 'a' and 'b' made 1,400 bytes: emptied before 'c'
+        self.assertNotIn('a' * 700, self.e._cache)
+        self.assertIn('c' * 700, self.e._cache)
 
 
 class BPETokenizerTest(unittest.TestCase):
@@ -362,7 +477,8 @@ class CustomVocabularyTest(unittest.TestCase):
 
     def test_matches_tiktoken_with_same_ranks(self):
         rng = random.Random(99)
-        for text in SAMPLES + [shakespeare(50_000)] + [random_text(rng, 200) for _ in range(100)]:
+        long_pieces = ['ab' * 5_000, cjk_text(rng, 5_000), ''.join(rng.choice('then') for _ in range(10_000))]
+        for text in SAMPLES + [shakespeare(50_000)] + [random_text(rng, 200) for _ in range(100)] + long_pieces:
             expected = [self.rank_to_id[r] for r in self.ref.encode_ordinary(text)]
             self.assertEqual(self.e.encode(text), expected, repr(text[:80]))
             self.assertEqual(self.e.decode(self.e.encode(text)), text)
@@ -396,8 +512,10 @@ class MergeRuleTest(unittest.TestCase):
         self.assertEqual(e.encode('abc'), [abc])
         self.assertEqual(e.encode('abcabca'), [abc, abc, ord('a')])  # 'ca' (rank 3) loses to 'bc', 'ab'
         self.assertEqual(e.encode('bcab'), [bc, 256 + 1])
-        for text in ['abc', 'abcabca', 'bcab', 'cabc', 'aabbcc', 'cbacba', 'abcbca', 'x abc abcab cabca']:
-            self.assertEqual(e.encode(text), ref.encode_ordinary(text), text)
+        rng = random.Random(6)
+        long_pieces = ['abcabca' * 100, ''.join(rng.choice('abc') for _ in range(3_000))]  # through merge_long
+        for text in ['abc', 'abcabca', 'bcab', 'cabc', 'aabbcc', 'cbacba', 'abcbca', 'x abc abcab cabca'] + long_pieces:
+            self.assertEqual(e.encode(text), ref.encode_ordinary(text), text[:20])
         self.assertEqual(e.bpe('abcabca'), 'abc abc a')
 
 

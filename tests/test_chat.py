@@ -336,8 +336,8 @@ class TestStreamReply(unittest.TestCase):
 
     def test_prompt_budget_and_too_long(self):
         model, tok = tiny_chat_model(block_size=64)
-        self.assertEqual(prompt_budget(model, 16), 48)
-        self.assertEqual(prompt_budget(model, 1000), 32)
+        self.assertEqual(prompt_budget(model.block_size, 16), 48)
+        self.assertEqual(prompt_budget(model.block_size, 1000), 32)
         with self.assertRaises(PromptTooLong):
             stream_reply(model, tok, [{'role': 'user', 'content': 'word ' * 100}], 16)
         with self.assertRaisesRegex(ValueError, "temperature"):
@@ -504,7 +504,7 @@ class TestREPL(unittest.TestCase):
     def test_a_long_chat_keeps_its_history_within_the_context(self):
         lines = [f'Tell me of the {i}th star' for i in range(30)]
         out, err, prompts = self.chat(lines + ['/reset'] + lines[:20], system='You are Puck.')
-        budget = chat_main.prompt_budget(self.model, 8)
+        budget = chat_main.prompt_budget(self.model.block_size, 8)
         system = [{'role': 'system', 'content': 'You are Puck.'}]
         # the replies are those of a history kept whole: the model sees the same newest turns that fit
         history, expected = list(system), []
@@ -575,10 +575,11 @@ class TestChatCLI(unittest.TestCase):
     @slow
     def test_sampling_flags_too_long_message_and_eof(self):
         # the first message cannot fit the context: an error on stderr, an empty reply line, and
-        # the chat goes on; the last line has no newline (EOF ends it)
+        # the chat goes on, then exits with status 2 (a script learns a message got no reply);
+        # the last line has no newline (EOF ends it)
         proc = run_cli(self.model_dir, 'word ' * 200 + '\nSpeak', '--temperature', '1.5', '--top-k', '20',
                        '--top-p', '0.9', '--max-new-tokens', '8', '--seed', '3')
-        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.returncode, 2, proc.stderr)
         self.assertIn('too long', proc.stderr)
         # turn i samples with seed + i
         expected = ''.join(stream_reply(self.model, self.tok, [{'role': 'user', 'content': 'Speak'}], 8,

@@ -1,21 +1,22 @@
 """
 Checkpoint directories on their own: what write_checkpoint writes and read_checkpoint gives back
-(wrappers' prefixes stripped, tied weights stored once), the .old fallback, RNG capture and restore,
-and clear errors for files that do not belong together. (Resuming a Trainer: test_trainer_resume.py.)
+(wrappers' prefixes stripped, tied weights stored once), the .old fallback, and clear errors for files
+that do not belong together. (RNG capture: test_resume.py; resuming a Trainer: test_trainer_resume.py.)
 """
 
 import fractions
 import json
 import os
-import random
+import shutil
 
-import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from mingpt.checkpoint import (CHECKPOINT_VERSION, clean_state_dict, find_checkpoint, read_checkpoint,
-                               rng_state, set_rng_state, write_checkpoint)
+from mingpt.checkpoint import (CHECKPOINT_VERSION, SHARDED, check_one_save, clean_state_dict, find_checkpoint,
+                               read_checkpoint, write_checkpoint)
 from mingpt.errors import CheckpointError
+from mingpt.model import GPT
 from tests.common import TempDirTestCase, tiny_gpt
 
 
@@ -84,15 +85,83 @@ class TestCheckpointDirectory(TempDirTestCase):
         self.assertNotIn('weights_only', message)
 
 
-class TestRNGState(TempDirTestCase):
+def without_save_ids(ckpt):
+    """ rewrite the checkpoint at ckpt as a mingpt without save ids wrote it """
+    path = os.path.join(ckpt, 'model.safetensors')
+    with safe_open(path, 'pt') as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != 'save_id'}
+    save_file(load_file(path), path, metadata=metadata)
+    st = torch.load(os.path.join(ckpt, 'trainer.pt'), weights_only=True)
+    del st['save_id']
+    torch.save(st, os.path.join(ckpt, 'trainer.pt'))
+    with open(os.path.join(ckpt, 'config.json')) as f:
+        info = json.load(f)
+    del info['save_id']
+    with open(os.path.join(ckpt, 'config.json'), 'w') as f:
+        json.dump(info, f)
 
-    def test_capture_and_restore_replays_every_stream(self):
-        def draws():
-            return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
-        np.random.randn()  # leaves a cached gaussian behind: part of numpy's state
-        saved = rng_state()
-        first = draws()
-        # through a checkpoint file, as a resumed run gets it
-        torch.save(saved, self.tmp / 'rng.pt')
-        set_rng_state(torch.load(self.tmp / 'rng.pt', weights_only=True))
-        self.assertEqual(draws(), first)
+
+class TestOneSave(TempDirTestCase):
+    """ the files of one save share its id: a file copied in from another run is an error naming both """
+
+    def two_runs(self, optimizer=False):
+        """ two checkpoints of the same model at the same iteration, as two runs of one command write """
+        for name in ('a', 'b'):
+            model = tiny_gpt(seed=0 if name == 'a' else 1)
+            opt = torch.optim.AdamW(model.parameters()) if optimizer else None
+            write_checkpoint(self.tmp / name, model, state(4), optimizer=opt)
+        return self.tmp / 'a', self.tmp / 'b'
+
+    def test_every_file_carries_the_save_id(self):
+        a, _ = self.two_runs()
+        _, st = read_checkpoint(a)
+        self.assertRegex(st['save_id'], r'^[0-9a-f]{16}-4$')
+        with safe_open(a / 'model.safetensors', 'pt') as f:
+            self.assertEqual(f.metadata()['save_id'], st['save_id'])
+        self.assertEqual(json.loads((a / 'config.json').read_text())['save_id'], st['save_id'])
+
+    def test_a_file_from_another_run_is_an_error_naming_both(self):
+        a, b = self.two_runs()
+        backup = self.tmp / 'backup'
+        shutil.copytree(a, backup)
+        for name in ('model.safetensors', 'trainer.pt', 'config.json'):
+            with self.subTest(copied=name):
+                shutil.rmtree(a)
+                shutil.copytree(backup, a)
+                shutil.copy(b / name, a / name)
+                other = 'model.safetensors' if name == 'trainer.pt' else name
+                for read in (read_checkpoint, GPT.from_pretrained):
+                    with self.assertRaises(CheckpointError) as ctx:
+                        read(a)
+                    message = str(ctx.exception)
+                    self.assertIn('mixes files of two saves', message)
+                    self.assertIn(f'{other} is from save', message)
+                    self.assertIn('trainer.pt from save', message)
+        shutil.rmtree(a)
+        shutil.copytree(backup, a)
+        self.assertEqual(read_checkpoint(a)[1]['iter_num'], 4)  # the files of one save are fine
+        self.assertIsInstance(GPT.from_pretrained(a), GPT)
+
+    def test_a_sharded_state_from_another_run_is_an_error(self):
+        a, b = self.two_runs(optimizer=True)
+        self.assertTrue((a / SHARDED).is_dir())
+        check_one_save(a)
+        shutil.rmtree(a / SHARDED)
+        shutil.copytree(b / SHARDED, a / SHARDED)
+        with self.assertRaisesRegex(CheckpointError, f"{SHARDED}/ is from save .* and trainer.pt from save"):
+            check_one_save(a)
+
+    def test_a_checkpoint_without_save_ids_is_read_with_a_warning(self):
+        a, b = self.two_runs()
+        without_save_ids(a)
+        with self.assertLogs('mingpt.checkpoint', 'WARNING') as logs:
+            sd, st = read_checkpoint(a)
+        self.assertIn('no save ids', logs.output[0])
+        self.assertEqual(st['iter_num'], 4)
+        self.assertTrue(torch.equal(sd['lm_head.weight'], tiny_gpt(seed=0).lm_head.weight))
+        with self.assertLogs('mingpt.checkpoint', 'WARNING'):
+            self.assertIsInstance(GPT.from_pretrained(a), GPT)
+        # a file with an id beside files without one cannot be of the same save
+        shutil.copy(b / 'trainer.pt', a / 'trainer.pt')
+        with self.assertRaisesRegex(CheckpointError, r"model.safetensors is from no save \(it has no save id\)"):
+            read_checkpoint(a)

@@ -11,7 +11,8 @@ import unittest
 
 import torch
 
-from mingpt.generate import check_sampling_args, filter_logits, stream, stream_text, decode_text
+from mingpt.sampling import MIN_TEMPERATURE, SamplingOptions, filter_logits, sample
+from mingpt.generate import checked_options, stream, stream_text, decode_text
 from mingpt.hardware import ONEDNN_MIN_WEIGHT
 from mingpt.model import GPT
 
@@ -211,13 +212,13 @@ class TestSampling(unittest.TestCase):
     def test_draws_stay_in_the_kept_set(self):
         probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
         logits = probs.log().repeat(2000, 1)
-        from mingpt.generate import sample
+
         g = torch.Generator().manual_seed(0)
-        drawn = sample(logits, do_sample=True, top_p=0.7, generator=g)
+        drawn = sample(logits, SamplingOptions(do_sample=True, top_p=0.7), g)
         self.assertEqual(set(drawn.tolist()), {0, 1})  # 0.5 < 0.7 so token 1 is still needed
-        drawn = sample(logits, do_sample=True, top_k=3, generator=g)
+        drawn = sample(logits, SamplingOptions(do_sample=True, top_k=3), g)
         self.assertEqual(set(drawn.tolist()), {0, 1, 2})
-        drawn = sample(logits, do_sample=True, generator=g)
+        drawn = sample(logits, SamplingOptions(do_sample=True), g)
         self.assertEqual(set(drawn.tolist()), {0, 1, 2, 3})
         # frequencies follow the distribution (2000 draws: 3 sigma is about 0.035)
         freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
@@ -324,6 +325,9 @@ class TestErrors(unittest.TestCase):
         for kw, pattern in [(dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
                             (dict(temperature=-0.1), 'temperature'), (dict(temperature=float('nan')), 'temperature'),
                             (dict(top_k=0), 'top_k'), (dict(top_k=2.5), 'top_k'),
+                            (dict(temperature=float('inf')), 'temperature'), (dict(temperature='hot'), 'temperature'),
+                            (dict(top_p='0.9'), 'top_p'), (dict(seed=2 ** 64), 'seed'), (dict(seed=1.5), 'seed'),
+                            (dict(eos_token_id=-1), 'eos_token_id'), (dict(eos_token_id=[1, 'x']), 'eos_token_id'),
                             (dict(seed=1, generator=torch.Generator()), 'seed'),
                             (dict(window_keep=0), 'window_keep'), (dict(window_keep=9), 'window_keep')]:
             with self.subTest(**{k: str(v) for k, v in kw.items()}):
@@ -331,7 +335,28 @@ class TestErrors(unittest.TestCase):
                     self.model.generate(self.idx, 3, do_sample=True, **kw)
         with self.assertRaisesRegex(ValueError, 'max_new_tokens'):
             self.model.generate(self.idx, -1)
-        check_sampling_args(0.0, 1, 1.0)  # the edges of the ranges are fine
+        with self.assertRaisesRegex(TypeError, 'the sampling options are temperature, do_sample'):
+            self.model.generate(self.idx, 3, temprature=0.5)
+        with self.assertRaisesRegex(ValueError, 'not both'):
+            self.model.generate(self.idx, 3, options=SamplingOptions(), top_k=3)
+        checked_options(0, temperature=0.0, top_k=1, top_p=1.0, seed=2 ** 64 - 1)  # the edges of the ranges are fine
+
+    def test_tiny_temperatures_are_greedy(self):
+        # logits / 1e-300 would be inf, and torch's sampling raises on the NaN probabilities that follow
+        greedy = self.model.generate(self.idx, 5)
+        for t in (1e-300, 5e-324, MIN_TEMPERATURE / 2):
+            with self.subTest(temperature=t):
+                self.assertTrue(torch.equal(self.model.generate(self.idx, 5, do_sample=True, temperature=t), greedy))
+
+    def test_options_object_equals_keywords(self):
+        kw = dict(do_sample=True, top_k=4, temperature=1.5, seed=3)
+        self.assertTrue(torch.equal(self.model.generate(self.idx, 8, options=SamplingOptions(**kw)),
+                                    self.model.generate(self.idx, 8, **kw)))
+
+    def test_a_list_of_stop_ids_stops_at_any(self):
+        greedy = self.model.generate(self.idx, 8)[0, 3:].tolist()
+        out = list(stream(self.model, self.idx, 8, eos_token_id=[100, greedy[2]], pad_token_id=0))
+        self.assertEqual(len(out), 3)
 
 
 class TestAgainstTransformers(unittest.TestCase):

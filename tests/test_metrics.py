@@ -66,8 +66,25 @@ class TestMetricsLog(TempDirTestCase):
         resumed.log(train_record(4, 0.2))
         resumed.close()
         self.assertEqual([r['iter'] for r in self.read()], [1, 2, 3, 4])
-        MetricsLog().open(self.tmp)  # a fresh run starts the file over
-        self.assertEqual(self.read(), [])
+
+    def test_a_fresh_run_keeps_the_earlier_logs(self):
+        for run in range(3):  # three runs started afresh in one work_dir, each stopped before a checkpoint
+            log = MetricsLog()
+            log.open(self.tmp)
+            self.assertEqual(log.kept_as, None if run == 0 else str(self.tmp / f'metrics.{run}.jsonl'))
+            self.assertEqual(dict(log.history), {})  # the history (and plot) is this run's alone
+            for i in range(1, 4 + run):
+                log.log(train_record(i, 10.0 * run + i))
+            log.close()
+        self.assertEqual([r['loss'] for r in self.read()], [21.0, 22.0, 23.0, 24.0, 25.0])
+        for run, losses in ((1, [1.0, 2.0, 3.0]), (2, [11.0, 12.0, 13.0, 14.0])):
+            with open(self.tmp / f'metrics.{run}.jsonl') as f:
+                self.assertEqual([json.loads(line)['loss'] for line in f], losses)
+        empty = MetricsLog()
+        (self.tmp / 'metrics.jsonl').write_text('')
+        empty.open(self.tmp)  # nothing to keep
+        self.assertIsNone(empty.kept_as)
+        self.assertFalse((self.tmp / 'metrics.3.jsonl').exists())
 
     def test_without_work_dir_only_history(self):
         log = MetricsLog()

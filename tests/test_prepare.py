@@ -22,7 +22,10 @@ from mingpt.data import META_FILE, open_shard, read_meta, read_shard_header, sha
 from mingpt.errors import ConfigError, DataError
 from mingpt.prepare import prepare
 from mingpt.tokenizers import CharTokenizer, save_tokenizer
-from tests.common import REPO, TempDirTestCase, shakespeare, slow, tiktoken_gpt2
+from mingpt import download
+from mingpt.errors import DownloadError
+from tests.common import (REPO, SHARED_DATA, TempDirTestCase, local_http_server, needs_shared_data, patched_env,
+                          shakespeare, slow, tiktoken_gpt2)
 
 EOT = 50256
 SHARD, VAL = 300, 200  # tokens a shard, validation tokens: several shards from the little corpus below
@@ -214,6 +217,61 @@ class TestPrepare(TempDirTestCase):
                             str(self.tmp / 'bad')], capture_output=True, text=True, env=env, timeout=300)
         self.assertEqual(p.returncode, 2)
         self.assertRegex(p.stderr, r'^error: .*bad\.jsonl:1 is not valid JSON .*\n$')
+
+
+class TestFetch(TempDirTestCase):
+    """ --fetch NAME: a public corpus through the library's download code (cache, checksum), from a local server """
+
+    def setUp(self):
+        super().setUp()
+        self.served = self.tmp / 'served'
+        self.served.mkdir()
+        self.texts = {'play.txt': shakespeare(6000), 'more.txt': shakespeare(3000, start=20_000)}
+        for name, text in self.texts.items():
+            (self.served / name).write_text(text, encoding='utf-8')
+
+    def fetch(self, *names, out='out'):
+        prepare_module.main(['--fetch', *names, '--out', str(self.tmp / out), '--workers', '1',
+                             '--shard-tokens', '1000', '--val-tokens', '100'])
+        return all_ids(self.tmp / out)
+
+    def test_fetched_corpora_are_downloaded_once_checked_and_tokenized(self):
+        log = []
+        with local_http_server(self.served, requests_log=log) as url, \
+                patched_env(MINGPT_CACHE=self.tmp / 'cache'), \
+                mock.patch.object(prepare_module, 'CORPORA', ('play', 'more', 'bad')), mock.patch.dict(download.DATASETS, {
+                    'play': (f'{url}/play.txt', download.sha256sum(self.served / 'play.txt'), 'play.txt'),
+                    'more': (f'{url}/more.txt', download.sha256sum(self.served / 'more.txt'), 'more.txt')}):
+            ids, meta = self.fetch('play', 'more')
+            self.assertEqual(len(log), 2)
+            enc = tiktoken_gpt2()
+            expected = [i for name in ('play.txt', 'more.txt') for i in [EOT] + enc.encode_ordinary(self.texts[name])]
+            self.assertEqual(ids.tolist(), expected)
+            self.assertEqual([Path(f['path']) for f in meta['inputs']],
+                             [self.tmp / 'cache' / 'datasets' / name for name in ('play.txt', 'more.txt')])
+            self.fetch('play', out='again')  # from the cache: no request
+            self.assertEqual(len(log), 2)
+            download.DATASETS['bad'] = (f'{url}/more.txt', '0' * 64, 'bad.txt')
+            with self.assertRaisesRegex(DownloadError, 'sha256'):
+                self.fetch('bad', out='bad')
+        self.assertFalse((self.tmp / 'cache' / 'datasets' / 'bad.txt').exists())
+        for name in ('nonesuch', 'hellaswag'):  # unknown, or a dataset that is no text corpus: a usage error
+            with self.subTest(name=name), self.assertRaises(SystemExit):
+                prepare_module.main(['--fetch', name, '--out', str(self.tmp / 'x')])
+
+    @needs_shared_data('warpeace.txt', 'wikitext-2/valid.txt', 'wikitext-2/test.txt', 'tinyshakespeare.txt')
+    def test_the_pinned_checksums_are_those_of_the_public_files(self):
+        # the copies in the shared data folder were taken from the same public commits the URLs name
+        files = {'tinyshakespeare': 'tinyshakespeare.txt', 'warpeace': 'warpeace.txt',
+                 'wikitext2_valid': 'wikitext-2/valid.txt', 'wikitext2_test': 'wikitext-2/test.txt'}
+        self.assertEqual(sorted(download.CORPORA), sorted(files))
+        for name, path in files.items():
+            self.assertEqual(download.DATASETS[name][1], download.sha256sum(SHARED_DATA / path), name)
+        # and the real entry, its URL pointed at a local copy, goes through the checksum
+        with local_http_server(SHARED_DATA / 'wikitext-2') as url, \
+                patched_env(MINGPT_CACHE=self.tmp / 'cache', MINGPT_WIKITEXT2_TEST_URL=f'{url}/test.txt'):
+            self.assertEqual(download.get_dataset('wikitext2_test').read_bytes(),
+                             (SHARED_DATA / 'wikitext-2' / 'test.txt').read_bytes())
 
 
 class TestValidationSplit(TempDirTestCase):

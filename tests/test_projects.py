@@ -322,6 +322,22 @@ class TestCharGPT(ProjectTestCase):
         self.assertIn('could not download', proc.stderr)
 
     @slow
+    def test_without_validation_it_trains_and_says_so(self):
+        work_dir = self.tmp / 'out'
+        proc = run_project('chargpt', f'--system.work_dir={work_dir}', '--trainer.max_iters=4', *self.TINY,
+                           '--data.val_fraction=0', cwd=self.tmp)
+        self.assertRan(proc)
+        self.assertIn('--data.val_fraction=0.0 leaves no text to validate on: training without validation',
+                      proc.stderr)
+        self.assertRegex(proc.stdout, r'train loss \d\.\d{4} \(no validation\) after 4 iterations;')
+        with open(work_dir / 'results.json') as f:
+            self.assertEqual(json.load(f), {'iters': 4, 'val_loss': None, 'best_val_loss': None})
+        self.assertTrue((work_dir / 'ckpt' / 'model.safetensors').is_file())
+        self.assertFalse((work_dir / 'ckpt_best').exists())
+        records, train, val = read_metrics(work_dir)
+        self.assertEqual((len(train), val), (4, []))
+
+    @slow
     def test_a_preset_replaces_the_cpu_sizes(self):
         chargpt = load_project('chargpt')
         config = chargpt.get_config()
@@ -370,6 +386,61 @@ class TestConfigFirst(ProjectTestCase):
         self.assertConfigFirst(proc, 'chat.sft', f"'{self.tmp / 'nowhere'}': no such file or directory")
 
 # -----------------------------------------------------------------------------
+
+class TestChatPipeline(ProjectTestCase):
+
+    @slow
+    def test_the_next_steps_base_prints_run_offline(self):
+        # no network (the tiny shakespeare URL points at a closed port) and an empty cache: base.py trains
+        # on a given file, and the commands it prints next must use that file, not a download
+        env = dict(os.environ, MINGPT_CACHE=str(self.tmp / 'cache'), MINGPT_TINYSHAKESPEARE_URL=free_port_url(),
+                   OMP_NUM_THREADS='1')
+        (self.tmp / 'play.txt').write_text(shakespeare(30000), encoding='utf-8')
+        proc = run_project('chat', '--data.path=play.txt', '--trainer.max_iters=2', '--trainer.eval_iters=1',
+                           '--trainer.batch_size=2', '--model.n_layer=1', '--model.n_embd=16', '--model.n_head=2',
+                           '--data.block_size=128', '--data.n_merges=200', script='base', cwd=self.tmp, env=env)
+        self.assertRan(proc)
+        hint = re.search(r'next: python (projects/chat/make_data\.py .*) && python (projects/chat/sft\.py .*)$',
+                         proc.stdout, re.M)
+        self.assertIsNotNone(hint, proc.stdout)
+        make_data, sft = (h.split() for h in hint.groups())
+        self.assertIn('--path=play.txt', make_data)
+        proc = subprocess.run([sys.executable, str(REPO / make_data[0]), *make_data[1:]], cwd=self.tmp, env=env,
+                              capture_output=True, text=True, timeout=300)
+        self.assertRan(proc)
+        self.assertTrue((self.tmp / 'out' / 'chat' / 'data' / 'train.jsonl').is_file())
+        proc = run_project('chat', *sft[1:], '--trainer.max_iters=2', '--trainer.eval_iters=1',
+                           '--trainer.batch_size=2', '--sample.n_prompts=1', '--sample.max_new_tokens=2',
+                           script='sft', cwd=self.tmp, env=env)
+        self.assertRan(proc)
+        self.assertTrue((self.tmp / 'out' / 'chat' / 'sft' / 'model' / 'encoder.json').is_file())
+
+
+    def test_sft_shows_a_bar_while_it_samples_replies(self):
+        import io
+        from unittest import mock
+        from mingpt.bpe import get_encoder
+        from mingpt.chat import ChatTokenizer, add_chat_tokens
+        from tests.common import tiny_gpt
+        spec = importlib.util.spec_from_file_location('project_chat_sft', PROJECTS / 'chat' / 'sft.py')
+        sft = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sft)
+        tokenizer = ChatTokenizer(add_chat_tokens(get_encoder()))
+        model = tiny_gpt(tokenizer.encoder.n_vocab, block_size=64)
+        conversations = [[{'role': 'user', 'content': f'Hail, {name}!'}, {'role': 'assistant', 'content': 'Hail.'}]
+                         for name in ('Romeo', 'Juliet', 'Tybalt')]
+        S = sft.get_config().sample
+        S.max_new_tokens = 2
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+        with mock.patch('sys.stderr', Terminal()) as stderr:
+            dialogues, _ = sft.sample_replies(model, tokenizer, conversations, S)
+        self.assertEqual(len(dialogues), 3)
+        self.assertIn('replies', stderr.getvalue())
+        self.assertIn('3/3', stderr.getvalue())
+
 
 class TestWithoutOptionalPackages(ProjectTestCase):
     """ matplotlib is optional: without it a run ends well, says once what to install, and skips the plot """

@@ -3,8 +3,8 @@ Tests for mingpt/quantize.py and the int8 kernels of mingpt/hardware.py: a row's
 half a step of the weight; every quantized Linear of a model, fed what it is fed in the model, stays
 within the error its scales allow (the weight's half step times the input's size, plus what quantizing
 the activations may add); with the exact kernel the model computes exactly what an fp32 model with the
-dequantized weights computes; a product that saturates int16 is refused; save/load gives the same
-model, bit for bit, through GPT.from_pretrained too, which transformers refuses to read; generation,
+dequantized weights computes; a product that saturates int16 is refused; save gives the same
+model, bit for bit, through GPT.from_pretrained, and transformers refuses to read it; generation,
 the KV cache and the BatchEngine run on it; --quantize int8 in the chat CLI.
 """
 
@@ -19,7 +19,7 @@ from mingpt.batching import BatchEngine
 from mingpt.errors import ConfigError, WeightsError
 from mingpt.generate import stream
 from mingpt.model import GPT
-from mingpt.quantize import CONFIG_KEY, WEIGHTS_FILE, Int8Linear, load, quantize, quantize_rows, save
+from mingpt.quantize import CONFIG_KEY, WEIGHTS_FILE, Int8Linear, quantize, quantize_rows, read, save
 from mingpt.weights import save_llmc
 
 from tests import common
@@ -167,13 +167,13 @@ class TestQuantizedModel(common.TempDirTestCase):
             with self.subTest(tied=tied):
                 model = quantize(tiny(tie_weights=tied))
                 d = self.tmp / f'q{tied}'
-                model.save_pretrained(d)  # a quantized model goes to mingpt.quantize.save
+                save(model, d)
                 self.assertTrue((d / WEIGHTS_FILE).is_file())
                 self.assertFalse((d / 'model.safetensors').exists())
                 config = json.loads((d / 'config.json').read_text())
                 self.assertEqual(config[CONFIG_KEY]['method'], 'int8')
                 self.assertEqual(config['tie_word_embeddings'], tied)
-                for again in (GPT.from_pretrained(d), load(d)):
+                for again in (GPT.from_pretrained(d), GPT.from_pretrained(str(d), tie_weights=tied)):
                     again.eval()
                     self.assertIsInstance(again.lm_head, Int8Linear)
                     self.assertEqual(again.quantization, 'int8')
@@ -196,7 +196,9 @@ class TestQuantizedModel(common.TempDirTestCase):
         with self.assertRaisesRegex(ConfigError, 'quantize'):
             save(tiny(), self.tmp / 'fp32')
         with self.assertRaisesRegex(WeightsError, 'not a quantized'):
-            load(self.tmp)
+            read(self.tmp)
+        with self.assertRaisesRegex(ConfigError, 'int8.*mingpt.quantize.save'):
+            model.save_pretrained(self.tmp / 'hf')
         with self.assertRaisesRegex(ConfigError, 'int4'):
             quantize(tiny(), 'int4')
         self.assertIs(quantize(model, 'int8'), model)  # already int8: as it is

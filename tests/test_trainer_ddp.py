@@ -23,8 +23,11 @@ class TestDDP(unittest.TestCase):
         # averaging two half-batch gradients and one full-batch gradient where a gradient is ~0
         common = ['max_iters=5', 'data_seed=7', 'learning_rate=1e-3']
         with tempfile.TemporaryDirectory() as d:
-            ddp = run_train_script(os.path.join(d, 'ddp'), '--dropout', 0, nproc=2,
-                                   trainer=[*common, 'batch_size=8', f'work_dir={os.path.join(d, "w")}'])
+            # checkpoint_minutes=1e-9 passes at every iteration on rank 0's clock and never on rank 1's:
+            # rank 0's decision must reach rank 1, which else would leave the collective save alone
+            ddp = run_train_script(os.path.join(d, 'ddp'), '--dropout', 0, '--still_clock_off_rank0', nproc=2,
+                                   trainer=[*common, 'batch_size=8', f'work_dir={os.path.join(d, "w")}',
+                                            'checkpoint_interval=100', 'checkpoint_minutes=1e-9'])
             self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
             one = run_train_script(os.path.join(d, 'one'), '--dropout', 0, trainer=[*common, 'batch_size=16'])
             self.assertEqual(one.returncode, 0, one.stderr[-3000:])
@@ -41,6 +44,8 @@ class TestDDP(unittest.TestCase):
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
+            with open(os.path.join(d, 'ddp', 'checkpoints.json')) as f:
+                self.assertEqual(json.load(f), [1, 2, 3, 4, 5])  # by the clock, every rank together
             # rank 0 wrote the checkpoint, with both ranks' RNG states and the global batch size
             _, state = read_checkpoint(os.path.join(d, 'w', 'ckpt'))
             self.assertEqual(state['iter_num'], 5)

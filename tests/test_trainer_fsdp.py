@@ -25,7 +25,7 @@ from mingpt.distributed import require_fsdp, require_whole_model
 from mingpt.errors import CheckpointError, ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from tests.common import TempDirTestCase, run_train_script, slow
+from tests.common import ProcessRunsTestCase, TempDirTestCase, run_train_script, slow
 from tests.test_trainer import RepeatDataset, quiet_config
 from tests.test_trainer_resume import tiny_model, train
 
@@ -126,7 +126,7 @@ class TestShardedCheckpointsInOneProcess(TempDirTestCase):
 
 
 @slow  # on the class: setUpClass starts the processes
-class TestFSDPProcesses(unittest.TestCase):
+class TestFSDPProcesses(ProcessRunsTestCase):
     """
     2 gloo processes on the CPU with 4 rows x 2 micro-steps each against 1 process with 16 rows:
     the same global batches (GlobalBatchSampler), so the same losses and weights up to the rounding
@@ -167,14 +167,6 @@ class TestFSDPProcesses(unittest.TestCase):
         shutil.copytree(cls.path('w_one'), cls.path('w_whole'))
         cls.refused = run_train_script(cls.path('refused'), *script, nproc=2,
                                        trainer=[*fsdp, 'max_iters=7', f'work_dir={cls.path("w_whole")}', 'resume=True'])
-
-    @classmethod
-    def path(cls, name):
-        return os.path.join(cls.tmp, name)
-
-    def setUp(self):
-        for name, p in self.runs.items():
-            self.assertEqual(p.returncode, 0, f"{name}: {p.stderr[-3000:]}")
 
     def weights(self, work_dir, name='ckpt'):
         return load_file(os.path.join(self.path(work_dir), name, 'model.safetensors'))

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
-from mingpt.errors import CheckpointError, DataError
+from mingpt.errors import CheckpointError, ConfigError, DataError
+from mingpt import trainer as trainer_module
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
@@ -195,6 +197,25 @@ class TestCheckpointErrors(TempDirTestCase):
                     train(self.dir, 4, resume=True)
                 self.assertNotIn('weights_only', str(ctx.exception))  # never advice to run a file's code
 
+    def test_a_file_copied_in_from_another_run_is_refused(self):
+        # the other run is the same command: same model, same iteration, so only the save id tells them apart
+        other = os.path.join(self.dir, 'other')
+        train(os.path.join(self.dir, 'a'), 2)
+        train(other, 2)
+        ckpt = os.path.join(self.dir, 'a', 'ckpt')
+        for name in ('model.safetensors', 'trainer.pt'):
+            with self.subTest(copied=name):
+                backup = os.path.join(self.dir, 'backup')
+                shutil.copytree(ckpt, backup)
+                shutil.copy(os.path.join(other, 'ckpt', name), os.path.join(ckpt, name))
+                with self.assertRaises(CheckpointError) as ctx:
+                    train(os.path.join(self.dir, 'a'), 4, resume='auto')
+                self.assertRegex(str(ctx.exception), "mixes files of two saves: model.safetensors is from save "
+                                                     "[0-9a-f]+-2 and trainer.pt from save [0-9a-f]+-2")
+                shutil.rmtree(ckpt)
+                os.replace(backup, ckpt)
+        self.assertEqual(train(os.path.join(self.dir, 'a'), 4, resume=True).iter_num, 4)
+
     def test_mismatched_model_or_data_seed(self):
         train(self.dir, 2)
         with self.assertRaisesRegex(CheckpointError, "was written by a model of another size") as ctx:
@@ -207,6 +228,87 @@ class TestCheckpointErrors(TempDirTestCase):
         self.assertLess(len(message), 600)
         with self.assertRaisesRegex(CheckpointError, "data_seed"):
             train(self.dir, 4, resume=True, data_seed=12345)
+
+
+class Killed(Exception):
+    """ stands for a SIGKILL in the middle of a run """
+
+
+class FakeClock:
+    """ the Trainer's clock, a minute and a second further at every look """
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 61.0
+        return self.now
+
+
+def run_until(work_dir, max_iters, kill_at=None, **kw):
+    """ a seeded run of the tiny model that checkpoints by the clock only (a FakeClock), killed as it
+    starts iteration kill_at (+ 1, counting from 1); returns the trainer and the iterations it checkpointed """
+    set_seed(0)
+    C = quiet_config(max_iters=max_iters, batch_size=4, learning_rate=3e-3, work_dir=work_dir,
+                     checkpoint_interval=1000, **kw)
+    trainer = Trainer(C, tiny_model(), RepeatDataset())
+    saved = []
+    trainer.add_callback('on_checkpoint', lambda t: saved.append(t.iter_num))
+
+    def kill(t):
+        if t.iter_num == kill_at:
+            raise Killed()
+    trainer.add_callback('on_batch_end', kill)
+    with mock.patch.object(trainer_module, 'clock', FakeClock()):
+        try:
+            trainer.run()
+        except Killed:
+            pass
+    return trainer, saved
+
+
+class TestCheckpointMinutes(TempDirTestCase):
+    """ checkpoint_minutes: a checkpoint once that many minutes have passed since the last, whatever
+    the iteration; the clock is a fake one that moves 61 s a look (the Trainer looks once an iteration
+    and once as it saves), so checkpoint_minutes=2 saves every other iteration """
+
+    def test_a_checkpoint_every_few_minutes(self):
+        for minutes, expected in ((2, [2, 4, 6]), (1, [1, 2, 3, 4, 5, 6]), (None, [6]), (0, [6])):
+            with self.subTest(minutes=minutes):
+                _, saved = run_until(str(self.tmp / str(minutes)), 6, checkpoint_minutes=minutes)
+                self.assertEqual(saved, expected)
+        self.assertEqual(Trainer.get_default_config().checkpoint_minutes, 5)
+        with self.assertRaisesRegex(ConfigError, "checkpoint_minutes=-1 cannot work"):
+            Trainer(quiet_config(checkpoint_minutes=-1), tiny_model(), RepeatDataset())
+
+    def test_a_run_killed_after_a_timed_checkpoint_resumes_bit_exact(self):
+        straight, _ = run_until(str(self.tmp / 'a'), 6, checkpoint_minutes=None)
+        _, saved = run_until(str(self.tmp / 'b'), 6, kill_at=3, checkpoint_minutes=2)  # killed in iteration 4
+        self.assertEqual(saved, [2])
+        resumed, _ = run_until(str(self.tmp / 'b'), 6, resume=True, checkpoint_minutes=2)
+        self.assertEqual(resumed.iter_num, 6)
+        for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+            self.assertTrue(torch.equal(a, b))
+        self.assertEqual(resumed.history['loss'], straight.history['loss'])
+
+
+class TestFreshStart(TempDirTestCase):
+    """ a run with no checkpoint to resume says so, and keeps what an earlier run logged """
+
+    def test_a_restart_before_the_first_checkpoint_keeps_the_earlier_metrics(self):
+        with self.assertLogs('mingpt.trainer', 'INFO') as logs:
+            run_until(str(self.tmp), 6, kill_at=3, checkpoint_minutes=None, resume='auto')  # killed: no checkpoint
+        self.assertIn(f"no checkpoint in {self.tmp / 'ckpt'}: starting afresh at iteration 0", '\n'.join(logs.output))
+        self.assertIsNone(find_checkpoint(self.tmp / 'ckpt'))
+        with self.assertLogs('mingpt.trainer', 'WARNING') as logs:
+            again, _ = run_until(str(self.tmp), 6, checkpoint_minutes=None, resume='auto')
+        self.assertIn(f"no checkpoint in {self.tmp / 'ckpt'}: starting afresh at iteration 0; the metrics an "
+                      f"earlier run logged are kept in {self.tmp / 'metrics.1.jsonl'}", '\n'.join(logs.output))
+        self.assertEqual(again.history['iter'], [1, 2, 3, 4, 5, 6])
+        with open(self.tmp / 'metrics.1.jsonl') as f:
+            self.assertEqual([json.loads(line)['iter'] for line in f], [1, 2, 3])
+        with open(self.tmp / 'metrics.jsonl') as f:
+            self.assertEqual([json.loads(line)['iter'] for line in f], [1, 2, 3, 4, 5, 6])
 
 
 class TestResumeAfterKill(unittest.TestCase):

@@ -136,6 +136,46 @@ class TestStartRun(unittest.TestCase):
         start_run(CfgNode(system=CfgNode(seed=7)), logging.getLogger('start-run-test'))  # no num_threads: fine
 
 
+class TestRun(TempDirTestCase):
+    """ start_run's Run: the config as given, recorded when training starts; results.json on rank 0 """
+
+    def config(self, **trainer):
+        from mingpt.trainer import Trainer
+        C = CfgNode(system=CfgNode(seed=0, work_dir=str(self.tmp / 'run')), trainer=Trainer.get_default_config())
+        C.trainer.merge_from_dict(dict(device='cpu', num_workers=0, progress_bar=False, max_iters=2,
+                                       batch_size=4, work_dir=C.system.work_dir, **trainer))
+        return C
+
+    def test_the_config_as_given_is_recorded_when_training_starts(self):
+        import logging
+        from mingpt.trainer import Trainer
+        from tests.test_trainer import RepeatDataset, tiny_model
+        config = self.config()
+        run = start_run(config, logging.getLogger('run-test'))
+        config.trainer.learning_rate = 1e-2  # what the script fills in later is not what was given
+        trainer = Trainer(config.trainer, tiny_model(), RepeatDataset())
+        self.assertFalse((self.tmp / 'run' / 'config.json').exists())  # nothing yet: the trainer checked work_dir
+        self.assertIs(run.train(trainer), trainer)
+        self.assertEqual(trainer.iter_num, 2)
+        with open(self.tmp / 'run' / 'config.json') as f:
+            self.assertEqual(json.load(f)['trainer']['learning_rate'], 3e-4)
+        self.assertTrue((self.tmp / 'run' / 'args.txt').is_file())
+        self.assertTrue(run.finish({'iters': 2, 'val_loss': None}))
+        with open(self.tmp / 'run' / 'results.json') as f:
+            self.assertEqual(json.load(f), {'iters': 2, 'val_loss': None})
+
+    def test_only_rank_0_reports_and_a_rank0_script_refuses_fsdp(self):
+        import logging
+        with patched_env(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2'):
+            run = start_run(self.config(), logging.getLogger('run-test'))
+            self.assertFalse(run.rank0)
+            self.assertFalse(run.finish({'iters': 2}))
+            with self.assertRaisesRegex(ConfigError, "x.py runs the model on rank 0 alone"):
+                start_run(self.config(parallel='fsdp'), logging.getLogger('run-test'), script='x.py')
+        self.assertFalse((self.tmp / 'run').exists())
+        start_run(self.config(parallel='fsdp'), logging.getLogger('run-test'), script='x.py')  # one process: fine
+
+
 class TestAtomicWrite(TempDirTestCase):
 
     def test_whole_file_or_nothing_with_the_users_permissions(self):

@@ -20,22 +20,56 @@ from tests.common import REPO, TempDirTestCase, edit_json, tiny_hf
 TF_FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'tf_gpt2_tiny'
 
 
+def mingpt_imports():
+    """ {module: the mingpt modules it imports}, every import counted, those inside functions too """
+    root = REPO / 'mingpt'
+
+    def name(path):
+        parts = path.relative_to(REPO).with_suffix('').parts
+        return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+    modules = {name(p): p for p in root.rglob('*.py')}
+    graph = {}
+    for module, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)  # from mingpt.formats import hf
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[module] = {m for m in found if m in modules and m != module}
+    return graph
+
+
 class TestImports(unittest.TestCase):
 
-    def test_no_format_module_imports_the_model_at_module_level(self):
-        # mingpt.model imports mingpt.weights (lazily, in from_pretrained): the other way round
-        # stays inside functions, so that there is no import circle
-        files = [REPO / 'mingpt' / 'weights.py', *sorted((REPO / 'mingpt' / 'formats').glob('*.py'))]
-        self.assertGreaterEqual(len(files), 5)
-        for path in files:
-            imported = set()
-            for node in ast.parse(path.read_text()).body:
-                if isinstance(node, ast.ImportFrom):
-                    imported.add(node.module)
-                elif isinstance(node, ast.Import):
-                    imported.update(a.name for a in node.names)
-            self.assertNotIn('mingpt.model', imported, path.name)
-            self.assertNotIn('mingpt.weights', imported, path.name)
+    def test_the_formats_and_weights_never_import_the_model(self):
+        # the model reaches its checkpoint formats through from_pretrained / save_pretrained alone;
+        # they get the model class passed in, so not even a function of theirs imports mingpt.model
+        graph = mingpt_imports()
+        self.assertIn('mingpt.model', graph)
+        self.assertIn('mingpt.weights', graph['mingpt.model'])
+        readers = ['mingpt.weights'] + [m for m in graph if m.startswith('mingpt.formats')]
+        self.assertGreaterEqual(len(readers), 6)
+        for module in readers:
+            self.assertNotIn('mingpt.model', graph[module], module)
+            if module != 'mingpt.weights':
+                self.assertNotIn('mingpt.weights', graph[module], module)
+
+    def test_no_import_circle_anywhere_in_the_package(self):
+        # counting imports inside functions: a circle there is a circle a reader has to untangle too
+        graph = mingpt_imports()
+        self.assertGreaterEqual(len(graph), 30)
+        for start in graph:  # a path from start back to itself is a circle
+            paths = [[start]]
+            seen = set()
+            while paths:
+                path = paths.pop()
+                for nxt in graph[path[-1]]:
+                    self.assertNotEqual(nxt, start, "import circle: " + ' -> '.join(path + [nxt]))
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        paths.append(path + [nxt])
 
     def test_weights_error_is_the_one_from_mingpt_errors(self):
         self.assertIs(WeightsError, mingpt.errors.WeightsError)
@@ -134,11 +168,11 @@ class TestBuildModel(TempDirTestCase):
         self.assertTrue(torch.equal(model.lm_head.weight, model.transformer.wte.weight))
 
     def test_dtype(self):
-        model = load_pretrained(self.ok, dtype=torch.bfloat16)
+        model = load_pretrained(self.ok, GPT, dtype=torch.bfloat16)
         self.assertEqual(model.transformer.h[0].attn.c_attn.weight.dtype, torch.bfloat16)
         tiny_hf(seed=0).to(torch.float16).save_pretrained(self.tmp / 'fp16')
-        self.assertEqual(load_pretrained(self.tmp / 'fp16', dtype=None).lm_head.weight.dtype, torch.float16)
-        self.assertEqual(load_pretrained(self.tmp / 'fp16').lm_head.weight.dtype, torch.float32)
+        self.assertEqual(load_pretrained(self.tmp / 'fp16', GPT, dtype=None).lm_head.weight.dtype, torch.float16)
+        self.assertEqual(load_pretrained(self.tmp / 'fp16', GPT).lm_head.weight.dtype, torch.float32)
 
     def test_a_subclass_gets_itself_back(self):
         class MyGPT(GPT):
@@ -146,7 +180,7 @@ class TestBuildModel(TempDirTestCase):
 
         model = MyGPT.from_pretrained(self.ok)
         self.assertIs(type(model), MyGPT)
-        self.assertIs(type(load_pretrained(self.ok)), GPT)
+        self.assertIs(type(load_pretrained(self.ok, GPT)), GPT)
 
 
 if __name__ == '__main__':

@@ -28,6 +28,8 @@ tokenizer is used.
 import logging
 from pathlib import Path
 
+import dataclasses
+
 from mingpt import generate as generation
 from mingpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mingpt.errors import ConfigError, PromptTooLong, WeightsError
@@ -88,8 +90,8 @@ def check_messages(messages):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
             raise ConfigError(f"message {i} must be a dict with 'role' and 'content' (got {m!r:.80})")
-        if m['role'] not in ROLES:
-            raise ConfigError(f"message {i} has role {m['role']!r}; the roles are "
+        if not isinstance(m['role'], str) or m['role'] not in ROLES:
+            raise ConfigError(f"message {i} has role {m['role']!r:.40}; the roles are "
                               f"{', '.join(map(repr, ROLES))}")
         if not isinstance(m['content'], str):
             raise ConfigError(f"message {i} ({m['role']}) has content of type "
@@ -189,40 +191,42 @@ class ChatTokenizer:
 # -----------------------------------------------------------------------------
 # replying: the generation engine's stream, cut at the end of the turn, as text
 
-def prompt_budget(model, max_new_tokens):
+def prompt_budget(block_size, max_new_tokens, max_prompt_tokens=None):
     """
     How many prompt tokens to allow: enough room for max_new_tokens of reply in the context, but
-    never less than half of it (a longer reply then slides the window, see mingpt.generate).
+    never less than half of it (a longer reply then slides the window, see mingpt.decoder); at most
+    max_prompt_tokens, if given.
     """
-    return max(model.block_size - max_new_tokens, model.block_size // 2)
+    budget = max(block_size - max_new_tokens, block_size // 2)
+    return budget if max_prompt_tokens is None else min(budget, max_prompt_tokens)
 
 
-def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8, top_k=None,
-                 top_p=None, seed=None, max_prompt_tokens=None, info=None, should_stop=None,
-                 engine=None):
+def stream_reply(model, tokenizer, messages, max_new_tokens=256, options=None, *, max_prompt_tokens=None,
+                 info=None, should_stop=None, engine=None, **sampling):
     """
     Yield the assistant's reply to messages as text pieces, as the tokens are generated; a piece
     never ends inside a UTF-8 character. Stops at the end of the turn or after max_new_tokens.
-    temperature 0 is greedy. Old turns are dropped to fit max_prompt_tokens (default
-    prompt_budget). If info (a dict) is given it receives prompt_tokens, tokens (generated) and
-    finish_reason ('stop': the model ended its turn, 'length': max_new_tokens ran out,
-    'cancelled': should_stop). should_stop, a callable, is asked before every token: checking per
-    token rather than per text piece matters because a piece can wait on several tokens.
-    engine, a mingpt.batching.BatchEngine, generates the reply in its batch, with the other
-    requests it is running (it joins at the first token asked for); by default, alone.
+    options: a mingpt.sampling.SamplingOptions, or its fields as keywords (default: sampling at
+    temperature 0.8; temperature 0 is greedy); the turn's end is added to its stop ids. Old turns are
+    dropped to fit max_prompt_tokens (default prompt_budget). If info (a dict) is given it receives
+    prompt_tokens, tokens (generated) and finish_reason ('stop': the model ended its turn, 'length':
+    max_new_tokens ran out, 'cancelled': should_stop). should_stop, a callable, is asked before
+    every token: checking per token rather than per text piece matters because a piece can wait on
+    several tokens. engine, a mingpt.batching.BatchEngine, generates the reply in its batch, with
+    the other requests it is running (it joins at the first token asked for); by default, alone.
     Errors in the arguments are raised at the call, before any token.
     """
+    if options is None:
+        sampling = {'do_sample': True, 'temperature': 0.8, **sampling}
+    options = generation.checked_options(max_new_tokens, options, **sampling)
+    options = dataclasses.replace(options, eos_token_id=options.stop_ids | tokenizer.stop_ids)
     info = {} if info is None else info
-    budget = prompt_budget(model, max_new_tokens)
-    if max_prompt_tokens is not None:
-        budget = min(budget, max_prompt_tokens)
+    budget = prompt_budget(model.block_size, max_new_tokens, max_prompt_tokens)
     ids = tokenizer.render_for_completion(messages, max_tokens=budget)
-    options = dict(do_sample=temperature > 0, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_token_id=tokenizer.end_id)
     if engine is None:
-        request, steps = None, generation.stream(model, [ids], max_new_tokens, **options)
+        request, steps = None, generation.stream(model, [ids], max_new_tokens, options)
     else:  # should_stop is the engine's to ask too: it frees the request's row at its next step
-        request = engine.request(ids, max_new_tokens, should_stop=should_stop, **options)
+        request = engine.request(ids, max_new_tokens, options, should_stop=should_stop)
         steps = _joined(engine, request)
     info.update(prompt_tokens=len(ids), tokens=0, finish_reason=None)
 
@@ -234,7 +238,7 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
                 return
             info['tokens'] += 1
             t = int(tok)
-            if t in tokenizer.stop_ids:
+            if t in options.stop_ids:
                 info['finish_reason'] = 'stop'
                 return
             yield t
@@ -242,9 +246,18 @@ def stream_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.8
 
     return generation.decode_text(token_ids(), tokenizer.decode)
 
+
 def _joined(engine, request):
-    """ request's tokens, submitted to engine when the first one is asked for """
-    yield from engine.submit(request)
+    """
+    request's tokens, submitted to engine when the first one is asked for. Closed early, it
+    returns once the engine has freed the request's row (at its next step), so that whoever
+    counts rows in use (the web server's slots) never counts one twice.
+    """
+    try:
+        yield from engine.submit(request)
+    finally:
+        request.cancel()
+        request.done.wait(timeout=60)  # a step takes milliseconds; the bound only guards a stopped engine
 
 # -----------------------------------------------------------------------------
 # a chat model from its directory, and the flags of the programs that chat with one
@@ -268,11 +281,15 @@ def load_chat_model(path, device='cpu'):
     return model, tokenizer
 
 
-def check_sampling_flags(args):
-    """ a ConfigError for any of add_sampling_args' flags out of range, before a model is loaded """
-    generation.check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+def sampling_flags(args):
+    """
+    The SamplingOptions of add_sampling_args' flags, checked before a model is loaded (a ConfigError
+    for any out of range)
+    """
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    return generation.checked_options(args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                                      top_k=args.top_k or None, top_p=args.top_p)
 
 
 def add_sampling_args(parser):

@@ -16,12 +16,12 @@ since a prompt only ever holds the newest turns that fit (ChatTokenizer.fit).
 """
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
 
-from mingpt.chat import (PromptTooLong, add_sampling_args, check_sampling_flags, load_chat_model, prompt_budget,
-                         stream_reply)
+from mingpt.chat import PromptTooLong, add_sampling_args, load_chat_model, prompt_budget, sampling_flags, stream_reply
 from mingpt.quantize import METHODS, quantize
 from mingpt.utils import run_script
 
@@ -36,24 +36,21 @@ COMMAND = re.compile(r'/[A-Za-z]\w*')  # the first word of a command line; "/etc
 HELP = ''.join(f'{name:8} {what}\n' for name, what in COMMANDS.items())
 
 
-def sampling_kwargs(args):
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
-
-
 def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr):
     """
     Read user messages line by line and stream the replies. On a terminal there is a prompt, the
     replies are labelled and notes (/help, a refused command, ...) go to stdout; with stdin piped
     each reply is written as it is, followed by a newline, so stdout is exactly the replies, and the
-    notes go to stderr. Ends at EOF or /quit.
+    notes go to stderr. Ends at EOF or /quit. -> the number of messages refused (too long)
     """
     interactive = stdin.isatty()
     notes = stdout if interactive else stderr
     fresh = [{'role': 'system', 'content': args.system}] if args.system else []
     messages = list(fresh)
-    budget = prompt_budget(model, args.max_new_tokens)  # the same as stream_reply's
+    budget = prompt_budget(model.block_size, args.max_new_tokens)  # the same as stream_reply's
     said_dropped = False  # the note on dropped turns, once per conversation
-    kwargs = sampling_kwargs(args)
+    options = sampling_flags(args)
+    refused = 0
     if interactive:
         stdout.write("Chatting with %s. /help lists the commands, /quit (or Ctrl-D) leaves.\n" % args.model)
     use_input = interactive and stdin is sys.stdin and stdout is sys.stdout
@@ -77,14 +74,14 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.
         if not line:  # EOF
             if interactive:
                 stdout.write('\n')
-            return
+            return refused
         text = line.rstrip('\r\n')
         if not text.strip():
             continue
         command = text.split(maxsplit=1)[0]
         if COMMAND.fullmatch(command):
             if command == '/quit':
-                return
+                return refused
             if command == '/reset':
                 messages, said_dropped = list(fresh), False
                 if interactive:
@@ -102,6 +99,7 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.
             kept = tokenizer.fit(messages, budget)
         except PromptTooLong as e:
             messages.pop()
+            refused += 1
             logger.error("%s", e)
             stdout.write('\n')
             continue
@@ -116,7 +114,8 @@ def repl(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.
             stdout.write('bot> ')
         reply = []
         try:
-            for piece in stream_reply(model, tokenizer, messages, args.max_new_tokens, seed=seed, **kwargs):
+            for piece in stream_reply(model, tokenizer, messages, args.max_new_tokens,
+                                      dataclasses.replace(options, seed=seed)):
                 reply.append(piece)
                 stdout.write(piece)
                 stdout.flush()
@@ -138,16 +137,19 @@ def main(argv=None):
                         help='int8: the linears in int8 with per-channel scales, a quarter of the bytes (mingpt.quantize)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    check_sampling_flags(args)
+    sampling_flags(args)
     model, tokenizer = load_chat_model(args.model, args.device)
     quantize(model, args.quantize)
     # a reply may hold any character; never die on a terminal's narrower encoding
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(errors='replace')
     try:
-        repl(model, tokenizer, args)
+        refused = repl(model, tokenizer, args)
     except KeyboardInterrupt:
         sys.stdout.write('\n')
+        return
+    if refused and not sys.stdin.isatty():  # a script piping messages learns that some got no reply
+        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -7,12 +7,14 @@ tie_weights, and the dropouts where the format stores them) and tensors (a state
 layout, without lm_head.weight when the head is tied). mingpt.weights.build_model turns those into
 a GPT. A writer walks the same table to put the tensors back in its format's order and layout.
 
-This package imports none of its format modules, so that each of them can import it.
+This package imports none of its format modules, so that each of them can import it; none of them
+imports mingpt.model (nor mingpt.weights): the model reaches the formats, never the other way round.
 """
 
 import json
 
-from mingpt.errors import WeightsError
+from mingpt.config import non_gpt2_options
+from mingpt.errors import ConfigError, WeightsError
 
 # -----------------------------------------------------------------------------
 # the parameter names, written once. Our names are Hugging Face's; OpenAI's TensorFlow code named
@@ -20,23 +22,23 @@ from mingpt.errors import WeightsError
 # the transpose of our nn.Linear's (out, in) weight. The row order is llm.c's file order too.
 
 TABLE = [
-    # mingpt / HF name                        OpenAI TF name              Conv1D
-    ('transformer.wte.weight',                'model/wte',                False),  # (V, C)
-    ('transformer.wpe.weight',                'model/wpe',                False),  # (T, C)
-    ('transformer.h.{i}.ln_1.weight',         'model/h{i}/ln_1/g',        False),  # (C,)
-    ('transformer.h.{i}.ln_1.bias',           'model/h{i}/ln_1/b',        False),  # (C,)
-    ('transformer.h.{i}.attn.c_attn.weight',  'model/h{i}/attn/c_attn/w', True),   # (3C, C)
-    ('transformer.h.{i}.attn.c_attn.bias',    'model/h{i}/attn/c_attn/b', False),  # (3C,)
-    ('transformer.h.{i}.attn.c_proj.weight',  'model/h{i}/attn/c_proj/w', True),   # (C, C)
-    ('transformer.h.{i}.attn.c_proj.bias',    'model/h{i}/attn/c_proj/b', False),  # (C,)
-    ('transformer.h.{i}.ln_2.weight',         'model/h{i}/ln_2/g',        False),  # (C,)
-    ('transformer.h.{i}.ln_2.bias',           'model/h{i}/ln_2/b',        False),  # (C,)
-    ('transformer.h.{i}.mlp.c_fc.weight',     'model/h{i}/mlp/c_fc/w',    True),   # (4C, C)
-    ('transformer.h.{i}.mlp.c_fc.bias',       'model/h{i}/mlp/c_fc/b',    False),  # (4C,)
-    ('transformer.h.{i}.mlp.c_proj.weight',   'model/h{i}/mlp/c_proj/w',  True),   # (C, 4C)
-    ('transformer.h.{i}.mlp.c_proj.bias',     'model/h{i}/mlp/c_proj/b',  False),  # (C,)
-    ('transformer.ln_f.weight',               'model/ln_f/g',             False),  # (C,)
-    ('transformer.ln_f.bias',                 'model/ln_f/b',             False),  # (C,)
+    # mingpt / HF name                        OpenAI TF name              Conv1D  shape, as nn.Linear holds it
+    ('transformer.wte.weight',                'model/wte',                False, ('V', 'C')),
+    ('transformer.wpe.weight',                'model/wpe',                False, ('T', 'C')),
+    ('transformer.h.{i}.ln_1.weight',         'model/h{i}/ln_1/g',        False, ('C',)),
+    ('transformer.h.{i}.ln_1.bias',           'model/h{i}/ln_1/b',        False, ('C',)),
+    ('transformer.h.{i}.attn.c_attn.weight',  'model/h{i}/attn/c_attn/w', True,  ('3C', 'C')),
+    ('transformer.h.{i}.attn.c_attn.bias',    'model/h{i}/attn/c_attn/b', False, ('3C',)),
+    ('transformer.h.{i}.attn.c_proj.weight',  'model/h{i}/attn/c_proj/w', True,  ('C', 'C')),
+    ('transformer.h.{i}.attn.c_proj.bias',    'model/h{i}/attn/c_proj/b', False, ('C',)),
+    ('transformer.h.{i}.ln_2.weight',         'model/h{i}/ln_2/g',        False, ('C',)),
+    ('transformer.h.{i}.ln_2.bias',           'model/h{i}/ln_2/b',        False, ('C',)),
+    ('transformer.h.{i}.mlp.c_fc.weight',     'model/h{i}/mlp/c_fc/w',    True,  ('4C', 'C')),
+    ('transformer.h.{i}.mlp.c_fc.bias',       'model/h{i}/mlp/c_fc/b',    False, ('4C',)),
+    ('transformer.h.{i}.mlp.c_proj.weight',   'model/h{i}/mlp/c_proj/w',  True,  ('C', '4C')),
+    ('transformer.h.{i}.mlp.c_proj.bias',     'model/h{i}/mlp/c_proj/b',  False, ('C',)),
+    ('transformer.ln_f.weight',               'model/ln_f/g',             False, ('C',)),
+    ('transformer.ln_f.bias',                 'model/ln_f/b',             False, ('C',)),
 ]
 # lm_head.weight (V, C) is not in the table: GPT-2 ties it to wte, so TF and llm.c never store it,
 # and HF stores it only for a model that unties it.
@@ -46,10 +48,16 @@ LM_HEAD = 'lm_head.weight'
 def param_names(n_layer):
     """ [(mingpt name, OpenAI TF name, is Conv1D)] for every stored tensor, in llm.c's file order """
     rows = []
-    for name, tf_name, conv1d in TABLE:
+    for name, tf_name, conv1d, _ in TABLE:
         layers = range(n_layer) if '{i}' in name else [None]
         rows += [(name.format(i=i), tf_name.format(i=i), conv1d) for i in layers]
     return rows
+
+
+def param_shapes(n_embd, vocab_size, block_size):
+    """ [(name template, shape of one layer's tensor, is per-layer)] in the table's order """
+    dims = {'V': vocab_size, 'T': block_size, 'C': n_embd, '3C': 3 * n_embd, '4C': 4 * n_embd}
+    return [(name, tuple(dims[d] for d in shape), '{i}' in name) for name, _, _, shape in TABLE]
 
 # -----------------------------------------------------------------------------
 # what readers check before they trust a checkpoint's sizes
@@ -71,3 +79,12 @@ def read_json(path):
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: cannot read it as JSON ({e}); the file is corrupt, replace it") from None
+
+
+def refuse_non_gpt2(model, fmt):
+    """ a ConfigError naming the options of model's config that GPT-2's format fmt cannot hold """
+    options = non_gpt2_options(model.config)
+    if options:
+        raise ConfigError(f"{fmt} holds GPT-2's architecture only, but this model has {', '.join(options)}; "
+                          "save it as a mingpt directory instead, model.save_pretrained(path, format='mingpt') "
+                          "(GPT.from_pretrained reads it back), or train a model without these options")

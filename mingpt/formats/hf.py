@@ -5,7 +5,9 @@ pytorch_model.bin (shards too). Both GPT2LMHeadModel names (transformer.h.0...) 
 (h.0..., what the hub's gpt2 stores) load; the four projections are Conv1D, stored (in, out).
 
 mingpt's own checkpoints ARE these directories (save_hf, GPT.save_pretrained): one format to read
-back, and transformers (or anything else in that ecosystem) reads ours. A hub name such as 'gpt2'
+back, and transformers (or anything else in that ecosystem) reads ours. A model with architecture
+options GPT-2 has not is written as a mingpt directory instead (save_mingpt): the same files, holding
+its GPT config and its own state dict, which read_hf recognises and transformers does not read. A hub name such as 'gpt2'
 is such a directory downloaded once into the cache (download_hub).
 """
 
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mingpt.errors import WeightsError
-from mingpt.formats import LM_HEAD, check_sizes, param_names, read_json
+from mingpt.config import ARCH_OPTIONS, PRESETS
+from mingpt.errors import ConfigError, WeightsError
+from mingpt.formats import LM_HEAD, check_sizes, param_names, read_json, refuse_non_gpt2
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -93,19 +96,18 @@ def _sizes_from_config(cfg, path):
     if isinstance(cfg.get('model'), dict) and 'block_size' in cfg['model']:
         cfg = cfg['model']  # a whole run config (setup_logging's config.json): its model part
     if 'block_size' in cfg:
-        # mingpt's own GPT config, dumped with to_dict(); resolve_config fills sizes from a preset
-        from mingpt.model import GPT, resolve_config  # here: mingpt.model loads weights through this module
-        config = GPT.get_default_config()
-        config.merge_from_dict({k: v for k, v in cfg.items() if k in config.to_dict()})
-        if all(config.to_dict().get(k) is not None for k in ('n_layer', 'n_head', 'n_embd')):
-            config.model_type = None
-        try:
-            config = resolve_config(config)
-        except ValueError as e:
-            raise WeightsError(f"{path}: {e}") from None
+        # mingpt's own GPT config, dumped with to_dict(): explicit sizes, or a preset's
         keys = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'tie_weights',
-                'embd_pdrop', 'resid_pdrop', 'attn_pdrop')
-        return {k: getattr(config, k) for k in keys}
+                'embd_pdrop', 'resid_pdrop', 'attn_pdrop', *ARCH_OPTIONS)
+        sizes = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        if not all(k in sizes for k in ('n_layer', 'n_head', 'n_embd')):
+            preset = PRESETS.get(cfg.get('model_type'))
+            if preset is None:
+                raise WeightsError(f"{path}: the model config gives neither n_layer, n_head and n_embd nor "
+                                   f"a known model_type (got {cfg.get('model_type')!r}; the presets are: "
+                                   f"{', '.join(PRESETS)}); the config is corrupt")
+            sizes.update(preset)
+        return sizes
 
     model_type = cfg.get('model_type', 'gpt2')
     if model_type != 'gpt2':
@@ -184,37 +186,57 @@ def hf_config(model):
     return cfg
 
 
+def _own(t):
+    """ a contiguous CPU tensor with a storage of its own (safetensors refuses shared ones) """
+    t = t.detach().cpu().contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_hf(model, directory, safe_serialization=True):
     """
     Write model as a Hugging Face GPT-2 directory: config.json + model.safetensors (or
     pytorch_model.bin with safe_serialization=False), Conv1D weights transposed as HF stores
     them and, for a tied model, no lm_head.weight (HF re-ties it to wte). This is also mingpt's
-    own checkpoint format. Returns the directory as a Path. A quantized model (mingpt.quantize),
-    which this format cannot hold, is written by mingpt.quantize.save instead.
+    own checkpoint format. Returns the directory as a Path. A model with architecture options GPT-2
+    has not (rotary positions, RMSNorm, ...) is a ConfigError: transformers would compute another model.
     """
-    if getattr(model, 'quantization', None):
-        from mingpt.quantize import save
-        return save(model, directory)
-    def own(t):  # a contiguous tensor with a storage of its own (safetensors refuses shared ones)
-        t = t.detach().cpu().contiguous()
-        return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    if getattr(model, 'quantization', None):  # int8 weights: transformers would read them as numbers
+        raise ConfigError(f"this model's linears are {model.quantization}, which Hugging Face's GPT-2 format "
+                          "cannot hold: save it with mingpt.quantize.save(model, directory) (GPT.from_pretrained "
+                          "reads that back), or save the fp32 model")
+    refuse_non_gpt2(model, "Hugging Face's GPT-2 format")
     sd = model.state_dict()
     tensors = {}
     for name, _, conv1d in param_names(model.config.n_layer):
-        tensors[name] = own(sd[name].t() if conv1d else sd[name])
+        tensors[name] = _own(sd[name].t() if conv1d else sd[name])
     if model.lm_head.weight is not model.transformer.wte.weight:
-        tensors[LM_HEAD] = own(sd[LM_HEAD])
+        tensors[LM_HEAD] = _own(sd[LM_HEAD])
+    return _write_directory(directory, tensors, hf_config(model), safe_serialization)
 
+
+def save_mingpt(model, directory, safe_serialization=True):
+    """
+    Write model as a mingpt directory: config.json (its GPT config, every field) + model.safetensors
+    (or pytorch_model.bin) of its state dict as it is, a tied lm_head left out. It holds any GPT,
+    whatever its architecture options; GPT.from_pretrained reads it back (read_hf: a config with a
+    block_size is mingpt's), transformers does not. Returns the directory as a Path.
+    """
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    tensors = {k: _own(v) for k, v in model.state_dict().items() if not (tied and k == LM_HEAD)}
+    return _write_directory(directory, tensors, model.config.to_dict(), safe_serialization)
+
+
+def _write_directory(directory, tensors, config, safe_serialization):
+    """ tensors into model.safetensors (or pytorch_model.bin), config into config.json; the directory as a Path """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     weights = 'model.safetensors' if safe_serialization else 'pytorch_model.bin'
     if safe_serialization:
         from safetensors.torch import save_file
         atomic_write(d / weights, lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
     else:
         atomic_write(d / weights, lambda p: torch.save(tensors, p))
-    atomic_write(d / 'config.json', json.dumps(hf_config(model), indent=2) + '\n')
+    atomic_write(d / 'config.json', json.dumps(config, indent=2) + '\n')
     # a stale weights file of another kind (or shards) would shadow, or be shadowed by, this one
     for stale in HF_WEIGHT_FILES:
         if stale != weights and (d / stale).is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mingpt.errors import ConfigError, WeightsError
-from mingpt.formats import TABLE, param_names
+from mingpt.formats import param_names, param_shapes, refuse_non_gpt2
 from mingpt.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -21,20 +21,6 @@ logger = logging.getLogger(__name__)
 LLMC_MAGIC = 20240326
 LLMC_HEADER_INTS = 256
 LLMC_VERSIONS = {1: torch.float32, 3: torch.float32, 5: torch.bfloat16}
-
-
-def _llmc_shapes(n_layer, n_head, n_embd, vocab_size, block_size, origin):
-    """ [(name, shape of one layer's tensor, is per-layer)] in file order, from a meta-device GPT """
-    from mingpt.model import GPT  # here, not at the top: mingpt.model imports the weights modules
-    config = GPT.get_default_config()
-    config.merge_from_dict(dict(model_type=None, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                vocab_size=vocab_size, block_size=block_size))
-    try:
-        with torch.device('meta'):
-            shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    except ValueError as e:
-        raise WeightsError(f"{origin}: its header does not describe a valid GPT: {e}") from None
-    return [(name, shapes[name.format(i=0)], '{i}' in name) for name, _, _ in TABLE]
 
 
 def read_llmc(path):
@@ -57,8 +43,11 @@ def read_llmc(path):
     if min(maxT, V, L, NH, C) <= 0 or Vp < V:
         raise WeightsError(f"{path}: its header makes no sense (maxT={maxT}, V={V}, Vp={Vp}, L={L}, "
                            f"NH={NH}, C={C}): the file is corrupt")
+    if C % NH != 0:
+        raise WeightsError(f"{path}: its header does not describe a valid GPT: n_embd ({C}) must be "
+                           f"divisible by n_head ({NH})")
 
-    rows = _llmc_shapes(L, NH, C, V, maxT, path)
+    rows = param_shapes(C, V, maxT)
     rows[0] = (rows[0][0], (Vp, C), False)  # wte is stored with its padding rows
     numels = [math.prod(shape) * (L if per_layer else 1) for _, shape, per_layer in rows]
     dtype = LLMC_VERSIONS[version]
@@ -92,6 +81,7 @@ def save_llmc(model, path, version=3):
     llm.c has no separate head, so the model must be tied (GPT-2 checkpoints are).
     """
     import numpy as np
+    refuse_non_gpt2(model, "llm.c's format")
     if version not in LLMC_VERSIONS:
         raise ConfigError(f"llm.c checkpoint version must be one of {sorted(LLMC_VERSIONS)}, got {version}")
     if getattr(model, 'quantization', None):

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from mingpt import serve
-from mingpt.chat import add_sampling_args, check_sampling_flags, load_chat_model
+from mingpt.chat import add_sampling_args, load_chat_model, sampling_flags
+from mingpt.errors import ConfigError
 from mingpt.quantize import METHODS, quantize
 from mingpt.serve import LOCAL_HOSTS, NEEDS, check_limits, create_app, run_server
 
@@ -41,6 +42,8 @@ def main(argv=None):
                         help='replies generated at once, the rows of the batch (default: 16 on a CPU, 64 '
                              'on a GPU, fewer if their KV cache would pass 2 GiB); more requests wait')
     parser.add_argument('--queue-timeout', type=float, default=10.0, help='seconds a request waits for a row, then 429')
+    parser.add_argument('--max-queue', type=int, default=None,
+                        help='requests that may wait for a row (default 4 x --max-concurrent); more get a 429 at once')
     parser.add_argument('--quantize', choices=METHODS, default=None,
                         help='int8: the linears in int8 with per-channel scales, a quarter of the bytes (mingpt.quantize)')
     args = parser.parse_args(argv)
@@ -51,9 +54,9 @@ def main(argv=None):
     except ImportError:
         parser.exit(2, f"error: {NEEDS}\n")
     try:
-        check_sampling_flags(args)
+        sampling_flags(args)
         check_limits(flags=True, max_new_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent,
-                     queue_timeout=args.queue_timeout, max_prompt_tokens=args.max_prompt_tokens)
+                     queue_timeout=args.queue_timeout, max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
         model, tokenizer = load_chat_model(args.model, args.device)
         quantize(model, args.quantize)
         allowed = LOCAL_HOSTS + ((args.host,) if args.host not in ('0.0.0.0', '::') else ())
@@ -62,15 +65,20 @@ def main(argv=None):
             allowed = None if '*' in extra else allowed + tuple(extra)
         app = create_app(model, tokenizer, model_name=Path(args.model).name or str(args.model), allowed_hosts=allowed,
                          max_new_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-                         max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout,
+                         max_concurrent=args.max_concurrent, queue_timeout=args.queue_timeout, max_queue=args.max_queue,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                          default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), engine_thread=False)
     except (ValueError, OSError) as e:  # a DownloadError is an OSError
         parser.exit(2, f"error: {e}\n")
+    if args.host not in LOCAL_HOSTS:
+        logger.warning("--host %s: any machine that can reach this one on port %d can now use the chat, and "
+                       "it has no authentication; serve on 127.0.0.1 (the default) to keep it to this machine",
+                       args.host, args.port)
     logger.info("chat with %s at http://%s:%d", args.model, args.host, args.port)
-    if not run_server(app, args.host, args.port):
-        parser.exit(2, f"error: could not serve on {args.host}:{args.port} (the reason is logged above); "
-                       "is another server using the port? Try --port\n")
+    try:
+        run_server(app, args.host, args.port)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
 
 
 if __name__ == '__main__':

@@ -3,14 +3,13 @@ Trains a GPT to add n-digit numbers.
 
     python projects/adder/adder.py                    # 2-digit addition, stops at 100% on the test split
     python projects/adder/adder.py --data.ndigit=3 --model.n_layer=3 --model.n_embd=64 \
-        --trainer.learning_rate=2e-3 --trainer.max_iters=5000 --trainer.eval_interval=250
+        --trainer.learning_rate=2e-3 --trainer.max_iters=5000 --trainer.eval_interval=250 \
+        --system.work_dir=out/adder3    # a run of another model: its own work dir
 
 The task is minGPT's: "85 + 50 = 135" is written as the digits 8550531 (the sum reversed, because
 addition produces its low digit first), and the model is only trained on, and scored on, the sum.
 """
 
-import copy
-import json
 import logging
 import os
 import sys
@@ -23,8 +22,8 @@ from torch.utils.data import Dataset
 from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.distributed import is_rank0, process_group, require_whole_model
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('adder')
 
@@ -58,8 +57,8 @@ def get_config():
 
     # trainer: a high learning rate after a short warmup, decayed along a cosine to a tenth of it
     # at max_iters. The decay is what gets the last hard carries right, so a shorter schedule
-    # solves the task sooner; the run stops as soon as the test split is solved (after 450-650
-    # iterations for 2 digits, over seeds)
+    # solves the task sooner; the run stops as soon as the test split is solved (the README says
+    # after how many iterations)
     C.trainer = Trainer.get_default_config()
     C.trainer.learning_rate = 5e-3
     C.trainer.warmup_iters = 50
@@ -208,8 +207,7 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints and metrics.jsonl live there too
-    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    start_run(config, logger)
+    run = start_run(config, logger, script='projects/adder/adder.py')
 
     # the two splits, and a model sized for them
     train_dataset = AdditionDataset(config.data, split='train')
@@ -221,9 +219,7 @@ def main(args):
     model = GPT(config.model)
 
     # the trainer measures the test loss every eval_interval iterations; we add exact-match accuracy
-    require_whole_model(config.trainer.parallel, 'projects/adder/adder.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=test_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     best_dir = os.path.join(config.system.work_dir, 'best')
     results = {'best_test_acc': -1.0}
 
@@ -239,22 +235,20 @@ def main(args):
             # the model to keep is the one that adds best, whatever its loss
             results.update(best_test_acc=test_acc, train_acc=train_acc, iter=trainer.iter_num,
                            seconds=round(time.time() - t_start, 1))
-            if is_rank0():
+            if run.rank0:
                 model.save_pretrained(best_dir)
         if ev.stop_at is not None and test_acc >= ev.stop_at:
             logger.info("test accuracy %.2f%% reached %.2f%%: stopping", 100 * test_acc, 100 * ev.stop_at)
             trainer.stop()
 
     trainer.add_callback('on_eval_end', eval_accuracy)
-    trainer.run()
+    run.train(trainer)
 
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
     results.update(ndigit=config.data.ndigit, iters=trainer.iter_num,
                    total_seconds=round(time.time() - t_start, 1), best_model=best_dir)
-    if not is_rank0():
+    if not run.finish(results):
         return results  # rank 0 reports the run
-    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
     print(f"best test accuracy {100 * results['best_test_acc']:.2f}% at iteration {results.get('iter')} "
           f"({results.get('seconds')} s); {trainer.iter_num} iterations in {results['total_seconds']} s; "
           f"best model in {best_dir}")

@@ -10,8 +10,6 @@ downloaded once into the mingpt cache. The first 90% of the text is trained on, 
 the validation split. Running the same command again continues from work_dir/ckpt.
 """
 
-import copy
-import json
 import logging
 import os
 import sys
@@ -21,13 +19,13 @@ import torch
 from mingpt.checkpoint import find_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args, stream
+from mingpt.generate import checked_options, stream
 from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import CharTokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import is_rank0, process_group, require_whole_model
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('chargpt')
 
@@ -47,10 +45,10 @@ def get_config():
     C.data = CN()
     C.data.path = None  # None: ./input.txt if it exists, else tiny shakespeare
     C.data.block_size = 128
-    C.data.val_fraction = 0.1  # the last 10% of the text
+    C.data.val_fraction = 0.1  # the last 10% of the text; 0: train without validation
 
     # model: sized for a CPU (about 1.8M parameters); see the README for a GPU-sized run.
-    # No dropout: on a CPU it makes a step 1.6x slower, more than it gains within a 15-minute run
+    # No dropout: on a CPU it slows each step by more than it gains within a 15-minute run
     C.model = GPT.get_default_config()
     C.model.model_type = None
     C.model.n_layer = 4
@@ -61,14 +59,15 @@ def get_config():
     C.model.attn_pdrop = 0.0
 
     # trainer: a high learning rate, warmed up and decayed along a cosine to nearly zero (to a
-    # hundredth: measured 0.011 lower val loss after 2,500 iterations than decaying to a tenth)
+    # hundredth rather than a tenth: with ~11 passes over the text the model overfits, and the
+    # annealing buys the last of the val loss; the README has the comparison)
     C.trainer = Trainer.get_default_config()
     C.trainer.learning_rate = 2e-3
     C.trainer.min_lr = 2e-5
     C.trainer.warmup_iters = 100
     C.trainer.lr_schedule = 'cosine'
     C.trainer.max_iters = 2500
-    # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it: twice the steps per minute here
+    # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it: its matmuls run natively there
     C.trainer.dtype = 'auto'
     C.trainer.batch_size = 32
     C.trainer.eval_interval = 250
@@ -94,8 +93,7 @@ def main(args):
         config.model.n_layer = config.model.n_head = config.model.n_embd = None
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
-    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    start_run(config, logger)
+    run = start_run(config, logger, script='projects/chargpt/chargpt.py')
 
     # the text, its vocabulary and the two splits: the first 90% to train on, the last 10% to
     # validate on, as nanoGPT does. The vocabulary is kept in the work dir as chars.json: a resumed
@@ -111,10 +109,13 @@ def main(args):
     train_dataset, val_dataset = split_windows(ids, config.data.block_size, config.data.val_fraction,
                                                vocab_size=vocab.n_vocab)
     logger.info("%d characters, %d distinct: %d to train on, %d to validate on", len(text),
-                vocab.n_vocab, len(train_dataset.ids), len(val_dataset.ids))
+                vocab.n_vocab, len(train_dataset.ids), 0 if val_dataset is None else len(val_dataset.ids))
+    if val_dataset is None:
+        logger.warning("--data.val_fraction=%s leaves no text to validate on: training without validation "
+                       "(no val loss, no ckpt_best; a sample at the end only)", config.data.val_fraction)
     # check the sampling options and the prompt now, not after training
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)
     try:
         prompt = torch.tensor([vocab.encode(str(S.prompt))], dtype=torch.long)
     except ValueError as e:
@@ -126,10 +127,8 @@ def main(args):
     model = GPT(config.model)
 
     # the trainer evaluates, keeps work_dir/ckpt_best and resumes; we add samples and the plot
-    require_whole_model(config.trainer.parallel, 'projects/chargpt/chargpt.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
-    if is_rank0():  # under torchrun every rank runs this script; rank 0 writes and shows
+    if run.rank0:
         vocab.save(config.system.work_dir)
 
     def sample(trainer):
@@ -144,27 +143,30 @@ def main(args):
         return vocab.decode(prompt[0].tolist() + new)
 
     def on_eval_end(trainer):
-        if not is_rank0():
+        if not run.rank0:
             return
         if trainer.iter_num != config.trainer.max_iters:  # the last iteration's sample is printed at the end
             logger.info("iter %d: sample\n%s", trainer.iter_num, sample(trainer))
         trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
     trainer.add_callback('on_eval_end', on_eval_end)
-    trainer.run()
+    run.train(trainer)
 
     # (a run resumed after it had finished trains no further, and has not evaluated yet)
-    val_loss = trainer.val_loss if trainer.val_loss is not None else trainer.evaluate()
+    val_loss = trainer.val_loss
+    if val_loss is None and val_dataset is not None:
+        val_loss = trainer.evaluate()
     plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
-    results = {'iters': trainer.iter_num, 'val_loss': val_loss, 'best_val_loss': trainer.best_val_loss}
-    if not is_rank0():
+    results = {'iters': trainer.iter_num, 'val_loss': val_loss,
+               'best_val_loss': trainer.best_val_loss if val_dataset is not None else None}
+    if not run.finish(results):
         return results  # rank 0 reports the run
-    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
     print(sample(trainer))
-    print(f"\nval loss {val_loss:.4f} (best {trainer.best_val_loss:.4f}) after {trainer.iter_num} "
-          f"iterations; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "
-          f"{config.system.work_dir}")
+    scores = (f"val loss {val_loss:.4f} (best {trainer.best_val_loss:.4f})" if val_loss is not None
+              else f"train loss {trainer.loss.item():.4f} (no validation)" if trainer.loss is not None
+              else "no validation")
+    print(f"\n{scores} after {trainer.iter_num} iterations; checkpoints, metrics.jsonl"
+          f"{' and loss.png' if plotted else ''} in {config.system.work_dir}")
     return results
 
 

@@ -16,8 +16,6 @@ the tokenizer too (encoder.json, vocab.bpe), which is what sft.py's --model.init
 Running the same command again continues from work_dir/ckpt.
 """
 
-import copy
-import json
 import logging
 import os
 import sys
@@ -26,13 +24,13 @@ import torch
 
 from mingpt.bpe import Encoder, get_encoder
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
-from mingpt.data import split_windows, training_text
+from mingpt.data import read_text_file, split_windows, training_text_path
 from mingpt.errors import ConfigError
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import barrier, process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('chat.base')
 
@@ -91,11 +89,11 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir
-    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    start_run(config, logger)
+    run = start_run(config, logger, script='projects/chat/base.py')
 
     enc = gpt2_prefix_vocab(config.data.n_merges)
-    text = training_text(config.data.path)
+    text_path = training_text_path(config.data.path)  # make_data.py makes conversations of the same text
+    text = read_text_file(text_path)
     ids = torch.tensor(enc.encode(text), dtype=torch.long)
     B = config.data.block_size
     train_dataset, val_dataset = split_windows(ids, B, config.data.val_fraction)
@@ -104,10 +102,8 @@ def main(args):
 
     config.model.vocab_size, config.model.block_size = enc.n_vocab, B
     model = GPT(config.model)
-    require_whole_model(config.trainer.parallel, 'projects/chat/base.py')
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
-    trainer.run()
+    run.train(trainer)
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
     barrier()  # under torchrun: rank 0 has written ckpt_best
@@ -115,8 +111,9 @@ def main(args):
     if best is not None:
         model.load_state_dict(read_checkpoint(best)[0])
     val_loss = trainer.evaluate()  # every rank its share of the batches
-    if not is_rank0():
-        return {'val_loss': val_loss, 'iters': trainer.iter_num}  # rank 0 writes and reports
+    results = {'val_loss': val_loss, 'iters': trainer.iter_num}
+    if not run.rank0:
+        return results  # rank 0 writes and reports
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(enc, out)
@@ -124,12 +121,11 @@ def main(args):
     model.eval()
     prompt = torch.tensor([enc.encode('ROMEO:\n')])
     sample = enc.decode(model.generate(prompt, 120, do_sample=True, temperature=0.8, top_k=50, seed=0)[0])
-    results = {'val_loss': val_loss, 'iters': trainer.iter_num, 'vocab_size': enc.n_vocab,
-               'model': out, 'sample': sample}
-    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    results.update(vocab_size=enc.n_vocab, model=out, sample=sample)
+    run.finish(results)
     print(f"--- sample (val loss {val_loss:.4f}) ---\n{sample}\n")
-    print(f"base model in {out}; next: python projects/chat/make_data.py && "
+    # both next steps read only local files: the text trained on, this model and its tokenizer
+    print(f"base model in {out}; next: python projects/chat/make_data.py --path={text_path} && "
           f"python projects/chat/sft.py --model.init_from={out}")
     return results
 

@@ -26,7 +26,6 @@ dialogues before and after) and model/, the best weights with the tokenizer: the
 and mingpt.serve take as --model.
 """
 
-import copy
 import json
 import logging
 import os
@@ -39,12 +38,13 @@ from torch.utils.data import Dataset
 from mingpt.chat import ChatTokenizer, add_chat_tokens, check_messages, stream_reply, tokenizer_or_gpt2
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args
+from mingpt.generate import checked_options
+from mingpt.metrics import track
 from mingpt.model import GPT
 from mingpt.tokenizers import save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import barrier, process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('chat.sft')
 
@@ -162,7 +162,9 @@ def sample_replies(model, tokenizer, conversations, S):
     model_was_training = model.training
     model.eval()
     dialogues, stopped = [], 0
-    for k, messages in enumerate(conversations):
+    # a reply takes about a second on a CPU: a bar (or a line every few seconds) keeps the wait visible
+    for k, messages in enumerate(track(conversations, len(conversations), 'sampling: reply', desc='replies',
+                                       unit='reply')):
         first_user = next(i for i, m in enumerate(messages) if m['role'] == 'user')
         prompt = messages[:first_user + 1]
         info = {}
@@ -185,10 +187,9 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir
-    given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
-    start_run(config, logger)
+    run = start_run(config, logger, script='projects/chat/sft.py')
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)  # now, not after training
 
     # the base model and its tokenizer, both grown for the chat tokens
     init = config.model.init_from
@@ -212,19 +213,16 @@ def main(args):
                     "that), %d tokens learned", name, ds.n_conversations, len(ds), block_size,
                     ds.skipped, int((ds.y != -1).sum()))
 
-    require_whole_model(config.trainer.parallel, 'projects/chat/sft.py')
-
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     prompts = val_conv[:config.sample.n_prompts]
     # under torchrun every rank evaluates its share of the batches; rank 0 samples, writes and prints
     loss_before = trainer.evaluate()
     dialogues_before, stop_before = [], 0.0
-    if is_rank0():
+    if run.rank0:
         dialogues_before, stop_before = sample_replies(model, tokenizer, prompts, config.sample)
     logger.info("before SFT: val loss %.4f, %.0f%% of replies ended on their own", loss_before, 100 * stop_before)
 
-    trainer.run()
+    run.train(trainer)
     trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))
 
     barrier()  # rank 0 has written ckpt_best
@@ -232,19 +230,17 @@ def main(args):
     if best is not None:
         model.load_state_dict(read_checkpoint(best)[0])
     loss_after = trainer.evaluate()
-    if not is_rank0():
-        return {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
+    results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
+    if not run.rank0:
+        return results  # rank 0 writes and reports
     out = os.path.join(config.system.work_dir, 'model')
     model.save_pretrained(out)
     save_tokenizer(encoder, out)
     dialogues_after, stop_after = sample_replies(model, tokenizer, prompts, config.sample)
 
-    results = {'val_loss_before': loss_before, 'val_loss_after': loss_after,
-               'stop_rate_before': stop_before, 'stop_rate_after': stop_after,
-               'iters': trainer.iter_num, 'model': out,
-               'dialogues_before': dialogues_before, 'dialogues_after': dialogues_after}
-    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    results.update(stop_rate_before=stop_before, stop_rate_after=stop_after, model=out,
+                   dialogues_before=dialogues_before, dialogues_after=dialogues_after)
+    run.finish(results)
     n = config.sample.n_shown
     print(f"--- before SFT: val loss {loss_before:.4f}, {100 * stop_before:.0f}% of replies ended ---")
     print('\n\n'.join(map(format_dialogue, dialogues_before[:n])))

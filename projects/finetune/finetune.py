@@ -13,8 +13,6 @@ The model with the best validation loss is exported to work_dir/model (a Hugging
 Running the same command again continues from work_dir/ckpt.
 """
 
-import copy
-import json
 import logging
 import os
 import sys
@@ -25,11 +23,11 @@ from mingpt.bpe import get_encoder
 from mingpt.checkpoint import find_checkpoint, read_checkpoint
 from mingpt.data import split_windows, training_text
 from mingpt.errors import ConfigError
-from mingpt.generate import check_sampling_args
+from mingpt.generate import checked_options
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
-from mingpt.distributed import barrier, is_rank0, process_group, require_whole_model
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import barrier, process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('finetune')
 
@@ -87,10 +85,9 @@ def main(args):
     config = get_config()
     config.merge_from_args(args)
     config.trainer.work_dir = config.system.work_dir  # checkpoints, metrics.jsonl, the plot
-    given = copy.deepcopy(config)  # for config.json: the trainer fills in what is left open
-    start_run(config, logger)
+    run = start_run(config, logger, script='projects/finetune/finetune.py')
     S = config.sample
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)  # now, not after training
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)  # now, not after training
 
     # the text and GPT-2's vocabulary first: a wrong path is better found before a model download
     text = training_text(config.data.path)
@@ -116,10 +113,7 @@ def main(args):
     logger.info("%d characters, %d tokens: %d to train on, %d to validate on",
                 len(text), len(ids), len(train_dataset.ids), len(val_dataset.ids))
 
-    require_whole_model(config.trainer.parallel, 'projects/finetune/finetune.py')
-
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     prompt = torch.tensor([enc.encode(str(config.sample.prompt))], dtype=torch.long)
 
     def sample():
@@ -132,10 +126,10 @@ def main(args):
     # before: the pretrained model as it is (also when resuming, so the numbers always compare).
     # Under torchrun every rank evaluates its share of the batches; rank 0 samples, writes and prints
     loss_before = trainer.evaluate()
-    sample_before = sample() if is_rank0() else None
+    sample_before = sample() if run.rank0 else None
     logger.info("before fine-tuning: val loss %.4f", loss_before)
 
-    trainer.run()
+    run.train(trainer)
     plotted = trainer.plot(os.path.join(config.system.work_dir, 'loss.png'))  # None without matplotlib
 
     # after: the weights with the best validation loss, exported where from_pretrained reads them
@@ -145,15 +139,13 @@ def main(args):
         state_dict, _ = read_checkpoint(best)
         model.load_state_dict(state_dict)
     loss_after = trainer.evaluate()
-    if not is_rank0():
-        return {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
+    results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num}
+    if not run.rank0:
+        return results  # rank 0 reports the run
     model_dir = model.save_pretrained(os.path.join(config.system.work_dir, 'model'))
-    sample_after = sample()
-
-    results = {'val_loss_before': loss_before, 'val_loss_after': loss_after, 'iters': trainer.iter_num,
-               'model': str(model_dir), 'sample_before': sample_before, 'sample_after': sample_after}
-    with open(os.path.join(config.system.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    results.update(model=str(model_dir), sample_before=sample_before, sample_after=sample())
+    run.finish(results)
+    sample_after = results['sample_after']
     print(f"--- sample before fine-tuning (val loss {loss_before:.4f}) ---\n{sample_before}\n")
     print(f"--- sample after fine-tuning (val loss {loss_after:.4f}) ---\n{sample_after}\n")
     print(f"fine-tuned model in {model_dir}; checkpoints, metrics.jsonl{' and loss.png' if plotted else ''} in "

@@ -26,8 +26,6 @@ the same command again continues from work_dir/ckpt, on the same shards only (th
 Under torchrun only rank 0 logs and writes.
 """
 
-import copy
-import json
 import logging
 import os
 import sys
@@ -39,13 +37,14 @@ import torch
 from mingpt.data import open_shard, read_meta, shard_windows
 from mingpt.errors import ConfigError, DataError
 from mingpt.evaluate import bits_per_byte, token_byte_lengths
-from mingpt.generate import check_sampling_args, complete
+from mingpt.generate import checked_options, complete
 from mingpt.model import GPT
 from mingpt.schedule import eval_batches
+from mingpt.tasks import eval_callback
 from mingpt.tokenizers import find_tokenizer, load_tokenizer, save_tokenizer
 from mingpt.trainer import Trainer
-from mingpt.distributed import dist_env, is_rank0, process_group
-from mingpt.utils import run_script, setup_logging, start_run, CfgNode as CN
+from mingpt.distributed import dist_env, process_group
+from mingpt.utils import run_script, start_run, CfgNode as CN
 
 logger = logging.getLogger('gpt2')
 
@@ -109,6 +108,14 @@ def get_config():
     C.sample.top_k = 50
     C.sample.seed = 0
     C.sample.interval = 0
+
+    # downstream evaluation at every `every`-th evaluation (mingpt.tasks), off when path is None: 'hellaswag'
+    # (downloaded once), a HellaSwag-format .jsonl, an llm.c eval .bin or a CORE bundle directory, on its first
+    # `limit` examples (None: all); its score goes into metrics.jsonl and loss.png
+    C.tasks = CN()
+    C.tasks.path = None
+    C.tasks.every = 1
+    C.tasks.limit = None
 
     return C
 
@@ -183,9 +190,8 @@ def main(args):
     if D.total_batch_tokens is not None:
         config.trainer.grad_accum_steps = grad_accum_steps(D.total_batch_tokens, config.trainer.batch_size,
                                                            D.block_size, world_size)
-    given = copy.deepcopy(config)  # for config.json: the model and the trainer fill in what is left open
-    start_run(config, logger)
-    check_sampling_args(S.temperature, S.top_k, max_new_tokens=S.max_new_tokens)
+    run = start_run(config, logger)  # samples run on every rank under FSDP: the model may be sharded
+    checked_options(S.max_new_tokens, temperature=S.temperature, top_k=S.top_k)
 
     # the shards and their tokenizer (a resumed run's Trainer checks they are the ones it trained on)
     train_dataset, val_dataset = shard_windows(D.dir, D.block_size)
@@ -226,9 +232,8 @@ def main(args):
                 f"{eval_targets:,}", len(windows), eval_bytes / eval_targets, unigram)
 
     trainer = Trainer(config.trainer, model, train_dataset, val_dataset=val_dataset)
-    setup_logging(given)  # only now: the Trainer has checked what work_dir holds, nothing is overwritten
     work_dir = config.system.work_dir
-    if is_rank0():  # under torchrun every rank runs this script; rank 0 writes and shows
+    if run.rank0:
         save_tokenizer(tokenizer, work_dir)  # mingpt.evaluate and the chat find it next to ckpt/
 
     def sample():
@@ -250,8 +255,8 @@ def main(args):
     def on_eval_end(trainer):
         trainer.val_bpb = bits_per_byte(trainer.val_loss * eval_targets, eval_bytes)
         due = S.interval and trainer.iter_num % S.interval == 0 and trainer.iter_num != config.trainer.max_iters
-        text = sample() if due and (sharded or is_rank0()) else None
-        if not is_rank0():
+        text = sample() if due and (sharded or run.rank0) else None
+        if not run.rank0:
             return
         logger.info("iter %d: val bits per byte %.4f", trainer.iter_num, trainer.val_bpb)
         trainer.metrics.log({'iter': trainer.iter_num, 'val_bpb': trainer.val_bpb})
@@ -261,9 +266,12 @@ def main(args):
             keep_sample(text)
 
     trainer.val_bpb = None
+    if config.tasks.path is not None:  # before on_eval_end, whose plot then shows the score
+        trainer.add_callback('on_eval_end', eval_callback(config.tasks.path, tokenizer, config.tasks.every,
+                                                          config.tasks.limit))
     trainer.add_callback('on_eval_end', on_eval_end)
     t0 = time.time()
-    trainer.run()
+    run.train(trainer)
     seconds = time.time() - t0
 
     if trainer.val_loss is None:  # a run resumed after it had finished trains no further
@@ -272,14 +280,13 @@ def main(args):
     results = {'iters': trainer.iter_num, 'tokens': trainer.iter_num * step_tokens, 'val_loss': trainer.val_loss,
                'val_bpb': trainer.val_bpb, 'best_val_loss': trainer.best_val_loss, 'unigram_entropy': unigram,
                'parameters': n_params, 'seconds': round(seconds, 1)}
-    text = sample() if sharded or is_rank0() else None
-    if not is_rank0():
+    text = sample() if sharded or run.rank0 else None
+    if not run.rank0:
         return results  # rank 0 reports the run
     plotted = trainer.plot(os.path.join(work_dir, 'loss.png'))  # None without matplotlib
     results['sample'] = text
     keep_sample(results['sample'])
-    with open(os.path.join(work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    run.finish(results)
     print(results['sample'])
     print(f"\nval loss {trainer.val_loss:.4f} nats/token (unigram entropy {unigram:.4f}), {trainer.val_bpb:.4f} "
           f"bits/byte after {trainer.iter_num} steps ({results['tokens']:,} tokens); checkpoints, metrics.jsonl, "

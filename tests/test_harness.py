@@ -1,0 +1,114 @@
+"""
+Tests for mingpt/harness.py, mingpt's model in the lm-evaluation-harness: its loglikelihood, rolling
+loglikelihood and generation against transformers' GPT2LMHeadModel on the same weights, and lm_eval's own
+command line in a subprocess against mingpt.tasks.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+import numpy as np
+import torch
+
+from mingpt.tasks import choice_scores, evaluate_multiple_choice, read_hellaswag
+from tests.common import REPO, python_without, slow
+from tests.test_tasks import EOT, HELLASWAG, ModelTestCase, hellaswag_rows
+
+
+class TestHarness(ModelTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        from mingpt.harness import MinGPTLM
+        cls.lm = MinGPTLM(model=cls.model64, tokenizer=cls.enc, batch_size=5, device='cpu')
+
+    def requests(self, kind, *args):
+        from lm_eval.api.instance import Instance
+        return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
+
+    def test_loglikelihood(self):
+        rows = hellaswag_rows()[:3]
+        pairs = [(r['ctx'], ' ' + e) for r in rows for e in r['endings']] + [('', 'Hello there')]
+        got = self.lm.loglikelihood(self.requests('loglikelihood', *pairs), disable_tqdm=True)
+        for (context, continuation), (ll, greedy) in zip(pairs, got):
+            ctx = self.enc.encode(context) if context else [EOT]  # an empty context starts at <|endoftext|>
+            self.assertAlmostEqual(ll, self.reference_loglikelihood(ctx, self.enc.encode(continuation)), delta=1e-9)
+            self.assertIsInstance(greedy, bool)
+
+    def test_loglikelihood_rolling(self):
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        texts = ['A short text.', ' '.join(r['ctx'] for r in hellaswag_rows()[:8])]  # the second > 64 tokens
+        got = self.lm.loglikelihood_rolling(self.requests('loglikelihood_rolling', *[(t,) for t in texts]), True)
+        for text, ll in zip(texts, got):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.enc.encode(text), prefix_token=EOT, max_seq_len=64, context_len=1)]
+            self.assertEqual(sum(len(c) for _, c in windows), len(self.enc.encode(text)))  # every token once
+            self.assertAlmostEqual(ll, sum(self.reference_loglikelihood(c, t) for c, t in windows), delta=1e-9)
+        self.assertGreater(len(self.enc.encode(texts[1])), 64)
+
+    @torch.no_grad()
+    def test_generate_until_equals_transformers_greedy(self):
+        prompts = ['The cat', 'Once upon a time there was a', 'Hello']
+        options = {'until': ['\n'], 'max_gen_toks': 12, 'do_sample': False}
+        got = self.lm.generate_until(self.requests('generate_until', *[(p, options) for p in prompts]), True)
+        for prompt, text in zip(prompts, got):
+            ids = torch.tensor([self.enc.encode(prompt)])
+            out = self.hf64.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=EOT, eos_token_id=EOT)[0, ids.size(1):].tolist()
+            want = self.enc.decode(out[:out.index(EOT)] if EOT in out else out).split('\n')[0]
+            self.assertEqual(text, want)
+
+    @slow
+    def test_without_lm_eval_one_line_says_what_to_install(self):
+        proc = subprocess.run([*python_without('lm_eval'), '-m', 'mingpt.harness', '--model', 'mingpt'], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        self.assertEqual((proc.returncode, proc.stderr.count('\n')), (2, 1), proc.stderr)
+        self.assertTrue(proc.stderr.startswith('error: ') and "pip install -e '.[eval]'" in proc.stderr, proc.stderr)
+
+    @slow
+    def test_lm_eval_command_line_equals_the_library(self):
+        """ lm_eval's command line (python -m mingpt.harness) on a local task in HellaSwag's format: the
+        accuracy and every ending's log-likelihood equal mingpt.tasks's on the same model """
+        (self.tmp / 'tasks').mkdir()
+        (self.tmp / 'tasks' / 'fixture.yaml').write_text(f"""
+task: mingpt_hellaswag_fixture
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {HELLASWAG}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{endings}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+""")
+        env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
+                   HF_DATASETS_CACHE=str(self.tmp / 'hf'), HF_HOME=str(self.tmp / 'hf'))
+        proc = subprocess.run([sys.executable, '-m', 'mingpt.harness', '--model', 'mingpt', '--model_args',
+                               f'pretrained={self.model_dir}', '--tasks', 'mingpt_hellaswag_fixture', '--include_path',
+                               str(self.tmp / 'tasks'), '--batch_size', '8', '--device', 'cpu', '--output_path',
+                               str(self.tmp / 'out'), '--log_samples'], cwd=self.tmp, env=env, capture_output=True,
+                              text=True, timeout=600)
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        with open(glob.glob(str(self.tmp / 'out' / '*' / 'results_*.json'))[0]) as f:
+            results = json.load(f)['results']['mingpt_hellaswag_fixture']
+        examples = read_hellaswag(HELLASWAG, self.enc)
+        self.assertEqual(results['acc,none'], evaluate_multiple_choice(self.model, examples)['acc'])
+        with open(glob.glob(str(self.tmp / 'out' / '*' / 'samples_*.jsonl'))[0]) as f:
+            samples = sorted((json.loads(line) for line in f), key=lambda s: s['doc_id'])
+        scores = choice_scores(self.model, [[(ex.context, e) for e in ex.endings] for ex in examples])
+        self.assertEqual(len(samples), 24)
+        for sample, s in zip(samples, scores):
+            np.testing.assert_allclose([float(r[0][0]) for r in sample['resps']], [ll for ll, _ in s], atol=1e-4)
+
+
+if __name__ == '__main__':
+    unittest.main()
