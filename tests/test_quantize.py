@@ -191,7 +191,7 @@ class TestQuantizedModel(common.TempDirTestCase):
         save(model, self.tmp / 'q')
         with self.assertRaises(OSError):  # no model.safetensors: transformers does not misread int8
             transformers.GPT2LMHeadModel.from_pretrained(self.tmp / 'q')
-        with self.assertRaisesRegex(WeightsError, 'int8.*llm.c'):
+        with self.assertRaisesRegex(ConfigError, 'int8.*llm.c'):
             save_llmc(model, self.tmp / 'm.bin')
         with self.assertRaisesRegex(ConfigError, 'quantize'):
             save(tiny(), self.tmp / 'fp32')
