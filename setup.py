@@ -24,6 +24,9 @@ setup(
         'plot': ['matplotlib'],
         # mingpt.harness (lm-eval's command line with mingpt's models); pyyaml reads CORE bundles (mingpt.tasks)
         'eval': ['lm-eval', 'pyyaml'],
+        # the engines bench/generate.py compares with (llama-cpp-python builds llama.cpp from source
+        # where PyPI has no wheel for the platform; gguf writes its model files)
+        'bench': ['transformers', 'ctranslate2', 'llama-cpp-python', 'gguf'],
         # transformers 5 needs torch >= 2.6; with torch 2.4 or 2.5 use transformers<4.50
         'test': [
             'starlette',

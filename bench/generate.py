@@ -1,31 +1,40 @@
 """
-Benchmark batch-1 greedy generation on CPU: mingpt with the KV cache, mingpt without the cache,
-and transformers' GPT2LMHeadModel.generate, all on the same random GPT-2 124M weights (saved by
-transformers, loaded by mingpt), fp32, in one process.
+Benchmark greedy generation on CPU: mingpt (with the KV cache, without it, and with int8 linears)
+against transformers' GPT2LMHeadModel.generate and, where they are installed, CTranslate2 (fp32, int8)
+and llama.cpp (f32, q8_0) through llama-cpp-python, all on the same random GPT-2 124M weights (saved by
+transformers, loaded or converted by the others), in one process.
 
-    python bench/generate.py              # the full benchmark (a few minutes)
-    python bench/generate.py --quick      # fewer tokens, to try a change
+    python bench/generate.py                     # the full benchmark (several minutes)
+    python bench/generate.py --quick             # fewer tokens, to try a change
+    python bench/generate.py --quantize int8     # add mingpt with int8 linears (mingpt.quantize)
+    pip install -e '.[bench]'                    # the peers: ctranslate2, llama-cpp-python, gguf
 
-Each engine runs --repeats times (default 3), taking turns, and keeps its fastest run; even so,
-numbers taken while other processes use the CPU are noisy (2 threads suffer most, since an
-OpenMP thread waiting for a descheduled sibling stalls the whole op).
+Cases: (a) batch 1, 16 -> 128 tokens, (b) batch 1, 512 -> 64, (c) batch --batch (16), 64 -> 128 on a
+(B, 64) prompt batch (`generate` of each engine; llama-cpp-python decodes one sequence only). Each engine
+runs --repeats times (default 3), taking turns, and keeps its fastest run; even so, numbers taken while
+other processes use the CPU are noisy (2 threads suffer most, since an OpenMP thread waiting for a
+descheduled sibling stalls the whole op). An engine that is not installed is skipped, and said so.
 
-Batch-1 decoding reads every weight once per token (~0.5 GB for GPT-2 124M in fp32) and does
-little arithmetic on it, so its speed limit is the memory bandwidth: the script measures that too
-and reports which fraction of it the decode steps achieve.
+Decoding reads every weight once per step (~0.5 GB for GPT-2 124M in fp32, ~0.14 GB in int8) and, at
+batch 1, does little arithmetic on it, so its speed limit is the memory bandwidth: the script measures
+that (or takes --bandwidth) and reports which fraction of it each engine's decode steps achieve.
 """
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import peers  # noqa: E402
 from mingpt.generate import stream  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
+from mingpt.quantize import METHODS, quantize  # noqa: E402
 
 
 def memory_bandwidth(gigabytes=1.0, repeats=5):
@@ -43,12 +52,24 @@ def memory_bandwidth(gigabytes=1.0, repeats=5):
     return best
 
 
-def weight_bytes_per_step(model):
-    """ bytes of weights one decode step reads: everything but the embedding tables, plus the
-    (tied) lm_head, which reads the whole token embedding; the embeddings only gather one row """
+def weight_bytes_per_step(model, q8_0=False):
+    """ bytes of weights one decode step reads: every parameter and buffer but the embedding tables,
+    which only gather a row, plus a head tied to wte, which reads all of it. q8_0: the matrices as
+    llama.cpp's q8_0 stores them, 34 bytes per 32 weights """
     embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
-    n = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
-    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in embeddings}
+    if model.lm_head.weight is model.transformer.wte.weight:
+        tensors['head'] = model.lm_head.weight
+    if q8_0:
+        return sum(t.numel() * (34 / 32 if t.dim() == 2 else 4) for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def time_generate(model, idx, n):
+    """ a whole batch through GPT.generate: (nan, total seconds, the first row's new tokens) """
+    t0 = time.perf_counter()
+    out = model.generate(idx, n)
+    return float('nan'), time.perf_counter() - t0, out[0, idx.size(1):].tolist()
 
 
 def time_mingpt(model, idx, n, **kwargs):
@@ -78,14 +99,73 @@ def time_hf(hf, idx, n):
         def end(self):
             pass
 
-    streamer = FirstToken()
+    streamer = FirstToken() if idx.size(0) == 1 else None  # transformers streams one row only
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
                           min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
                           streamer=streamer)
     total = time.perf_counter() - t0
-    return streamer.t - t0, total, out[0, idx.size(1):].tolist()
+    return (streamer.t - t0 if streamer else float('nan')), total, out[0, idx.size(1):].tolist()
+
+
+def make_engines(args, hf, model, work):
+    """
+    {label: (make(), bytes a decode step reads, batch sizes it runs)}: make() -> run(idx, n), built
+    lazily so that a peer that fails to build is skipped with its reason. Also {family: why skipped}.
+    """
+    int8 = quantize(copy.deepcopy(model), args.quantize) if args.quantize else None
+    fp32_bytes = weight_bytes_per_step(model)
+    int8_bytes = weight_bytes_per_step(int8) if int8 is not None else None
+    any_batch, one_row = (1, 2), (1,)  # 2: any batch size
+    engines = {
+        'mingpt, KV cache': (lambda: lambda idx, n: (time_mingpt(model, idx, n) if idx.size(0) == 1
+                                                     else time_generate(model, idx, n)), fp32_bytes, any_batch),
+        'mingpt, no cache': (lambda: lambda idx, n: time_mingpt(model, idx, n, use_cache=False), fp32_bytes, one_row),
+        'transformers generate': (lambda: lambda idx, n: time_hf(hf, idx, n), fp32_bytes, any_batch),
+    }
+    if args.skip_uncached:
+        del engines['mingpt, no cache']
+    if int8 is not None:
+        engines[f'mingpt {args.quantize}, KV cache'] = (
+            lambda: lambda idx, n: (time_mingpt(int8, idx, n) if idx.size(0) == 1 else time_generate(int8, idx, n)),
+            int8_bytes, any_batch)
+    skipped = {family: why for family, why in peers.available().items() if why}
+    if args.no_peers:
+        skipped = {family: '--no-peers' for family in ('ctranslate2', 'llama.cpp')}
+    if 'ctranslate2' not in skipped:
+        tokenizer = peers.gpt2_tokenizer(work / 'hf')
+        for compute, nbytes in (('float32', fp32_bytes), ('int8', int8_bytes or fp32_bytes / 3.6)):
+            def make(compute=compute):
+                gen = peers.ctranslate2_generator(work / 'hf', work / f'ct2-{compute}', compute, args.threads)
+                return lambda idx, n: peers.time_ctranslate2(gen, tokenizer, idx, n)
+            engines[f'CTranslate2 {compute}'] = (make, nbytes, any_batch)
+    if 'llama.cpp' not in skipped:
+        for qtype in ('f32', 'q8_0'):
+            def make(qtype=qtype):
+                path = peers.write_gguf(work / 'hf', work / f'gpt2-{qtype}.gguf', qtype)
+                llm = peers.llama_cpp_model(path, args.threads, n_ctx=1024)
+                return lambda idx, n: peers.time_llama_cpp(llm, idx, n)
+            engines[f'llama.cpp {qtype}'] = (make, weight_bytes_per_step(model, q8_0=qtype == 'q8_0'), one_row)
+    return engines, skipped
+
+
+def run_case(engines, built, idx, n, repeats):
+    """ {label: (ttft, total, tokens)}: the best of a few rounds, the engines taking turns within each
+    round, so that a busy spell of the machine does not land on one engine only """
+    runs = {label: built[label] for label, (_, _, sizes) in engines.items()
+            if label in built and (idx.size(0) == 1 or 2 in sizes)}
+    for run in runs.values():  # warm up every path (first-call allocations, kernel selection)
+        run(idx, 2)
+    best = {}
+    for r in range(repeats):
+        for label, run in runs.items():
+            if r > 0 and label == 'mingpt, no cache':
+                continue  # the slow uncached one runs once
+            result = run(idx, n)
+            if label not in best or result[1] < best[label][1]:
+                best[label] = result
+    return best
 
 
 def main():
@@ -94,6 +174,10 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=3, help='rounds; each engine keeps its best')
     parser.add_argument('--skip-uncached', action='store_true', help='skip mingpt without the cache')
+    parser.add_argument('--quantize', choices=METHODS, default=None, help='also run mingpt with int8 linears')
+    parser.add_argument('--batch', type=int, default=16, help='rows of case (c); 0 skips it')
+    parser.add_argument('--bandwidth', type=float, default=None, help='memory GB/s, instead of measuring it')
+    parser.add_argument('--no-peers', action='store_true', help='skip CTranslate2 and llama.cpp')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,65 +186,57 @@ def main():
     transformers.logging.set_verbosity_error()
     cfg = transformers.GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model = GPT.from_pretrained(d).eval()
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(tmp.name)
+    hf.save_pretrained(work / 'hf')
+    model = GPT.from_pretrained(work / 'hf').eval()
 
-    bandwidth = memory_bandwidth()
-    step_bytes = weight_bytes_per_step(model)
-    cases = [('a', 16, 128), ('b', 512, 64)]
+    bandwidth = args.bandwidth or memory_bandwidth()
+    cases = [('a', 1, 16, 128), ('b', 1, 512, 64), ('c', args.batch, 64, 128)]
     if args.quick:
-        cases = [('a', 16, 32), ('b', 512, 16)]
+        cases = [('a', 1, 16, 32), ('b', 1, 512, 16), ('c', args.batch, 64, 32)]
+    cases = [c for c in cases if c[1] > 0]
+
+    engines, skipped = make_engines(args, hf, model, work)
+    built = {}
+    for label, (make, _, _) in engines.items():
+        try:
+            built[label] = make()
+        except Exception as e:  # a peer that cannot build here is skipped, with the reason
+            skipped[label] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 
     rows = []
-    for name, T, n in cases:
-        idx = torch.randint(0, cfg.vocab_size, (1, T))
-        engines = {
-            'mingpt, KV cache': lambda k: time_mingpt(model, idx, k),
-            'mingpt, no cache': lambda k: time_mingpt(model, idx, k, use_cache=False),
-            'transformers generate': lambda k: time_hf(hf, idx, k),
-        }
-        if args.skip_uncached:
-            del engines['mingpt, no cache']
-        # warm up every path (first-call allocations, oneDNN kernel selection) on this prompt
-        for run in engines.values():
-            run(2)
-        # the best of a few rounds, the engines taking turns within each round, so that a busy
-        # spell of the machine does not land on one engine only (the slow uncached one runs once)
-        best = {}
-        for r in range(args.repeats):
-            for label, run in engines.items():
-                if r > 0 and label == 'mingpt, no cache':
-                    continue
-                result = run(n)
-                if label not in best or result[1] < best[label][1]:
-                    best[label] = result
-        ours = best['mingpt, KV cache']
+    for name, B, T, n in cases:
+        idx = torch.randint(0, cfg.vocab_size, (B, T))
+        best = run_case(engines, built, idx, n, args.repeats)
+        ours = best['mingpt, KV cache'][2]
         for label, (ttft, total, tokens) in best.items():
-            same = 'yes' if tokens == ours[2] else 'NO'
-            decode_s = (total - ttft) / (n - 1)  # per token after the first
-            gbs = step_bytes / decode_s / 1e9
-            rows.append((f'({name}) {T} -> {n}', label, n / total, 1 / decode_s, ttft * 1e3,
-                         gbs, gbs / bandwidth, same))
+            # greedy tokens agree between exact engines; an int8 one may part from fp32's after a while
+            same = next((i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), min(len(tokens), len(ours)))
+            steps_per_s = (n - 1) / (total - ttft) if ttft == ttft else n / total  # nan ttft: whole batch
+            gbs = engines[label][1] * steps_per_s / 1e9
+            rows.append((f'({name}) {B} x {T} -> {n}', label, B * n / total, B * steps_per_s, ttft * 1e3,
+                         gbs, gbs / bandwidth, f'{same}/{n}'))
 
-    print(f"\nGPT-2 124M config, random weights, fp32, batch 1, greedy, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {args.threads} threads")
-    print(f"memory bandwidth (best of a 1 GB sum / GEMV): {bandwidth:.1f} GB/s; weights read per "
-          f"decode step: {step_bytes / 1e9:.3f} GB\n")
-    print('| prompt -> new | engine | tokens/s (all) | decode tokens/s | first token (ms) | '
-          'weight GB/s per decode step | of bandwidth | same tokens as mingpt |')
+    print(f"\nGPT-2 124M config, random weights, greedy, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {args.threads} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"memory bandwidth ({'given' if args.bandwidth else 'best of a 1 GB sum / GEMV'}): {bandwidth:.1f} GB/s; "
+          f"weights read per decode step: fp32 {weight_bytes_per_step(model) / 1e9:.3f} GB\n")
+    print('| batch x prompt -> new | engine | tokens/s (all) | decode tokens/s | first token (ms) | '
+          'weight GB/s per decode step | of bandwidth | tokens equal to mingpt fp32 |')
     print('|---|---|---:|---:|---:|---:|---:|:---:|')
     for case, label, tps, dtps, ttft, gbs, frac, same in rows:
-        print(f'| {case} | {label} | {tps:.1f} | {dtps:.1f} | {ttft:.0f} | {gbs:.1f} | '
-              f'{frac:.0%} | {same} |')
+        print(f'| {case} | {label} | {tps:.1f} | {dtps:.1f} | {ttft:.0f} | {gbs:.1f} | {frac:.0%} | {same} |')
     by = {(r[0], r[1]): r for r in rows}
     for case in dict.fromkeys(r[0] for r in rows):
-        ours = by[(case, 'mingpt, KV cache')][2]
-        line = f"{case} mingpt, KV cache: {ours / by[(case, 'transformers generate')][2]:.2f}x transformers"
-        if (case, 'mingpt, no cache') in by:
-            line += f", {ours / by[(case, 'mingpt, no cache')][2]:.1f}x mingpt without the cache"
-        print(line)
+        ref = by[(case, 'transformers generate')][2]
+        print(f"{case}: " + ', '.join(f"{label} {r[2] / ref:.2f}x" for (c, label), r in by.items()
+                                      if c == case and label != 'transformers generate') + ' transformers')
+    for what, why in skipped.items():
+        print(f"skipped {what}: {why}")
     print(f"\ncommand: python bench/generate.py {' '.join(sys.argv[1:])}".rstrip())
+    tmp.cleanup()
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off);
   pack_weights gives a model's Linears a second copy in oneDNN's blocked layout for products of many rows.
+- int8_kernel: which kernel an int8 Linear (mingpt.quantize) multiplies with on this machine.
 - resolve_device: 'auto' made concrete, and any other device checked against this machine.
 - training_device: the device a training process uses (one GPU per process under torchrun).
 - fast_dtype: what Trainer(dtype='auto') trains in on this device.
@@ -12,6 +13,7 @@ PyTorch:
 
 import logging
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -120,8 +122,112 @@ def pack_weights(model):
     path are unchanged.
     """
     for m in model.modules():
-        if isinstance(m, Linear):
+        if callable(getattr(m, 'pack', None)):  # these Linears, and mingpt.quantize's Int8Linear
             m.pack()
+
+# -----------------------------------------------------------------------------
+# the int8 linear: which kernel multiplies by an int8 weight with per-output-channel scales
+
+def _fbgemm_prepare(weight, scale):
+    """ int8 (out, in) weight + fp32 (out,) scales -> fbgemm's packed weight (its own blocked layout) """
+    with warnings.catch_warnings():
+        # torch deprecates its quantized tensor types; this one only carries the weight into the
+        # packing, and where a torch no longer has them the kernel's probe fails and another is chosen
+        warnings.simplefilter('ignore', UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(
+            weight, scale.double(), torch.zeros(weight.size(0), dtype=torch.long), 0)
+    engine = torch.backends.quantized.engine
+    try:  # the engine that is current when packing decides the kernel the product will run
+        torch.backends.quantized.engine = 'fbgemm'
+        return torch.ops.quantized.linear_prepack(qweight, None)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def _fbgemm_product(reduce_range):
+    def product(x, packed, bias):
+        # x (..., in) is quantized per call to uint8 (one scale for the whole tensor); the products
+        # sum in int32 and come back as fp32 rows, to which the bias is added here
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.size(-1)), packed, reduce_range)
+        y = y.view(*x.shape[:-1], y.size(-1))
+        return y if bias is None else y + bias
+    return product
+
+
+def _dequantized_product(x, prepared, bias):
+    weight, scale = prepared
+    return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+class Int8Kernel:
+    """ prepare(weight int8 (out, in), scale (out,)) once, then product(x, prepared, bias) per call """
+
+    def __init__(self, name, prepare, product):
+        self.name, self.prepare, self.product = name, prepare, product
+
+    def __repr__(self):
+        return f'Int8Kernel({self.name!r})'
+
+
+# in order of preference (bench/README.md, int8): fbgemm's dynamic linear quantizes the activations to
+# uint8 per call and multiplies in int8, reading a quarter of fp32's bytes. Without VNNI (AVX2), its
+# kernel adds pairs of uint8 x int8 products in int16 (vpmaddubsw), which saturates for 8-bit
+# activations: 7-bit ones (reduce_range) fit. 'dequantize' is exact and runs anywhere, at below fp32's
+# speed: the fallback.
+INT8_KERNELS = {
+    'fbgemm': Int8Kernel('fbgemm', _fbgemm_prepare, _fbgemm_product(False)),
+    'fbgemm-7bit': Int8Kernel('fbgemm-7bit', _fbgemm_prepare, _fbgemm_product(True)),
+    'dequantize': Int8Kernel('dequantize', lambda weight, scale: (weight, scale), _dequantized_product),
+}
+_int8_kernel = None
+
+
+def _probe_int8_kernel(kernel):
+    """
+    Whether kernel multiplies correctly here: a product chosen to saturate int16 pair sums (every
+    activation at its maximum, every weight at +-127) must match the exact dequantized product
+    within what quantizing the activations may change: half a step of the activations' scale per
+    input, times the weight's magnitude summed over the row.
+    """
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randint(0, 2, (64, 256), generator=gen, dtype=torch.int8) * 2 - 1) * 127
+    weight[:32] = 127  # rows whose products are all positive: the worst case for saturation
+    scale = torch.rand(64, generator=gen) * 0.01 + 0.001
+    x = torch.rand(3, 256, generator=gen) * 8
+    x[0] = 8.0
+    try:
+        y = kernel.product(x, kernel.prepare(weight, scale), None)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        logger.debug("int8 kernel %s is unavailable here: %s", kernel.name, e)
+        return False
+    exact = x @ (weight.float() * scale[:, None]).t()
+    step = 8.0 / 127  # the activations' scale at 7 bits, the coarser of the two
+    bound = step / 2 * (weight.float().abs() * scale[:, None]).sum(1) + 1e-4
+    return bool(((y - exact).abs() <= bound).all())
+
+
+def int8_kernel():
+    """
+    The kernel mingpt.quantize's Int8Linear multiplies with on this CPU: the first of INT8_KERNELS
+    that is present and passes a product that would catch int16 saturation, chosen once per process.
+    MINGPT_INT8_KERNEL=<name> asks for one by name (it is still checked, and refused if wrong here).
+    """
+    global _int8_kernel
+    if _int8_kernel is None:
+        wanted = os.environ.get('MINGPT_INT8_KERNEL')
+        if wanted is not None and wanted not in INT8_KERNELS:
+            raise ConfigError(f"MINGPT_INT8_KERNEL={wanted!r} is not an int8 kernel: use one of "
+                              f"{', '.join(INT8_KERNELS)}, or unset it to choose automatically")
+        names = [wanted] if wanted else list(INT8_KERNELS)
+        for name in names:
+            if _probe_int8_kernel(INT8_KERNELS[name]):
+                _int8_kernel = INT8_KERNELS[name]
+                break
+        else:
+            raise ConfigError(f"MINGPT_INT8_KERNEL={wanted!r}: that kernel is missing or multiplies "
+                              "wrongly on this CPU; unset it to choose automatically")
+        logger.info("int8 linears multiply with the %s kernel", _int8_kernel.name)
+    return _int8_kernel
 
 # -----------------------------------------------------------------------------
 # devices and training

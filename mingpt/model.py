@@ -432,7 +432,7 @@ class GPT(nn.Module):
 
     def make_kv_cache(self, batch_size, max_len=None, dtype=None, device=None):
         """ one preallocated KVCache per layer, for up to max_len (default block_size) positions """
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight  # not lm_head's, which may be int8 (mingpt.quantize)
         C = self.config
         return [KVCache(batch_size, max_len or self.block_size, C.n_head, C.n_embd // C.n_head,
                         dtype=dtype or p.dtype, device=device or p.device)

@@ -48,12 +48,13 @@ logger = logging.getLogger(__name__)
 OVERRIDABLE = ('embd_pdrop', 'resid_pdrop', 'attn_pdrop', 'tie_weights')
 
 
-def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, **overrides):
+def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, quantization=None, **overrides):
     """
     model_cls: GPT or a subclass; sizes: GPT config fields (n_layer, n_head, n_embd, vocab_size,
     block_size, tie_weights and optionally the dropouts); tensors: mingpt-layout state dict, without
     lm_head.weight when tied. Checks every key and shape against the model the sizes describe, then
-    loads strictly. origin names the checkpoint in error messages.
+    loads strictly. origin names the checkpoint in error messages. quantization: the method
+    (mingpt.quantize) the tensors were saved with, head included.
     """
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
@@ -76,10 +77,14 @@ def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, **overri
     # on the meta device: no memory and no random init spent on weights we are about to replace
     with torch.device('meta'):
         model = model_cls(config)
+    if quantization is not None:
+        from mingpt.quantize import quantize
+        quantize(model, quantization)
+    tied = config.tie_weights and quantization is None  # a quantized head is an int8 copy, saved
 
     tensors = dict(tensors)
     wte = tensors.get('transformer.wte.weight')
-    if config.tie_weights:
+    if tied:
         if LM_HEAD in tensors and wte is not None and not torch.equal(tensors[LM_HEAD], wte):
             logger.warning("%s: lm_head.weight differs from wte but the model ties them: using wte", origin)
         tensors.pop(LM_HEAD, None)
@@ -87,7 +92,7 @@ def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, **overri
         tensors[LM_HEAD] = wte.clone()  # untied on request: the head starts as a copy of wte
 
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_weights:
+    if tied:
         del expected[LM_HEAD]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -105,12 +110,12 @@ def build_model(model_cls, sizes, tensors, origin, dtype=torch.float32, **overri
             f"block_size={config.block_size}): {'; '.join(problems)}. The config and the weights "
             "do not belong together, or the file is not a GPT-2 checkpoint")
 
-    if config.tie_weights:
+    if tied:
         tensors[LM_HEAD] = tensors['transformer.wte.weight']
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
-    if config.tie_weights:
+    if tied:
         # assign=True gave lm_head its own Parameter object: share wte's again, as GPT.__init__ does
         model.lm_head.weight = model.transformer.wte.weight
     assert not any(t.is_meta for t in model.state_dict().values()), "a weight was left on meta"
@@ -167,6 +172,11 @@ def load_pretrained(source, model_cls, *, dtype=torch.float32, **overrides):
     run's holds only adapters, which come back merged into the base weights they name (mingpt.lora).
     """
     fmt, path = detect_format(source)
+    if fmt == 'hf':
+        from mingpt.quantize import read, saved_method  # a directory mingpt.quantize.save wrote: int8
+        if saved_method(path) is not None:
+            sizes, tensors, method = read(path)
+            return build_model(model_cls, sizes, tensors, path, dtype=None, quantization=method, **overrides)
     if fmt == 'hub':
         path = hf.download_hub(path)
     if fmt == 'hf' and (path / 'trainer.pt').is_file():

@@ -22,6 +22,7 @@ import re
 import sys
 
 from mingpt.chat import PromptTooLong, add_sampling_args, load_chat_model, prompt_budget, sampling_flags, stream_reply
+from mingpt.quantize import METHODS, quantize
 from mingpt.utils import run_script
 
 logger = logging.getLogger('mingpt.chat')
@@ -132,10 +133,13 @@ def main(argv=None):
     add_sampling_args(parser)
     parser.add_argument('--system', default=None, help='a system message to start every conversation')
     parser.add_argument('--seed', type=int, default=None, help='make the replies reproducible')
+    parser.add_argument('--quantize', choices=METHODS, default=None,
+                        help='int8: the linears in int8 with per-channel scales, a quarter of the bytes (mingpt.quantize)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
     sampling_flags(args)
     model, tokenizer = load_chat_model(args.model, args.device)
+    quantize(model, args.quantize)
     # a reply may hold any character; never die on a terminal's narrower encoding
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(errors='replace')

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mingpt.config import ARCH_OPTIONS, PRESETS
-from mingpt.errors import WeightsError
+from mingpt.errors import ConfigError, WeightsError
 from mingpt.formats import LM_HEAD, check_sizes, param_names, read_json, refuse_non_gpt2
 from mingpt.utils import atomic_write
 
@@ -200,6 +200,10 @@ def save_hf(model, directory, safe_serialization=True):
     own checkpoint format. Returns the directory as a Path. A model with architecture options GPT-2
     has not (rotary positions, RMSNorm, ...) is a ConfigError: transformers would compute another model.
     """
+    if getattr(model, 'quantization', None):  # int8 weights: transformers would read them as numbers
+        raise ConfigError(f"this model's linears are {model.quantization}, which Hugging Face's GPT-2 format "
+                          "cannot hold: save it with mingpt.quantize.save(model, directory) (GPT.from_pretrained "
+                          "reads that back), or save the fp32 model")
     refuse_non_gpt2(model, "Hugging Face's GPT-2 format")
     sd = model.state_dict()
     tensors = {}

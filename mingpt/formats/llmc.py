@@ -84,6 +84,9 @@ def save_llmc(model, path, version=3):
     refuse_non_gpt2(model, "llm.c's format")
     if version not in LLMC_VERSIONS:
         raise ConfigError(f"llm.c checkpoint version must be one of {sorted(LLMC_VERSIONS)}, got {version}")
+    if getattr(model, 'quantization', None):
+        raise ConfigError(f"this model's linears are {model.quantization}, which llm.c's format cannot hold: "
+                          "save the fp32 model, or this one with mingpt.quantize.save (GPT.from_pretrained reads it)")
     if model.lm_head.weight is not model.transformer.wte.weight and \
             not torch.equal(model.lm_head.weight, model.transformer.wte.weight):
         raise WeightsError("llm.c's format ties lm_head to wte, but this model has a separate lm_head; "

@@ -9,6 +9,7 @@ from pathlib import Path
 from mingpt import serve
 from mingpt.chat import add_sampling_args, load_chat_model, sampling_flags
 from mingpt.errors import ConfigError
+from mingpt.quantize import METHODS, quantize
 from mingpt.serve import LOCAL_HOSTS, NEEDS, check_limits, create_app, run_server
 
 logger = logging.getLogger('mingpt.serve')
@@ -43,6 +44,8 @@ def main(argv=None):
     parser.add_argument('--queue-timeout', type=float, default=10.0, help='seconds a request waits for a row, then 429')
     parser.add_argument('--max-queue', type=int, default=None,
                         help='requests that may wait for a row (default 4 x --max-concurrent); more get a 429 at once')
+    parser.add_argument('--quantize', choices=METHODS, default=None,
+                        help='int8: the linears in int8 with per-channel scales, a quarter of the bytes (mingpt.quantize)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     try:
@@ -55,6 +58,7 @@ def main(argv=None):
         check_limits(flags=True, max_new_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent,
                      queue_timeout=args.queue_timeout, max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
         model, tokenizer = load_chat_model(args.model, args.device)
+        quantize(model, args.quantize)
         allowed = LOCAL_HOSTS + ((args.host,) if args.host not in ('0.0.0.0', '::') else ())
         if args.allowed_hosts:
             extra = [h.strip() for h in args.allowed_hosts.split(',') if h.strip()]
