@@ -45,8 +45,5 @@ setup(
             'pyyaml',
         ],
     },
-    # the 'mingpt' model type for lm-eval versions that load models from this entry point group
-    # (lm-eval 0.4.x does not: there, python -m mingpt.harness is its command line with the model registered)
-    entry_points={'lm_eval.models': ['mingpt = mingpt.harness:MinGPTLM']},
     license='MIT',
 )

@@ -6,8 +6,7 @@ mingpt's models in EleutherAI's lm-evaluation-harness (pip install -e '.[eval]')
 
 `python -m mingpt.harness` is lm_eval's own command line (every option of `lm_eval`) in a process where
 the model type 'mingpt' is registered: lm_eval 0.4 knows a model type only once a module that registers it
-is imported, and imports no other package's. This package also declares the class under the entry point
-group 'lm_eval.models', for lm_eval versions that load models from there. From Python:
+is imported, and imports no other package's, so a bare `lm_eval --model mingpt` cannot find it. From Python:
 lm_eval.simple_evaluate(model=MinGPTLM(model=gpt, tokenizer=tok), tasks=[...]).
 
 model_args: pretrained (anything GPT.from_pretrained reads), tokenizer ("gpt2" or a directory; default the
