@@ -71,7 +71,7 @@ def main():
     parser.add_argument('--target', help='a model directory GPT.from_pretrained reads (its tokenizer beside it)')
     parser.add_argument('--draft', help='the assistant: a smaller model with the same vocabulary')
     parser.add_argument('--iters', type=int, default=1500, help='training iterations, without --target')
-    parser.add_argument('--new-tokens', type=int, default=200)
+    parser.add_argument('--new-tokens', type=int, default=64, help='must leave room for a prompt in the context')
     parser.add_argument('--prompts', type=int, default=6)
     parser.add_argument('--draft-tokens', type=int, default=5, help='num_assistant_tokens')
     parser.add_argument('--lookup-tokens', type=int, default=10, help='prompt_lookup_num_tokens')
@@ -93,7 +93,10 @@ def main():
         print(f"trained gpt-mini and gpt-nano for {args.iters} iterations each in {time.time() - t0:.0f} s",
               file=sys.stderr)
     held = text[cut:]
-    room = target.block_size - args.new_tokens
+    room = target.block_size - args.new_tokens  # speculation drafts only while the sequence fits the context
+    if room < 16:
+        parser.error(f"--new-tokens {args.new_tokens} leaves {room} tokens of the {target.block_size}-token context "
+                     "for the prompt; use fewer")
     starts = [i * (len(held) // args.prompts) for i in range(args.prompts)]
     plain_prompts = [torch.tensor(tokenizer.encode(held[s:s + room // 2])) for s in starts]
     # input-grounded: a passage, a blank line, then the passage's first words again
