@@ -95,7 +95,7 @@ def memory_table(args):
             rows.append(f"| {model_type} | {mode} | {r['peak']:.2f} | {r['runtime']:.2f} | "
                         f"{r['peak'] / full:.0%} | {r['sec_per_step']:.1f} |")
             print(rows[-1], flush=True)
-    return ['| model shape | fine-tuning | peak RSS (GB) | of which runtime (GB) | of full | s/step (busy machine) |',
+    return ['| model shape | fine-tuning | peak RSS (GB) | of which runtime (GB) | of full | s/step |',
             '|---|---|---:|---:|---:|---:|'] + rows
 
 
