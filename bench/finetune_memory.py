@@ -10,7 +10,7 @@ activation checkpointing, on the CPU, at the same batch:
   fine-tuned each way on the finetune project's text (tiny shakespeare) for the same steps; the
   validation loss each reaches (both texts from ../shared/data when it is there).
 
-    python bench/finetune_memory.py                       # both tables; ~1 hour on 2 busy cores
+    python bench/finetune_memory.py                       # both tables (the memory one: ~3 minutes on 2 cores)
     python bench/finetune_memory.py --models gpt2 --steps 2 --no-loss
     python bench/finetune_memory.py --no-memory --pretrain-text my_base_text.txt
 
