@@ -31,9 +31,9 @@ import queue
 import threading
 import time
 
-from mingpt.decoder import Decoder, Sequence, check_window_keep
+from mingpt.decoder import Decoder, Sequence
 from mingpt.errors import ConfigError
-from mingpt.generate import checked_options, prepare_prompts, warn_if_training
+from mingpt.generate import prepare_prompts, sequence_options
 from mingpt.hardware import pack_weights
 
 logger = logging.getLogger(__name__)
@@ -129,29 +129,18 @@ class BatchEngine:
         self.recent = collections.deque()  # (time, tokens) of the steps of the last RATE_WINDOW seconds
         self.started = time.monotonic()
 
-    def request(self, prompt, max_new_tokens, options=None, *, generator=None, window_keep=None,
-                should_stop=None, on_logits=None, assistant_model=None, prompt_lookup_num_tokens=None,
-                num_assistant_tokens=5, **sampling):
+    def request(self, prompt, max_new_tokens, options=None, *, should_stop=None, on_logits=None, **kwargs):
         """
         A Request, every argument checked (a ConfigError, or PromptTooLong for a prompt longer than
         the context), not yet submitted. prompt: a 1-D sequence of token ids. options (a
-        mingpt.sampling.SamplingOptions, or its fields as keywords), generator, window_keep and the
-        speculative decoding arguments are mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
+        mingpt.sampling.SamplingOptions, or its fields as keywords) and kwargs (generator, window_keep,
+        speculative decoding) are mingpt.generate.stream's; should_stop() is asked before every step (True: cancel);
         on_logits(logits) is called in the engine's thread with the (V,) logits each token is
         sampled from (an inference tensor: copy it to keep it).
         """
-        options = checked_options(max_new_tokens, options, **sampling)
-        if generator is not None and options.seed is not None:
-            raise ConfigError("give either generator or seed, not both (seed makes a new generator)")
-        keep = check_window_keep(self.model, window_keep)
-        warn_if_training(self.model)
+        how = sequence_options(self.model, max_new_tokens, options, **kwargs)
         _, (tokens,) = prepare_prompts(self.model, [prompt])
-        drafter = None
-        if assistant_model is not None or prompt_lookup_num_tokens is not None:
-            from mingpt.speculative import make_drafter  # here: speculation is an option most requests never use
-            drafter = make_drafter(self.model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens)
-        return Request(tokens, max_new_tokens, options, generator=generator or options.make_generator(self.device),
-                       window_keep=keep, should_stop=should_stop, on_logits=on_logits, drafter=drafter)
+        return Request(tokens, max_new_tokens, should_stop=should_stop, on_logits=on_logits, **how)
 
     def submit(self, prompt_or_request, max_new_tokens=None, **kwargs):
         """

@@ -52,6 +52,7 @@ import torch
 
 from mingpt.errors import ConfigError
 from mingpt.sampling import is_int, sample
+from mingpt.speculative import verify
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ class Decoder:
 
     def _verify(self, i, logits, draft, q):
         """ row i's draft checked against the model's logits (T, V) (mingpt.speculative.verify) """
-        from mingpt.speculative import verify  # here: speculation is an option most decoding never uses
         seq = self.rows[i]
         if seq.ending is not None:
             return

@@ -23,6 +23,7 @@ import torch
 
 from mingpt.decoder import Decoder, Sequence, check_window_keep
 from mingpt.sampling import SamplingOptions, is_int
+from mingpt.speculative import make_drafter
 from mingpt.errors import ConfigError, PromptTooLong
 from mingpt.hardware import pack_weights
 
@@ -168,26 +169,33 @@ def checked_options(max_new_tokens, options=None, **fields):
     return options.check()
 
 
-def _start(model, idx, max_new_tokens, options=None, *, generator=None, pad_token_id=None,
-           attention_mask=None, use_cache=True, window_keep=None, assistant_model=None,
-           prompt_lookup_num_tokens=None, num_assistant_tokens=5, **sampling):
+def _start(model, idx, max_new_tokens, options=None, *, pad_token_id=None, attention_mask=None,
+           use_cache=True, **kwargs):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
+    how = sequence_options(model, max_new_tokens, options, **kwargs)
+    eos = how['options'].eos_token_id
+    if pad_token_id is None:
+        pad_token_id = eos if isinstance(eos, int) else None
+    idx, prompts = prepare_prompts(model, idx, attention_mask, pad_token_id)
+    seqs = [Sequence(p, max_new_tokens, use_cache=use_cache, **how) for p in prompts]  # one generator for all rows
+    return idx, _steps(model, seqs, 0 if pad_token_id is None else pad_token_id)
+
+
+def sequence_options(model, max_new_tokens, options=None, *, generator=None, window_keep=None,
+                     assistant_model=None, prompt_lookup_num_tokens=None, num_assistant_tokens=5, **sampling):
+    """
+    Every option of one generation checked (a ConfigError naming any out of range) -> the keyword
+    arguments of its Sequence(s): options, generator (seed made one), window_keep, drafter. stream()'s
+    and a BatchEngine request's arguments go through here alike.
+    """
     options = checked_options(max_new_tokens, options, **sampling)
     if generator is not None and options.seed is not None:
         raise ConfigError("give either generator or seed, not both (seed makes a new generator)")
     keep = check_window_keep(model, window_keep)
     warn_if_training(model)
-    if pad_token_id is None:
-        pad_token_id = options.eos_token_id if isinstance(options.eos_token_id, int) else None
-    idx, prompts = prepare_prompts(model, idx, attention_mask, pad_token_id)
-    generator = generator or options.make_generator(idx.device)
-    drafter = None
-    if assistant_model is not None or prompt_lookup_num_tokens is not None:
-        from mingpt.speculative import make_drafter  # here: speculation is an option most decoding never uses
-        drafter = make_drafter(model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens)
-    seqs = [Sequence(p, max_new_tokens, options, generator=generator, window_keep=keep, use_cache=use_cache,
-                     drafter=drafter) for p in prompts]
-    return idx, _steps(model, seqs, 0 if pad_token_id is None else pad_token_id)
+    return dict(options=options, generator=generator or options.make_generator(next(model.parameters()).device),
+                window_keep=keep,
+                drafter=make_drafter(model, assistant_model, prompt_lookup_num_tokens, num_assistant_tokens))
 
 
 def warn_if_training(model):

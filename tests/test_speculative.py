@@ -147,12 +147,12 @@ class TestSampling(unittest.TestCase):
                 # within 5 standard errors in every one of the 216 cells
                 self.assertLess(self.check(model, prompt, rows, **dict(kw)), 5.0)
         # and the check can fail: keeping every draft gives a distribution it tells apart
-        from mingpt import speculative
+        from mingpt import decoder, speculative
 
         def keep_all(logits, draft, q, options, generator):
             p = speculative.probabilities(logits[len(draft):len(draft) + 1], options)
             return draft + [int(torch.multinomial(p[0], 1, generator=generator))]
-        with mock.patch.object(speculative, 'verify', keep_all):
+        with mock.patch.object(decoder, 'verify', keep_all):  # where the decode step looks it up
             for name, kw in cases[::2]:
                 with self.subTest(wrong_rule=name):
                     self.assertGreater(self.check(model, prompt, rows, **dict(kw)), 5.0)
