@@ -371,7 +371,7 @@ class Trainer:
             self.best_val_loss = self.val_loss
         if self.is_master:
             logger.info("iter %d: val loss %.4f (best %.4f)", self.iter_num, self.val_loss, self.best_val_loss)
-            self.metrics.log({'iter': self.iter_num, 'val_loss': self.val_loss})
+            self.metrics.log({'iter': self.iter_num, 'val_loss': self.val_loss, 'time': round(time.time(), 3)})
         self.trigger_callbacks('on_eval_end')
         if improved and self.config.work_dir is not None:
             self.save_checkpoint('ckpt_best', weights_only=True)  # for using the model, not for resuming

@@ -80,6 +80,25 @@ def start_run(config, logger, script=None):
     return run
 
 
+def resolve_args(config, args, presets=None):
+    """
+    The config a project script runs with: config, then the preset args name (their last
+    --preset=NAME, else config.preset) when the script has presets (a dict name -> overrides in
+    merge_from_dict's shape), then args themselves. Naming a model preset (--model.model_type=...)
+    clears the model's sizes first: a GPT takes one or the other. An unknown preset is a ConfigError.
+    """
+    if presets is not None:
+        names = [a.split('=', 1)[1] for a in args if a.startswith('--preset=')]
+        name = names[-1] if names else config.preset
+        if name not in presets:
+            raise ConfigError(f"--preset={name}: unknown preset; use one of {', '.join(presets)}")
+        config.merge_from_dict(presets[name])
+    if any(a.startswith('--model.model_type=') for a in args):
+        config.model.n_layer = config.model.n_head = config.model.n_embd = None
+    config.merge_from_args(args)
+    return config
+
+
 class Run:
     """
     A project script's run, from start_run to finish: the config, a copy of it as it was given

@@ -355,6 +355,27 @@ class TestCharGPT(ProjectTestCase):
             model = json.load(f)['model']
         self.assertEqual((model['model_type'], model['n_layer'], model['n_embd']), ('gpt-nano', 3, 48))
 
+
+    def test_the_fast_preset_trains_the_modern_recipe_with_muon(self):
+        chargpt = load_project('chargpt')
+        self.assertEqual(chargpt.resolved_config([]).preset, 'default')  # minGPT's architecture stays the default
+        with self.assertRaisesRegex(ConfigError, 'unknown preset; use one of default, fast'):
+            chargpt.resolved_config(['--preset=quick'])
+        fast = chargpt.resolved_config(['--preset=fast'])
+        self.assertEqual((fast.trainer.optimizer, fast.trainer.compile, fast.data.block_size), ('muon', True, 256))
+        work_dir = self.tmp / 'out'  # eager here: compiling takes longer than this whole tiny run
+        proc = run_project('chargpt', '--preset=fast', f'--system.work_dir={work_dir}', '--trainer.max_iters=20',
+                           '--trainer.compile=False', *self.TINY, cwd=self.tmp)
+        self.assertRan(proc)
+        with open(work_dir / 'ckpt' / 'config.json') as f:
+            saved = json.load(f)
+        model, trainer = saved['model'], saved['trainer']
+        self.assertEqual((model['pos_emb'], model['norm'], model['qk_norm'], model['mlp_act'], model['bias']),
+                         ('rope', 'rmsnorm', True, 'relu2', False))
+        self.assertEqual((trainer['optimizer'], model['n_embd']), ('muon', 32))  # the command line still wins
+        with open(work_dir / 'results.json') as f:
+            results = json.load(f)
+        self.assertLess(results['val_loss'], math.log(65))  # it learned something: below a uniform guess
 # -----------------------------------------------------------------------------
 
 class TestConfigFirst(ProjectTestCase):
@@ -585,9 +606,14 @@ class TestGPT2(ProjectTestCase):
                           config.trainer.weight_decay, config.trainer.grad_norm_clip), (6e-4, 6e-5, (0.9, 0.95), 0.1, 1.0))
         config = gpt2.resolved_config(['--preset=cpu', '--trainer.max_iters=7'])
         self.assertEqual((config.model.n_layer, config.trainer.compile, config.trainer.max_iters), (4, False, 7))
+        fast = gpt2.resolved_config(['--preset=cpu-fast'])  # the cpu preset's tokens, on the modern recipe
+        cpu = gpt2.resolved_config(['--preset=cpu'])
+        tokens = lambda c: c.data.total_batch_tokens * c.trainer.max_iters
+        self.assertEqual(tokens(fast), tokens(cpu))
+        self.assertEqual((fast.trainer.optimizer, fast.model.pos_emb, fast.model.tie_weights), ('muon', 'rope', False))
         config = gpt2.resolved_config(['--model.model_type=gpt2-medium'])  # a model preset replaces the sizes
         self.assertEqual((config.model.model_type, config.model.n_layer), ('gpt2-medium', None))
-        with self.assertRaisesRegex(ConfigError, 'unknown preset; use one of gpt2, cpu'):
+        with self.assertRaisesRegex(ConfigError, 'unknown preset; use one of gpt2, cpu, cpu-fast'):
             gpt2.resolved_config(['--preset=tiny'])
         # ~0.5M tokens a step on 8 GPUs of 16 rows x 1024: 4 micro-steps; 12 rows do not divide 2^19
         self.assertEqual(gpt2.grad_accum_steps(2 ** 19, 16, 1024, 8), 4)
