@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,7 +68,8 @@ def train(name, args, work_dir, minutes, dtype):
     work_dir = os.path.join(work_dir, name.replace(' ', '-'))
     argv = [sys.executable, CHARGPT, f'--system.work_dir={work_dir}', f'--trainer.dtype={dtype}',
             '--trainer.resume=False'] + args
-    os.makedirs(work_dir, exist_ok=True)
+    shutil.rmtree(work_dir, ignore_errors=True)  # a run of this benchmark starts afresh, never resumes
+    os.makedirs(work_dir)
     with open(os.path.join(work_dir, 'speedrun.log'), 'w') as log:
         start = time.time()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -166,7 +168,7 @@ def main():
         n = args.ablation_iters
         short = [f'--trainer.max_iters={n}', f'--trainer.eval_interval={n}', '--trainer.warmup_iters=50',
                  '--trainer.compile=False', '--sample.max_new_tokens=0']
-        variants = {'(nothing undone)': []} | ABLATIONS
+        variants = {'nothing undone': []} | ABLATIONS
         runs = [train(name, ['--preset=fast'] + short + extra, os.path.join(args.out, 'ablation'), 10 ** 6, args.dtype)
                 for name, extra in variants.items()]
         print(f"\nThe fast recipe for {n} iterations, {args.dtype}:\n")
