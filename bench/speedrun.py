@@ -64,17 +64,17 @@ ABLATIONS = {
 
 
 def train(name, args, work_dir, minutes, dtype):
-    """ chargpt with args in a fresh process, stopped after minutes; its evaluations as (seconds, iter, val loss) """
+    """ chargpt with args in a fresh process and work dir, stopped after minutes (None: never); the run with
+    its evaluations (seconds since the start, iter, tokens, val loss) """
     work_dir = os.path.join(work_dir, name.replace(' ', '-'))
-    argv = [sys.executable, CHARGPT, f'--system.work_dir={work_dir}', f'--trainer.dtype={dtype}',
-            '--trainer.resume=False'] + args
+    argv = [sys.executable, CHARGPT, f'--system.work_dir={work_dir}', f'--trainer.dtype={dtype}'] + args
     shutil.rmtree(work_dir, ignore_errors=True)  # a run of this benchmark starts afresh, never resumes
     os.makedirs(work_dir)
     with open(os.path.join(work_dir, 'speedrun.log'), 'w') as log:
         start = time.time()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=minutes * 60)
+            proc.wait(timeout=None if minutes is None else minutes * 60)
             stopped = False
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -136,6 +136,9 @@ def plot(runs, path, target):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    losses = [x['val_loss'] for r in runs for x in r['evals']]
+    if not losses:
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for run in runs:
         e = run['evals']
@@ -146,7 +149,7 @@ def plot(runs, path, target):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('validation loss (nats/char)')
-    axes[0].set_ylim(top=min(2.6, max(x['val_loss'] for r in runs for x in r['evals'])))
+    axes[0].set_ylim(top=min(2.6, max(losses)))
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -169,7 +172,7 @@ def main():
         short = [f'--trainer.max_iters={n}', f'--trainer.eval_interval={n}', '--trainer.warmup_iters=50',
                  '--trainer.compile=False', '--sample.max_new_tokens=0']
         variants = {'nothing undone': []} | ABLATIONS
-        runs = [train(name, ['--preset=fast'] + short + extra, os.path.join(args.out, 'ablation'), 10 ** 6, args.dtype)
+        runs = [train(name, ['--preset=fast'] + short + extra, os.path.join(args.out, 'ablation'), None, args.dtype)
                 for name, extra in variants.items()]
         print(f"\nThe fast recipe for {n} iterations, {args.dtype}:\n")
         print(ablation_table(runs))
