@@ -4,6 +4,7 @@ int8 linears (mingpt.quantize): the candidate CPU kernels side by side, and what
     python bench/int8.py kernels                 # every candidate, GPT-2 124M's products, 1 and 16 rows
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 python bench/int8.py kernels
     python bench/int8.py quality --model out/chargpt/ckpt --data held_out.txt
+    python bench/int8.py quality --model out/gpt2-cpu/ckpt_best --data data/shards   # the shards' val split
 
 kernels: one decode step of GPT-2 124M is 49 products (per layer c_attn 768 -> 2304, c_proj 768 -> 768,
 c_fc 768 -> 3072, c_proj 3072 -> 768; then the head 768 -> 50257). Each candidate runs all of them at 1 row
@@ -154,6 +155,15 @@ def round_blocks(weight, block=32):
     return (torch.round(w / scale).clamp(-127, 127) * scale).view(out, inp)
 
 
+def held_out_shard_text(directory, tokenizer):
+    """ the text of the validation shards mingpt.prepare wrote in directory, decoded """
+    from pathlib import Path
+    from mingpt.data import open_shard, read_meta
+    meta = read_meta(directory)
+    ids = [int(i) for s in meta['shards'] if s['split'] == 'val' for i in open_shard(Path(directory) / s['file'])]
+    return tokenizer.decode(ids)
+
+
 def bench_quality(args):
     from mingpt.data import read_text_file
     from mingpt.evaluate import evaluate_text
@@ -161,9 +171,12 @@ def bench_quality(args):
     from mingpt.tokenizers import tokenizer_for_model
     model = GPT.from_pretrained(args.model).eval()
     tokenizer = tokenizer_for_model(args.model, model.config.vocab_size)
-    text = read_text_file(args.data)
-    if args.last_fraction < 1:
-        text = text[int(len(text) * (1 - args.last_fraction)):]
+    if os.path.isdir(args.data):  # token shards: their validation split, which training never reads
+        text = held_out_shard_text(args.data, tokenizer)
+    else:
+        text = read_text_file(args.data)
+        if args.last_fraction < 1:
+            text = text[int(len(text) * (1 - args.last_fraction)):]
 
     def bpb(m):
         return evaluate_text(m, tokenizer, text, block_size=m.block_size)['bits_per_byte']
@@ -180,7 +193,8 @@ def bench_quality(args):
     rows.append(('int8, per output row, weights only (exact kernel)', bpb(int8)))
     hardware._int8_kernel = saved
     rows.append(('int8, per block of 32 (q8_0-like), weights only', bpb(blocks)))
-    print(f"{args.model} on {args.data} (last {args.last_fraction:.0%}: {len(text.encode())} bytes)\n")
+    part = 'its validation split' if os.path.isdir(args.data) else f'last {args.last_fraction:.0%}'
+    print(f"{args.model} on {args.data} ({part}: {len(text.encode())} bytes)\n")
     print('| weights | bits per byte | vs fp32 |')
     print('|---|---:|---:|')
     for name, value in rows:
@@ -196,7 +210,7 @@ def main():
     k.add_argument('--compile', action='store_true', help='also torch.compile (inductor C++) of the dequantize-sum')
     q = sub.add_parser('quality', help='bits per byte in fp32 and int8')
     q.add_argument('--model', required=True)
-    q.add_argument('--data', required=True)
+    q.add_argument('--data', required=True, help='a text file, or a directory of token shards (its val split)')
     q.add_argument('--last-fraction', type=float, default=0.1, help='score the last part of the text (held out)')
     args = parser.parse_args()
     if args.what == 'kernels':

@@ -16,7 +16,9 @@ process, evaluations and samples included in its time):
 
 A run that is not done after --minutes is stopped there; its curve ends at its last evaluation. The
 validation loss is each recipe's own measure (the Trainer's: 20 batches of its windows). Writes
-speedrun.png (val loss against minutes and against tokens), speedrun.json and a markdown table on stdout.
+speedrun.png (val loss against minutes and against tokens), speedrun.json and a markdown table on stdout;
+with --only, the other recipes' runs in an earlier speedrun.json of the same --out (same --minutes and
+--dtype) join the table and the plot.
 
 The ablation trains the fast recipe and, for each of its choices, the fast recipe with that choice undone,
 all for the same --ablation-iters iterations (a schedule of that length, eager: compiling would take a
@@ -156,6 +158,19 @@ def plot(runs, path, target):
     return True
 
 
+def earlier_runs(path, args, skip):
+    """ the runs of the recipes not run now from an earlier speedrun.json in the same --out, if it measured
+    the same budget and dtype: --only reruns some recipes and the table and plot still show all """
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except FileNotFoundError:
+        return []
+    if (earlier['dtype'], earlier['minutes']) != (args.dtype, args.minutes):
+        return []
+    return [r for r in earlier['runs'] if r['name'] not in skip]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--minutes', type=float, default=15.0, help='wall-time budget of each recipe')
@@ -179,6 +194,7 @@ def main():
         name = 'ablation'
     else:
         runs = [train(name, RECIPES[name], args.out, args.minutes, args.dtype) for name in args.only]
+        runs += earlier_runs(os.path.join(args.out, 'speedrun.json'), args, skip=args.only)
         print(f"\nUp to {args.minutes:g} minutes each, {args.dtype}:\n")
         print(table(runs, args.target))
         if plot(runs, os.path.join(args.out, 'speedrun.png'), args.target):

@@ -47,6 +47,7 @@ LR = 3e-4
 CONFIGS = {
     'transformers':         ('transformers', False, None),
     'nanogpt':              ('nanogpt', False, None),
+    'nanogpt+compile':      ('nanogpt', True, None),
     'nanogpt+bf16':         ('nanogpt', False, torch.bfloat16),
     'mingpt':               ('mingpt', False, None),
     'mingpt+muon':          ('mingpt', False, None),
@@ -163,7 +164,7 @@ class Runner:
             self.model = make_nanogpt(make_mingpt(), nanogpt)
             with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter groups
                 self.optimizer = self.model.configure_optimizers(0.1, LR, (0.9, 0.95), 'cpu')
-            forward = self.model
+            forward = torch.compile(self.model) if compile_ else self.model
 
             def loss_fn(x, y):
                 return forward(x, y)[1]

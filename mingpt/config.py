@@ -155,11 +155,14 @@ def check_trainer_config(C, device_type, lora=False, fsdp=False):
     betas_ok = isinstance(C.betas, (tuple, list)) and len(C.betas) == 2
     need(betas_ok and all(is_number(b, 0) and b < 1 for b in C.betas), 'betas', "two numbers in [0, 1), "
          "like (0.9, 0.95)")
-    need(C.lr_schedule in (None, 'cosine'), 'lr_schedule', "None (constant) or 'cosine'")
+    need(C.lr_schedule in (None, 'cosine', 'wsd'), 'lr_schedule', "None (constant), 'cosine' or 'wsd'")
+    need(is_number(C.cooldown_frac, 0) and 0 < C.cooldown_frac <= 1, 'cooldown_frac', "a number in (0, 1]")
     need(C.optimizer in ('adamw', 'muon'), 'optimizer', "'adamw' or 'muon'")
     need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
     need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
     need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
+    need(C.embedding_lr is None or (is_number(C.embedding_lr, 0) and C.embedding_lr > 0), 'embedding_lr',
+         "a number > 0, or None (learning_rate)")
     need(C.resume in (False, True, 'auto'), 'resume', "False, True or 'auto'")
     need(C.parallel in PARALLEL, 'parallel', "'ddp' (a replica per process) or 'fsdp' (sharded)")
     if C.parallel == 'fsdp':
@@ -178,8 +181,8 @@ def check_trainer_config(C, device_type, lora=False, fsdp=False):
                           f"the device is {device_type!r}; use dtype='bfloat16' on CPU, or 'float32'")
     if C.dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; use dtype='float16' (or 'float32')")
-    if C.lr_schedule == 'cosine' and C.lr_decay_iters is None and C.max_iters is None:
-        raise ConfigError("lr_schedule='cosine' needs to know when to reach min_lr: set "
+    if C.lr_schedule in ('cosine', 'wsd') and C.lr_decay_iters is None and C.max_iters is None:
+        raise ConfigError(f"lr_schedule={C.lr_schedule!r} needs to know when to reach min_lr: set "
                           "lr_decay_iters or max_iters")
     if C.resume and C.work_dir is None:
         raise ConfigError(f"resume={C.resume!r} needs the work_dir that holds the checkpoint")

@@ -267,6 +267,11 @@ class GPT(nn.Module):
         train_config.optimizer == 'muon': the Linear layers' weights inside the blocks take Muon
         (mingpt.muon, at muon_lr with muon_momentum and muon_weight_decay) and every other
         parameter takes AdamW, grouped as above, in one mingpt.muon.Muon optimizer.
+
+        train_config.embedding_lr (None: learning_rate) is the AdamW lr of the embedding tables (wte,
+        wpe; not a wte tied to lm_head): a row is updated only by the tokens that look it up, and a far
+        higher rate than the head's suits it (nanochat and modded-nanogpt give their tables tens of times
+        the head's).
         """
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
@@ -278,6 +283,12 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": train_config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        embedding_lr = getattr(train_config, 'embedding_lr', None)
+        if embedding_lr is not None:  # the tables alone (a wte tied to lm_head is the head too: it stays)
+            tables = embedding_ids - {id(self.lm_head.weight)}
+            optim_groups = [dict(g, params=[p for p in g['params'] if id(p) not in tables]) for g in optim_groups]
+            optim_groups.append({"params": [p for p in no_decay if id(p) in tables], "weight_decay": 0.0,
+                                 "lr": embedding_lr})
         if getattr(train_config, 'optimizer', 'adamw') == 'muon':
             from mingpt.muon import Muon  # here: the default optimizer needs no import of it
             matrix_ids = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Linear)}
@@ -285,7 +296,7 @@ class GPT(nn.Module):
                              'lr': train_config.muon_lr, 'momentum': train_config.muon_momentum,
                              'weight_decay': train_config.muon_weight_decay}] + \
                            [dict(g, params=[p for p in g['params'] if id(p) not in matrix_ids], muon=False,
-                                 lr=train_config.learning_rate) for g in optim_groups]
+                                 lr=g.get('lr', train_config.learning_rate)) for g in optim_groups]
             return Muon(optim_groups, betas=train_config.betas)
         # the fused kernel does the whole update in one pass over memory; foreach is the fallback
         fused = params[0].device.type in ('cuda', 'cpu')

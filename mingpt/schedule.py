@@ -2,7 +2,7 @@
 The learning rate and the data order of a training run, both pure functions of the iteration number,
 so that a resumed run needs nothing but iter_num (and the data seed) to carry on where it stopped.
 
-- get_lr(it, config): linear warmup, then constant (minGPT) or cosine down to min_lr.
+- get_lr(it, config): linear warmup, then constant (minGPT), cosine or warmup-stable-decay down to min_lr.
 - GlobalBatchSampler: the rows of iteration `it`, drawn from (seed, it) alone and split the same way
   over micro-steps and processes whatever their number.
 - train_loader: the DataLoader of a run, minGPT's RandomSampler or the seeded global batches.
@@ -20,7 +20,11 @@ from torch.utils.data import DataLoader, RandomSampler
 # learning rate
 
 def get_lr(it, config):
-    """ the learning rate of iteration it (0-based): linear warmup, then constant or cosine """
+    """
+    the learning rate of iteration it (0-based): linear warmup, then constant, a cosine down to min_lr,
+    or 'wsd' (warmup-stable-decay): constant, then a straight line down to min_lr over the last
+    cooldown_frac of the iterations, as the modded-nanogpt speedrun and nanochat schedule theirs
+    """
     lr = config.learning_rate
     if it < config.warmup_iters:
         return lr * (it + 1) / config.warmup_iters
@@ -30,6 +34,10 @@ def get_lr(it, config):
     min_lr = lr / 10 if config.min_lr is None else config.min_lr
     if it >= decay_iters:
         return min_lr
+    if config.lr_schedule == 'wsd':
+        cooldown = config.cooldown_frac * (decay_iters - config.warmup_iters)
+        left = decay_iters - it  # iterations before min_lr
+        return lr if left >= cooldown else min_lr + (lr - min_lr) * left / cooldown
     ratio = (it - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (lr - min_lr)

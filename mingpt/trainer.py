@@ -66,9 +66,13 @@ class Trainer:
         C.muon_lr = 0.02
         C.muon_momentum = 0.95
         C.muon_weight_decay = 0.0
+        # the AdamW lr of the embedding tables (not a wte tied to lm_head); None: learning_rate
+        C.embedding_lr = None
         # learning-rate schedule: None keeps learning_rate constant (after warmup_iters, if any);
-        # 'cosine' decays it to min_lr (None: learning_rate / 10) at lr_decay_iters (None: max_iters)
+        # 'cosine' decays it to min_lr (None: learning_rate / 10) at lr_decay_iters (None: max_iters);
+        # 'wsd' keeps it constant, then decays it in a straight line over the last cooldown_frac of them
         C.lr_schedule = None
+        C.cooldown_frac = 0.4
         C.warmup_iters = 0
         C.lr_decay_iters = None
         C.min_lr = None

@@ -131,6 +131,27 @@ class TestTrainerWithMuon(TempDirTestCase):
                 self.assertEqual(adamw[id(model.lm_head.weight)]['weight_decay'], 0.0 if tie else 0.1)
                 self.assertEqual(adamw[id(model.transformer.wte.weight)]['lr'], 1e-3)
 
+    def test_embedding_lr_sets_the_tables_own_rate(self):
+        for optimizer in ('adamw', 'muon'):
+            C = quiet_config(optimizer=optimizer, learning_rate=1e-3, embedding_lr=0.1)
+            for tie in (False, True):
+                model = tiny_model(tie_weights=tie)
+                opt = model.configure_optimizers(C)
+                with self.subTest(optimizer=optimizer, tie_weights=tie):
+                    ids = [id(p) for g in opt.param_groups for p in g['params']]
+                    self.assertEqual(sorted(ids), sorted({id(p) for p in model.parameters()}))  # each once
+                    group = {id(p): g for g in opt.param_groups for p in g['params']}
+                    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+                    self.assertEqual(group[id(wpe)]['lr'], 0.1)
+                    self.assertEqual(group[id(wpe)]['weight_decay'], 0.0)
+                    # a tied table is the head as well, which keeps the head's rate
+                    self.assertEqual(group[id(wte)]['lr'], 1e-3 if tie else 0.1)
+                    self.assertEqual(group[id(model.lm_head.weight)]['lr'], 1e-3)
+                    if optimizer == 'muon':
+                        self.assertTrue(all(not g['muon'] for g in opt.param_groups if g['lr'] == 0.1))
+        with self.assertRaises(ConfigError):
+            Trainer(quiet_config(embedding_lr=-1.0), tiny_model(), RepeatDataset())
+
     def test_both_groups_follow_the_schedule_and_the_loss_falls(self):
         C = quiet_config(optimizer='muon', max_iters=12, batch_size=8, learning_rate=3e-3, muon_lr=0.02,
                          lr_schedule='cosine', warmup_iters=3)

@@ -1,5 +1,5 @@
 """
-The learning rate and the data order as pure functions of the iteration: warmup + cosine, a global
+The learning rate and the data order as pure functions of the iteration: warmup + cosine or wsd, a global
 batch that is split rather than redrawn, and the DataLoader a run trains from.
 """
 
@@ -8,6 +8,8 @@ import unittest
 import torch
 from torch.utils.data import TensorDataset
 
+from mingpt.config import check_trainer_config
+from mingpt.errors import ConfigError
 from mingpt.schedule import GlobalBatchSampler, draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
@@ -35,6 +37,20 @@ class TestLearningRate(unittest.TestCase):
         self.assertTrue(all(a >= b for a, b in zip(lrs, lrs[1:])))
         C.min_lr = None  # the default: a tenth of the peak
         self.assertAlmostEqual(get_lr(110, C), 0.1)
+
+    def test_warmup_stable_then_a_straight_line_to_min_lr(self):
+        C = schedule_config(learning_rate=1.0, lr_schedule='wsd', warmup_iters=10, max_iters=110, min_lr=0.1,
+                            cooldown_frac=0.4)
+        self.assertAlmostEqual(get_lr(4, C), 0.5)
+        # 100 iterations after the warmup: the last 40 decay, from 1.0 at iteration 70 to 0.1 at 110
+        self.assertEqual({get_lr(i, C) for i in range(10, 71)}, {1.0})
+        self.assertAlmostEqual(get_lr(90, C), 0.55)
+        self.assertAlmostEqual(get_lr(109, C), 0.1 + 0.9 / 40)
+        self.assertAlmostEqual(get_lr(110, C), 0.1)
+        lrs = [get_lr(i, C) for i in range(70, 111)]
+        self.assertTrue(all(a > b for a, b in zip(lrs, lrs[1:])))
+        with self.assertRaises(ConfigError):
+            check_trainer_config(schedule_config(lr_schedule='wsd', cooldown_frac=0.0), 'cpu')
 
     def test_default_is_constant_and_decay_defaults_to_max_iters(self):
         self.assertEqual({get_lr(i, schedule_config()) for i in (0, 1, 10**6)}, {3e-4})
