@@ -160,7 +160,7 @@ CASES = [
     cmd('adder', '--trainer.dtype=float8', expect=r"unknown dtype 'float8'; use one of float32, bfloat16, float16"),
     cmd('adder', '--trainer.dtype=float16', expect=r"dtype='float16' needs a CUDA device .* use dtype='bfloat16'"),
     cmd('adder', '--trainer.lr_schedule=linear',
-        expect=r"lr_schedule='linear' cannot work: set it to None \(constant\) or 'cosine'"),
+        expect=r"lr_schedule='linear' cannot work: set it to None \(constant\), 'cosine' or 'wsd'"),
     cmd('adder', '--trainer.resume=maybe', expect=r"resume='maybe' cannot work: set it to False, True or 'auto'"),
     cmd('adder', '--trainer.device=tpu9', expect=r"device='tpu9' is not a device torch knows: use 'auto', 'cpu'"),
     cmd('adder', '--trainer.device=cuda:99',

@@ -179,7 +179,7 @@ class TestConfigValidation(unittest.TestCase):
             (dict(dtype='float16'), "CUDA"),          # no GradScaler on CPU
             (dict(dtype='fp8'), "unknown dtype"),
             (dict(lr_schedule='cosine'), "lr_decay_iters or max_iters"),
-            (dict(lr_schedule='linear'), r"lr_schedule='linear' cannot work: set it to None \(constant\) or 'cosine'"),
+            (dict(lr_schedule='linear'), r"lr_schedule='linear' cannot work: set it to None \(constant\), 'cosine' or 'wsd'"),
             (dict(grad_accum_steps=0), "grad_accum_steps"),
             (dict(resume=True), "work_dir"),
             (dict(data_seed=-1), "data_seed"),

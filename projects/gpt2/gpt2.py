@@ -140,8 +140,10 @@ PRESETS = {
     # the cpu preset's data, tokens and steps, spent on the modern recipe: as GPT-2's vocabulary makes
     # the lm_head most of a step's compute, twice the layers cost little; rotary positions, RMSNorm and
     # QK-norm, ReLU^2, no biases, an untied zero-initialised head with soft-capped logits, Muon for the
-    # blocks' matrices (AdamW for the embedding, head and gains), and torch.compile, which fuses the
-    # soft-capping and the norms' elementwise work (50,257 logits a token: in eager, passes over memory)
+    # blocks' matrices (AdamW for the embedding, head and gains; the embedding at a rate of its own, ~8x the
+    # head's: a row learns only from the tokens that look it up, and most rows are rare), and torch.compile,
+    # which fuses the soft-capping and the norms' elementwise work (50,257 logits a token: in eager, passes
+    # over memory)
     'cpu-fast': {
         'system': {'work_dir': './out/gpt2-cpu-fast'},
         'data': {'block_size': 256, 'total_batch_tokens': 2048},
@@ -149,6 +151,7 @@ PRESETS = {
                   'norm': 'rmsnorm', 'qk_norm': True, 'mlp_act': 'relu2', 'bias': False, 'zero_init_out': True,
                   'logit_softcap': 15.0},
         'trainer': {'batch_size': 8, 'optimizer': 'muon', 'muon_lr': 0.03, 'learning_rate': 6e-3, 'min_lr': 6e-5,
+                    'embedding_lr': 0.05,
                     'warmup_iters': 30, 'max_iters': 500, 'compile': True, 'eval_interval': 50,
                     'eval_iters': 5, 'checkpoint_interval': 100},
         'sample': {'max_new_tokens': 100},
