@@ -160,7 +160,7 @@ def held_out_shard_text(directory, tokenizer):
     from pathlib import Path
     from mingpt.data import open_shard, read_meta
     meta = read_meta(directory)
-    ids = [int(i) for s in meta['shards'] if s['split'] == 'val' for i in open_shard(Path(directory) / s['file'])]
+    ids = [i for s in meta['shards'] if s['split'] == 'val' for i in open_shard(Path(directory) / s['file']).tolist()]
     return tokenizer.decode(ids)
 
 

@@ -275,20 +275,18 @@ class GPT(nn.Module):
         """
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
+        # with embedding_lr, the tables in a group of their own (a wte tied to lm_head is the head too: it stays)
+        embedding_lr = getattr(train_config, 'embedding_lr', None)
+        table_ids = embedding_ids - {id(self.lm_head.weight)} if embedding_lr is not None else set()
         # named_parameters dedups shared tensors
         params = [p for p in dict(self.named_parameters()).values() if p.requires_grad]
         decay = [p for p in params if id(p) in decay_ids]
-        no_decay = [p for p in params if id(p) not in decay_ids]
+        no_decay = [p for p in params if id(p) not in decay_ids | table_ids]
+        tables = [p for p in params if id(p) in table_ids]
         optim_groups = [
             {"params": decay, "weight_decay": train_config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
-        ]
-        embedding_lr = getattr(train_config, 'embedding_lr', None)
-        if embedding_lr is not None:  # the tables alone (a wte tied to lm_head is the head too: it stays)
-            tables = embedding_ids - {id(self.lm_head.weight)}
-            optim_groups = [dict(g, params=[p for p in g['params'] if id(p) not in tables]) for g in optim_groups]
-            optim_groups.append({"params": [p for p in no_decay if id(p) in tables], "weight_decay": 0.0,
-                                 "lr": embedding_lr})
+        ] + ([{"params": tables, "weight_decay": 0.0, "lr": embedding_lr}] if tables else [])
         if getattr(train_config, 'optimizer', 'adamw') == 'muon':
             from mingpt.muon import Muon  # here: the default optimizer needs no import of it
             matrix_ids = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Linear)}
