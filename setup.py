@@ -1,4 +1,23 @@
+import os
+
 from setuptools import setup, find_packages
+from setuptools.command.build_py import build_py
+
+PTH = 'mingpt-lm-eval.pth'  # imports mingpt_lm_eval at startup: `lm_eval --model mingpt` (see that module)
+
+
+class build_py_with_pth(build_py):
+    """ build_py that also puts PTH at the top of site-packages, where Python reads .pth files: in a
+    wheel's root; in an editable install (which copies no package files), in the editable wheel's root """
+
+    def run(self):
+        super().run()
+        root = self.get_finalized_command('install').install_lib if self.editable_mode else self.build_lib
+        self.copy_file(PTH, os.path.join(root, PTH), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
 
 setup(
     name='mingpt',
@@ -8,6 +27,8 @@ setup(
     long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mingpt', 'mingpt.*']),
+    py_modules=['mingpt_lm_eval'],
+    cmdclass={'build_py': build_py_with_pth},
     package_data={'mingpt': ['static/*.html', 'assets/gpt2/*']},
     python_requires='>=3.9',
     install_requires=[

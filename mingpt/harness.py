@@ -1,19 +1,21 @@
 """
 mingpt's models in EleutherAI's lm-evaluation-harness (pip install -e '.[eval]'):
 
-    python -m mingpt.harness --model mingpt --model_args pretrained=out/run/ckpt_best --tasks hellaswag,arc_easy
-    python -m mingpt.harness --model mingpt --model_args pretrained=gpt2 --tasks my_task --include_path my_tasks/
+    lm_eval --model mingpt --model_args pretrained=out/run/ckpt_best --tasks hellaswag,arc_easy
+    lm_eval --model mingpt --model_args pretrained=gpt2 --tasks my_task --include_path my_tasks/
 
-`python -m mingpt.harness` is lm_eval's own command line (every option of `lm_eval`) in a process where
-the model type 'mingpt' is registered: lm_eval 0.4 knows a model type only once a module that registers it
-is imported, and imports no other package's, so a bare `lm_eval --model mingpt` cannot find it. From Python:
-lm_eval.simple_evaluate(model=MinGPTLM(model=gpt, tokenizer=tok), tasks=[...]).
+lm_eval knows a model type only once something registers it: the install puts mingpt-lm-eval.pth in
+site-packages, which has every Python register 'mingpt' as a name that resolves to MinGPTLM below (see
+mingpt_lm_eval.py). `python -m mingpt.harness` is lm_eval's same command line with the model registered
+here, for a Python that reads no .pth files (python -S, or mingpt on PYTHONPATH without an install).
+From Python: lm_eval.simple_evaluate(model=MinGPTLM(model=gpt, tokenizer=tok), tasks=[...]).
 
 model_args: pretrained (anything GPT.from_pretrained reads), tokenizer ("gpt2" or a directory; default the
 model's, see mingpt.tokenizers.tokenizer_for_model), max_gen_toks (default 256, at most half the context).
 --batch_size is the number of sequences a forward pass takes ('auto': 16); --device the device (a CUDA one
-falls back to the CPU on a machine without, as transformers' model in the harness does). A mingpt error is
-one `error:` line and exit status 2.
+falls back to the CPU on a machine without, as transformers' model in the harness does). A mingpt error
+(a wrong path, say) ends lm_eval's traceback with what is wrong and what to do; under python -m
+mingpt.harness it is that one `error:` line and exit status 2.
 
 What it computes, on the library's own code: loglikelihood is mingpt.tasks.score_continuations (the
 continuation's summed log-probabilities after its context, the oldest tokens dropped to fit the context,

@@ -7,6 +7,7 @@ command line in a subprocess against mingpt.tasks.
 import glob
 import json
 import os
+import site
 import subprocess
 import sys
 import unittest
@@ -70,10 +71,30 @@ class TestHarness(ModelTestCase):
         self.assertEqual((proc.returncode, proc.stderr.count('\n')), (2, 1), proc.stderr)
         self.assertTrue(proc.stderr.startswith('error: ') and "pip install -e '.[eval]'" in proc.stderr, proc.stderr)
 
+    def test_lm_eval_finds_the_model_type_by_name(self):
+        """ mingpt_lm_eval (what mingpt-lm-eval.pth imports at startup) registers 'mingpt' once lm_eval
+        reads its table of models, without importing torch or mingpt before lm_eval asks for the name """
+        code = ('import sys, mingpt_lm_eval, lm_eval.models; from lm_eval.api.registry import get_model, model_registry; '
+                'assert "mingpt" in model_registry and "hf" in model_registry, "not registered"; '
+                'assert "torch" not in sys.modules and "mingpt.harness" not in sys.modules, "imported early"; '
+                'print(get_model("mingpt").__module__, get_model("mingpt").__name__)')
+        proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+        self.assertEqual(proc.stdout.split(), ['mingpt.harness', 'MinGPTLM'])
+
+    def test_pip_install_puts_the_pth_in_site_packages(self):
+        if not any(os.path.isdir(os.path.join(d, 'mingpt')) or os.path.exists(os.path.join(d, '__editable__.mingpt-0.1.0.pth'))
+                   for d in site.getsitepackages()):
+            self.skipTest('mingpt is not pip-installed in this Python (pip install -e .)')
+        found = [d for d in site.getsitepackages() if os.path.exists(os.path.join(d, 'mingpt-lm-eval.pth'))]
+        self.assertTrue(found, 'pip install -e . should have put mingpt-lm-eval.pth in site-packages')
+
     @slow
     def test_lm_eval_command_line_equals_the_library(self):
-        """ lm_eval's command line (python -m mingpt.harness) on a local task in HellaSwag's format: the
-        accuracy and every ending's log-likelihood equal mingpt.tasks's on the same model """
+        """ lm_eval's command line, both `lm_eval` itself and `python -m mingpt.harness`, on a local task in
+        HellaSwag's format: the accuracy and every ending's log-likelihood equal mingpt.tasks's on the
+        same model """
         (self.tmp / 'tasks').mkdir()
         (self.tmp / 'tasks' / 'fixture.yaml').write_text(f"""
 task: mingpt_hellaswag_fixture
@@ -92,23 +113,29 @@ metric_list:
 """)
         env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
                    HF_DATASETS_CACHE=str(self.tmp / 'hf'), HF_HOME=str(self.tmp / 'hf'))
-        proc = subprocess.run([sys.executable, '-m', 'mingpt.harness', '--model', 'mingpt', '--model_args',
-                               f'pretrained={self.model_dir}', '--tasks', 'mingpt_hellaswag_fixture', '--include_path',
-                               str(self.tmp / 'tasks'), '--batch_size', '8', '--device', 'cpu', '--output_path',
-                               str(self.tmp / 'out'), '--log_samples'], cwd=self.tmp, env=env, capture_output=True,
-                              text=True, timeout=600)
-        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-        with open(glob.glob(str(self.tmp / 'out' / '*' / 'results_*.json'))[0]) as f:
-            results = json.load(f)['results']['mingpt_hellaswag_fixture']
+        lm_eval = os.path.join(os.path.dirname(sys.executable), 'lm_eval')
+        lm_eval = [lm_eval] if os.path.exists(lm_eval) else [sys.executable, '-m', 'lm_eval']
         examples = read_hellaswag(HELLASWAG, self.enc)
-        self.assertEqual(results['acc,none'], evaluate_multiple_choice(self.model, examples)['acc'])
-        with open(glob.glob(str(self.tmp / 'out' / '*' / 'samples_*.jsonl'))[0]) as f:
-            samples = sorted((json.loads(line) for line in f), key=lambda s: s['doc_id'])
-        scores = choice_scores(self.model, [[(ex.context, e) for e in ex.endings] for ex in examples])
-        self.assertEqual(len(samples), 24)
-        for sample, s in zip(samples, scores):
-            np.testing.assert_allclose([float(r[0][0]) for r in sample['resps']], [ll for ll, _ in s], atol=1e-4)
-
+        want_acc = evaluate_multiple_choice(self.model, examples)['acc']
+        want_scores = choice_scores(self.model, [[(ex.context, e) for e in ex.endings] for ex in examples])
+        for command in (lm_eval, [sys.executable, '-m', 'mingpt.harness']):
+            with self.subTest(command=command[-1]):
+                out = self.tmp / ('out_' + command[-1])
+                proc = subprocess.run([*command, '--model', 'mingpt', '--model_args', f'pretrained={self.model_dir}',
+                                       '--tasks', 'mingpt_hellaswag_fixture', '--include_path', str(self.tmp / 'tasks'),
+                                       '--batch_size', '8', '--device', 'cpu', '--output_path', str(out),
+                                       '--log_samples'], cwd=self.tmp, env=env, capture_output=True, text=True,
+                                      timeout=600)
+                self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+                with open(glob.glob(str(out / '*' / 'results_*.json'))[0]) as f:
+                    results = json.load(f)['results']['mingpt_hellaswag_fixture']
+                self.assertEqual(results['acc,none'], want_acc)
+                with open(glob.glob(str(out / '*' / 'samples_*.jsonl'))[0]) as f:
+                    samples = sorted((json.loads(line) for line in f), key=lambda s: s['doc_id'])
+                self.assertEqual(len(samples), 24)
+                for sample, s in zip(samples, want_scores):
+                    np.testing.assert_allclose([float(r[0][0]) for r in sample['resps']], [ll for ll, _ in s],
+                                               atol=1e-4)
 
 if __name__ == '__main__':
     unittest.main()
