@@ -7,6 +7,7 @@ against nanoGPT's model.py when given its path (its GPT is read from that file, 
     python bench/train.py                      # everything: a markdown table on stdout
     python bench/train.py --nanogpt ~/nanoGPT/model.py   # nanoGPT's step too
     python bench/train.py --only mingpt        # one configuration in this process (used for peak RSS)
+    python bench/train.py --vocab 50257        # GPT-2's vocabulary, where the loss is most of a step
 
 Two measurements, because they answer different questions:
 - speed: every configuration lives in one process and they take turns, one step each, so that
@@ -15,7 +16,9 @@ Two measurements, because they answer different questions:
   (getrusage ru_maxrss) is then that configuration's and nobody else's.
 
 The mingpt step mirrors Trainer._step (zero_grad, autocast forward, backward, clip, step), with
-the optimizer from GPT.configure_optimizers (fused AdamW; mingpt+muon: Trainer's optimizer='muon');
+the optimizer from GPT.configure_optimizers (fused AdamW; mingpt+muon: Trainer's optimizer='muon')
+and, as the Trainer asks, the loss without the logits (return_logits=False, mingpt.loss; mingpt+logits:
+the plain loss from the whole logits);
 transformers gets a plain torch AdamW, nanoGPT its own configure_optimizers. nanoGPT ties lm_head to
 wte; here its head is untied, as mingpt's and transformers' are, so that all start from one model.
 MFU counts 6 * N + 12 * n_layer * block * n_embd FLOPs per token (N: the matmul weights, i.e.
@@ -50,6 +53,7 @@ CONFIGS = {
     'nanogpt+compile':      ('nanogpt', True, None),
     'nanogpt+bf16':         ('nanogpt', False, torch.bfloat16),
     'mingpt':               ('mingpt', False, None),
+    'mingpt+logits':        ('mingpt', False, None),
     'mingpt+muon':          ('mingpt', False, None),
     'mingpt+compile':       ('mingpt', True, None),
     'mingpt+bf16':          ('mingpt', False, torch.bfloat16),
@@ -185,8 +189,8 @@ class Runner:
             self.optimizer = self.model.configure_optimizers(train_config)
             forward = torch.compile(self.model) if compile_ else self.model
 
-            def loss_fn(x, y):
-                return forward(x, y)[1]
+            def loss_fn(x, y):  # mingpt+logits: the loss from the whole logits, as minGPT's forward gives it
+                return forward(x, y, return_logits=name == 'mingpt+logits')[1]
         self.loss_fn = loss_fn
         self.autocast = (lambda: torch.autocast('cpu', dtype=dtype)) if dtype else contextlib.nullcontext
         self.model.train()
@@ -229,6 +233,7 @@ def measure(names, warmup, steps, peak=None, nanogpt=None):
 
 
 def main():
+    global VOCAB
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', choices=list(CONFIGS), help="run one configuration alone, print JSON")
     parser.add_argument('--configs', default=None, help="comma-separated subset (default: all; the nanogpt "
@@ -237,8 +242,11 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--vocab', type=int, default=VOCAB, help="vocabulary size (default 65, tiny "
+                        "shakespeare's characters; 50257: GPT-2's)")
     parser.add_argument('--no-rss', action='store_true', help="skip the per-configuration subprocesses")
     args = parser.parse_args()
+    VOCAB = args.vocab
     torch.set_num_threads(args.threads)
     names = args.configs.split(',') if args.configs else [n for n in CONFIGS
                                                           if args.nanogpt or CONFIGS[n][0] != 'nanogpt']
@@ -265,7 +273,8 @@ def main():
     if not args.no_rss:
         for n in names:
             cmd = [sys.executable, os.path.abspath(__file__), '--only', n, '--warmup', str(args.warmup),
-                   '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads), *nanogpt]
+                   '--steps', str(max(3, args.steps // 2)), '--threads', str(args.threads), '--vocab', str(VOCAB),
+                   *nanogpt]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
             print(f"  {n}: peak RSS {rss[n]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

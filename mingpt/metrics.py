@@ -14,6 +14,7 @@ What a training run shows while it runs and leaves to look at afterwards:
 """
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -241,6 +242,13 @@ def count_targets(y):
     return torch.ones((), device=y.device if torch.is_tensor(y) else None)
 
 
+def loss_only(model):
+    """ the keyword arguments that have model's forward(x, y) return the loss without the logits:
+    {'return_logits': False} for mingpt's GPT (mingpt.loss), {} for any other model with minGPT's
+    forward(x, y) -> (logits, loss), which the Trainer trains as well """
+    return {'return_logits': False} if 'return_logits' in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def dataset_loss(model, dataset, batches, device, autocast=contextlib.nullcontext, rank=0, world_size=1,
                  every_rank=False):
@@ -253,6 +261,7 @@ def dataset_loss(model, dataset, batches, device, autocast=contextlib.nullcontex
     """
     was_training = model.training
     model.eval()
+    kwargs = loss_only(model)
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for global_idx in batches:
@@ -263,7 +272,7 @@ def dataset_loss(model, dataset, batches, device, autocast=contextlib.nullcontex
             mine, counted = global_idx[:1], 0
         x, y = [t.to(device) for t in default_collate([dataset[int(i)] for i in mine])]
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, **kwargs)
         n = count_targets(y) * counted
         loss_sum += loss.float() * n
         count += n

@@ -25,6 +25,7 @@ from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
 from mingpt.layers import ReLUSquared, apply_rotary, make_norm, rotary_angles
+from mingpt.loss import linear_cross_entropy
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -359,10 +360,13 @@ class GPT(nn.Module):
                               f"architecture option), not {format!r}")
         return (save_hf if format == 'hf' else save_mingpt)(self, directory, **kwargs)
 
-    def forward(self, idx, targets=None, *, kv_cache=None, cache_pos=0, last_only=False):
+    def forward(self, idx, targets=None, *, return_logits=True, kv_cache=None, cache_pos=0, last_only=False):
         """
         idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
         targets (B, T): next-token ids; -1 marks positions that do not count in the loss.
+        return_logits=False (with targets): (None, loss), the loss computed a chunk of positions at a
+        time by mingpt.loss, never holding the (B, T, vocab_size) logits (the Trainer's way: faster
+        and lighter with a big vocabulary).
 
         The keyword-only arguments serve incremental decoding (mingpt.decoder): kv_cache is a list
         of KVCache (one per layer), the new tokens written at positions [cache_pos, cache_pos+T)
@@ -412,6 +416,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary)
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits and type(self.lm_head) in (nn.Linear, Linear) \
+                and self.lm_head.bias is None:  # (a LoRA or int8 lm_head computes its own logits)
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)

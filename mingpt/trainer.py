@@ -32,7 +32,7 @@ from mingpt.config import DTYPES, check_trainer_config
 from mingpt.distributed import dist_env, process_group, set_grad_sync, wrap_model
 from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
-from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, plot_metrics
+from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, loss_only, plot_metrics
 from mingpt.resume import apply_resume_state, diverged, gather_rng_states, read_resume_state
 from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
 from mingpt.utils import CfgNode as CN
@@ -209,6 +209,7 @@ class Trainer:
         train_model = self._wrapped_model = wrap_model(model, config.parallel, self.device_type,
                                                        self.local_rank, self.world_size)
         self.optimizer = model.configure_optimizers(config)
+        self._loss_only = loss_only(model)
         self._base_lrs = [g['lr'] for g in self.optimizer.param_groups]
         if config.dtype == 'float16':
             self.scaler = torch.amp.GradScaler('cuda')
@@ -327,7 +328,7 @@ class Trainer:
         for m, (x, y) in enumerate(batches):
             set_grad_sync(self._wrapped_model, m == A - 1)  # gradients travel once, after the last
             with self._autocast_ctx():
-                _, loss = self._train_model(x, y)
+                _, loss = self._train_model(x, y, **self._loss_only)
             loss = loss.float() * weights[m]
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

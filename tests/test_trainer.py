@@ -281,7 +281,7 @@ class TestMixedPrecisionAndCompile(unittest.TestCase):
         set_seed(0)
         model = tiny_model()
         dtypes = []
-        model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         trainer = Trainer(quiet_config(max_iters=20, batch_size=16, learning_rate=3e-3, dtype='bfloat16'),
                           model, RepeatDataset())
         losses = []
