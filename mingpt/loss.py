@@ -8,7 +8,8 @@ the forward: for rows x_c, z = x_c W^T, loss += logsumexp(z) - z[target], and si
 d loss / d z = softmax(z) - onehot(target), the gradients dx_c = dz W and dW += dz^T x_c follow at once,
 in the chunk's own buffer. The same three matrix products as lm_head's forward and backward; memory
 a chunk's logits rather than the batch's; the backward only scales the saved gradients by the
-incoming one (the loss is a scalar).
+incoming one (the loss is a scalar). On gpt-mini with GPT-2's vocabulary this makes the training step
+1.5x nanoGPT's, which computes the plain loss (bench/README.md, Training).
 
 Shapes: N rows (B*T positions), C n_embd, V vocab_size.
 """
@@ -16,7 +17,8 @@ Shapes: N rows (B*T positions), C n_embd, V vocab_size.
 import torch
 from torch.nn import functional as F
 
-CHUNK_BYTES = 128 * 2**20  # a chunk's fp32 logits (667 rows of GPT-2's vocabulary); 64-128 MB ran fastest (bench/README.md)
+# a chunk's fp32 logits (667 rows of GPT-2's vocabulary); of 16-256 MB, 64-128 MB ran fastest
+CHUNK_BYTES = 128 * 2**20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -65,7 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dz = e.scatter_add_(1, tc, -e_sum)
                 row_factor = sc / e_sum  # (rows, 1)
                 if softcap is not None:
-                    dz.mul_(th.mul_(th).neg_().add_(1))  # through softcap * tanh(z / softcap): 1 - tanh^2
+                    dz.addcmul_(dz, th.mul_(th), value=-1)  # through softcap * tanh(z / softcap): x (1 - tanh^2)
                 dzm = dz if mm_dtype == torch.float32 else dz.to(mm_dtype)
                 if need_dx:
                     dx[a:b] = (dzm @ wm).mul_(row_factor)
