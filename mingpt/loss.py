@@ -28,7 +28,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, softcap=None):
         # x (N, C), weight (V, C), targets (N,)
-        (N, C), V = x.shape, weight.size(0)
+        N, V = x.size(0), weight.size(0)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         counted = targets.ne(-1)
         share = (counted / counted.sum()).float()[:, None]  # (N, 1): a row's weight in the mean (0: not counted)
