@@ -431,7 +431,7 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-        return logits, loss
+        return (logits if return_logits or loss is None else None), loss
 
     def _check_ids(self, ids, name, lowest):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
