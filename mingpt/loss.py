@@ -15,7 +15,6 @@ Shapes: N rows (B*T positions), C n_embd, V vocab_size.
 """
 
 import torch
-from torch.nn import functional as F
 
 # a chunk's fp32 logits (667 rows of GPT-2's vocabulary); of 16-256 MB, 64-128 MB ran fastest
 CHUNK_BYTES = 128 * 2**20
@@ -85,15 +84,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if dw is None else dw * grad.to(dw.dtype), None, None)
 
 
+def worth_chunking(rows, vocab_size):
+    """ whether (rows, vocab_size) logits outgrow one chunk; those that fit (a character vocabulary) are
+    better computed the plain way: nothing to save there, and torch.compile fuses it better """
+    return rows * vocab_size * 4 > CHUNK_BYTES
+
+
 def linear_cross_entropy(x, weight, targets, softcap=None):
     """ x (..., C), weight (V, C), targets (...) -> the mean cross-entropy of softcap(x @ weight^T),
-    as F.cross_entropy(..., ignore_index=-1) on those logits, never holding more than a chunk of them.
-    Logits that fit in one chunk (a character vocabulary) take the plain way: nothing to save there,
-    and torch.compile fuses it better. """
-    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if x.size(0) * weight.size(0) * 4 <= CHUNK_BYTES:
-        logits = F.linear(x, weight)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        return F.cross_entropy(logits, targets, ignore_index=-1)
-    return LinearCrossEntropy.apply(x, weight, targets, softcap)
+    as F.cross_entropy(..., ignore_index=-1) on those logits, never holding more than a chunk of them """
+    return LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), softcap)

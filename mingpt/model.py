@@ -25,7 +25,7 @@ from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
 from mingpt.layers import ReLUSquared, apply_rotary, make_norm, rotary_angles
-from mingpt.loss import linear_cross_entropy
+from mingpt.loss import linear_cross_entropy, worth_chunking
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -417,7 +417,8 @@ class GPT(nn.Module):
             x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits and type(self.lm_head) in (nn.Linear, Linear) \
-                and self.lm_head.bias is None:  # (a LoRA or int8 lm_head computes its own logits)
+                and self.lm_head.bias is None and worth_chunking(targets.numel(), self.lm_head.weight.size(0)):
+            # (a LoRA or int8 lm_head computes its own logits; so does a small vocabulary, below)
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
         if last_only:
             x = x[:, -1:, :]
