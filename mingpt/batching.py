@@ -34,7 +34,6 @@ import time
 from mingpt.decoder import Decoder, Sequence
 from mingpt.errors import ConfigError
 from mingpt.generate import prepare_prompts, sequence_options
-from mingpt.hardware import pack_weights
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class BatchEngine:
     the caller steps, by calling step() (to control exactly when requests join) or run() (in a
     thread of its choosing, until close()). A context manager, or call close(). On a CPU in fp32,
     the model's big weights are also held in oneDNN's blocked layout, for the many-row products of
-    the steps and prefills (mingpt.hardware.pack_weights).
+    the steps and prefills (the Decoder calls mingpt.hardware.pack_weights).
     """
 
     RATE_WINDOW = 10.0  # seconds over which stats() counts tokens per second
@@ -118,7 +117,6 @@ class BatchEngine:
         if self.n_rows < 1:
             raise ConfigError(f"a batch needs at least 1 row (got rows={rows})")
         self.decoder = Decoder(model, self.n_rows)  # touched by the stepping thread only
-        pack_weights(model)  # a step's products have a row per request: see hardware.pack_weights
         self.device = next(model.parameters()).device
         self.threaded = threaded
         self.waiting = collections.deque()  # submitted requests waiting for a row

@@ -51,6 +51,7 @@ import logging
 import torch
 
 from mingpt.errors import ConfigError
+from mingpt.hardware import pack_weights
 from mingpt.sampling import is_int, sample
 from mingpt.speculative import verify
 
@@ -130,6 +131,8 @@ class Decoder:
 
     def __init__(self, model, n_rows, max_len=None):
         self.model, self.n_rows = model, n_rows
+        # each step's products have a row per running sequence: lay the weights out for that
+        pack_weights(model, 'one' if n_rows == 1 else 'many')
         self.cache = model.make_kv_cache(n_rows, max_len)
         self.device = next(model.parameters()).device
         self.rows = []  # the running sequences

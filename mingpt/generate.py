@@ -25,7 +25,6 @@ from mingpt.decoder import Decoder, Sequence, check_window_keep
 from mingpt.sampling import SamplingOptions, is_int
 from mingpt.speculative import make_drafter
 from mingpt.errors import ConfigError, PromptTooLong
-from mingpt.hardware import pack_weights
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +208,6 @@ def _steps(model, seqs, pad_token_id):
     n_steps = seqs[0].max_new_tokens
     if n_steps == 0:
         return
-    if len(seqs) > 1:
-        pack_weights(model)  # the steps' products have a row per prompt: see hardware.pack_weights
     # the cache never needs more than the whole sequence, nor more than the context
     longest = max(len(s.tokens) for s in seqs)
     decoder = Decoder(model, len(seqs), max_len=min(model.block_size, longest + n_steps))

@@ -3,7 +3,8 @@ Choices that depend on the machine, kept in one place so that the model and the 
 PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off);
-  pack_weights gives a model's Linears a second copy in oneDNN's blocked layout for products of many rows.
+  pack_weights gives a model's Linears a second copy of their weights, laid out for products of many rows
+  (oneDNN's blocked layout) or of one (mingpt.gemv's).
 - int8_kernel: which kernel an int8 Linear (mingpt.quantize) multiplies with on this machine.
 - resolve_device: 'auto' made concrete, and any other device checked against this machine.
 - training_device: the device a training process uses (one GPU per process under torchrun).
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from mingpt import gemv
 from mingpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -45,43 +47,53 @@ ONEDNN_MIN_WEIGHT = 1 << 18
 
 class Linear(nn.Linear):
     """
-    nn.Linear whose fp32 CPU products run on oneDNN's kernel when nothing needs gradients.
+    nn.Linear whose fp32 CPU products run on faster kernels when nothing needs gradients.
 
     Why: decoding one token makes every layer a matrix-vector product that reads its whole weight once,
     so a decode step runs at the speed weights stream from memory, and oneDNN's kernel reads
     nn.Linear's (out, in) weight faster than torch's default CPU path does on some CPUs (bench/README.md
     has the measurements). oneDNN takes the weight as it is, so parameters, state dict and init are
     nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes, and small
-    weights take F.linear; the two agree to fp32 rounding.
+    weights take F.linear; the kernels agree with it to fp32 rounding.
 
-    After pack() (see pack_weights), products of two rows or more read a copy of the weight in
-    oneDNN's blocked layout instead, made by pack() and again whenever the weight has changed since.
+    pack(rows) (see pack_weights) has the layer keep one copy of its weight in a layout made for the
+    products it will do, made at once and again whenever the weight has changed since:
+    - rows='many': oneDNN's blocked layout, read by products of two rows or more (batched decoding);
+    - rows='one': mingpt.gemv's layout, read by products of up to gemv.MAX_ROWS rows (decoding one
+      sequence), the fastest way to stream a weight for one row (where gemv is available).
+    Other products read the weight as it is.
 
-    The kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call fails
-    (a torch whose op takes other arguments), every product takes F.linear, the latter after one
-    debug log line.
+    The oneDNN kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call
+    fails (a torch whose op takes other arguments), those products take F.linear, the latter after
+    one debug log line.
     """
 
-    packs = False  # set by pack(): keep and use a blocked copy of the weight
-    _packed = None  # ((weight's version, its address), the blocked copy)
+    packs = None  # set by pack(): 'many' or 'one', the products a copy of the weight is kept for
+    _packed = None  # ((rows, weight's version, its address), the copy)
 
-    def pack(self):
-        """ from now on, products of two rows or more read a blocked copy of the weight; made here
-        already when the layer takes the oneDNN path, so that the first such product does not wait """
-        self.packs = True
-        w = self.weight
-        if w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() >= ONEDNN_MIN_WEIGHT:
+    def pack(self, rows='many'):
+        """ keep a copy of the weight laid out for products of many rows or of one (see above),
+        made here already, so that the first such product does not wait """
+        if rows not in ('many', 'one'):
+            raise ConfigError(f"pack(rows={rows!r}): rows is 'many' or 'one'")
+        self.packs = rows
+        if self._fast_weight():
             with torch.no_grad():
                 self._packed_weight()
 
+    def _fast_weight(self):
+        w = self.weight
+        return w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() >= ONEDNN_MIN_WEIGHT
+
     def forward(self, x):
         global _onednn_linear
+        if self.packs == 'one' and self._fast_weight() and gemv.usable(self.weight, x):
+            return gemv.product(x, self._packed_weight(), self.out_features, self.bias)
         w = self.weight
         if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == 'cpu'
-                and x.dtype == torch.float32 and w.dtype == torch.float32
-                and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous()
+                and x.dtype == torch.float32 and self._fast_weight() and w.is_contiguous()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            if self.packs and x.numel() >= 2 * x.size(-1):
+            if self.packs == 'many' and x.numel() >= 2 * x.size(-1):
                 w = self._packed_weight()
             try:
                 return _onednn_linear(x, w, self.bias, 'none', [], '')
@@ -91,18 +103,23 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _packed_weight(self):
-        """ the blocked copy of the weight, made anew if the weight changed in place (an optimizer
-        step, load_state_dict) or was replaced; the weight itself where packing is unavailable """
+        """ the copy of the weight pack() asked for, made anew if the weight changed in place (an
+        optimizer step, load_state_dict) or was replaced; the weight itself where that layout is
+        unavailable """
         global _onednn_pack
         w = self.weight
-        key = (w._version, w.data_ptr())
-        if _onednn_pack is not None and (self._packed is None or self._packed[0] != key):
-            try:
-                self._packed = (key, _onednn_pack(w.detach(), None))
-            except (RuntimeError, TypeError) as e:
-                logger.debug("oneDNN weight packing failed (%s); products read the weight as it is", e)
-                _onednn_pack, self._packed = None, None
-        return w if _onednn_pack is None or self._packed is None else self._packed[1]
+        key = (self.packs, w._version, w.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # one copy at a time: the old one goes before the new one is made
+            if self.packs == 'one' and gemv.available():
+                self._packed = (key, gemv.block(w))
+            elif self.packs == 'many' and _onednn_pack is not None:
+                try:
+                    self._packed = (key, _onednn_pack(w.detach(), None))
+                except (RuntimeError, TypeError) as e:
+                    logger.debug("oneDNN weight packing failed (%s); products read the weight as it is", e)
+                    _onednn_pack = None
+        return w if self._packed is None else self._packed[1]
 
     def __getstate__(self):
         # a oneDNN tensor has no storage to copy or pickle: a copy of this layer packs its own
@@ -111,19 +128,20 @@ class Linear(nn.Linear):
         return state
 
 
-def pack_weights(model):
+def pack_weights(model, rows='many'):
     """
-    Have every Linear of model that takes the oneDNN path keep a second copy of its weight in
-    oneDNN's blocked layout, read by its products of two rows or more (a batched decode step, a
-    prompt's prefill). Why: a matrix-vector product (one row) streams nn.Linear's (out, in) weight
-    fastest as it is, but with more rows the arithmetic starts to count, and oneDNN's matmul kernel
-    then runs faster on weights already in its own blocked layout (bench/README.md, serving). The
-    cost is memory: the big weights are held twice. Single-row products, training and every other
-    path are unchanged.
+    Have every Linear of model that takes a fast path keep a second copy of its weight, laid out for
+    the products it is about to do (Linear.pack): rows='many' for batched decoding (a step's product
+    has a row per sequence), rows='one' for decoding one sequence. Why: a matrix-vector product
+    (one row) streams fastest from mingpt.gemv's layout, and with more rows the arithmetic starts to
+    count and oneDNN's matmul kernel runs faster on weights in its own blocked layout (bench/README.md,
+    Generation and Serving). The cost is memory: the big weights are held twice (one copy at a time:
+    packing for the other kind of product replaces it). mingpt.decoder.Decoder calls this for the rows
+    it decodes; training and every other path are unchanged.
     """
     for m in model.modules():
         if callable(getattr(m, 'pack', None)):  # these Linears, and mingpt.quantize's Int8Linear
-            m.pack()
+            m.pack(rows)
 
 # -----------------------------------------------------------------------------
 # the int8 linear: which kernel multiplies by an int8 weight with per-output-channel scales
@@ -168,6 +186,20 @@ class Int8Kernel:
     def __repr__(self):
         return f'Int8Kernel({self.name!r})'
 
+
+def _gemv_prepare(weight, scale):
+    return gemv.block(weight), scale.float().contiguous()
+
+
+def _gemv_product(x, prepared, bias):
+    blocked, scale = prepared
+    return gemv.product(x, blocked, scale.numel(), bias, scale=scale)
+
+
+# products of a few rows (decoding) where mingpt.gemv is available: the int8 weight is widened to fp32
+# in registers, so the activations are not quantized and a row's result is the exact dequantized
+# product's up to fp32 rounding, however it is batched
+GEMV_INT8 = Int8Kernel('gemv', _gemv_prepare, _gemv_product)
 
 # in order of preference (bench/README.md, int8): fbgemm's dynamic linear quantizes the activations to
 # uint8 per call and multiplies in int8, reading a quarter of fp32's bytes. Without VNNI (AVX2), its

@@ -13,11 +13,13 @@ scale per row rather than per block of 32 inputs (llama.cpp's q8_0): the fast in
 has take per-row scales, and on a trained model the two differ by little in bits per byte
 (bench/README.md).
 
-The product itself is mingpt.hardware.int8_kernel's choice for this CPU, in one place: fbgemm's
-int8 x int8 product with the activations quantized per call where that is correct here, else an
-exact dequantize-and-multiply. fbgemm quantizes the activations with one scale per product, so a
+Single-row products (decoding) run on mingpt.gemv's kernel where it is available:
+it widens the int8 weights to fp32 in registers, so it reads a quarter of fp32's bytes and quantizes
+nothing else. Larger products run on mingpt.hardware.int8_kernel's choice for this CPU, in one place:
+fbgemm's int8 x int8 product with the activations quantized per call where that is correct here, else
+an exact dequantize-and-multiply. fbgemm quantizes the activations with one scale per product, so a
 row's result depends a little on the other rows multiplied with it (a batch, a prompt's positions);
-the exact kernel's does not. The embeddings stay fp32 (a step gathers one row of each); a head
+the other two kernels' do not. The embeddings stay fp32 (a step gathers one row of each); a head
 tied to wte gets an int8 copy of wte, since the head reads all of it every step.
 """
 
@@ -29,7 +31,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt.hardware import int8_kernel
+from mingpt import gemv
+from mingpt.hardware import GEMV_INT8, int8_kernel
 from mingpt.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -53,9 +56,10 @@ class Int8Linear(nn.Module):
     A Linear for inference whose weight is int8 (out, in) with fp32 scales (out,), the bias fp32.
     weight and weight_scale are buffers (not trained); the bias is a Parameter, as nn.Linear's.
 
-    fp32 CPU products without gradients run on int8_kernel(), with the weight prepared
-    (packed) for it once, and again whenever the weight changes (load_state_dict); anything else
-    (gradients, another dtype or device) multiplies by the dequantized weight, which is exact.
+    fp32 CPU products without gradients run on GEMV_INT8 (one row) or int8_kernel() (more), each
+    with the weight prepared (packed) for it once, and again whenever the weight changes
+    (load_state_dict); anything else (gradients, another dtype or device) multiplies by the
+    dequantized weight, which is exact.
     """
 
     def __init__(self, in_features, out_features, bias=True, device=None):
@@ -64,7 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer('weight', torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer('weight_scale', torch.ones(out_features, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        self._prepared = None  # ((kernel, weight's version and address), what kernel.prepare made)
+        self._prepared = {}  # kernel name -> ((weight's version and address), what kernel.prepare made)
 
     @classmethod
     def from_linear(cls, linear):
@@ -84,29 +88,29 @@ class Int8Linear(nn.Module):
         """ the fp32 (out, in) weight these int8 values and scales stand for """
         return self.weight.float() * self.weight_scale[:, None]
 
-    def pack(self):
-        """ prepare the weight for this CPU's kernel now, so that the first product does not wait
-        (hardware.pack_weights calls this, as it packs fp32 Linears) """
+    def pack(self, rows='many'):
+        """ prepare the weight now for the kernel of products of many rows or of one, so that the
+        first product does not wait (hardware.pack_weights calls this, as it packs fp32 Linears) """
         if self.weight.device.type == 'cpu' and not self.weight.is_meta:
-            self._kernel_weight(int8_kernel())
+            self._kernel_weight(GEMV_INT8 if rows == 'one' and gemv.available() else int8_kernel())
 
     def forward(self, x):
         if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            kernel = int8_kernel()
+            kernel = GEMV_INT8 if gemv.usable(self.weight, x) else int8_kernel()
             return kernel.product(x, self._kernel_weight(kernel), self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel_weight(self, kernel):
-        key = (kernel.name, self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = (key, kernel.prepare(self.weight, self.weight_scale))
-        return self._prepared[1]
+        key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
+        if kernel.name not in self._prepared or self._prepared[kernel.name][0] != key:
+            self._prepared[kernel.name] = (key, kernel.prepare(self.weight, self.weight_scale))
+        return self._prepared[kernel.name][1]
 
     def __getstate__(self):
         # a packed weight is a torch class instance with no storage to copy: a copy prepares its own
         state = super().__getstate__().copy()
-        state['_prepared'] = None
+        state['_prepared'] = {}
         return state
 
     def extra_repr(self):

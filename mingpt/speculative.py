@@ -24,6 +24,7 @@ a step, as without speculation.
 import torch
 
 from mingpt.errors import ConfigError
+from mingpt.hardware import pack_weights
 from mingpt.sampling import probabilities
 
 
@@ -80,6 +81,7 @@ class AssistantDraft:
 
     def __init__(self, assistant_model, num_tokens):
         self.model, self.num_tokens = assistant_model, num_tokens
+        pack_weights(assistant_model, 'one')  # it decodes one row at a time
 
     def propose(self, seq, k):
         """ -> (k draft ids, their distributions (k, V)) or ([], None) when they would not fit its context """

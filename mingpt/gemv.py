@@ -1,0 +1,178 @@
+"""
+Products of one row (or a few) with a weight matrix on a CPU: what every Linear does in a decode step.
+
+    from mingpt import gemv
+    if gemv.available():
+        blocked = gemv.block(linear.weight)                     # once: a copy in the kernel's layout
+        y = gemv.product(x, blocked, linear.out_features, linear.bias)   # x (..., in), few rows
+
+Why a kernel of our own: decoding one token reads every weight of the model once and does two flops
+per weight, so a step takes as long as the weights take to stream from memory. torch's kernels are
+built for many rows; for one row the fastest of them (oneDNN's) reads GPT-2's weights at ~23 GB/s on a
+CPU whose memory gives 31-35 GB/s. mingpt/gemv.c reads a copy of each weight laid out so that every
+thread streams one contiguous run of memory (blocks of 8 output rows, interleaved along the input), at
+~29 GB/s in fp32; int8 weights are widened to fp32 in registers, so the same loop reads a quarter of
+the bytes and the activations are never quantized (bench/README.md, Generation).
+
+The C source ships with the package and is compiled here on first use with the system's C compiler
+(cc, or $CC; ~0.3 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
+ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine), into the mingpt cache ($MINGPT_CACHE or
+~/.cache/mingpt). It links against the OpenMP runtime torch has loaded, so the two share one thread pool
+and torch.set_num_threads. Where there is no compiler, no AVX2, not Linux on x86-64, or MINGPT_GEMV=0 is
+set, available() is False and the Linears use torch's kernels, as they would anyway; one log line says
+why.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name('gemv.c')
+# products of up to this many rows take the kernel, by the weight's dtype: a decode step (1 row) and,
+# in fp32, speculative decoding's check of a few drafted tokens. Past it, the arithmetic counts and
+# torch's kernels win: fp32 weights are read once for all the rows, but int8 ones are widened to fp32
+# again for each row (GPT-2's linears, 2 threads: fp32 ties oneDNN's at 16 rows, int8 loses to
+# fbgemm's from 2 rows)
+MAX_ROWS = {torch.float32: 8, torch.int8: 1}
+# the compiler flags for each of torch's CPU capabilities this kernel has code for
+ISA_FLAGS = {
+    'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl', '-mavx2', '-mfma'],
+    'AVX2': ['-mavx2', '-mfma'],
+}
+
+_lib = None  # the loaded library, False once it proved unavailable
+
+
+def available():
+    """ whether the kernel is built and loaded here (building it on the first call) """
+    return _library() is not None
+
+
+def usable(weight, x):
+    """ whether x @ weight.T can take the kernel: fp32 rows, a CPU weight (fp32 or int8) whose input
+    width fits the kernel's vectors, at most MAX_ROWS rows, nothing that needs gradients or autocast """
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.device.type == 'cpu'
+            and 0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling() and available()
+            and weight.size(1) % _lib.mingpt_gemv_lanes() == 0)  # _lib: loaded by available()
+
+
+def block(weight):
+    """
+    (N, K) fp32 or int8 weight -> the kernel's layout, a new contiguous tensor of the same dtype:
+    (ceil(N / rows), K / lanes, rows, lanes), the rows past N zero. Requires available().
+    """
+    lib = _require()
+    rows, lanes = lib.mingpt_gemv_rows(), lib.mingpt_gemv_lanes()
+    N, K = weight.shape
+    padded = -(-N // rows) * rows
+    w = weight.detach()
+    if padded != N:
+        w = torch.cat([w, w.new_zeros(padded - N, K)])
+    return w.reshape(padded // rows, rows, K // lanes, lanes).transpose(1, 2).contiguous()
+
+
+def product(x, blocked, out_features, bias=None, scale=None):
+    """ x (..., K) fp32 times the weight that block() laid out as blocked -> (..., out_features);
+    scale (out_features,) multiplies each output of an int8 weight (before the bias) """
+    lib = _require()
+    x = x.contiguous()
+    K = x.size(-1)
+    M = x.numel() // K
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    bias_ptr = None if bias is None else bias.detach().contiguous().data_ptr()
+    # ctypes drops the GIL for the call, so other Python threads (a web server's) keep running
+    if blocked.dtype == torch.int8:
+        lib.mingpt_gemv_int8(x.data_ptr(), blocked.data_ptr(), scale.data_ptr(), bias_ptr, y.data_ptr(),
+                             M, out_features, K, torch.get_num_threads())
+    else:
+        lib.mingpt_gemv_f32(x.data_ptr(), blocked.data_ptr(), bias_ptr, y.data_ptr(),
+                            M, out_features, K, torch.get_num_threads())
+    return y
+
+# -----------------------------------------------------------------------------
+# building and loading
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        try:
+            _lib = _load()
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            logger.info("the single-row kernel is unavailable (%s); linears use torch's kernels", e)
+            _lib = False
+    return _lib or None
+
+
+def _require():
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("mingpt.gemv is unavailable here (the log says why); check gemv.available() first")
+    return lib
+
+
+def _load():
+    if os.environ.get('MINGPT_GEMV', '1') == '0':
+        raise RuntimeError("MINGPT_GEMV=0")
+    if not sys.platform.startswith('linux') or platform.machine() not in ('x86_64', 'AMD64'):
+        raise RuntimeError(f"no kernel for {sys.platform} on {platform.machine()}")
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"torch's CPU capability is {isa}, and the kernel needs AVX2 or AVX-512")
+    openmp = _openmp_runtime()
+    from mingpt.download import cache_dir
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b'\0'.join([source, isa.encode(), str(openmp).encode()]))
+    path = cache_dir() / 'kernels' / f'gemv-{isa.lower()}-{key.hexdigest()[:16]}.so'
+    if not path.is_file():
+        compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+        if not compiler:
+            raise RuntimeError("no C compiler (cc) found to build it; install one, or set CC")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            obj, lib = Path(tmp) / 'gemv.o', Path(tmp) / 'gemv.so'
+            _run([compiler, '-O3', '-fPIC', '-fopenmp', *ISA_FLAGS[isa], '-c', str(SOURCE), '-o', str(obj)])
+            # link the runtime torch loaded (by path: same soname, so the loader reuses it); without
+            # one, the compiler's own
+            link = [str(openmp)] if openmp else ['-fopenmp']
+            _run([compiler, '-shared', str(obj), *link, '-o', str(lib)])
+            os.replace(lib, path)  # whole or absent: another process may be building it too
+        logger.info("built the single-row kernel for %s: %s", isa, path)
+    lib = ctypes.CDLL(str(path))
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.mingpt_gemv_f32.argtypes = [P, P, P, P, L, L, L, I]
+    lib.mingpt_gemv_int8.argtypes = [P, P, P, P, P, L, L, L, I]
+    lib.mingpt_gemv_f32.restype = lib.mingpt_gemv_int8.restype = None
+    return lib
+
+
+def _openmp_runtime():
+    """ the path of the OpenMP runtime this process has loaded (torch's), or None """
+    try:
+        maps = Path('/proc/self/maps').read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1]
+        if '/libgomp' in path and '.so' in path:
+            return path
+    return None
+
+
+def _run(command):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")

@@ -1,0 +1,196 @@
+"""
+mingpt.gemv: the single-row kernel is built here (CI has a compiler), multiplies as F.linear does for
+fp32 and int8 weights, in its AVX-512 and AVX2 builds; the Linears and int8 Linears take it for
+decoding once packed for one row, keep their copy in step with the weight, and fall back to torch's
+kernels where it is unavailable.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.nn import functional as F
+
+from mingpt import gemv, hardware
+from mingpt.hardware import GEMV_INT8, Linear
+from mingpt.quantize import Int8Linear, quantize
+
+from tests.common import REPO, tiny_gpt
+
+SUPPORTED = sys.platform.startswith('linux') and platform.machine() == 'x86_64' and \
+    torch.backends.cpu.get_cpu_capability() in gemv.ISA_FLAGS
+
+# products of every shape the kernel treats apart: a partial last block of 8 output rows, 1-4 input
+# rows, the input width a multiple of 16 (both builds' vector widths), with and without a bias
+SHAPES = [(50, 48, 1), (8, 16, 4), (2304, 768, 1), (1003, 256, 3), (5, 64, 2)]
+
+CHECK_BUILD = r"""
+import json, torch
+from torch.nn import functional as F
+from mingpt import gemv
+torch.manual_seed(0)
+errors = []
+for N, K, M in %r:
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(M, K)
+    q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N)
+    ref = F.linear(x, w, b); ref8 = F.linear(x, q.float() * s[:, None])
+    errors.append(float((gemv.product(x, gemv.block(w), N, b) - ref).abs().max() / ref.abs().max()))
+    errors.append(float((gemv.product(x, gemv.block(q), N, None, scale=s) - ref8).abs().max() / ref8.abs().max()))
+print(json.dumps({'available': gemv.available(), 'lanes': gemv._library().mingpt_gemv_lanes(), 'errors': errors}))
+"""
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@unittest.skipUnless(SUPPORTED, "the kernel is for Linux on x86-64 with AVX2 (here: "
+                     f"{sys.platform} {platform.machine()})")
+class TestKernel(unittest.TestCase):
+
+    def test_builds_here(self):
+        # CI and every Linux box with a C compiler: the kernel must be there, not silently skipped
+        self.assertTrue(gemv.available())
+
+    def test_products_equal_f_linear(self):
+        torch.manual_seed(0)
+        for N, K, M in SHAPES:
+            for bias in (True, False):
+                with self.subTest(N=N, K=K, M=M, bias=bias):
+                    w, x = torch.randn(N, K), torch.randn(M, K)
+                    b = torch.randn(N) if bias else None
+                    y = gemv.product(x, gemv.block(w), N, b)
+                    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+                    q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) * 0.01
+                    y = gemv.product(x, gemv.block(q), N, b, scale=s)
+                    torch.testing.assert_close(y, F.linear(x, q.float() * s[:, None], b), rtol=1e-5, atol=1e-4)
+        # leading dimensions are kept: (B, T, K) -> (B, T, N)
+        x = torch.randn(1, 1, 48)
+        self.assertEqual(gemv.product(x, gemv.block(torch.randn(50, 48)), 50).shape, (1, 1, 50))
+
+    def test_block_layout(self):
+        # blocked[b, k // lanes, r, l] = W[b * rows + r, k + l], rows past N zero
+        rows, lanes = gemv._library().mingpt_gemv_rows(), gemv._library().mingpt_gemv_lanes()
+        w = torch.arange(10 * 2 * lanes, dtype=torch.float32).view(10, 2 * lanes)
+        blocked = gemv.block(w)
+        self.assertEqual(blocked.shape, (2, 2, rows, lanes))
+        self.assertTrue(torch.equal(blocked[0, 1, 3], w[3, lanes:]))
+        self.assertTrue(torch.equal(blocked[1, 0, 1], w[rows + 1, :lanes]))
+        self.assertTrue(torch.equal(blocked[1, :, 2:], torch.zeros(2, rows - 2, lanes)))
+
+    def test_avx2_build_multiplies_alike(self):
+        # torch's AVX2 capability (how the guide emulates a CPU without AVX-512) selects the AVX2 build
+        with tempfile.TemporaryDirectory() as cache:
+            done = run_python(CHECK_BUILD % SHAPES, ATEN_CPU_CAPABILITY='avx2', MINGPT_CACHE=cache)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            result = eval(done.stdout.replace('true', 'True'))
+            self.assertEqual(result['lanes'], 8)
+            self.assertLess(max(result['errors']), 1e-5)
+            self.assertTrue(any(p.name.startswith('gemv-avx2-') for p in (Path(cache) / 'kernels').iterdir()))
+
+    def test_unavailable_without_compiler_or_when_turned_off(self):
+        code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+                "from mingpt import gemv; from mingpt.model import GPT\n"
+                "from tests.common import tiny_gpt\n"
+                "m = tiny_gpt(n_embd=384, n_head=4, vocab_size=50); print(gemv.available())\n"
+                "print(m.generate(torch.tensor([[1, 2]]), 4).tolist())")
+        reference = run_python(code, MINGPT_GEMV='0')
+        with tempfile.TemporaryDirectory() as cache:
+            no_compiler = run_python(code, CC='/bin/false', MINGPT_CACHE=cache)
+        for done, reason in ((reference, 'MINGPT_GEMV=0'), (no_compiler, '/bin/false')):
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.split('\n')[0], 'False')
+            self.assertIn(reason, done.stderr)  # one log line says why
+        self.assertEqual(reference.stdout, no_compiler.stdout)  # and generation still works
+
+    def test_built_once_per_source(self):
+        with tempfile.TemporaryDirectory() as cache:
+            code = "from mingpt import gemv; print(gemv.available())"
+            first = run_python(code, MINGPT_CACHE=cache)
+            built = sorted((Path(cache) / 'kernels').iterdir())
+            second = run_python(code, MINGPT_CACHE=cache, CC='/bin/false')  # no compiling needed now
+            self.assertEqual((first.stdout, second.stdout), ('True\n', 'True\n'), second.stderr)
+            self.assertEqual(sorted((Path(cache) / 'kernels').iterdir()), built)
+            self.assertEqual([p.suffix for p in built], ['.so'])  # no half-built files left
+
+
+@unittest.skipUnless(SUPPORTED, "the kernel is for Linux on x86-64 with AVX2")
+class TestLinears(unittest.TestCase):
+
+    def counting(self):
+        calls = []
+        product = gemv.product
+
+        def counted(x, blocked, *args, **kwargs):
+            calls.append((x.numel() // x.size(-1), blocked.dtype))
+            return product(x, blocked, *args, **kwargs)
+        return mock.patch.object(gemv, 'product', counted), calls
+
+    def test_linear_packed_for_one_row(self):
+        torch.manual_seed(0)
+        layer = Linear(512, 1000)
+        patch, calls = self.counting()
+        with patch, torch.no_grad():
+            x = torch.randn(1, 1, 512)
+            layer(x)
+            self.assertEqual(calls, [])  # not packed: the weight as it is, through torch
+            layer.pack('one')
+            for x in (torch.randn(1, 1, 512), torch.randn(1, 4, 512), torch.randn(1, 7, 512)):
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            self.assertEqual(calls, [(1, torch.float32), (4, torch.float32), (7, torch.float32)])
+            layer(torch.randn(1, gemv.MAX_ROWS[torch.float32] + 1, 512))  # more rows: torch's kernel
+            self.assertEqual(len(calls), 3)
+            copy = layer._packed[1]
+            layer.weight.mul_(-2)  # changed in place: the copy is made anew
+            x = torch.randn(1, 1, 512)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            self.assertIsNot(layer._packed[1], copy)
+            layer.pack('many')  # one copy at a time: the other layout replaces it
+            if hardware._onednn_pack is not None:
+                self.assertTrue(layer._packed[1].is_mkldnn)
+        with patch:  # gradients: never the kernel
+            layer(torch.randn(1, 1, 512)).sum().backward()
+        self.assertIsNotNone(layer.weight.grad)
+        self.assertEqual(len(calls), 4)  # the three above and the one after the weight changed
+
+    def test_int8_linear_takes_it_for_few_rows(self):
+        torch.manual_seed(0)
+        layer = Int8Linear.from_linear(torch.nn.Linear(256, 1003))
+        patch, calls = self.counting()
+        with patch, torch.no_grad():
+            for x in (torch.randn(1, 256), torch.randn(3, 256), torch.randn(16, 256)):
+                exact = F.linear(x, layer.dequantized(), layer.bias)
+                tolerance = 1e-5 if x.size(0) <= gemv.MAX_ROWS[torch.int8] else 0.05  # fbgemm quantizes x
+                torch.testing.assert_close(layer(x), exact, rtol=tolerance, atol=tolerance)
+        self.assertEqual(calls, [(1, torch.int8)])
+        self.assertIn(GEMV_INT8.name, layer._prepared)
+
+    def test_decoding_one_sequence_reads_the_packed_weights(self):
+        # generate of one prompt packs for one row; its tokens are those of the same model with the
+        # kernel turned off (the logits agree to fp32 rounding, and greedy picks the same)
+        model = tiny_gpt(n_layer=2, n_head=4, n_embd=384, vocab_size=700, block_size=24, sharpen=4)
+        idx = torch.randint(0, 700, (1, 5))
+        with mock.patch.object(gemv, '_lib', False):
+            reference = model.generate(idx, 12)
+        patch, calls = self.counting()
+        with patch:
+            self.assertTrue(torch.equal(model.generate(idx, 12), reference))
+        # c_attn, c_fc, mlp.c_proj of 2 layers and the head, for each of 11 decode steps, and the
+        # prefill's 5-row products (fp32 weights: up to 8 rows)
+        self.assertEqual(len(calls), 12 * 7)
+        self.assertEqual(model.lm_head.packs, 'one')
+        quantize(model, 'int8')
+        with patch:
+            model.generate(idx, 3)
+        self.assertEqual(calls[-1], (1, torch.int8))
+
+
+if __name__ == '__main__':
+    unittest.main()
