@@ -90,9 +90,12 @@ def write_gguf(hf_dir, path, qtype='q8_0'):
     """
     import gguf
     from safetensors.numpy import load_file
+    if Path(path).is_file():
+        return path  # written by an earlier process of the same benchmark
     cfg = json.loads((Path(hf_dir) / 'config.json').read_text())
     sd = {k.removeprefix('transformer.'): v for k, v in load_file(str(Path(hf_dir) / 'model.safetensors')).items()}
-    w = gguf.GGUFWriter(str(path), 'gpt2')
+    tmp = Path(str(path) + '.tmp')  # renamed when whole: a process stopped mid-write leaves no GGUF behind
+    w = gguf.GGUFWriter(str(tmp), 'gpt2')
     w.add_context_length(cfg['n_positions'])
     w.add_embedding_length(cfg['n_embd'])
     w.add_feed_forward_length(4 * cfg['n_embd'])
@@ -135,6 +138,7 @@ def write_gguf(hf_dir, path, qtype='q8_0'):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    tmp.replace(path)
     return path
 
 

@@ -52,6 +52,7 @@ ISA_FLAGS = {
 }
 
 _lib = None  # the loaded library, False once it proved unavailable
+_lanes = None  # its vector width in floats (16 for AVX-512, 8 for AVX2)
 
 
 def available():
@@ -62,11 +63,11 @@ def available():
 def usable(weight, x):
     """ whether x @ weight.T can take the kernel: fp32 rows, a CPU weight (fp32 or int8) whose input
     width fits the kernel's vectors, at most MAX_ROWS rows, nothing that needs gradients or autocast """
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.device.type == 'cpu'
-            and 0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1)
+    # every Linear of a decode step asks this: the test most products fail (their rows) comes first
+    return (0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1) and x.dtype == torch.float32
+            and x.device.type == 'cpu' and weight.device.type == 'cpu'
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
-            and not torch.compiler.is_compiling() and available()
-            and weight.size(1) % _lib.mingpt_gemv_lanes() == 0)  # _lib: loaded by available()
+            and not torch.compiler.is_compiling() and available() and weight.size(1) % _lanes == 0)
 
 
 def block(weight):
@@ -92,7 +93,9 @@ def product(x, blocked, out_features, bias=None, scale=None):
     K = x.size(-1)
     M = x.numel() // K
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    bias_ptr = None if bias is None else bias.detach().contiguous().data_ptr()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
     # ctypes drops the GIL for the call, so other Python threads (a web server's) keep running
     if blocked.dtype == torch.int8:
         lib.mingpt_gemv_int8(x.data_ptr(), blocked.data_ptr(), scale.data_ptr(), bias_ptr, y.data_ptr(),
@@ -107,10 +110,11 @@ def product(x, blocked, out_features, bias=None, scale=None):
 
 
 def _library():
-    global _lib
+    global _lib, _lanes
     if _lib is None:
         try:
             _lib = _load()
+            _lanes = _lib.mingpt_gemv_lanes()
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             logger.info("the single-row kernel is unavailable (%s); linears use torch's kernels", e)
             _lib = False

@@ -95,9 +95,11 @@ class Int8Linear(nn.Module):
             self._kernel_weight(GEMV_INT8 if rows == 'one' and gemv.available() else int8_kernel())
 
     def forward(self, x):
+        if gemv.usable(self.weight, x):
+            return GEMV_INT8.product(x, self._kernel_weight(GEMV_INT8), self.bias)
         if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            kernel = GEMV_INT8 if gemv.usable(self.weight, x) else int8_kernel()
+            kernel = int8_kernel()
             return kernel.product(x, self._kernel_weight(kernel), self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
