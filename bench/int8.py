@@ -7,7 +7,8 @@ int8 linears (mingpt.quantize): the candidate CPU kernels side by side, and what
     python bench/int8.py quality --model out/gpt2-cpu/ckpt_best --data data/shards   # the shards' val split
 
 kernels: one decode step of GPT-2 124M is 49 products (per layer c_attn 768 -> 2304, c_proj 768 -> 768,
-c_fc 768 -> 3072, c_proj 3072 -> 768; then the head 768 -> 50257). Each candidate runs all of them at 1 row
+c_fc 768 -> 3072, c_proj 3072 -> 768; then the head 768 -> 50257), each with a weight of its own (random;
+~2 GB in every candidate's layout). Each candidate runs all of them at 1 row
 (batch-1 decoding) and 16 rows (a batched step), best of --rounds rounds in which the kernels take turns,
 and is checked against the exact product with the dequantized weight: "ok" when within what quantizing the activations may change (half a 7-bit
 step of the input's range, times the row's weights summed), "WRONG" beyond it (int16 saturation on CPUs
@@ -29,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mingpt import hardware  # noqa: E402
+from mingpt import gemv, hardware  # noqa: E402
 from mingpt.quantize import Int8Linear, quantize, quantize_rows  # noqa: E402
 
 SHAPES = [((768, 2304), 12), ((768, 768), 12), ((768, 3072), 12), ((3072, 768), 12), ((768, 50257), 1)]
@@ -69,6 +70,9 @@ def candidates(with_compile):
     c = {
         'fp32, oneDNN (mingpt Linear)': onednn(lambda d: d['w']),
         'fp32, oneDNN blocked (pack_weights)': onednn(lambda d: d['w_blocked']),
+        'fp32, mingpt.gemv (decoding one row)': lambda x, d: gemv.product(x, d['gemv_w'], d['s'].numel()),
+        'mingpt.gemv int8, fp32 activations (decoding one row)':
+            lambda x, d: gemv.product(x, d['gemv_q'], d['s'].numel(), scale=d['s']),
         'aten._weight_int8pack_mm': lambda x, d: torch.ops.aten._weight_int8pack_mm(x, d['q'], d['s']),
         'torch._int_mm, int8 activations per row': int_mm_per_row,
         'onednn.qlinear_pointwise, uint8 activations': onednn_qlinear,
@@ -90,7 +94,8 @@ def prepare(K, N):
     for name, make in (('w_blocked', lambda: torch.ops.mkldnn._reorder_linear_weight(w, None)),
                        ('qpack', lambda: torch.ops.onednn.qlinear_prepack(q, None)),
                        ('fbgemm', lambda: hardware._fbgemm_prepare(q, s)),
-                       ('w_bf16', lambda: w.bfloat16())):
+                       ('w_bf16', lambda: w.bfloat16()),
+                       ('gemv_w', lambda: gemv.block(w)), ('gemv_q', lambda: gemv.block(q))):
         try:
             d[name] = make()
         except (RuntimeError, AttributeError) as e:
@@ -113,7 +118,9 @@ def error_ratio(name, f, xs, ds):
 
 def bench_kernels(args):
     torch.manual_seed(0)
-    ds = [prepare(K, N) for (K, N), _ in SHAPES]
+    # a weight of its own for each of the 49 products, as in a model: the step streams them all from
+    # memory, rather than reading one matrix per shape again and again from the cache
+    ds = [[prepare(K, N) for _ in range(count)] for (K, N), count in SHAPES]
     print(f"torch {torch.__version__}, {args.threads} threads, ATen CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
           f"FBGEMM_ENABLE_INSTRUCTIONS={os.environ.get('FBGEMM_ENABLE_INSTRUCTIONS')}; mingpt chooses: "
@@ -127,7 +134,7 @@ def bench_kernels(args):
             if 'compile' in name and M > 1:
                 continue
             try:
-                errors[name] = error_ratio(name, f, xs, ds)
+                errors[name] = error_ratio(name, f, xs, [copies[0] for copies in ds])
                 runs[name] = f
             except Exception as e:
                 print(f'| {name} | {M} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |')
@@ -137,8 +144,8 @@ def bench_kernels(args):
         for _ in range(args.rounds):
             for name, f in runs.items():
                 t0 = time.perf_counter()
-                for x, d, (_, count) in zip(xs, ds, SHAPES):
-                    for _ in range(count):
+                for x, copies in zip(xs, ds):
+                    for d in copies:
                         f(x, d)
                 best[name] = min(best[name], time.perf_counter() - t0)
         base = best.get('fp32, oneDNN (mingpt Linear)')

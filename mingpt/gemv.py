@@ -1,7 +1,7 @@
 """
 Products of one row (or a few) with a weight matrix on a CPU: what every Linear does in a decode step.
 
-    from mingpt import gemv
+    import mingpt.gemv as gemv
     if gemv.available():
         blocked = gemv.block(linear.weight)                     # once: a copy in the kernel's layout
         y = gemv.product(x, blocked, linear.out_features, linear.bias)   # x (..., in), few rows
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -67,7 +68,7 @@ def usable(weight, x):
     return (0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1) and x.dtype == torch.float32
             and x.device.type == 'cpu' and weight.device.type == 'cpu'
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
-            and not torch.compiler.is_compiling() and available() and weight.size(1) % _lanes == 0)
+            and available() and weight.size(1) % _lanes == 0)
 
 
 def block(weight):
@@ -88,6 +89,23 @@ def block(weight):
 def product(x, blocked, out_features, bias=None, scale=None):
     """ x (..., K) fp32 times the weight that block() laid out as blocked -> (..., out_features);
     scale (out_features,) multiplies each output of an int8 weight (before the bias) """
+    if torch.compiler.is_compiling():  # a compiled decode step (generate(compile=True)) calls it as an op
+        return torch.ops.mingpt.gemv(x, blocked, out_features, bias, scale)
+    return _product(x, blocked, out_features, bias, scale)
+
+
+@torch.library.custom_op('mingpt::gemv', mutates_args=())
+def _gemv_op(x: torch.Tensor, blocked: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
+             scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return _product(x, blocked, out_features, bias, scale)
+
+
+@_gemv_op.register_fake
+def _(x, blocked, out_features, bias, scale):  # what torch.compile needs to know: the output's shape
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _product(x, blocked, out_features, bias, scale):
     lib = _require()
     x = x.contiguous()
     K = x.size(-1)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mingpt import gemv
+import mingpt.gemv as gemv
 from mingpt.hardware import GEMV_INT8, int8_kernel
 from mingpt.errors import ConfigError, WeightsError
 
@@ -104,6 +104,8 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel_weight(self, kernel):
+        if torch.compiler.is_compiling() and kernel.name in self._prepared:
+            return self._prepared[kernel.name][1]  # a compiled decode step: prepared when the Decoder packed it
         key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
         if kernel.name not in self._prepared or self._prepared[kernel.name][0] != key:
             self._prepared[kernel.name] = (key, kernel.prepare(self.weight, self.weight_scale))
