@@ -7,7 +7,6 @@ transformers, loaded or converted by the others), each engine in a process of it
     python bench/generate.py                     # the full benchmark (several minutes)
     python bench/generate.py --quick             # fewer tokens, to try a change
     python bench/generate.py --quantize int8     # add mingpt with int8 linears (mingpt.quantize)
-    python bench/generate.py --compile           # add mingpt with compiled decode steps (batch 1)
     pip install -e '.[bench]'                    # the peers: ctranslate2, llama-cpp-python, gguf
 
 Cases: (a) batch 1, 16 -> 128 tokens, (b) batch 1, 512 -> 64, (c) batch --batch (16), 64 -> 128 on a
@@ -120,10 +119,8 @@ def make_engines(args, work):
     """
     import transformers
 
-    def mingpt(method=None, compile=False):
+    def mingpt(method=None):
         model = quantize(GPT.from_pretrained(work / 'hf').eval(), method)
-        if compile:  # the one-token steps through torch.compile (compiled in the warm-up, untimed)
-            return lambda idx, n: time_mingpt(model, idx, n, compile=True)
         return lambda idx, n: time_mingpt(model, idx, n) if idx.size(0) == 1 else time_generate(model, idx, n)
 
     def hf():
@@ -141,10 +138,6 @@ def make_engines(args, work):
     engines['transformers generate'] = (hf, any_batch)
     if args.quantize:
         engines[f'mingpt {args.quantize}, KV cache'] = (lambda: mingpt(args.quantize), any_batch)
-    if args.compile:
-        engines['mingpt, compiled'] = (lambda: mingpt(compile=True), one_row)
-        if args.quantize:
-            engines[f'mingpt {args.quantize}, compiled'] = (lambda: mingpt(args.quantize, compile=True), one_row)
     skipped = {family: why for family, why in peers.available().items() if why}
     if args.no_peers:
         skipped = {family: '--no-peers' for family in ('ctranslate2', 'llama.cpp')}
@@ -206,7 +199,6 @@ def run_rounds(args, engines, cases, work):
                        '--threads', str(args.threads), '--batch', str(args.batch)]
             command += ['--quick'] * args.quick + ['--skip-uncached'] * args.skip_uncached
             command += ['--quantize', args.quantize] * bool(args.quantize) + ['--no-peers'] * args.no_peers
-            command += ['--compile'] * args.compile
             done = subprocess.run(command, capture_output=True, text=True)
             lines = done.stdout.strip().splitlines()
             if done.returncode != 0 or not lines:
@@ -234,8 +226,6 @@ def main():
     parser.add_argument('--batch', type=int, default=16, help='rows of case (c); 0 skips it')
     parser.add_argument('--bandwidth', type=float, default=None, help='memory GB/s, instead of measuring it')
     parser.add_argument('--no-peers', action='store_true', help='skip CTranslate2 and llama.cpp')
-    parser.add_argument('--compile', action='store_true',
-                        help='also run mingpt at batch 1 with compiled decode steps (generate(compile=True))')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # run one engine (run_rounds starts these)
     parser.add_argument('--work', help=argparse.SUPPRESS)
     args = parser.parse_args()

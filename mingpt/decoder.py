@@ -24,12 +24,6 @@ A step:
    row, so the running sequences fill rows 0..n-1.
 add() prefills new sequences into free rows: neighbours with prompts of one length in one forward.
 
-compile=True runs step 1 through torch.compile when it is one token a row at one position (the
-common case): inductor fuses the ~20 small ops of each layer between its products (norms, the
-attention's reshapes, residual adds) into a few C++ kernels, and mingpt.gemv's products are called as
-an op. It pays on a CPU at batch 1, where those ops are a fifth of a step (bench/README.md,
-Generation); the first step compiles for ~20 s, once per model and process.
-
 A row's tokens do not depend on its neighbours: it attends only to its own cache positions (the mask
 hides other rows and whatever an earlier owner left past its position), its position ids are its
 own, and the rest of a transformer works row by row. So each sequence gets the tokens it would get
@@ -53,7 +47,6 @@ The model interface relied on, which mingpt.model.GPT provides:
 
 import itertools
 import logging
-import weakref
 
 import torch
 
@@ -129,16 +122,6 @@ class Sequence:
         self.finish_reason, self.error = reason, error
 
 
-_compiled = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, made once per process
-
-
-def compiled(model):
-    # dynamic: one compiled step serves every cache position and cache length
-    if model not in _compiled:
-        _compiled[model] = torch.compile(model, dynamic=True)
-    return _compiled[model]
-
-
 class Decoder:
     """
     A KV cache of n_rows rows for up to max_len positions (default block_size) and the sequences
@@ -146,13 +129,11 @@ class Decoder:
     calls add() and step() (mingpt.batching hands requests over to it).
     """
 
-    def __init__(self, model, n_rows, max_len=None, compile=False):
+    def __init__(self, model, n_rows, max_len=None):
         self.model, self.n_rows = model, n_rows
         # each step's products have a row per running sequence: lay the weights out for that
         pack_weights(model, 'one' if n_rows == 1 else 'many')
-        self.step_forward = compiled(model) if compile else model  # see the module docstring
-        # compiled: a cache of the whole context, one shape for every generation (no recompiling)
-        self.cache = model.make_kv_cache(n_rows, None if compile else max_len)
+        self.cache = model.make_kv_cache(n_rows, max_len)
         self.device = next(model.parameters()).device
         self.rows = []  # the running sequences
 
@@ -237,11 +218,9 @@ class Decoder:
             if len(decoding) == n and len(set(positions)) == 1:
                 # every row at the same position: an int cache_pos, no mask (the fast path of a batch)
                 cache, cache_pos = self._rows_view(0, n), positions[0]
-                forward = self.step_forward if T == 1 else self.model
             else:
                 cache, cache_pos = self.cache, torch.tensor(positions, device=self.device)
-                forward = self.model
-            logits = forward(x, kv_cache=cache, cache_pos=cache_pos, last_only=T == 1)[0]
+            logits = self.model(x, kv_cache=cache, cache_pos=cache_pos, last_only=T == 1)[0]
         except Exception:
             # one row's input broke the batch (or the machine did): each row alone finds which
             logits = torch.zeros(n, T, self.model.config.vocab_size, device=self.device)

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -68,7 +67,7 @@ def usable(weight, x):
     return (0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1) and x.dtype == torch.float32
             and x.device.type == 'cpu' and weight.device.type == 'cpu'
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
-            and available() and weight.size(1) % _lanes == 0)
+            and not torch.compiler.is_compiling() and available() and weight.size(1) % _lanes == 0)
 
 
 def block(weight):
@@ -89,23 +88,6 @@ def block(weight):
 def product(x, blocked, out_features, bias=None, scale=None):
     """ x (..., K) fp32 times the weight that block() laid out as blocked -> (..., out_features);
     scale (out_features,) multiplies each output of an int8 weight (before the bias) """
-    if torch.compiler.is_compiling():  # a compiled decode step (generate(compile=True)) calls it as an op
-        return torch.ops.mingpt.gemv(x, blocked, out_features, bias, scale)
-    return _product(x, blocked, out_features, bias, scale)
-
-
-@torch.library.custom_op('mingpt::gemv', mutates_args=())
-def _gemv_op(x: torch.Tensor, blocked: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
-             scale: Optional[torch.Tensor]) -> torch.Tensor:
-    return _product(x, blocked, out_features, bias, scale)
-
-
-@_gemv_op.register_fake
-def _(x, blocked, out_features, bias, scale):  # what torch.compile needs to know: the output's shape
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-def _product(x, blocked, out_features, bias, scale):
     lib = _require()
     x = x.contiguous()
     K = x.size(-1)

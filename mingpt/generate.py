@@ -106,7 +106,7 @@ def prepare_prompts(model, idx, attention_mask=None, pad_token_id=None):
 
 def stream(model, idx, max_new_tokens, options=None, *, generator=None, pad_token_id=None,
            attention_mask=None, use_cache=True, window_keep=None, assistant_model=None,
-           prompt_lookup_num_tokens=None, num_assistant_tokens=5, compile=False, **sampling):
+           prompt_lookup_num_tokens=None, num_assistant_tokens=5, **sampling):
     """
     Generate up to max_new_tokens tokens after the prompt(s), yielding each step's new token ids
     as a (B,) LongTensor, one per row (in the prompt's row order). Arguments are checked when
@@ -126,13 +126,11 @@ def stream(model, idx, max_new_tokens, options=None, *, generator=None, pad_toke
     assistant_model (a smaller GPT with the same vocabulary, drafting num_assistant_tokens a step) or
       prompt_lookup_num_tokens (drafts copied from earlier in the text): speculative decoding, the
       same tokens (greedy) or the same distribution (sampled) faster; see mingpt.speculative.
-    compile: run the one-token decode steps through torch.compile (~20 s the first time in a process;
-      then the fastest batch-1 decoding on a CPU); see mingpt.decoder.
     """
     _, steps = _start(model, idx, max_new_tokens, options, generator=generator, pad_token_id=pad_token_id,
                       attention_mask=attention_mask, use_cache=use_cache, window_keep=window_keep,
                       assistant_model=assistant_model, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
-                      num_assistant_tokens=num_assistant_tokens, compile=compile, **sampling)
+                      num_assistant_tokens=num_assistant_tokens, **sampling)
     return steps
 
 
@@ -171,7 +169,7 @@ def checked_options(max_new_tokens, options=None, **fields):
 
 
 def _start(model, idx, max_new_tokens, options=None, *, pad_token_id=None, attention_mask=None,
-           use_cache=True, compile=False, **kwargs):
+           use_cache=True, **kwargs):
     """ check every argument now (not at the first next()); return the padded idx and the steps """
     how = sequence_options(model, max_new_tokens, options, **kwargs)
     eos = how['options'].eos_token_id
@@ -179,7 +177,7 @@ def _start(model, idx, max_new_tokens, options=None, *, pad_token_id=None, atten
         pad_token_id = eos if isinstance(eos, int) else None
     idx, prompts = prepare_prompts(model, idx, attention_mask, pad_token_id)
     seqs = [Sequence(p, max_new_tokens, use_cache=use_cache, **how) for p in prompts]  # one generator for all rows
-    return idx, _steps(model, seqs, 0 if pad_token_id is None else pad_token_id, compile)
+    return idx, _steps(model, seqs, 0 if pad_token_id is None else pad_token_id)
 
 
 def sequence_options(model, max_new_tokens, options=None, *, generator=None, window_keep=None,
@@ -205,14 +203,14 @@ def warn_if_training(model):
                        "are noisier and differ between runs; call model.eval() first")
 
 
-def _steps(model, seqs, pad_token_id, compile=False):
+def _steps(model, seqs, pad_token_id):
     """ the sequences in rows of their own Decoder; yields (B,) new ids per step """
     n_steps = seqs[0].max_new_tokens
     if n_steps == 0:
         return
     # the cache never needs more than the whole sequence, nor more than the context
     longest = max(len(s.tokens) for s in seqs)
-    decoder = Decoder(model, len(seqs), max_len=min(model.block_size, longest + n_steps), compile=compile)
+    decoder = Decoder(model, len(seqs), max_len=min(model.block_size, longest + n_steps))
     decoder.add(seqs)
     starts = [len(s.tokens) - s.n_new for s in seqs]  # where each row's new tokens begin
     for step in range(1, n_steps + 1):

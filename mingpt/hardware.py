@@ -107,8 +107,6 @@ class Linear(nn.Linear):
         optimizer step, load_state_dict) or was replaced; the weight itself where that layout is
         unavailable """
         global _onednn_pack
-        if torch.compiler.is_compiling() and self._packed is not None:
-            return self._packed[1]  # a compiled decode step: made when the Decoder packed the model
         w = self.weight
         key = (self.packs, w._version, w.data_ptr())
         if self._packed is None or self._packed[0] != key:

@@ -466,7 +466,7 @@ class GPT(nn.Module):
         Prefills a KV cache once and then decodes one token per step (use_cache=False recomputes
         everything, as minGPT did, for the same tokens). More keyword arguments: top_p, seed,
         generator, eos_token_id, pad_token_id, attention_mask (or pass idx as a list of 1-D
-        prompts), use_cache, window_keep, compile, options (a SamplingOptions); see mingpt.generate.stream.
+        prompts), use_cache, window_keep, options (a SamplingOptions); see mingpt.generate.stream.
         """
         options = kwargs.pop('options', None)  # a mingpt.sampling.SamplingOptions, instead of its fields
         if options is None:

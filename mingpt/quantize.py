@@ -104,8 +104,6 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel_weight(self, kernel):
-        if torch.compiler.is_compiling() and kernel.name in self._prepared:
-            return self._prepared[kernel.name][1]  # a compiled decode step: prepared when the Decoder packed it
         key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
         if kernel.name not in self._prepared or self._prepared[kernel.name][0] != key:
             self._prepared[kernel.name] = (key, kernel.prepare(self.weight, self.weight_scale))
