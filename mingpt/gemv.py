@@ -8,11 +8,11 @@ Products of one row (or a few) with a weight matrix on a CPU: what every Linear 
 
 Why a kernel of our own: decoding one token reads every weight of the model once and does two flops
 per weight, so a step takes as long as the weights take to stream from memory. torch's kernels are
-built for many rows; for one row the fastest of them (oneDNN's) reads GPT-2's weights at ~23 GB/s on a
-CPU whose memory gives 31-35 GB/s. mingpt/gemv.c reads a copy of each weight laid out so that every
+built for many rows; for one row the fastest of them (oneDNN's) reads GPT-2's weights at ~25 GB/s on a
+CPU whose memory gives ~30 GB/s. mingpt/gemv.c reads a copy of each weight laid out so that every
 thread streams one contiguous run of memory (blocks of 8 output rows, interleaved along the input), at
-~29 GB/s in fp32; int8 weights are widened to fp32 in registers, so the same loop reads a quarter of
-the bytes and the activations are never quantized (bench/README.md, Generation).
+~30 GB/s, fp32 or int8; int8 weights are widened to fp32 in registers, so the same loop reads a quarter
+of the bytes and the activations are never quantized (bench/README.md, Generation).
 
 The C source ships with the package and is compiled here on first use with the system's C compiler
 (cc, or $CC; ~0.3 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
