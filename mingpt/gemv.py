@@ -60,20 +60,26 @@ def available():
     return _library() is not None
 
 
+def supports(weight):
+    """ whether the kernel takes this (out, in) weight: on a CPU, fp32 or int8, its input width a
+    multiple of the kernel's vectors (what block() needs), the kernel available """
+    return (weight.device.type == 'cpu' and weight.dtype in MAX_ROWS and not weight.is_meta
+            and available() and weight.size(1) % _lanes == 0)
+
+
 def usable(weight, x):
-    """ whether x @ weight.T can take the kernel: fp32 rows, a CPU weight (fp32 or int8) whose input
-    width fits the kernel's vectors, at most MAX_ROWS rows, nothing that needs gradients or autocast """
+    """ whether x @ weight.T can take the kernel: fp32 rows, a weight it supports(), at most MAX_ROWS
+    rows, nothing that needs gradients or autocast """
     # every Linear of a decode step asks this: the test most products fail (their rows) comes first
     return (0 < x.numel() <= MAX_ROWS.get(weight.dtype, 0) * x.size(-1) and x.dtype == torch.float32
-            and x.device.type == 'cpu' and weight.device.type == 'cpu'
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
-            and not torch.compiler.is_compiling() and available() and weight.size(1) % _lanes == 0)
+            and x.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling() and supports(weight))
 
 
 def block(weight):
     """
     (N, K) fp32 or int8 weight -> the kernel's layout, a new contiguous tensor of the same dtype:
-    (ceil(N / rows), K / lanes, rows, lanes), the rows past N zero. Requires available().
+    (ceil(N / rows), K / lanes, rows, lanes), the rows past N zero. Requires supports(weight).
     """
     lib = _require()
     rows, lanes = lib.mingpt_gemv_rows(), lib.mingpt_gemv_lanes()

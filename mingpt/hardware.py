@@ -111,7 +111,7 @@ class Linear(nn.Linear):
         key = (self.packs, w._version, w.data_ptr())
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # one copy at a time: the old one goes before the new one is made
-            if self.packs == 'one' and gemv.available():
+            if self.packs == 'one' and gemv.supports(w):
                 self._packed = (key, gemv.block(w))
             elif self.packs == 'many' and _onednn_pack is not None:
                 try:

@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
         """ prepare the weight now for the kernel of products of many rows or of one, so that the
         first product does not wait (hardware.pack_weights calls this, as it packs fp32 Linears) """
         if self.weight.device.type == 'cpu' and not self.weight.is_meta:
-            self._kernel_weight(GEMV_INT8 if rows == 'one' and gemv.available() else int8_kernel())
+            self._kernel_weight(GEMV_INT8 if rows == 'one' and gemv.supports(self.weight) else int8_kernel())
 
     def forward(self, x):
         if gemv.usable(self.weight, x):

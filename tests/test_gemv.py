@@ -161,6 +161,23 @@ class TestLinears(unittest.TestCase):
         self.assertIsNotNone(layer.weight.grad)
         self.assertEqual(len(calls), 4)  # the three above and the one after the weight changed
 
+    def test_weights_the_kernel_cannot_take_keep_torchs_path(self):
+        # an input width that is no multiple of the vector width (n_embd 520): packing for one row
+        # keeps no copy, and products read the weight as it is, through torch
+        torch.manual_seed(0)
+        layer, int8 = Linear(520, 1000), Int8Linear.from_linear(torch.nn.Linear(520, 1000))
+        self.assertFalse(gemv.supports(layer.weight))
+        patch, calls = self.counting()
+        with patch, torch.no_grad():
+            layer.pack('one')
+            int8.pack('one')
+            x = torch.randn(1, 1, 520)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(int8(x), F.linear(x, int8.dequantized(), int8.bias), rtol=0.05, atol=0.05)
+        self.assertEqual(calls, [])
+        self.assertIsNone(layer._packed)
+        self.assertNotIn(GEMV_INT8.name, int8._prepared)
+
     def test_int8_linear_takes_it_for_few_rows(self):
         torch.manual_seed(0)
         layer = Int8Linear.from_linear(torch.nn.Linear(256, 1003))
