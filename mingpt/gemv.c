@@ -1,7 +1,8 @@
 /*
- * Products of a few rows with a weight matrix, for decoding on a CPU (mingpt/gemv.py builds and calls this).
+ * Kernels for decoding one row on a CPU (mingpt/gemv.py builds and calls them):
  *
- *   y (M, N) = x (M, K) @ W (N, K)^T [* scale (N,)] [+ bias (N,)]
+ *   mingpt_gemv_*: y (M, N) = x (M, K) @ W (N, K)^T [* scale (N,)] [+ bias (N,)], M a few rows
+ *   mingpt_block_step: one GPT-2 block for one row of a KV cache, every op of it in one call
  *
  * A decode step multiplies one row by every weight of the model, so it runs at the speed the weights
  * stream from memory. The weight is read in the blocked layout mingpt.gemv.block makes: blocks of ROWS
@@ -15,7 +16,10 @@
  * Requires K % LANES == 0. Threads: OpenMP, linked against the runtime torch itself uses.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ROWS 8
 
@@ -23,21 +27,43 @@
 #define LANES 16
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset(float a) { return _mm512_set1_ps(a); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
 static inline vec vload_i8(const int8_t *p) {  /* 16 int8 -> 16 fp32 */
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vpow2(vec n) {  /* 2^n for whole n in [-126, 127]: n + 127 in the exponent bits */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #else  /* AVX2 + FMA */
 #define LANES 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset(float a) { return _mm256_set1_ps(a); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
 static inline vec vload_i8(const int8_t *p) {  /* 8 int8 -> 8 fp32 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vpow2(vec n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -45,13 +71,30 @@ static inline float vsum(vec a) {
 }
 #endif
 
+/* exp(x), to ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) = 1 + r + r^2 P(r) (Cephes' expf
+ * polynomial), times 2^n; clamped to the range where the result is a normal float */
+static inline vec vexp(vec x) {
+    x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+    vec n = vround(vmul(x, vset(1.44269504f)));
+    vec r = vfma(n, vset(-0.693359375f), x);  /* ln2 in two parts, so that n ln2 is exact enough */
+    r = vfma(n, vset(2.12194440e-4f), r);
+    vec p = vset(1.9875691500e-4f);
+    p = vfma(p, r, vset(1.3981999507e-3f));
+    p = vfma(p, r, vset(8.3334519073e-3f));
+    p = vfma(p, r, vset(4.1665795894e-2f));
+    p = vfma(p, r, vset(1.6666665459e-1f));
+    p = vfma(p, r, vset(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+    return vmul(p, vpow2(n));
+}
+
 int mingpt_gemv_rows(void) { return ROWS; }
 int mingpt_gemv_lanes(void) { return LANES; }
 
-/* one block of ROWS weight rows times M input rows; is_int8 is a constant at each call, so the
- * compiler makes a loop for each weight type */
+/* one block of ROWS weight rows times M input rows, into y (add: onto y, a residual); is_int8 is a
+ * constant at each call, so the compiler makes a loop for each weight type */
 static inline void block_product(const float *x, const void *block, int is_int8, const float *scale,
-                                 const float *bias, float *y, long M, long N, long n0, long K)
+                                 const float *bias, float *y, long M, long N, long n0, long K, int add)
 {
     for (long m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -69,7 +112,8 @@ static inline void block_product(const float *x, const void *block, int is_int8,
         for (int r = 0; r < ROWS && n0 + r < N; r++) {
             float v = vsum(acc[r]);
             if (scale) v *= scale[n0 + r];
-            y[m * N + n0 + r] = bias ? v + bias[n0 + r] : v;
+            if (bias) v += bias[n0 + r];
+            y[m * N + n0 + r] = add ? y[m * N + n0 + r] + v : v;
         }
     }
 }
@@ -80,7 +124,7 @@ void mingpt_gemv_f32(const float *x, const float *w, const float *bias, float *y
     long blocks = (N + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < blocks; b++)
-        block_product(x, w + b * ROWS * K, 0, 0, bias, y, M, N, b * ROWS, K);
+        block_product(x, w + b * ROWS * K, 0, 0, bias, y, M, N, b * ROWS, K, 0);
 }
 
 void mingpt_gemv_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
@@ -89,5 +133,142 @@ void mingpt_gemv_int8(const float *x, const int8_t *w, const float *scale, const
     long blocks = (N + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < blocks; b++)
-        block_product(x, w + b * ROWS * K, 1, scale, bias, y, M, N, b * ROWS, K);
+        block_product(x, w + b * ROWS * K, 1, scale, bias, y, M, N, b * ROWS, K, 0);
+}
+
+/* -------------------------------------------------------------------------------------------------
+ * One block for one row: what GPT-2's Block.forward computes for a single new token, in one call.
+ * Between torch ops a decode step spends ~0.1 ms a layer on its ~25 small ops (dispatch, Python,
+ * allocation), as long as the int8 products themselves take; here the threads go from one op to the
+ * next at a barrier. Every op is GPT-2's:
+ *
+ *   h = LN_1(x); q, k, v = h c_attn; k, v -> the cache at pos; a = softmax(q K^T / sqrt(hs)) V per head
+ *   x += a attn_proj; h = LN_2(x); x += gelu_tanh(h c_fc) mlp_proj
+ */
+
+struct linear {           /* one Linear, as mingpt.gemv.block laid it out */
+    const void *weight;   /* blocked fp32 or int8 */
+    const float *scale;   /* int8: one per output row; else NULL */
+    const float *bias;    /* or NULL */
+    long n, k;            /* out and in features */
+    int is_int8;
+};
+
+struct block {
+    const float *ln_1_weight, *ln_1_bias, *ln_2_weight, *ln_2_bias;  /* biases may be NULL */
+    float eps;
+    long n_head;
+    struct linear c_attn, attn_proj, c_fc, mlp_proj;
+};
+
+/* [lo, hi) of n items: this thread's share, the same split for every op */
+static void share(long n, long *lo, long *hi)
+{
+    long t = omp_get_thread_num(), T = omp_get_num_threads();
+    *lo = n * t / T;
+    *hi = n * (t + 1) / T;
+}
+
+/* this thread's blocks of y = x L (add: y += x L) */
+static void linear_share(const float *x, const struct linear *L, float *y, int add, long *lo, long *hi)
+{
+    long blocks = (L->n + ROWS - 1) / ROWS, b0, b1;
+    share(blocks, &b0, &b1);
+    for (long b = b0; b < b1; b++) {
+        if (L->is_int8)
+            block_product(x, (const int8_t *)L->weight + b * ROWS * L->k, 1, L->scale, L->bias, y, 1, L->n, b * ROWS, L->k, add);
+        else
+            block_product(x, (const float *)L->weight + b * ROWS * L->k, 0, 0, L->bias, y, 1, L->n, b * ROWS, L->k, add);
+    }
+    *lo = b0 * ROWS;
+    *hi = b1 * ROWS < L->n ? b1 * ROWS : L->n;
+}
+
+static void layer_norm(const float *x, const float *weight, const float *bias, float eps, float *out, long C)
+{
+    double mean = 0, var = 0;  /* in double: the result is then torch's to fp32 rounding */
+    for (long i = 0; i < C; i++) mean += x[i];
+    mean /= C;
+    for (long i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    float rstd = (float)(1.0 / sqrt(var / C + eps));
+    for (long i = 0; i < C; i++) out[i] = ((float)(x[i] - mean)) * rstd * weight[i] + (bias ? bias[i] : 0.0f);
+}
+
+/* GPT-2's gelu, 0.5 x (1 + tanh(y)) with y = sqrt(2/pi) (x + 0.044715 x^3), written x sigmoid(2y) */
+static inline vec vgelu(vec x)
+{
+    vec y2 = vmul(vset(-1.5957691216f), vfma(vmul(vset(0.044715f), vmul(x, x)), x, x));  /* -2y */
+    return vdiv(x, vadd(vset(1.0f), vexp(y2)));
+}
+
+static void gelu(float *x, long n)
+{
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) vstore(x + i, vgelu(vload(x + i)));
+    if (i < n) {  /* the tail through a padded vector */
+        float tail[LANES] = {0};
+        memcpy(tail, x + i, (n - i) * sizeof(float));
+        vstore(tail, vgelu(vload(tail)));
+        memcpy(x + i, tail, (n - i) * sizeof(float));
+    }
+}
+
+/* one head: k, v written at pos of its cache (K, V: (max_len, hs)), then its query over positions
+ * 0..pos; scores is room for pos + 1 + LANES floats */
+static void attend(const float *q, const float *k, const float *v, float *K, float *V, long pos, long hs,
+                   float *scores, float *out)
+{
+    memcpy(K + pos * hs, k, hs * sizeof(float));
+    memcpy(V + pos * hs, v, hs * sizeof(float));
+    float scale = 1.0f / sqrtf((float)hs), top = -INFINITY;
+    for (long t = 0; t <= pos; t++) {
+        vec acc = vzero();
+        for (long i = 0; i < hs; i += LANES) acc = vfma(vload(q + i), vload(K + t * hs + i), acc);
+        scores[t] = vsum(acc) * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    long n = pos + 1;
+    for (long t = n; t < n + LANES; t++) scores[t] = -INFINITY;  /* pad to whole vectors: exp -> 0 */
+    vec total = vzero();
+    for (long t = 0; t < n; t += LANES) {
+        vec p = vexp(vadd(vload(scores + t), vset(-top)));
+        vstore(scores + t, p);
+        total = vadd(total, p);
+    }
+    float norm = 1.0f / vsum(total);
+    for (long i = 0; i < hs; i += LANES) {
+        vec acc = vzero();
+        for (long t = 0; t < n; t++) acc = vfma(vset(scores[t]), vload(V + t * hs + i), acc);
+        vstore(out + i, vmul(acc, vset(norm)));
+    }
+}
+
+/* x (C,) the residual stream, updated in place; k_cache, v_cache (n_head, max_len, hs) this layer's,
+ * pos the new token's position; work: room for 9 C + n_head (max_len + 2 LANES) floats */
+void mingpt_block_step(float *x, const struct block *b, float *k_cache, float *v_cache, long max_len,
+                       long pos, float *work, int threads)
+{
+    long C = b->c_attn.k, nh = b->n_head, hs = C / nh;
+    float *h = work, *qkv = h + C, *a = qkv + 3 * C, *u = a + C, *scores = u + b->c_fc.n;
+    #pragma omp parallel num_threads(threads)
+    {
+        long lo, hi;
+        #pragma omp single
+        layer_norm(x, b->ln_1_weight, b->ln_1_bias, b->eps, h, C);
+        linear_share(h, &b->c_attn, qkv, 0, &lo, &hi);
+        #pragma omp barrier
+        share(nh, &lo, &hi);
+        for (long i = lo; i < hi; i++)
+            attend(qkv + i * hs, qkv + C + i * hs, qkv + 2 * C + i * hs, k_cache + i * max_len * hs,
+                   v_cache + i * max_len * hs, pos, hs, scores + i * (max_len + 2 * LANES), a + i * hs);
+        #pragma omp barrier
+        linear_share(a, &b->attn_proj, x, 1, &lo, &hi);
+        #pragma omp barrier
+        #pragma omp single
+        layer_norm(x, b->ln_2_weight, b->ln_2_bias, b->eps, h, C);
+        linear_share(h, &b->c_fc, u, 0, &lo, &hi);
+        gelu(u + lo, hi - lo);  /* this thread's own outputs: no barrier needed before */
+        #pragma omp barrier
+        linear_share(u, &b->mlp_proj, x, 1, &lo, &hi);
+    }
 }

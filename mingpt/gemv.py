@@ -1,5 +1,6 @@
 """
-Products of one row (or a few) with a weight matrix on a CPU: what every Linear does in a decode step.
+Decoding one row on a CPU: products of one row (or a few) with a weight matrix, and a whole GPT-2
+block for one new token, in C.
 
     import mingpt.gemv as gemv
     if gemv.available():
@@ -14,17 +15,23 @@ thread streams one contiguous run of memory (blocks of 8 output rows, interleave
 ~30 GB/s, fp32 or int8; int8 weights are widened to fp32 in registers, so the same loop reads a quarter
 of the bytes and the activations are never quantized (bench/README.md, Generation).
 
+Between its products a decode step runs ~25 small ops a layer (norms, attention, the KV-cache write,
+reshapes, residual adds), each a torch call of a few microseconds: ~0.1 ms a layer, as long as GPT-2's
+int8 products take. block_step runs a whole block in one call instead (model.Block uses it once packed
+for one row): the same ops in C, the threads moving from one to the next at a barrier.
+
 The C source ships with the package and is compiled here on first use with the system's C compiler
-(cc, or $CC; ~0.3 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
+(cc, or $CC; ~0.5 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
 ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine), into the mingpt cache ($MINGPT_CACHE or
 ~/.cache/mingpt). It links against the OpenMP runtime torch has loaded, so the two share one thread pool
 and torch.set_num_threads. Where there is no compiler, no AVX2, not Linux on x86-64, or MINGPT_GEMV=0 is
-set, available() is False and the Linears use torch's kernels, as they would anyway; one log line says
+set, available() is False and the model runs on torch's kernels, as it would anyway; one log line says
 why.
 """
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -32,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -112,6 +120,110 @@ def product(x, blocked, out_features, bias=None, scale=None):
     return y
 
 # -----------------------------------------------------------------------------
+# a whole block for one row
+
+P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+
+
+class _LinearArgs(ctypes.Structure):  # gemv.c's struct linear
+    _fields_ = [('weight', P), ('scale', P), ('bias', P), ('n', L), ('k', L), ('is_int8', I)]
+
+
+class _BlockArgs(ctypes.Structure):  # gemv.c's struct block
+    _fields_ = [('ln_1_weight', P), ('ln_1_bias', P), ('ln_2_weight', P), ('ln_2_bias', P),
+                ('eps', ctypes.c_float), ('n_head', L),
+                ('c_attn', _LinearArgs), ('attn_proj', _LinearArgs), ('c_fc', _LinearArgs), ('mlp_proj', _LinearArgs)]
+
+
+# block -> (its _state, its _BlockArgs for mingpt_block_step, the tensors they point into)
+_steps = weakref.WeakKeyDictionary()
+
+
+def usable_step(x, kv_cache, pos):
+    """ whether block_step can take this call: one fp32 row x (1, 1, C), a one-row fp32 cache with
+    room at pos, nothing that needs gradients or autocast """
+    k = kv_cache.k
+    return (bool(_lib) and x.size(0) == 1 and x.dtype == torch.float32 and x.device.type == 'cpu' and k.size(0) == 1
+            and k.dtype == torch.float32 and k.device.type == 'cpu' and 0 <= pos < k.size(2)
+            and k.is_contiguous() and kv_cache.v.is_contiguous() and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())
+
+
+def block_step(block, x, kv_cache, pos):
+    """
+    A GPT-2 block's forward (mingpt.model.Block: LayerNorms, tanh GELU) for x (1, 1, C), one token at
+    position pos of a one-row kv_cache (written there, as KVCache.update would), as one C call -> the
+    block's output (1, 1, C), x unchanged; or None when a Linear has no one-row copy of its weight
+    (one_row_weight()), and the caller runs the block in torch. See the module docstring for why.
+    """
+    key = _state(block)
+    step = _steps.get(block)
+    if step is None or step[0] != key:
+        step = _steps[block] = (key, *_block_args(block.attn.n_head, *key[0]))
+    args = step[1]
+    if args is None:
+        return None
+    # the activations between the ops, and each head's scores: a buffer per call, so that threads
+    # decoding with one model at once (each with its own cache) do not share one
+    k = kv_cache.k
+    work = torch.empty(9 * x.size(-1) + block.attn.n_head * (k.size(2) + 2 * _lanes))
+    y = x.clone()
+    _lib.mingpt_block_step(y.data_ptr(), ctypes.addressof(args), k.data_ptr(), kv_cache.v.data_ptr(), k.size(2),
+                           pos, work.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def _state(block):
+    """
+    What block_step's arguments for block depend on: the layers it reads (in mingpt_block_step's
+    order), and every tensor of theirs by version and address. The arguments are made again when
+    this changes: a layer replaced, a tensor replaced or moved, a weight changed in place (the old
+    tensors stay alive until then, so no address is reused). Read through _modules, _parameters and
+    _buffers: module attribute access would cost ~20 us a layer a step.
+    """
+    mods = block._modules
+    attn, mlp = mods['attn']._modules, mods['mlp']._modules
+    layers = (mods['ln_1'], attn['c_attn'], attn['c_proj'], mods['ln_2'], mlp['c_fc'], mlp['c_proj'])
+    state = [layers]
+    for layer in layers:
+        for t in itertools.chain(layer._parameters.values(), layer._buffers.values()):
+            if t is not None:
+                state += (t._version, t.data_ptr())
+    return state
+
+
+def release(block):
+    """ forget block's arguments and the weight copies they keep (the block is being packed anew) """
+    _steps.pop(block, None)
+
+
+def _block_args(n_head, ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj):
+    """ (_BlockArgs, the tensors they point into), or Nones where the C step cannot run this block:
+    a Linear without a one-row copy of its weight (its one_row_weight() says), or a head size that
+    is no multiple of the vector width """
+    tensors = []
+
+    def ptr(t):
+        if t is None:
+            return None
+        t = t.detach().contiguous()
+        tensors.append(t)
+        return t.data_ptr()
+
+    if (c_attn.in_features // n_head) % _lanes:
+        return None, None  # a head's query and keys are read in whole vectors
+    linears = []
+    for layer in (c_attn, attn_proj, c_fc, mlp_proj):
+        operands = layer.one_row_weight()
+        if operands is None:
+            return None, None
+        blocked, scale = operands
+        n, k = layer.weight.shape
+        linears.append(_LinearArgs(ptr(blocked), ptr(scale), ptr(layer.bias), n, k, blocked.dtype == torch.int8))
+    args = _BlockArgs(ptr(ln_1.weight), ptr(ln_1.bias), ptr(ln_2.weight), ptr(ln_2.bias), ln_1.eps, n_head, *linears)
+    return args, tensors
+
+# -----------------------------------------------------------------------------
 # building and loading
 
 
@@ -162,10 +274,10 @@ def _load():
             os.replace(lib, path)  # whole or absent: another process may be building it too
         logger.info("built the single-row kernel for %s: %s", isa, path)
     lib = ctypes.CDLL(str(path))
-    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.mingpt_gemv_f32.argtypes = [P, P, P, P, L, L, L, I]
     lib.mingpt_gemv_int8.argtypes = [P, P, P, P, P, L, L, L, I]
-    lib.mingpt_gemv_f32.restype = lib.mingpt_gemv_int8.restype = None
+    lib.mingpt_block_step.argtypes = [P, P, P, P, L, L, P, I]
+    lib.mingpt_gemv_f32.restype = lib.mingpt_gemv_int8.restype = lib.mingpt_block_step.restype = None
     return lib
 
 

@@ -53,14 +53,15 @@ class Linear(nn.Linear):
     so a decode step runs at the speed weights stream from memory, and oneDNN's kernel reads
     nn.Linear's (out, in) weight faster than torch's default CPU path does on some CPUs (bench/README.md
     has the measurements). oneDNN takes the weight as it is, so parameters, state dict and init are
-    nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes, and small
-    weights take F.linear; the kernels agree with it to fp32 rounding.
+    nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes take
+    F.linear, as do small weights unless packed for one row; the kernels agree with it to fp32 rounding.
 
     pack(rows) (see pack_weights) has the layer keep one copy of its weight in a layout made for the
     products it will do, made at once and again whenever the weight has changed since:
     - rows='many': oneDNN's blocked layout, read by products of two rows or more (batched decoding);
     - rows='one': mingpt.gemv's layout, read by products of up to gemv.MAX_ROWS rows (decoding one
-      sequence), the fastest way to stream a weight for one row (where gemv is available).
+      sequence), the fastest way to stream a weight for one row (where gemv is available), and by
+      mingpt.gemv.block_step (one_row_weight), whatever the weight's size.
     Other products read the weight as it is.
 
     The oneDNN kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call
@@ -77,9 +78,8 @@ class Linear(nn.Linear):
         if rows not in ('many', 'one'):
             raise ConfigError(f"pack(rows={rows!r}): rows is 'many' or 'one'")
         self.packs = rows
-        if self._fast_weight():
-            with torch.no_grad():
-                self._packed_weight()
+        with torch.no_grad():
+            self._packed_weight()
 
     def _fast_weight(self):
         w = self.weight
@@ -87,8 +87,8 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         global _onednn_linear
-        if self.packs == 'one' and self._fast_weight() and gemv.usable(self.weight, x):
-            return gemv.product(x, self._packed_weight(), self.out_features, self.bias)
+        if self.packs == 'one' and gemv.usable(self.weight, x):
+            return gemv.product(x, self._packed_weight(), self.weight.size(0), self.bias)
         w = self.weight
         if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == 'cpu'
                 and x.dtype == torch.float32 and self._fast_weight() and w.is_contiguous()
@@ -102,6 +102,13 @@ class Linear(nn.Linear):
                 _onednn_linear = None
         return F.linear(x, self.weight, self.bias)
 
+    def one_row_weight(self):
+        """ (mingpt.gemv's copy of the weight, None) when this layer is packed for one row, else None
+        (mingpt.gemv.block_step reads it) """
+        if self.packs == 'one' and gemv.supports(self.weight):
+            return self._packed_weight(), None
+        return None
+
     def _packed_weight(self):
         """ the copy of the weight pack() asked for, made anew if the weight changed in place (an
         optimizer step, load_state_dict) or was replaced; the weight itself where that layout is
@@ -113,7 +120,7 @@ class Linear(nn.Linear):
             self._packed = None  # one copy at a time: the old one goes before the new one is made
             if self.packs == 'one' and gemv.supports(w):
                 self._packed = (key, gemv.block(w))
-            elif self.packs == 'many' and _onednn_pack is not None:
+            elif self.packs == 'many' and _onednn_pack is not None and self._fast_weight():
                 try:
                     self._packed = (key, _onednn_pack(w.detach(), None))
                 except (RuntimeError, TypeError) as e:
@@ -137,10 +144,11 @@ def pack_weights(model, rows='many'):
     count and oneDNN's matmul kernel runs faster on weights in its own blocked layout (bench/README.md,
     Generation and Serving). The cost is memory: the big weights are held twice (one copy at a time:
     packing for the other kind of product replaces it). mingpt.decoder.Decoder calls this for the rows
-    it decodes; training and every other path are unchanged.
+    it decodes; training and every other path are unchanged. Packed for one row, a GPT-2 block runs
+    its one-token steps in C (model.Block.pack, mingpt.gemv.block_step).
     """
     for m in model.modules():
-        if callable(getattr(m, 'pack', None)):  # these Linears, and mingpt.quantize's Int8Linear
+        if callable(getattr(m, 'pack', None)):  # these Linears, mingpt.quantize's Int8Linear, model.Block
             m.pack(rows)
 
 # -----------------------------------------------------------------------------

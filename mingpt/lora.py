@@ -70,6 +70,10 @@ class LoRALinear(Linear):
         # (B, T, in) -> (B, T, r) -> (B, T, out): two thin products instead of a full (out, in) update
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
+    def one_row_weight(self):
+        # merged, the weight is the whole product; else the adapter's is not in mingpt.gemv's block step
+        return super().one_row_weight() if self.merged else None
+
     def delta_weight(self):
         """ the (out, in) correction that the adapter adds to the weight: scaling * B A """
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -103,6 +103,10 @@ class Int8Linear(nn.Module):
             return kernel.product(x, self._kernel_weight(kernel), self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def one_row_weight(self):
+        """ (mingpt.gemv's copy of the int8 weight, its scales), or None where that kernel cannot take it """
+        return self._kernel_weight(GEMV_INT8) if gemv.supports(self.weight) else None
+
     def _kernel_weight(self, kernel):
         key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
         if kernel.name not in self._prepared or self._prepared[kernel.name][0] != key:

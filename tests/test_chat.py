@@ -30,6 +30,7 @@ from mingpt.chat import (ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, ChatTokenize
                          tokenizer_or_gpt2)
 from mingpt.errors import ConfigError, WeightsError
 from mingpt.generate import complete
+from mingpt.hardware import pack_weights
 from mingpt.model import GPT, Linear
 from mingpt.tokenizers import CharTokenizer, save_tokenizer
 from tests.common import REPO, TempDirTestCase, data_file, slow, tiny_gpt
@@ -149,6 +150,11 @@ class TestResize(TempDirTestCase):
         torch.testing.assert_close(after[..., :300], before, rtol=0, atol=0)
         self.assertEqual(model.lm_head.weight is model.transformer.wte.weight, tie_weights)
         self.assertIsInstance(model.lm_head, Linear)  # the model's own layer (fast inference path)
+        self.assertEqual(model.lm_head.out_features, 305)
+        # decoding one row reads the head's one-row copy (mingpt.gemv): every logit, new tokens too
+        pack_weights(model, 'one')
+        with torch.no_grad():
+            torch.testing.assert_close(model(x[:1, :1])[0], after[:1, :1], rtol=1e-5, atol=1e-5)
         # the new tokens start below the likely ones: the model does not emit them untrained
         self.assertTrue((after[..., 300:].max(-1).values < after[..., :300].max(-1).values).all())
         # the new ids are usable as inputs and targets, and train

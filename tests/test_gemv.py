@@ -19,7 +19,9 @@ from torch.nn import functional as F
 
 import mingpt.gemv as gemv
 from mingpt import hardware
-from mingpt.hardware import GEMV_INT8, Linear
+from mingpt.hardware import GEMV_INT8, Linear, pack_weights
+from mingpt.lora import add_lora, merge
+from mingpt.model import GPT
 from mingpt.quantize import Int8Linear, quantize
 
 from tests.common import REPO, tiny_gpt
@@ -200,14 +202,143 @@ class TestLinears(unittest.TestCase):
         patch, calls = self.counting()
         with patch:
             self.assertTrue(torch.equal(model.generate(idx, 12), reference))
-        # c_attn, c_fc, mlp.c_proj of 2 layers and the head, for each of 11 decode steps, and the
-        # prefill's 5-row products (fp32 weights: up to 8 rows)
-        self.assertEqual(len(calls), 12 * 7)
+        # the prefill's 5-row products (fp32 weights: up to 8 rows): 4 Linears of 2 layers and the head;
+        # then for each of 11 decode steps the head (the blocks' products run in mingpt_block_step)
+        self.assertEqual(len(calls), 9 + 11)
         self.assertEqual(model.lm_head.packs, 'one')
         quantize(model, 'int8')
         with patch:
             model.generate(idx, 3)
         self.assertEqual(calls[-1], (1, torch.int8))
+
+
+# the same decode steps with every block in mingpt_block_step and in torch: the largest difference in
+# the logits and in the KV cache, relative to their size
+CHECK_STEP = r"""
+import json, torch
+from unittest import mock
+from mingpt import gemv
+from mingpt.hardware import pack_weights
+from mingpt.model import GPT
+from mingpt.quantize import quantize
+
+def block_steps(bias=True, int8=False, max_len=40, steps=35):
+    torch.manual_seed(0)
+    c = GPT.get_default_config()
+    c.model_type, c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size, c.bias = None, 2, 4, 64, 50, 64, bias
+    model = GPT(c).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # not GPT-2's init: biases and gains away from 0 and 1
+            p.add_(torch.randn_like(p) * 0.3)
+    quantize(model, 'int8' if int8 else None)
+    pack_weights(model, 'one')
+    idx = torch.randint(0, 50, (1, 5 + steps))
+    results = []
+    for in_c in (True, False):
+        calls = []
+
+        def counted(*args, real=gemv.block_step):
+            y = real(*args)
+            calls.append(y is not None)  # None: the block ran in torch after all
+            return y
+        with mock.patch.object(gemv, 'block_step', counted), torch.inference_mode():
+            for block in model.transformer.h:
+                block.step_in_c = in_c
+            cache = model.make_kv_cache(1, max_len)
+            model(idx[:, :5], kv_cache=cache)
+            logits = torch.cat([model(idx[:, i:i + 1], kv_cache=cache, cache_pos=i)[0] for i in range(5, 5 + steps)])
+        results.append((logits, torch.stack([torch.stack([layer.k, layer.v]) for layer in cache]), sum(calls)))
+    (lc, kc, n_c), (lt, kt, n_t) = results
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+    return {'logits': rel(lc, lt), 'cache': rel(kc, kt), 'calls': [n_c, n_t]}
+
+print(json.dumps({'lanes': gemv._library().mingpt_gemv_lanes(),
+                  'cases': [block_steps(bias, int8) for bias in (True, False) for int8 in (False, True)]}))
+"""
+
+
+@unittest.skipUnless(SUPPORTED, "the kernel is for Linux on x86-64 with AVX2")
+class TestBlockStep(unittest.TestCase):
+
+    def check_steps(self, done, lanes):
+        self.assertEqual(done.returncode, 0, done.stderr)
+        result = eval(done.stdout.replace('true', 'True'))
+        self.assertEqual(result['lanes'], lanes)
+        for case in result['cases']:  # fp32 and int8 weights, with and without biases
+            # 2 blocks x 35 steps in C, then none with step_in_c off; positions up to the cache's end
+            self.assertEqual(case['calls'], [70, 0])
+            self.assertLess(case['logits'], 1e-5)
+            self.assertLess(case['cache'], 1e-5)
+
+    def test_steps_equal_torchs_block(self):
+        self.check_steps(run_python(CHECK_STEP), gemv._library().mingpt_gemv_lanes())
+
+    def test_avx2_build_steps_alike(self):
+        with tempfile.TemporaryDirectory() as cache:
+            self.check_steps(run_python(CHECK_STEP, ATEN_CPU_CAPABILITY='avx2', MINGPT_CACHE=cache), 8)
+
+    def test_which_blocks_take_it(self):
+        def packed(**options):
+            model = tiny_gpt(n_embd=64, n_head=4, vocab_size=50)
+            for name, value in options.items():
+                setattr(model.config, name, value)
+            model = GPT(model.config).eval()
+            pack_weights(model, 'one')
+            return [block.step_in_c for block in model.transformer.h]
+
+        self.assertEqual(packed(), [True, True])
+        for option in (dict(norm='rmsnorm'), dict(mlp_act='relu2'), dict(qk_norm=True)):
+            with self.subTest(**option):  # not GPT-2's block: torch runs it
+                self.assertEqual(packed(**option), [False, False])
+        model = tiny_gpt(n_embd=64, n_head=4, vocab_size=50)
+        model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda *args: None)
+        pack_weights(model, 'one')  # a hook must see its layer run: that block stays in torch
+        self.assertEqual([block.step_in_c for block in model.transformer.h], [True, False])
+        pack_weights(model, 'many')
+        self.assertEqual([block.step_in_c for block in model.transformer.h], [False, False])
+
+    def counted_generate(self, model, idx, n):
+        calls = []
+        real = gemv.block_step
+
+        def counted(*args):
+            y = real(*args)
+            calls.append(y is not None)
+            return y
+        with mock.patch.object(gemv, 'block_step', counted):
+            out = model.generate(idx, n)
+        return out, calls
+
+    def test_adapters_weight_changes_and_training_keep_it_exact(self):
+        model = tiny_gpt(n_embd=64, n_head=4, vocab_size=50, block_size=32, sharpen=4)
+        idx = torch.randint(0, 50, (1, 4))
+        with mock.patch.object(gemv, '_lib', False):
+            reference = model.generate(idx, 10)
+        out, calls = self.counted_generate(model, idx, 10)
+        self.assertTrue(torch.equal(out, reference))
+        self.assertEqual(calls, [True] * 18)  # 2 blocks x 9 decode steps in C
+        # an adapter not merged adds a product the C step has not: its blocks run in torch
+        add_lora(model, r=4, targets=('c_attn',))
+        with torch.no_grad():
+            for layer in model.modules():
+                if hasattr(layer, 'lora_B'):
+                    layer.lora_B.weight.normal_()
+        with mock.patch.object(gemv, '_lib', False):
+            reference = model.generate(idx, 10)
+        out, calls = self.counted_generate(model, idx, 10)
+        self.assertTrue(torch.equal(out, reference))
+        self.assertEqual(calls, [False] * 18)
+        merge(model)  # merged into the weight (changed in place): in C again, with the new weights
+        out, calls = self.counted_generate(model, idx, 10)
+        self.assertTrue(torch.equal(out, reference))
+        self.assertEqual(calls, [True] * 18)
+        # training mode (dropout) runs in torch
+        model.train()
+        cache = model.make_kv_cache(1)
+        with torch.no_grad(), mock.patch.object(gemv, 'block_step') as step:
+            model(idx, kv_cache=cache)
+            model(idx[:, :1], kv_cache=cache, cache_pos=4)
+        step.assert_not_called()
 
 
 if __name__ == '__main__':
