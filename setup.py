@@ -29,7 +29,7 @@ setup(
     packages=find_packages(include=['mingpt', 'mingpt.*']),
     py_modules=['mingpt_lm_eval'],
     cmdclass={'build_py': build_py_with_pth},
-    package_data={'mingpt': ['static/*.html', 'assets/gpt2/*', 'gemv.c']},
+    package_data={'mingpt': ['static/*.html', 'assets/gpt2/*', 'kernels.c']},
     python_requires='>=3.9',
     install_requires=[
         # 2.4: CPU fused AdamW and torch.is_autocast_enabled(device); tested on 2.4.1 and 2.13.0

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mingpt import gemv, hardware  # noqa: E402
+from mingpt import kernels, hardware  # noqa: E402
 from mingpt.quantize import Int8Linear, quantize, quantize_rows  # noqa: E402
 
 SHAPES = [((768, 2304), 12), ((768, 768), 12), ((768, 3072), 12), ((3072, 768), 12), ((768, 50257), 1)]
@@ -70,9 +70,9 @@ def candidates(with_compile):
     c = {
         'fp32, oneDNN (mingpt Linear)': onednn(lambda d: d['w']),
         'fp32, oneDNN blocked (pack_weights)': onednn(lambda d: d['w_blocked']),
-        'fp32, mingpt.gemv (decoding one row)': lambda x, d: gemv.product(x, d['gemv_w'], d['s'].numel()),
-        'mingpt.gemv int8, fp32 activations (decoding one row)':
-            lambda x, d: gemv.product(x, d['gemv_q'], d['s'].numel(), scale=d['s']),
+        'fp32, mingpt.kernels (decoding one row)': lambda x, d: kernels.product(x, d['gemv_w'], d['s'].numel()),
+        'mingpt.kernels int8, fp32 activations (decoding one row)':
+            lambda x, d: kernels.product(x, d['gemv_q'], d['s'].numel(), scale=d['s']),
         'aten._weight_int8pack_mm': lambda x, d: torch.ops.aten._weight_int8pack_mm(x, d['q'], d['s']),
         'torch._int_mm, int8 activations per row': int_mm_per_row,
         'onednn.qlinear_pointwise, uint8 activations': onednn_qlinear,
@@ -95,7 +95,7 @@ def prepare(K, N):
                        ('qpack', lambda: torch.ops.onednn.qlinear_prepack(q, None)),
                        ('fbgemm', lambda: hardware._fbgemm_prepare(q, s)),
                        ('w_bf16', lambda: w.bfloat16()),
-                       ('gemv_w', lambda: gemv.block(w)), ('gemv_q', lambda: gemv.block(q))):
+                       ('gemv_w', lambda: kernels.block(w)), ('gemv_q', lambda: kernels.block(q))):
         try:
             d[name] = make()
         except (RuntimeError, AttributeError) as e:

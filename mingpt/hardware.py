@@ -4,7 +4,7 @@ PyTorch:
 
 - Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off);
   pack_weights gives a model's Linears a second copy of their weights, laid out for products of many rows
-  (oneDNN's blocked layout) or of one (mingpt.gemv's).
+  (oneDNN's blocked layout) or of one (mingpt.kernels').
 - int8_kernel: which kernel an int8 Linear (mingpt.quantize) multiplies with on this machine.
 - resolve_device: 'auto' made concrete, and any other device checked against this machine.
 - training_device: the device a training process uses (one GPU per process under torchrun).
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import mingpt.gemv as gemv
+import mingpt.kernels as kernels
 from mingpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class Linear(nn.Linear):
     pack(rows) (see pack_weights) has the layer keep one copy of its weight in a layout made for the
     products it will do, made at once and again whenever the weight has changed since:
     - rows='many': oneDNN's blocked layout, read by products of two rows or more (batched decoding);
-    - rows='one': mingpt.gemv's layout, read by products of up to gemv.MAX_ROWS rows (decoding one
-      sequence), the fastest way to stream a weight for one row (where gemv is available), and by
-      mingpt.gemv.block_step (one_row_weight), whatever the weight's size.
+    - rows='one': mingpt.kernels' layout, read by products of up to kernels.MAX_ROWS rows (decoding one
+      sequence), the fastest way to stream a weight for one row (where kernels is available), and by
+      mingpt.kernels.block_step (one_row_weight), whatever the weight's size.
     Other products read the weight as it is.
 
     The oneDNN kernel is a private torch op: where it is missing, MINGPT_ONEDNN=0 is set, or a call
@@ -87,8 +87,8 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         global _onednn_linear
-        if self.packs == 'one' and gemv.usable(self.weight, x):
-            return gemv.product(x, self._packed_weight(), self.weight.size(0), self.bias)
+        if self.packs == 'one' and kernels.usable(self.weight, x):
+            return kernels.product(x, self._packed_weight(), self.weight.size(0), self.bias)
         w = self.weight
         if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == 'cpu'
                 and x.dtype == torch.float32 and self._fast_weight() and w.is_contiguous()
@@ -103,9 +103,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def one_row_weight(self):
-        """ (mingpt.gemv's copy of the weight, None) when this layer is packed for one row, else None
-        (mingpt.gemv.block_step reads it) """
-        if self.packs == 'one' and gemv.supports(self.weight):
+        """ (mingpt.kernels' copy of the weight, None) when this layer is packed for one row, else None
+        (mingpt.kernels.block_step reads it) """
+        if self.packs == 'one' and kernels.supports(self.weight):
             return self._packed_weight(), None
         return None
 
@@ -118,8 +118,8 @@ class Linear(nn.Linear):
         key = (self.packs, w._version, w.data_ptr())
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # one copy at a time: the old one goes before the new one is made
-            if self.packs == 'one' and gemv.supports(w):
-                self._packed = (key, gemv.block(w))
+            if self.packs == 'one' and kernels.supports(w):
+                self._packed = (key, kernels.block(w))
             elif self.packs == 'many' and _onednn_pack is not None and self._fast_weight():
                 try:
                     self._packed = (key, _onednn_pack(w.detach(), None))
@@ -140,12 +140,12 @@ def pack_weights(model, rows='many'):
     Have every Linear of model that takes a fast path keep a second copy of its weight, laid out for
     the products it is about to do (Linear.pack): rows='many' for batched decoding (a step's product
     has a row per sequence), rows='one' for decoding one sequence. Why: a matrix-vector product
-    (one row) streams fastest from mingpt.gemv's layout, and with more rows the arithmetic starts to
+    (one row) streams fastest from mingpt.kernels' layout, and with more rows the arithmetic starts to
     count and oneDNN's matmul kernel runs faster on weights in its own blocked layout (bench/README.md,
     Generation and Serving). The cost is memory: the big weights are held twice (one copy at a time:
     packing for the other kind of product replaces it). mingpt.decoder.Decoder calls this for the rows
     it decodes; training and every other path are unchanged. Packed for one row, a GPT-2 block runs
-    its one-token steps in C (model.Block.pack, mingpt.gemv.block_step).
+    its one-token steps in C (model.Block.pack, mingpt.kernels.block_step).
     """
     for m in model.modules():
         if callable(getattr(m, 'pack', None)):  # these Linears, mingpt.quantize's Int8Linear, model.Block
@@ -196,15 +196,15 @@ class Int8Kernel:
 
 
 def _gemv_prepare(weight, scale):
-    return gemv.block(weight), scale.float().contiguous()
+    return kernels.block(weight), scale.float().contiguous()
 
 
 def _gemv_product(x, prepared, bias):
     blocked, scale = prepared
-    return gemv.product(x, blocked, scale.numel(), bias, scale=scale)
+    return kernels.product(x, blocked, scale.numel(), bias, scale=scale)
 
 
-# products of a few rows (decoding) where mingpt.gemv is available: the int8 weight is widened to fp32
+# products of a few rows (decoding) where mingpt.kernels is available: the int8 weight is widened to fp32
 # in registers, so the activations are not quantized and a row's result is the exact dequantized
 # product's up to fp32 rounding, however it is batched
 GEMV_INT8 = Int8Kernel('gemv', _gemv_prepare, _gemv_product)

@@ -71,7 +71,7 @@ class LoRALinear(Linear):
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def one_row_weight(self):
-        # merged, the weight is the whole product; else the adapter's is not in mingpt.gemv's block step
+        # merged, the weight is the whole product; else the adapter's is not in mingpt.kernels' block step
         return super().one_row_weight() if self.merged else None
 
     def delta_weight(self):

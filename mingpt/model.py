@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import mingpt.gemv as gemv
+import mingpt.kernels as kernels
 from mingpt.config import ARCH_OPTIONS, PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
@@ -139,10 +139,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class NewGELU(nn.Module):
-    """ GPT-2's GELU: the tanh approximation (Hendrycks & Gimpel), as in BERT and OpenAI's code """
+    """ GPT-2's GELU: the tanh approximation (Hendrycks & Gimpel), as in BERT and OpenAI's code (on a
+    CPU in C: torch's kernel for it is slow, see mingpt.kernels) """
 
     def forward(self, x):
-        return F.gelu(x, approximate='tanh')
+        return kernels.gelu(x)
 
 
 class MLP(nn.Module):
@@ -168,24 +169,24 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    step_in_c = False  # set by pack('one'): one-token steps may run as one C call (mingpt.gemv.block_step)
+    step_in_c = False  # set by pack('one'): one-token steps may run as one C call (mingpt.kernels.block_step)
 
     def pack(self, rows='many'):
         """
         Decoding one sequence (rows='one', hardware.pack_weights): a GPT-2 block (LayerNorms, tanh
-        GELU, no QK-norm, no hooks) whose Linears keep mingpt.gemv's copy of their weights runs its
+        GELU, no QK-norm, no hooks) whose Linears keep mingpt.kernels' copy of their weights runs its
         one-token steps as one C call, the same ops without the ~25 torch calls between them.
         """
         gpt2 = (type(self.ln_1) is type(self.ln_2) is nn.LayerNorm and self.ln_1.eps == self.ln_2.eps
                 and type(self.mlp.act) is NewGELU and not self.attn.qk_norm)
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-        self.step_in_c = rows == 'one' and gpt2 and not hooked and gemv.available()
-        gemv.release(self)  # the C step's arguments point into the weight copies packing replaces
+        self.step_in_c = rows == 'one' and gpt2 and not hooked and kernels.available()
+        kernels.release(self)  # the C step's arguments point into the weight copies packing replaces
 
     def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
         if (self.step_in_c and kv_cache is not None and rotary is None and x.size(1) == 1 and not self.training
-                and isinstance(cache_pos, int) and gemv.usable_step(x, kv_cache, cache_pos)):
-            y = gemv.block_step(self, x, kv_cache, cache_pos)
+                and isinstance(cache_pos, int) and kernels.usable_step(x, kv_cache, cache_pos)):
+            y = kernels.block_step(self, x, kv_cache, cache_pos)
             if y is not None:
                 return y
         x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask, rotary)

@@ -13,7 +13,7 @@ scale per row rather than per block of 32 inputs (llama.cpp's q8_0): the fast in
 has take per-row scales, and on a trained model the two differ by little in bits per byte
 (bench/README.md).
 
-Single-row products (decoding) run on mingpt.gemv's kernel where it is available:
+Single-row products (decoding) run on mingpt.kernels' single-row product where it is available:
 it widens the int8 weights to fp32 in registers, so it reads a quarter of fp32's bytes and quantizes
 nothing else. Larger products run on mingpt.hardware.int8_kernel's choice for this CPU, in one place:
 fbgemm's int8 x int8 product with the activations quantized per call where that is correct here, else
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import mingpt.gemv as gemv
+import mingpt.kernels as kernels
 from mingpt.hardware import GEMV_INT8, int8_kernel
 from mingpt.errors import ConfigError, WeightsError
 
@@ -92,10 +92,10 @@ class Int8Linear(nn.Module):
         """ prepare the weight now for the kernel of products of many rows or of one, so that the
         first product does not wait (hardware.pack_weights calls this, as it packs fp32 Linears) """
         if self.weight.device.type == 'cpu' and not self.weight.is_meta:
-            self._kernel_weight(GEMV_INT8 if rows == 'one' and gemv.supports(self.weight) else int8_kernel())
+            self._kernel_weight(GEMV_INT8 if rows == 'one' and kernels.supports(self.weight) else int8_kernel())
 
     def forward(self, x):
-        if gemv.usable(self.weight, x):
+        if kernels.usable(self.weight, x):
             return GEMV_INT8.product(x, self._kernel_weight(GEMV_INT8), self.bias)
         if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
@@ -104,8 +104,8 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def one_row_weight(self):
-        """ (mingpt.gemv's copy of the int8 weight, its scales), or None where that kernel cannot take it """
-        return self._kernel_weight(GEMV_INT8) if gemv.supports(self.weight) else None
+        """ (mingpt.kernels' copy of the int8 weight, its scales), or None where that kernel cannot take it """
+        return self._kernel_weight(GEMV_INT8) if kernels.supports(self.weight) else None
 
     def _kernel_weight(self, kernel):
         key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)

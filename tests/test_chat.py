@@ -151,7 +151,7 @@ class TestResize(TempDirTestCase):
         self.assertEqual(model.lm_head.weight is model.transformer.wte.weight, tie_weights)
         self.assertIsInstance(model.lm_head, Linear)  # the model's own layer (fast inference path)
         self.assertEqual(model.lm_head.out_features, 305)
-        # decoding one row reads the head's one-row copy (mingpt.gemv): every logit, new tokens too
+        # decoding one row reads the head's one-row copy (mingpt.kernels): every logit, new tokens too
         pack_weights(model, 'one')
         with torch.no_grad():
             torch.testing.assert_close(model(x[:1, :1])[0], after[:1, :1], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """
 A new user's first hour, offline: with an empty MINGPT_CACHE and every network request sent to a dead
 proxy, GPT-2's tokenizer works (its files ship with the package), a project runs to the end, and
-nothing is written to the cache.
+nothing is downloaded into the cache (which holds mingpt.kernels' build, made here from the shipped source).
 """
 
 import os
@@ -44,7 +44,7 @@ class TestOffline(TempDirTestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertTrue((work_dir / 'results.json').is_file(), sorted(p.name for p in work_dir.iterdir()))
         self.assertNotIn('Traceback', proc.stderr)
-        self.assertFalse(cache.exists())
+        self.assertLessEqual({p.name for p in cache.iterdir()} if cache.exists() else set(), {'kernels'})
 
 
 if __name__ == '__main__':

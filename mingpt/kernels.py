@@ -1,16 +1,16 @@
 """
-Decoding one row on a CPU: products of one row (or a few) with a weight matrix, and a whole GPT-2
-block for one new token, in C.
+mingpt's CPU kernels, in C: what decoding one row spends its time on (products of a row with a
+weight matrix, and a whole GPT-2 block for one new token), and GPT-2's GELU for training.
 
-    import mingpt.gemv as gemv
-    if gemv.available():
-        blocked = gemv.block(linear.weight)                     # once: a copy in the kernel's layout
-        y = gemv.product(x, blocked, linear.out_features, linear.bias)   # x (..., in), few rows
+    import mingpt.kernels as kernels
+    if kernels.available():
+        blocked = kernels.block(linear.weight)                     # once: a copy in the kernel's layout
+        y = kernels.product(x, blocked, linear.out_features, linear.bias)   # x (..., in), few rows
 
-Why a kernel of our own: decoding one token reads every weight of the model once and does two flops
+Why products of our own: decoding one token reads every weight of the model once and does two flops
 per weight, so a step takes as long as the weights take to stream from memory. torch's kernels are
 built for many rows; for one row the fastest of them (oneDNN's) reads GPT-2's weights at ~25 GB/s on a
-CPU whose memory gives ~30 GB/s. mingpt/gemv.c reads a copy of each weight laid out so that every
+CPU whose memory gives ~30 GB/s. mingpt/kernels.c reads a copy of each weight laid out so that every
 thread streams one contiguous run of memory (blocks of 8 output rows, interleaved along the input), at
 ~30 GB/s, fp32 or int8; int8 weights are widened to fp32 in registers, so the same loop reads a quarter
 of the bytes and the activations are never quantized (bench/README.md, Generation).
@@ -20,13 +20,17 @@ reshapes, residual adds), each a torch call of a few microseconds: ~0.1 ms a lay
 int8 products take. block_step runs a whole block in one call instead (model.Block uses it once packed
 for one row): the same ops in C, the threads moving from one to the next at a barrier.
 
+gelu: torch's CPU kernel for GPT-2's tanh GELU takes ~2.5x the time of its erf GELU, ~5% of a small
+GPT's training step; the same function as x sigmoid(2y) with a vectorised exp takes less than either
+(bench/README.md, Training).
+
 The C source ships with the package and is compiled here on first use with the system's C compiler
 (cc, or $CC; ~0.5 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
 ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine), into the mingpt cache ($MINGPT_CACHE or
 ~/.cache/mingpt). It links against the OpenMP runtime torch has loaded, so the two share one thread pool
-and torch.set_num_threads. Where there is no compiler, no AVX2, not Linux on x86-64, or MINGPT_GEMV=0 is
-set, available() is False and the model runs on torch's kernels, as it would anyway; one log line says
-why.
+and torch.set_num_threads. Where there is no compiler, no AVX2, not Linux on x86-64, or MINGPT_KERNELS=0
+is set, available() is False and the model runs on torch's kernels, as it would anyway; one log line
+says why.
 """
 
 import ctypes
@@ -43,10 +47,11 @@ import weakref
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name('gemv.c')
+SOURCE = Path(__file__).with_name('kernels.c')
 # products of up to this many rows take the kernel, by the weight's dtype: a decode step (1 row) and,
 # in fp32, speculative decoding's check of a few drafted tokens. Past it, the arithmetic counts and
 # torch's kernels win: fp32 weights are read once for all the rows, but int8 ones are widened to fp32
@@ -125,11 +130,11 @@ def product(x, blocked, out_features, bias=None, scale=None):
 P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 
 
-class _LinearArgs(ctypes.Structure):  # gemv.c's struct linear
+class _LinearArgs(ctypes.Structure):  # kernels.c's struct linear
     _fields_ = [('weight', P), ('scale', P), ('bias', P), ('n', L), ('k', L), ('is_int8', I)]
 
 
-class _BlockArgs(ctypes.Structure):  # gemv.c's struct block
+class _BlockArgs(ctypes.Structure):  # kernels.c's struct block
     _fields_ = [('ln_1_weight', P), ('ln_1_bias', P), ('ln_2_weight', P), ('ln_2_bias', P),
                 ('eps', ctypes.c_float), ('n_head', L),
                 ('c_attn', _LinearArgs), ('attn_proj', _LinearArgs), ('c_fc', _LinearArgs), ('mlp_proj', _LinearArgs)]
@@ -224,6 +229,58 @@ def _block_args(n_head, ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj):
     return args, tensors
 
 # -----------------------------------------------------------------------------
+# GPT-2's GELU for training
+
+# below this many elements torch's call costs less than ours (ctypes, autograd.Function)
+GELU_MIN_NUMEL = 1 << 14
+
+
+# a torch op (mingpt::gelu), so that torch.compile calls the kernel too instead of tracing through ctypes
+@torch.library.custom_op('mingpt::gelu', mutates_args=())
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _lib.mingpt_gelu(x.data_ptr(), None, y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op('mingpt::gelu_backward', mutates_args=())
+def _gelu_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    x, dy = x.contiguous(), dy.contiguous()
+    dx = torch.empty_like(x)
+    _lib.mingpt_gelu(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
+    return dx
+
+
+@_gelu.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_gelu_backward.register_fake
+def _(x, dy):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, dy):
+    return _gelu_backward(ctx.saved_tensors[0], dy)
+
+
+_gelu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gelu(x):
+    """ GPT-2's GELU, F.gelu(x, approximate='tanh') to fp32 rounding: in C for large fp32 CPU tensors
+    (see the module docstring), else torch's own """
+    if x.dtype == torch.float32 and x.device.type == 'cpu' and x.numel() >= GELU_MIN_NUMEL and available():
+        return _gelu(x)
+    return F.gelu(x, approximate='tanh')
+
+# -----------------------------------------------------------------------------
 # building and loading
 
 
@@ -234,7 +291,7 @@ def _library():
             _lib = _load()
             _lanes = _lib.mingpt_gemv_lanes()
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-            logger.info("the single-row kernel is unavailable (%s); linears use torch's kernels", e)
+            logger.info("mingpt.kernels is unavailable (%s); the model runs on torch's kernels", e)
             _lib = False
     return _lib or None
 
@@ -242,13 +299,13 @@ def _library():
 def _require():
     lib = _library()
     if lib is None:
-        raise RuntimeError("mingpt.gemv is unavailable here (the log says why); check gemv.available() first")
+        raise RuntimeError("mingpt.kernels is unavailable here (the log says why); check kernels.available() first")
     return lib
 
 
 def _load():
-    if os.environ.get('MINGPT_GEMV', '1') == '0':
-        raise RuntimeError("MINGPT_GEMV=0")
+    if os.environ.get('MINGPT_KERNELS', '1') == '0':
+        raise RuntimeError("MINGPT_KERNELS=0")
     if not sys.platform.startswith('linux') or platform.machine() not in ('x86_64', 'AMD64'):
         raise RuntimeError(f"no kernel for {sys.platform} on {platform.machine()}")
     isa = torch.backends.cpu.get_cpu_capability()
@@ -258,14 +315,14 @@ def _load():
     from mingpt.download import cache_dir
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b'\0'.join([source, isa.encode(), str(openmp).encode()]))
-    path = cache_dir() / 'kernels' / f'gemv-{isa.lower()}-{key.hexdigest()[:16]}.so'
+    path = cache_dir() / 'kernels' / f'kernels-{isa.lower()}-{key.hexdigest()[:16]}.so'
     if not path.is_file():
         compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
         if not compiler:
             raise RuntimeError("no C compiler (cc) found to build it; install one, or set CC")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            obj, lib = Path(tmp) / 'gemv.o', Path(tmp) / 'gemv.so'
+            obj, lib = Path(tmp) / 'kernels.o', Path(tmp) / 'kernels.so'
             _run([compiler, '-O3', '-fPIC', '-fopenmp', *ISA_FLAGS[isa], '-c', str(SOURCE), '-o', str(obj)])
             # link the runtime torch loaded (by path: same soname, so the loader reuses it); without
             # one, the compiler's own
@@ -277,7 +334,9 @@ def _load():
     lib.mingpt_gemv_f32.argtypes = [P, P, P, P, L, L, L, I]
     lib.mingpt_gemv_int8.argtypes = [P, P, P, P, P, L, L, L, I]
     lib.mingpt_block_step.argtypes = [P, P, P, P, L, L, P, I]
-    lib.mingpt_gemv_f32.restype = lib.mingpt_gemv_int8.restype = lib.mingpt_block_step.restype = None
+    lib.mingpt_gelu.argtypes = [P, P, P, L, I]
+    for name in ('mingpt_gemv_f32', 'mingpt_gemv_int8', 'mingpt_block_step', 'mingpt_gelu'):
+        getattr(lib, name).restype = None
     return lib
 
 

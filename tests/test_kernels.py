@@ -1,5 +1,5 @@
 """
-mingpt.gemv: the single-row kernel is built here (CI has a compiler), multiplies as F.linear does for
+mingpt.kernels: the single-row kernel is built here (CI has a compiler), multiplies as F.linear does for
 fp32 and int8 weights, in its AVX-512 and AVX2 builds; the Linears and int8 Linears take it for
 decoding once packed for one row, keep their copy in step with the weight, and fall back to torch's
 kernels where it is unavailable.
@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 from torch.nn import functional as F
 
-import mingpt.gemv as gemv
+import mingpt.kernels as kernels
 from mingpt import hardware
 from mingpt.hardware import GEMV_INT8, Linear, pack_weights
 from mingpt.lora import add_lora, merge
@@ -27,7 +27,7 @@ from mingpt.quantize import Int8Linear, quantize
 from tests.common import REPO, tiny_gpt
 
 SUPPORTED = sys.platform.startswith('linux') and platform.machine() == 'x86_64' and \
-    torch.backends.cpu.get_cpu_capability() in gemv.ISA_FLAGS
+    torch.backends.cpu.get_cpu_capability() in kernels.ISA_FLAGS
 
 # products of every shape the kernel treats apart: a partial last block of 8 output rows, 1-4 input
 # rows, the input width a multiple of 16 (both builds' vector widths), with and without a bias
@@ -36,16 +36,25 @@ SHAPES = [(50, 48, 1), (8, 16, 4), (2304, 768, 1), (1003, 256, 3), (5, 64, 2)]
 CHECK_BUILD = r"""
 import json, torch
 from torch.nn import functional as F
-from mingpt import gemv
+from mingpt import kernels
 torch.manual_seed(0)
 errors = []
 for N, K, M in %r:
     w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(M, K)
     q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N)
     ref = F.linear(x, w, b); ref8 = F.linear(x, q.float() * s[:, None])
-    errors.append(float((gemv.product(x, gemv.block(w), N, b) - ref).abs().max() / ref.abs().max()))
-    errors.append(float((gemv.product(x, gemv.block(q), N, None, scale=s) - ref8).abs().max() / ref8.abs().max()))
-print(json.dumps({'available': gemv.available(), 'lanes': gemv._library().mingpt_gemv_lanes(), 'errors': errors}))
+    errors.append(float((kernels.product(x, kernels.block(w), N, b) - ref).abs().max() / ref.abs().max()))
+    errors.append(float((kernels.product(x, kernels.block(q), N, None, scale=s) - ref8).abs().max() / ref8.abs().max()))
+# GPT-2's GELU and its gradient, against torch's, relative to the largest value: a tail past the last
+# whole vector, and inputs far out on both sides
+x = (torch.randn(3, 7001) * 4).requires_grad_()
+dy = torch.randn(3, 7001)
+for y in (kernels.gelu(x), F.gelu(x, approximate='tanh')):
+    errors.append(y)
+    errors.append(torch.autograd.grad(y, x, dy)[0])
+y, gx, ref, ref_gx = errors[-4:]
+errors[-4:] = [float((y - ref).abs().max() / ref.abs().max()), float((gx - ref_gx).abs().max() / ref_gx.abs().max())]
+print(json.dumps({'available': kernels.available(), 'lanes': kernels._library().mingpt_gemv_lanes(), 'errors': errors}))
 """
 
 
@@ -60,7 +69,7 @@ class TestKernel(unittest.TestCase):
 
     def test_builds_here(self):
         # CI and every Linux box with a C compiler: the kernel must be there, not silently skipped
-        self.assertTrue(gemv.available())
+        self.assertTrue(kernels.available())
 
     def test_products_equal_f_linear(self):
         torch.manual_seed(0)
@@ -69,20 +78,20 @@ class TestKernel(unittest.TestCase):
                 with self.subTest(N=N, K=K, M=M, bias=bias):
                     w, x = torch.randn(N, K), torch.randn(M, K)
                     b = torch.randn(N) if bias else None
-                    y = gemv.product(x, gemv.block(w), N, b)
+                    y = kernels.product(x, kernels.block(w), N, b)
                     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
                     q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) * 0.01
-                    y = gemv.product(x, gemv.block(q), N, b, scale=s)
+                    y = kernels.product(x, kernels.block(q), N, b, scale=s)
                     torch.testing.assert_close(y, F.linear(x, q.float() * s[:, None], b), rtol=1e-5, atol=1e-4)
         # leading dimensions are kept: (B, T, K) -> (B, T, N)
         x = torch.randn(1, 1, 48)
-        self.assertEqual(gemv.product(x, gemv.block(torch.randn(50, 48)), 50).shape, (1, 1, 50))
+        self.assertEqual(kernels.product(x, kernels.block(torch.randn(50, 48)), 50).shape, (1, 1, 50))
 
     def test_block_layout(self):
         # blocked[b, k // lanes, r, l] = W[b * rows + r, k + l], rows past N zero
-        rows, lanes = gemv._library().mingpt_gemv_rows(), gemv._library().mingpt_gemv_lanes()
+        rows, lanes = kernels._library().mingpt_gemv_rows(), kernels._library().mingpt_gemv_lanes()
         w = torch.arange(10 * 2 * lanes, dtype=torch.float32).view(10, 2 * lanes)
-        blocked = gemv.block(w)
+        blocked = kernels.block(w)
         self.assertEqual(blocked.shape, (2, 2, rows, lanes))
         self.assertTrue(torch.equal(blocked[0, 1, 3], w[3, lanes:]))
         self.assertTrue(torch.equal(blocked[1, 0, 1], w[rows + 1, :lanes]))
@@ -96,18 +105,18 @@ class TestKernel(unittest.TestCase):
             result = eval(done.stdout.replace('true', 'True'))
             self.assertEqual(result['lanes'], 8)
             self.assertLess(max(result['errors']), 1e-5)
-            self.assertTrue(any(p.name.startswith('gemv-avx2-') for p in (Path(cache) / 'kernels').iterdir()))
+            self.assertTrue(any(p.name.startswith('kernels-avx2-') for p in (Path(cache) / 'kernels').iterdir()))
 
     def test_unavailable_without_compiler_or_when_turned_off(self):
         code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-                "from mingpt import gemv; from mingpt.model import GPT\n"
+                "from mingpt import kernels; from mingpt.model import GPT\n"
                 "from tests.common import tiny_gpt\n"
-                "m = tiny_gpt(n_embd=384, n_head=4, vocab_size=50); print(gemv.available())\n"
+                "m = tiny_gpt(n_embd=384, n_head=4, vocab_size=50); print(kernels.available())\n"
                 "print(m.generate(torch.tensor([[1, 2]]), 4).tolist())")
-        reference = run_python(code, MINGPT_GEMV='0')
+        reference = run_python(code, MINGPT_KERNELS='0')
         with tempfile.TemporaryDirectory() as cache:
             no_compiler = run_python(code, CC='/bin/false', MINGPT_CACHE=cache)
-        for done, reason in ((reference, 'MINGPT_GEMV=0'), (no_compiler, '/bin/false')):
+        for done, reason in ((reference, 'MINGPT_KERNELS=0'), (no_compiler, '/bin/false')):
             self.assertEqual(done.returncode, 0, done.stderr)
             self.assertEqual(done.stdout.split('\n')[0], 'False')
             self.assertIn(reason, done.stderr)  # one log line says why
@@ -115,7 +124,7 @@ class TestKernel(unittest.TestCase):
 
     def test_built_once_per_source(self):
         with tempfile.TemporaryDirectory() as cache:
-            code = "from mingpt import gemv; print(gemv.available())"
+            code = "from mingpt import kernels; print(kernels.available())"
             first = run_python(code, MINGPT_CACHE=cache)
             built = sorted((Path(cache) / 'kernels').iterdir())
             second = run_python(code, MINGPT_CACHE=cache, CC='/bin/false')  # no compiling needed now
@@ -125,16 +134,49 @@ class TestKernel(unittest.TestCase):
 
 
 @unittest.skipUnless(SUPPORTED, "the kernel is for Linux on x86-64 with AVX2")
+class TestGELU(unittest.TestCase):
+
+    def test_equals_torchs_tanh_gelu_and_its_gradient(self):
+        torch.manual_seed(0)
+        for shape in ((64, 3072), (5, 4099), (kernels.GELU_MIN_NUMEL + 3,)):
+            with self.subTest(shape=shape):
+                x = (torch.randn(shape) * 3).requires_grad_()
+                dy = torch.randn(shape)
+                y = kernels.gelu(x)
+                self.assertIn('mingpt', str(y.grad_fn).lower())  # the kernel ran, not torch's
+                ref = F.gelu(x, approximate='tanh')
+                torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                                           rtol=1e-5, atol=1e-5)
+        far = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4] * 3000)  # no inf or nan out there
+        torch.testing.assert_close(kernels.gelu(far), F.gelu(far, approximate='tanh'), rtol=1e-6, atol=1e-6)
+
+    def test_small_or_other_tensors_take_torchs(self):
+        for x in (torch.randn(100, requires_grad=True), torch.randn(64, 3072, dtype=torch.bfloat16, requires_grad=True)):
+            self.assertIn('GeluBackward', type(kernels.gelu(x).grad_fn).__name__)
+
+    def test_compiled_calls_the_kernel(self):
+        # a torch op (mingpt::gelu), so torch.compile keeps it: same values, and its backward
+        x = torch.randn(64, 3072, requires_grad=True)
+        dy = torch.randn(64, 3072)
+        compiled = torch.compile(lambda t: kernels.gelu(t) * 2)
+        y = compiled(x)
+        torch.testing.assert_close(y, F.gelu(x, approximate='tanh') * 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0],
+                                   torch.autograd.grad(F.gelu(x, approximate='tanh') * 2, x, dy)[0], rtol=1e-5, atol=1e-5)
+
+
+@unittest.skipUnless(SUPPORTED, "the kernel is for Linux on x86-64 with AVX2")
 class TestLinears(unittest.TestCase):
 
     def counting(self):
         calls = []
-        product = gemv.product
+        product = kernels.product
 
         def counted(x, blocked, *args, **kwargs):
             calls.append((x.numel() // x.size(-1), blocked.dtype))
             return product(x, blocked, *args, **kwargs)
-        return mock.patch.object(gemv, 'product', counted), calls
+        return mock.patch.object(kernels, 'product', counted), calls
 
     def test_linear_packed_for_one_row(self):
         torch.manual_seed(0)
@@ -148,7 +190,7 @@ class TestLinears(unittest.TestCase):
             for x in (torch.randn(1, 1, 512), torch.randn(1, 4, 512), torch.randn(1, 7, 512)):
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
             self.assertEqual(calls, [(1, torch.float32), (4, torch.float32), (7, torch.float32)])
-            layer(torch.randn(1, gemv.MAX_ROWS[torch.float32] + 1, 512))  # more rows: torch's kernel
+            layer(torch.randn(1, kernels.MAX_ROWS[torch.float32] + 1, 512))  # more rows: torch's kernel
             self.assertEqual(len(calls), 3)
             copy = layer._packed[1]
             layer.weight.mul_(-2)  # changed in place: the copy is made anew
@@ -168,7 +210,7 @@ class TestLinears(unittest.TestCase):
         # keeps no copy, and products read the weight as it is, through torch
         torch.manual_seed(0)
         layer, int8 = Linear(520, 1000), Int8Linear.from_linear(torch.nn.Linear(520, 1000))
-        self.assertFalse(gemv.supports(layer.weight))
+        self.assertFalse(kernels.supports(layer.weight))
         patch, calls = self.counting()
         with patch, torch.no_grad():
             layer.pack('one')
@@ -187,7 +229,7 @@ class TestLinears(unittest.TestCase):
         with patch, torch.no_grad():
             for x in (torch.randn(1, 256), torch.randn(3, 256), torch.randn(16, 256)):
                 exact = F.linear(x, layer.dequantized(), layer.bias)
-                tolerance = 1e-5 if x.size(0) <= gemv.MAX_ROWS[torch.int8] else 0.05  # fbgemm quantizes x
+                tolerance = 1e-5 if x.size(0) <= kernels.MAX_ROWS[torch.int8] else 0.05  # fbgemm quantizes x
                 torch.testing.assert_close(layer(x), exact, rtol=tolerance, atol=tolerance)
         self.assertEqual(calls, [(1, torch.int8)])
         self.assertIn(GEMV_INT8.name, layer._prepared)
@@ -197,7 +239,7 @@ class TestLinears(unittest.TestCase):
         # kernel turned off (the logits agree to fp32 rounding, and greedy picks the same)
         model = tiny_gpt(n_layer=2, n_head=4, n_embd=384, vocab_size=700, block_size=24, sharpen=4)
         idx = torch.randint(0, 700, (1, 5))
-        with mock.patch.object(gemv, '_lib', False):
+        with mock.patch.object(kernels, '_lib', False):
             reference = model.generate(idx, 12)
         patch, calls = self.counting()
         with patch:
@@ -217,7 +259,7 @@ class TestLinears(unittest.TestCase):
 CHECK_STEP = r"""
 import json, torch
 from unittest import mock
-from mingpt import gemv
+from mingpt import kernels
 from mingpt.hardware import pack_weights
 from mingpt.model import GPT
 from mingpt.quantize import quantize
@@ -237,11 +279,11 @@ def block_steps(bias=True, int8=False, max_len=40, steps=35):
     for in_c in (True, False):
         calls = []
 
-        def counted(*args, real=gemv.block_step):
+        def counted(*args, real=kernels.block_step):
             y = real(*args)
             calls.append(y is not None)  # None: the block ran in torch after all
             return y
-        with mock.patch.object(gemv, 'block_step', counted), torch.inference_mode():
+        with mock.patch.object(kernels, 'block_step', counted), torch.inference_mode():
             for block in model.transformer.h:
                 block.step_in_c = in_c
             cache = model.make_kv_cache(1, max_len)
@@ -252,7 +294,7 @@ def block_steps(bias=True, int8=False, max_len=40, steps=35):
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
     return {'logits': rel(lc, lt), 'cache': rel(kc, kt), 'calls': [n_c, n_t]}
 
-print(json.dumps({'lanes': gemv._library().mingpt_gemv_lanes(),
+print(json.dumps({'lanes': kernels._library().mingpt_gemv_lanes(),
                   'cases': [block_steps(bias, int8) for bias in (True, False) for int8 in (False, True)]}))
 """
 
@@ -271,7 +313,7 @@ class TestBlockStep(unittest.TestCase):
             self.assertLess(case['cache'], 1e-5)
 
     def test_steps_equal_torchs_block(self):
-        self.check_steps(run_python(CHECK_STEP), gemv._library().mingpt_gemv_lanes())
+        self.check_steps(run_python(CHECK_STEP), kernels._library().mingpt_gemv_lanes())
 
     def test_avx2_build_steps_alike(self):
         with tempfile.TemporaryDirectory() as cache:
@@ -299,20 +341,20 @@ class TestBlockStep(unittest.TestCase):
 
     def counted_generate(self, model, idx, n):
         calls = []
-        real = gemv.block_step
+        real = kernels.block_step
 
         def counted(*args):
             y = real(*args)
             calls.append(y is not None)
             return y
-        with mock.patch.object(gemv, 'block_step', counted):
+        with mock.patch.object(kernels, 'block_step', counted):
             out = model.generate(idx, n)
         return out, calls
 
     def test_adapters_weight_changes_and_training_keep_it_exact(self):
         model = tiny_gpt(n_embd=64, n_head=4, vocab_size=50, block_size=32, sharpen=4)
         idx = torch.randint(0, 50, (1, 4))
-        with mock.patch.object(gemv, '_lib', False):
+        with mock.patch.object(kernels, '_lib', False):
             reference = model.generate(idx, 10)
         out, calls = self.counted_generate(model, idx, 10)
         self.assertTrue(torch.equal(out, reference))
@@ -323,7 +365,7 @@ class TestBlockStep(unittest.TestCase):
             for layer in model.modules():
                 if hasattr(layer, 'lora_B'):
                     layer.lora_B.weight.normal_()
-        with mock.patch.object(gemv, '_lib', False):
+        with mock.patch.object(kernels, '_lib', False):
             reference = model.generate(idx, 10)
         out, calls = self.counted_generate(model, idx, 10)
         self.assertTrue(torch.equal(out, reference))
@@ -335,7 +377,7 @@ class TestBlockStep(unittest.TestCase):
         # training mode (dropout) runs in torch
         model.train()
         cache = model.make_kv_cache(1)
-        with torch.no_grad(), mock.patch.object(gemv, 'block_step') as step:
+        with torch.no_grad(), mock.patch.object(kernels, 'block_step') as step:
             model(idx, kv_cache=cache)
             model(idx[:, :1], kv_cache=cache, cache_pos=4)
         step.assert_not_called()
