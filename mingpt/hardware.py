@@ -60,7 +60,7 @@ class Linear(nn.Linear):
     products it will do, made at once and again whenever the weight has changed since:
     - rows='many': oneDNN's blocked layout, read by products of two rows or more (batched decoding);
     - rows='one': mingpt.kernels' layout, read by products of up to kernels.MAX_ROWS rows (decoding one
-      sequence), the fastest way to stream a weight for one row (where kernels is available), and by
+      sequence), the fastest way to stream a weight for one row (where mingpt.kernels is available), and by
       mingpt.kernels.block_step (one_row_weight), whatever the weight's size.
     Other products read the weight as it is.
 

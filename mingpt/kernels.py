@@ -69,7 +69,7 @@ _lanes = None  # its vector width in floats (16 for AVX-512, 8 for AVX2)
 
 
 def available():
-    """ whether the kernel is built and loaded here (building it on the first call) """
+    """ whether the kernels are built and loaded here (building them on the first call) """
     return _library() is not None
 
 
