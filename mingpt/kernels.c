@@ -259,7 +259,7 @@ static void attend(const float *q, const float *k, const float *v, float *K, flo
 }
 
 /* x (C,) the residual stream, updated in place; k_cache, v_cache (n_head, max_len, hs) this layer's,
- * pos the new token's position; work: room for 9 C + n_head (max_len + 2 LANES) floats */
+ * pos the new token's position; work: room for 5 C + c_fc.n + n_head (max_len + 2 LANES) floats */
 void mingpt_block_step(float *x, const struct block *b, float *k_cache, float *v_cache, long max_len,
                        long pos, float *work, int threads)
 {

@@ -171,8 +171,8 @@ def block_step(block, x, kv_cache, pos):
     # the activations between the ops, and each head's scores: a buffer per call, so that threads
     # decoding with one model at once (each with its own cache) do not share one
     k = kv_cache.k
-    work = torch.empty(9 * x.size(-1) + block.attn.n_head * (k.size(2) + 2 * _lanes))
-    y = x.clone()
+    work = torch.empty(5 * x.size(-1) + args.c_fc.n + block.attn.n_head * (k.size(2) + 2 * _lanes))
+    y = x.clone(memory_format=torch.contiguous_format)  # the C step reads and writes it as C floats
     _lib.mingpt_block_step(y.data_ptr(), ctypes.addressof(args), k.data_ptr(), kv_cache.v.data_ptr(), k.size(2),
                            pos, work.data_ptr(), torch.get_num_threads())
     return y

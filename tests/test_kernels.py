@@ -339,6 +339,17 @@ class TestBlockStep(unittest.TestCase):
         pack_weights(model, 'many')
         self.assertEqual([block.step_in_c for block in model.transformer.h], [False, False])
 
+    def test_a_strided_input_is_read_as_it_is(self):
+        # x a view with a stride of 2 along the channels: the C step must see its values, not its storage
+        model = tiny_gpt(n_embd=64, n_head=4, vocab_size=50)
+        pack_weights(model, 'one')
+        block = model.transformer.h[0]
+        x = torch.randn(1, 1, 128)[..., ::2]
+        with torch.inference_mode():
+            y = block(x, model.make_kv_cache(1)[0], 0)
+            block.step_in_c = False
+            torch.testing.assert_close(y, block(x, model.make_kv_cache(1)[0], 0), rtol=1e-5, atol=1e-5)
+
     def counted_generate(self, model, idx, n):
         calls = []
         real = kernels.block_step
