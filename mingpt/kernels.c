@@ -121,22 +121,58 @@ static inline void block_product(const float *x, const void *block, int is_int8,
     }
 }
 
+struct linear {           /* one Linear, as mingpt.kernels.block laid it out */
+    const void *weight;   /* blocked fp32 or int8 */
+    const float *scale;   /* int8: one per output row; else NULL */
+    const float *bias;    /* or NULL */
+    long n, k;            /* out and in features */
+    int is_int8;
+};
+
+/* [lo, hi) of n items: this thread's share, the same split for every op */
+static void share(long n, long *lo, long *hi)
+{
+    long t = omp_get_thread_num(), T = omp_get_num_threads();
+    *lo = n * t / T;
+    *hi = n * (t + 1) / T;
+}
+
+/* this thread's blocks of y (M, n) = x (M, k) L (add: y += x L); [lo, hi) its outputs of each row */
+static void linear_share(const float *x, const struct linear *L, float *y, long M, int add, long *lo, long *hi)
+{
+    long blocks = (L->n + ROWS - 1) / ROWS, b0, b1;
+    share(blocks, &b0, &b1);
+    for (long b = b0; b < b1; b++) {
+        if (L->is_int8)
+            block_product(x, (const int8_t *)L->weight + b * ROWS * L->k, 1, L->scale, L->bias, y, M, L->n, b * ROWS, L->k, add);
+        else
+            block_product(x, (const float *)L->weight + b * ROWS * L->k, 0, 0, L->bias, y, M, L->n, b * ROWS, L->k, add);
+    }
+    *lo = b0 * ROWS;
+    *hi = b1 * ROWS < L->n ? b1 * ROWS : L->n;
+}
+
+/* the entry points take the weight's own arguments: ctypes passes them with no struct to build */
 void mingpt_gemv_f32(const float *x, const float *w, const float *bias, float *y,
                      long M, long N, long K, int threads)
 {
-    long blocks = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < blocks; b++)
-        block_product(x, w + b * ROWS * K, 0, 0, bias, y, M, N, b * ROWS, K, 0);
+    struct linear L = {w, 0, bias, N, K, 0};
+    #pragma omp parallel num_threads(threads)
+    {
+        long lo, hi;
+        linear_share(x, &L, y, M, 0, &lo, &hi);
+    }
 }
 
 void mingpt_gemv_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                       long M, long N, long K, int threads)
 {
-    long blocks = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < blocks; b++)
-        block_product(x, w + b * ROWS * K, 1, scale, bias, y, M, N, b * ROWS, K, 0);
+    struct linear L = {w, scale, bias, N, K, 1};
+    #pragma omp parallel num_threads(threads)
+    {
+        long lo, hi;
+        linear_share(x, &L, y, M, 0, &lo, &hi);
+    }
 }
 
 /* -------------------------------------------------------------------------------------------------
@@ -149,43 +185,12 @@ void mingpt_gemv_int8(const float *x, const int8_t *w, const float *scale, const
  *   x += a attn_proj; h = LN_2(x); x += gelu_tanh(h c_fc) mlp_proj
  */
 
-struct linear {           /* one Linear, as mingpt.kernels.block laid it out */
-    const void *weight;   /* blocked fp32 or int8 */
-    const float *scale;   /* int8: one per output row; else NULL */
-    const float *bias;    /* or NULL */
-    long n, k;            /* out and in features */
-    int is_int8;
-};
-
 struct block {
     const float *ln_1_weight, *ln_1_bias, *ln_2_weight, *ln_2_bias;  /* biases may be NULL */
     float eps;
     long n_head;
     struct linear c_attn, attn_proj, c_fc, mlp_proj;
 };
-
-/* [lo, hi) of n items: this thread's share, the same split for every op */
-static void share(long n, long *lo, long *hi)
-{
-    long t = omp_get_thread_num(), T = omp_get_num_threads();
-    *lo = n * t / T;
-    *hi = n * (t + 1) / T;
-}
-
-/* this thread's blocks of y = x L (add: y += x L) */
-static void linear_share(const float *x, const struct linear *L, float *y, int add, long *lo, long *hi)
-{
-    long blocks = (L->n + ROWS - 1) / ROWS, b0, b1;
-    share(blocks, &b0, &b1);
-    for (long b = b0; b < b1; b++) {
-        if (L->is_int8)
-            block_product(x, (const int8_t *)L->weight + b * ROWS * L->k, 1, L->scale, L->bias, y, 1, L->n, b * ROWS, L->k, add);
-        else
-            block_product(x, (const float *)L->weight + b * ROWS * L->k, 0, 0, L->bias, y, 1, L->n, b * ROWS, L->k, add);
-    }
-    *lo = b0 * ROWS;
-    *hi = b1 * ROWS < L->n ? b1 * ROWS : L->n;
-}
 
 static void layer_norm(const float *x, const float *weight, const float *bias, float eps, float *out, long C)
 {
@@ -270,21 +275,21 @@ void mingpt_block_step(float *x, const struct block *b, float *k_cache, float *v
         long lo, hi;
         #pragma omp single
         layer_norm(x, b->ln_1_weight, b->ln_1_bias, b->eps, h, C);
-        linear_share(h, &b->c_attn, qkv, 0, &lo, &hi);
+        linear_share(h, &b->c_attn, qkv, 1, 0, &lo, &hi);
         #pragma omp barrier
         share(nh, &lo, &hi);
         for (long i = lo; i < hi; i++)
             attend(qkv + i * hs, qkv + C + i * hs, qkv + 2 * C + i * hs, k_cache + i * max_len * hs,
                    v_cache + i * max_len * hs, pos, hs, scores + i * (max_len + 2 * LANES), a + i * hs);
         #pragma omp barrier
-        linear_share(a, &b->attn_proj, x, 1, &lo, &hi);
+        linear_share(a, &b->attn_proj, x, 1, 1, &lo, &hi);
         #pragma omp barrier
         #pragma omp single
         layer_norm(x, b->ln_2_weight, b->ln_2_bias, b->eps, h, C);
-        linear_share(h, &b->c_fc, u, 0, &lo, &hi);
+        linear_share(h, &b->c_fc, u, 1, 0, &lo, &hi);
         gelu_span(u + lo, 0, u + lo, hi - lo);  /* this thread's own outputs: no barrier needed before */
         #pragma omp barrier
-        linear_share(u, &b->mlp_proj, x, 1, &lo, &hi);
+        linear_share(u, &b->mlp_proj, x, 1, 1, &lo, &hi);
     }
 }
 
