@@ -46,6 +46,7 @@ static inline vec vpow2(vec n) {  /* 2^n for whole n in [-126, 127]: n + 127 in 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline float vmax_all(vec a) { return _mm512_reduce_max_ps(a); }
 #else  /* AVX2 + FMA */
 #define LANES 8
 typedef __m256 vec;
@@ -71,6 +72,11 @@ static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float vmax_all(vec a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
 
@@ -305,5 +311,192 @@ void mingpt_gelu(const float *x, const float *dy, float *out, long n, int thread
     for (long c = 0; c < chunks; c++) {
         long i = c * chunk, m = i + chunk < n ? chunk : n - i;
         gelu_span(x + i, dy ? dy + i : 0, out + i, m);
+    }
+}
+
+/* -------------------------------------------------------------------------------------------------
+ * Causal self-attention for training, forward and backward, one (batch, head) pair per thread at a
+ * time. torch's CPU kernel (flash attention) works in blocks of keys with an online softmax, built for
+ * long contexts; at the contexts a CPU trains on (T of a few hundred, heads 32-64 wide) it runs well
+ * below the matrix products' speed. Here a pair's whole (T, T) score matrix fits in the cache, so it is
+ * computed once, softmaxed in place and multiplied out, each product a register-blocked loop:
+ *
+ *   forward:  S = Q K^T scale, P = softmax(S) (causal), O = P V, lse = log sum exp of each row of S
+ *   backward: P again from Q, K and lse; dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dO O));
+ *             dQ = dS K scale; dK = dS^T Q scale
+ *
+ * Q, K, V are read where they lie (strides of their batch, head and position; each row contiguous), and
+ * their gradients written alike; O is written (B, T, H, D), the layout the projection after attention
+ * reads.
+ * Requires D % LANES == 0. */
+
+#define RB 4  /* rows of output a product loop computes at once: RB x 2 vector accumulators */
+
+struct strided { const float *p; long b, h, t; };  /* element [b][h][t][d] at p + b*.b + h*.h + t*.t + d */
+
+static inline const float *row_of(const struct strided *x, long b, long h) { return x->p + b * x->b + h * x->h; }
+
+/* S[i][j] = sum_d A[i][d] Bt[d][j] for j <= i (rounded up to whole vectors; the rest is not written):
+ * A (T, D) with row stride sa, Bt (D, Tp), S (T, Tp) */
+static void scores(const float *A, long sa, const float *Bt, long T, long Tp, long D, float *S)
+{
+    for (long i0 = 0; i0 < T; i0 += RB) {
+        long nr = T - i0 < RB ? T - i0 : RB;
+        const float *a[RB];
+        for (int r = 0; r < RB; r++) a[r] = A + (i0 + (r < nr ? r : nr - 1)) * sa;  /* past T: the last row again */
+        for (long j0 = 0; j0 < i0 + nr; j0 += 2 * LANES) {
+            vec acc[RB][2];
+            for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = vzero();
+            for (long d = 0; d < D; d++) {
+                vec b0 = vload(Bt + d * Tp + j0), b1 = vload(Bt + d * Tp + j0 + LANES);
+                for (int r = 0; r < RB; r++) {
+                    vec x = vset(a[r][d]);
+                    acc[r][0] = vfma(x, b0, acc[r][0]);
+                    acc[r][1] = vfma(x, b1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                vstore(S + (i0 + r) * Tp + j0, acc[r][0]);
+                vstore(S + (i0 + r) * Tp + j0 + LANES, acc[r][1]);
+            }
+        }
+    }
+}
+
+/* C[i][:] = factor sum_l A[i][l] B[l][:] over rows i of [0, T): A element [i][l] at A + i*ai + l*al (the
+ * score matrix or its transpose, zero outside the causal triangle, so only its nonzero range of l is
+ * summed: l <= i, or l >= i when transposed), B (T, D) row stride sb, C row stride sc */
+static void rows_times(const float *A, long ai, long al, int transposed, const float *B, long sb,
+                       long T, long D, float factor, float *C, long sc)
+{
+    for (long i0 = 0; i0 < T; i0 += RB) {
+        long nr = T - i0 < RB ? T - i0 : RB;
+        long l0 = transposed ? i0 : 0, l1 = transposed ? T : i0 + nr;
+        for (long d0 = 0; d0 < D; d0 += 2 * LANES) {
+            int two = d0 + LANES < D;  /* a second vector of columns */
+            vec acc[RB][2];
+            for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = vzero();
+            for (long l = l0; l < l1; l++) {
+                const float *a = A + i0 * ai + l * al;
+                vec b0 = vload(B + l * sb + d0), b1 = two ? vload(B + l * sb + d0 + LANES) : vzero();
+                for (int r = 0; r < RB; r++) {  /* rows past T: the buffers' padding, never stored */
+                    vec x = vset(a[r * ai]);
+                    acc[r][0] = vfma(x, b0, acc[r][0]);
+                    acc[r][1] = vfma(x, b1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                vstore(C + (i0 + r) * sc + d0, vmul(acc[r][0], vset(factor)));
+                if (two) vstore(C + (i0 + r) * sc + d0 + LANES, vmul(acc[r][1], vset(factor)));
+            }
+        }
+    }
+}
+
+/* Xt (D, Tp) = X (T, D)^T, row stride sx, the columns past T zero */
+static void transpose_rows(const float *X, long sx, long T, long Tp, long D, float *Xt)
+{
+    for (long d = 0; d < D; d++) {
+        for (long t = 0; t < T; t++) Xt[d * Tp + t] = X[t * sx + d];
+        for (long t = T; t < Tp; t++) Xt[d * Tp + t] = 0.0f;
+    }
+}
+
+/* P = softmax of each row of S scale over j <= i, in place, zero past i (to Tp); lse[i] when asked to
+ * compute it, else P = exp(S scale - lse[i]) from a given lse (the backward pass: the forward's P) */
+static void softmax_rows(float *S, long T, long Tp, float scale, float *lse, int given)
+{
+    for (long i = 0; i < T; i++) {
+        float *s = S + i * Tp, top, norm = 1.0f;
+        long n = i + 1, j;
+        if (given) {
+            top = lse[i];
+        } else {
+            vec m = vset(-INFINITY);
+            for (j = 0; j + LANES <= n; j += LANES) m = vmax(m, vload(s + j));
+            top = vmax_all(m);
+            for (; j < n; j++) top = s[j] > top ? s[j] : top;
+            top *= scale;  /* scale > 0: the largest score scaled */
+        }
+        vec total = vzero();
+        for (j = 0; j + LANES <= n; j += LANES) {
+            vec p = vexp(vfma(vload(s + j), vset(scale), vset(-top)));
+            vstore(s + j, p);
+            total = vadd(total, p);
+        }
+        float tail = 0.0f;
+        for (; j < n; j++) { s[j] = expf(s[j] * scale - top); tail += s[j]; }
+        for (; j < Tp; j++) s[j] = 0.0f;
+        if (!given) {
+            float sum = vsum(total) + tail;
+            lse[i] = top + logf(sum);
+            norm = 1.0f / sum;
+            for (j = 0; j < n; j += LANES) vstore(s + j, vmul(vload(s + j), vset(norm)));  /* zeros past n stay */
+        }
+    }
+}
+
+static long padded(long T) { return (T + 2 * LANES - 1) / (2 * LANES) * (2 * LANES); }
+
+/* the floats of work each thread needs, forward or backward: a transposed (D, Tp) matrix, two (T, Tp)
+ * ones with RB rows of padding (read, never stored, by the last row block), T more */
+long mingpt_attention_work(long T, long D) { return D * padded(T) + 2 * (T + RB) * padded(T) + T; }
+
+/* q, k, v: (B, H, T, D) strided; out (B, T, H, D); lse (B, H, T); work: threads x mingpt_attention_work */
+void mingpt_attention_forward(const struct strided *q, const struct strided *k, const struct strided *v,
+                              float *out, float *lse, long B, long H, long T, long D, float scale,
+                              float *work, int threads)
+{
+    long Tp = padded(T);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *Kt = work + omp_get_thread_num() * mingpt_attention_work(T, D), *S = Kt + D * Tp;
+        #pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            long b = bh / H, h = bh % H;
+            transpose_rows(row_of(k, b, h), k->t, T, Tp, D, Kt);
+            scores(row_of(q, b, h), q->t, Kt, T, Tp, D, S);
+            softmax_rows(S, T, Tp, scale, lse + bh * T, 0);
+            rows_times(S, Tp, 1, 0, row_of(v, b, h), v->t, T, D, 1.0f, out + (b * T * H + h) * D, H * D);
+        }
+    }
+}
+
+/* dout, out: (B, T, H, D) contiguous; dq, dk, dv written where they lie, as q, k, v are read */
+void mingpt_attention_backward(const struct strided *q, const struct strided *k, const struct strided *v,
+                               const float *out, const float *lse, const float *dout, const struct strided *dq,
+                               const struct strided *dk, const struct strided *dv, long B, long H, long T, long D,
+                               float scale, float *work, int threads)
+{
+    long Tp = padded(T), s = H * D;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *Xt = work + omp_get_thread_num() * mingpt_attention_work(T, D), *P = Xt + D * Tp;
+        float *dS = P + (T + RB) * Tp, *delta = dS + (T + RB) * Tp;
+        #pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            long b = bh / H, h = bh % H, o = (b * T * H + h) * D;
+            const float *qr = row_of(q, b, h), *kr = row_of(k, b, h), *vr = row_of(v, b, h);
+            transpose_rows(kr, k->t, T, Tp, D, Xt);
+            scores(qr, q->t, Xt, T, Tp, D, P);
+            softmax_rows(P, T, Tp, scale, (float *)lse + bh * T, 1);
+            rows_times(P, 1, Tp, 1, dout + o, s, T, D, 1.0f, (float *)row_of(dv, b, h), dv->t);  /* dV = P^T dO */
+            transpose_rows(vr, v->t, T, Tp, D, Xt);
+            scores(dout + o, s, Xt, T, Tp, D, dS);                               /* dP = dO V^T */
+            for (long i = 0; i < T; i++) {
+                vec acc = vzero();
+                for (long d = 0; d < D; d += LANES) acc = vfma(vload(dout + o + i * s + d), vload(out + o + i * s + d), acc);
+                delta[i] = vsum(acc);
+            }
+            for (long i = 0; i < T; i++) {                                       /* dS = P (dP - delta) */
+                long j = 0;
+                for (; j + LANES <= i + 1; j += LANES)
+                    vstore(dS + i * Tp + j, vmul(vload(P + i * Tp + j), vsub(vload(dS + i * Tp + j), vset(delta[i]))));
+                for (; j <= i; j++) dS[i * Tp + j] = P[i * Tp + j] * (dS[i * Tp + j] - delta[i]);
+                for (; j < Tp; j++) dS[i * Tp + j] = 0.0f;
+            }
+            rows_times(dS, Tp, 1, 0, kr, k->t, T, D, scale, (float *)row_of(dq, b, h), dq->t);  /* dQ = dS K scale */
+            rows_times(dS, 1, Tp, 1, qr, q->t, T, D, scale, (float *)row_of(dk, b, h), dk->t);  /* dK = dS^T Q scale */
+        }
     }
 }

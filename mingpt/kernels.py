@@ -281,6 +281,91 @@ def gelu(x):
     return F.gelu(x, approximate='tanh')
 
 # -----------------------------------------------------------------------------
+# causal self-attention for training
+
+# the longest context the kernel takes: each thread holds two (T, T) fp32 matrices (8 MB at 1024)
+ATTENTION_MAX_T = 1024
+
+
+class _Strided(ctypes.Structure):  # kernels.c's struct strided: a (B, H, T, D) tensor's pointer and strides
+    _fields_ = [('p', P), ('b', L), ('h', L), ('t', L)]
+
+
+def _strided(x):
+    """ a (B, H, T, D) tensor, each row contiguous, as kernels.c's struct strided """
+    return ctypes.byref(_Strided(x.data_ptr(), *x.stride()[:3]))
+
+
+@torch.library.custom_op('mingpt::attention', mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    out, lse = q.new_empty(B, T, H, D), q.new_empty(B, H, T)
+    threads = torch.get_num_threads()
+    work = torch.empty(threads * _lib.mingpt_attention_work(T, D))  # each thread's scores and transposes
+    _lib.mingpt_attention_forward(_strided(q), _strided(k), _strided(v), out.data_ptr(), lse.data_ptr(),
+                                  B, H, T, D, D ** -0.5, work.data_ptr(), threads)
+    return out, lse
+
+
+@torch.library.custom_op('mingpt::attention_backward', mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        dout: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = q.shape
+    dout, dqkv = dout.contiguous(), q.new_empty(B, T, 3, H, D)
+    dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    threads = torch.get_num_threads()
+    work = torch.empty(threads * _lib.mingpt_attention_work(T, D))
+    _lib.mingpt_attention_backward(_strided(q), _strided(k), _strided(v), out.data_ptr(), lse.data_ptr(),
+                                   dout.data_ptr(), _strided(dq), _strided(dk), _strided(dv),
+                                   B, H, T, D, D ** -0.5, work.data_ptr(), threads)
+    return dqkv
+
+
+@_attention.register_fake
+def _(q, k, v):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T)
+
+
+@_attention_backward.register_fake
+def _(q, k, v, out, lse, dout):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, 3, H, D)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _attention_grad(ctx, dout, dlse):
+    # the three gradients side by side in one (B, T, 3, H, D) tensor, the layout of the QKV projection's
+    # output that q, k, v are views of in a GPT-2 block
+    dqkv = _attention_backward(*ctx.saved_tensors, dout)
+    return tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+
+
+def usable_attention(q, k, v):
+    """ whether attention() takes these (B, H, T, D) queries, keys and values: fp32 on the CPU, one shape,
+    D a whole number of vectors, T at most ATTENTION_MAX_T, each row contiguous """
+    return (q.device.type == 'cpu' and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.size(2) <= ATTENTION_MAX_T and available()
+            and q.size(-1) % _lanes == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
+def attention(q, k, v):
+    """
+    Causal self-attention of (B, H, T, D) queries, keys and values (any strides, each row contiguous),
+    softmax scale 1/sqrt(D): what F.scaled_dot_product_attention(q, k, v, is_causal=True) computes, as
+    (B, T, H, D), the heads side by side for the output projection. Differentiable. Requires
+    usable_attention(q, k, v).
+    """
+    _require()
+    return _attention(q, k, v)[0]
+
+# -----------------------------------------------------------------------------
 # building and loading
 
 
@@ -335,7 +420,11 @@ def _load():
     lib.mingpt_gemv_int8.argtypes = [P, P, P, P, P, L, L, L, I]
     lib.mingpt_block_step.argtypes = [P, P, P, P, L, L, P, I]
     lib.mingpt_gelu.argtypes = [P, P, P, L, I]
-    for name in ('mingpt_gemv_f32', 'mingpt_gemv_int8', 'mingpt_block_step', 'mingpt_gelu'):
+    lib.mingpt_attention_forward.argtypes = [P, P, P, P, P, L, L, L, L, ctypes.c_float, P, I]
+    lib.mingpt_attention_backward.argtypes = [P, P, P, P, P, P, P, P, P, L, L, L, L, ctypes.c_float, P, I]
+    lib.mingpt_attention_work.argtypes, lib.mingpt_attention_work.restype = [L, L], L
+    for name in ('mingpt_gemv_f32', 'mingpt_gemv_int8', 'mingpt_block_step', 'mingpt_gelu',
+                 'mingpt_attention_forward', 'mingpt_attention_backward'):
         getattr(lib, name).restype = None
     return lib
 

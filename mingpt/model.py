@@ -13,6 +13,7 @@ References:
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C // nh).
 """
 
+import contextlib
 import logging
 import math
 
@@ -121,17 +122,20 @@ class CausalSelfAttention(nn.Module):
         # a single new query (T == 1) may see every cached key, so it needs no mask at all
         is_causal = attn_mask is None and T > 1
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            # mixed precision on CPU: autocast's bf16 matmuls are fast (AVX512-BF16, AMX), but torch's
-            # CPU attention kernel is slower in bf16 than in fp32, forward and backward, so attention
-            # stays in fp32
-            with torch.autocast('cpu', enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                   dropout_p=dropout_p, is_causal=is_causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        autocast = x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+        with torch.autocast('cpu', enabled=False) if autocast else contextlib.nullcontext():
+            if autocast:
+                # mixed precision on CPU: autocast's bf16 matmuls are fast (AVX512-BF16, AMX), but
+                # attention is faster in fp32 on a CPU, forward and backward, so it stays in fp32
+                q, k, v = q.float(), k.float(), v.float()
+            if kv_cache is None and is_causal and dropout_p == 0.0 and kernels.usable_attention(q, k, v):
+                # training (and any pass without a cache) on a CPU: mingpt.kernels' attention, faster
+                # than torch's at the contexts a CPU trains on
+                y = kernels.attention(q, k, v).view(B, T, C)  # written (B, T, nh, hs): heads side by side
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=is_causal)
+                y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
 
         # output projection
         y = self.resid_dropout(self.c_proj(y))

@@ -99,10 +99,9 @@ PRESETS = {
     # torch.compile, which fuses the norms' and rotations' elementwise work (projects/chargpt/README.md)
     'fast': {
         'system': {'work_dir': './out/chargpt-fast'},
-        'data': {'block_size': 256},
         'model': {'pos_emb': 'rope', 'norm': 'rmsnorm', 'qk_norm': True, 'mlp_act': 'relu2', 'bias': False,
                   'zero_init_out': True, 'embd_pdrop': 0.05, 'resid_pdrop': 0.05},
-        'trainer': {'optimizer': 'muon', 'muon_lr': 0.015, 'compile': True, 'batch_size': 16, 'learning_rate': 3e-3,
+        'trainer': {'optimizer': 'muon', 'muon_lr': 0.015, 'compile': True, 'learning_rate': 3e-3,
                     'lr_schedule': 'wsd', 'cooldown_frac': 0.4, 'min_lr': 3e-5, 'max_iters': 1450},
     },
 }
