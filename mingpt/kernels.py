@@ -68,6 +68,8 @@ _lib = None  # the loaded library, False once it proved unavailable
 _lanes = None  # its vector width in floats (16 for AVX-512, 8 for AVX2)
 
 
+# torch.compile calls this once while tracing and keeps its answer, rather than tracing the build
+@torch._dynamo.assume_constant_result
 def available():
     """ whether the kernels are built and loaded here (building them on the first call) """
     return _library() is not None
