@@ -8,6 +8,7 @@ against nanoGPT's model.py when given its path (its GPT is read from that file, 
     python bench/train.py --nanogpt ~/nanoGPT/model.py   # nanoGPT's step too
     python bench/train.py --only mingpt        # one configuration in this process (used for peak RSS)
     python bench/train.py --vocab 50257        # GPT-2's vocabulary, where the loss is most of a step
+    python bench/train.py --attention          # one layer's attention alone, torch's kernel and mingpt's
 
 Two measurements, because they answer different questions:
 - speed: every configuration lives in one process and they take turns, one step each, so that
@@ -232,6 +233,32 @@ def measure(names, warmup, steps, peak=None, nanogpt=None):
     return {r.name: r.times for r in runners}, losses
 
 
+def attention_times(steps, warmup):
+    """ gpt-mini's attention alone, forward and backward, on the strided (B, nh, T, hs) views of one QKV
+    projection the model makes: torch's scaled_dot_product_attention (its CPU flash kernel) and
+    mingpt.kernels.attention, taking turns; the median ms of each """
+    import mingpt.kernels as kernels
+    if not kernels.available():
+        raise SystemExit("mingpt.kernels is unavailable here (MINGPT_KERNELS=0, or no C compiler)")
+    qkv = torch.randn(BATCH, BLOCK, 3, N_HEAD, N_EMBD // N_HEAD, requires_grad=True)
+    dy = torch.randn(BATCH, BLOCK, N_HEAD, N_EMBD // N_HEAD)
+    ways = {'torch': lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2),
+            'mingpt.kernels': kernels.attention}
+    times = {name: ([], []) for name in ways}
+    for i in range(warmup + steps):
+        for name, attend in ways.items():
+            t0 = time.perf_counter()
+            y = attend(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
+            t1 = time.perf_counter()
+            y.backward(dy)
+            t2 = time.perf_counter()
+            qkv.grad = None
+            if i >= warmup:
+                times[name][0].append(t1 - t0)
+                times[name][1].append(t2 - t1)
+    return {name: (statistics.median(f) * 1e3, statistics.median(b) * 1e3) for name, (f, b) in times.items()}
+
+
 def main():
     global VOCAB
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,9 +272,17 @@ def main():
     parser.add_argument('--vocab', type=int, default=VOCAB, help="vocabulary size (default 65, tiny "
                         "shakespeare's characters; 50257: GPT-2's)")
     parser.add_argument('--no-rss', action='store_true', help="skip the per-configuration subprocesses")
+    parser.add_argument('--attention', action='store_true', help="time one layer's attention alone: torch's "
+                        "kernel and mingpt.kernels'")
     args = parser.parse_args()
     VOCAB = args.vocab
     torch.set_num_threads(args.threads)
+    if args.attention:
+        print(f"| gpt-mini attention, one layer (batch {BATCH}, T {BLOCK}, {N_HEAD} heads of {N_EMBD // N_HEAD}; "
+              f"{args.threads} threads) | forward (ms) | backward (ms) |\n|---|---:|---:|")
+        for name, (fwd, bwd) in attention_times(args.steps, args.warmup).items():
+            print(f"| {name} | {fwd:.1f} | {bwd:.1f} |")
+        return
     names = args.configs.split(',') if args.configs else [n for n in CONFIGS
                                                           if args.nanogpt or CONFIGS[n][0] != 'nanogpt']
     for n in names + ([args.only] if args.only else []):

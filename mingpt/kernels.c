@@ -4,6 +4,7 @@
  *   mingpt_gemv_*: y (M, N) = x (M, K) @ W (N, K)^T [* scale (N,)] [+ bias (N,)], M a few rows
  *   mingpt_block_step: one GPT-2 block for one row of a KV cache, every op of it in one call
  *   mingpt_gelu: GPT-2's GELU and its gradient over a whole activation (training)
+ *   mingpt_attention_forward, _backward: causal self-attention and its gradients (training)
  *
  * A decode step multiplies one row by every weight of the model, so it runs at the speed the weights
  * stream from memory. The weight is read in the blocked layout mingpt.kernels.block makes: blocks of ROWS

@@ -1,6 +1,7 @@
 """
 mingpt's CPU kernels, in C: what decoding one row spends its time on (products of a row with a
-weight matrix, and a whole GPT-2 block for one new token), and GPT-2's GELU for training.
+weight matrix, and a whole GPT-2 block for one new token), and for training GPT-2's GELU and causal
+self-attention.
 
     import mingpt.kernels as kernels
     if kernels.available():
@@ -23,6 +24,11 @@ for one row): the same ops in C, the threads moving from one to the next at a ba
 gelu: torch's CPU kernel for GPT-2's tanh GELU takes ~2.5x the time of its erf GELU, ~5% of a small
 GPT's training step; the same function as x sigmoid(2y) with a vectorised exp takes less than either
 (bench/README.md, Training).
+
+attention: torch's CPU attention (flash attention: blocks of keys, an online softmax) is built for
+long contexts; at the contexts a CPU trains on (a few hundred positions) it runs far below the speed of
+the matrix products, ~20% of gpt-mini's step for ~10% of its FLOPs. kernels.c holds each (batch, head)
+pair's whole score matrix in the cache instead, forward and backward in ~0.6x the time.
 
 The C source ships with the package and is compiled here on first use with the system's C compiler
 (cc, or $CC; ~0.5 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so

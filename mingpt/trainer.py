@@ -14,6 +14,7 @@ Every other feature is a config field whose default leaves that loop alone.
 """
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -199,7 +200,16 @@ class Trainer:
         """ train until max_iters (forever if None); events 'on_batch_end', 'on_eval_end', 'on_checkpoint' """
         try:
             with process_group(self.device_type, self.world_size):
-                self._run()
+                try:
+                    self._run()
+                finally:
+                    # DDP's reducer holds the process group: let it go while the group lives, so that
+                    # destroying the group (which releases the GIL) is what joins gloo's threads, not the
+                    # reducer's deallocation at exit, which holds the GIL while a gloo thread may be
+                    # waiting for it to free its last work (a hang at exit)
+                    self._wrapped_model = None
+                    if self.world_size > 1:
+                        gc.collect()
         finally:
             self.metrics.close()
 

@@ -311,8 +311,10 @@ class TestShardsResumeAfterKill(TempDirTestCase):
         self.assertEqual(sorted(ddp, key=int), ['0', '1', '2', '3'])
         for k in one:
             self.assertAlmostEqual(ddp[k], one[k], delta=1e-5)
+        # the weights to rounding: one batch of 16 and two of 8 (all-reduced) round differently, and AdamW
+        # normalises each update, so after 4 steps near-zero gradients leave differences of ~1e-5
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=3e-5, msg=k)
 
 
 if __name__ == '__main__':
