@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ class Run:
         self.given = copy.deepcopy(config)
         self.work_dir = getattr(config.system, 'work_dir', None)
         self.rank0 = is_rank0()
+        self.started = time.monotonic()
 
     def train(self, trainer):
         """
@@ -124,8 +126,10 @@ class Run:
         return trainer
 
     def finish(self, results):
-        """ results into work_dir/results.json (rank 0); returns whether this process reports the run """
+        """ results into work_dir/results.json (rank 0), with wall_seconds: this process's time since
+        start_run, loading, compiling and evaluations included; returns whether this process reports the run """
         if self.rank0:
+            results = {**results, 'wall_seconds': round(time.monotonic() - self.started, 1)}
             atomic_write(os.path.join(self.work_dir, 'results.json'), json.dumps(results, indent=2))
         return self.rank0
 
