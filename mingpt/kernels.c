@@ -46,6 +46,9 @@ static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_N
 static inline vec vpow2(vec n) {  /* 2^n for whole n in [-126, 127]: n + 127 in the exponent bits */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
+static inline vec vhead(vec a, long n, float fill) {  /* a's first n lanes (all when n >= LANES), then fill */
+    return n >= LANES ? a : _mm512_mask_blend_ps((__mmask16)((1u << n) - 1), vset(fill), a);
+}
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmax_all(vec a) { return _mm512_reduce_max_ps(a); }
 #else  /* AVX2 + FMA */
@@ -68,6 +71,11 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec vpow2(vec n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline vec vhead(vec a, long n, float fill) {
+    if (n >= LANES) return a;
+    vec lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_blendv_ps(vset(fill), a, _mm256_cmp_ps(lane, vset((float)n), _CMP_LT_OQ));
 }
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -364,11 +372,11 @@ static void scores(const float *A, long sa, const float *Bt, long T, long Tp, lo
     }
 }
 
-/* C[i][:] = factor sum_l A[i][l] B[l][:] over rows i of [0, T): A element [i][l] at A + i*ai + l*al (the
+/* C[i][:] = factor rf[i] sum_l A[i][l] B[l][:] (rf NULL: 1) over rows i of [0, T): A element [i][l] at A + i*ai + l*al (the
  * score matrix or its transpose, zero outside the causal triangle, so only its nonzero range of l is
  * summed: l <= i, or l >= i when transposed), B (T, D) row stride sb, C row stride sc */
 static void rows_times(const float *A, long ai, long al, int transposed, const float *B, long sb,
-                       long T, long D, float factor, float *C, long sc)
+                       long T, long D, float factor, const float *rf, float *C, long sc)
 {
     for (long i0 = 0; i0 < T; i0 += RB) {
         long nr = T - i0 < RB ? T - i0 : RB;
@@ -387,8 +395,9 @@ static void rows_times(const float *A, long ai, long al, int transposed, const f
                 }
             }
             for (int r = 0; r < nr; r++) {
-                vstore(C + (i0 + r) * sc + d0, vmul(acc[r][0], vset(factor)));
-                if (two) vstore(C + (i0 + r) * sc + d0 + LANES, vmul(acc[r][1], vset(factor)));
+                vec f = vset(rf ? factor * rf[i0 + r] : factor);
+                vstore(C + (i0 + r) * sc + d0, vmul(acc[r][0], f));
+                if (two) vstore(C + (i0 + r) * sc + d0 + LANES, vmul(acc[r][1], f));
             }
         }
     }
@@ -403,36 +412,34 @@ static void transpose_rows(const float *X, long sx, long T, long Tp, long D, flo
     }
 }
 
-/* P = softmax of each row of S scale over j <= i, in place, zero past i (to Tp); lse[i] when asked to
- * compute it, else P = exp(S scale - lse[i]) from a given lse (the backward pass: the forward's P) */
-static void softmax_rows(float *S, long T, long Tp, float scale, float *lse, int given)
+/* P = exp(S scale - top) over each row's j <= i, in place, zero past i (to Tp). With inv_sum, top is the
+ * row's largest scaled score, and lse[i] and inv_sum[i] (1 / the row's sum, the softmax's normalisation,
+ * left to the product with V) are written; without, top is the given lse[i] and P the softmax itself
+ * (the backward pass: the forward's P). Each row's last vector is masked, not finished in scalar code:
+ * expf on 0-15 leftover scores a row costs more than the vectors before them */
+static void softmax_rows(float *S, long T, long Tp, float scale, float *lse, float *inv_sum)
 {
     for (long i = 0; i < T; i++) {
-        float *s = S + i * Tp, top, norm = 1.0f;
+        float *s = S + i * Tp, top;
         long n = i + 1, j;
-        if (given) {
-            top = lse[i];
-        } else {
+        if (inv_sum) {
             vec m = vset(-INFINITY);
-            for (j = 0; j + LANES <= n; j += LANES) m = vmax(m, vload(s + j));
-            top = vmax_all(m);
-            for (; j < n; j++) top = s[j] > top ? s[j] : top;
-            top *= scale;  /* scale > 0: the largest score scaled */
+            for (j = 0; j < n; j += LANES) m = vmax(m, vhead(vload(s + j), n - j, -INFINITY));
+            top = vmax_all(m) * scale;  /* scale > 0: the largest score scaled */
+        } else {
+            top = lse[i];
         }
         vec total = vzero();
-        for (j = 0; j + LANES <= n; j += LANES) {
-            vec p = vexp(vfma(vload(s + j), vset(scale), vset(-top)));
+        for (j = 0; j < n; j += LANES) {
+            vec p = vhead(vexp(vfma(vload(s + j), vset(scale), vset(-top))), n - j, 0.0f);
             vstore(s + j, p);
             total = vadd(total, p);
         }
-        float tail = 0.0f;
-        for (; j < n; j++) { s[j] = expf(s[j] * scale - top); tail += s[j]; }
-        for (; j < Tp; j++) s[j] = 0.0f;
-        if (!given) {
-            float sum = vsum(total) + tail;
+        for (; j < Tp; j += LANES) vstore(s + j, vzero());
+        if (inv_sum) {
+            float sum = vsum(total);
             lse[i] = top + logf(sum);
-            norm = 1.0f / sum;
-            for (j = 0; j < n; j += LANES) vstore(s + j, vmul(vload(s + j), vset(norm)));  /* zeros past n stay */
+            inv_sum[i] = 1.0f / sum;
         }
     }
 }
@@ -452,13 +459,14 @@ void mingpt_attention_forward(const struct strided *q, const struct strided *k, 
     #pragma omp parallel num_threads(threads)
     {
         float *Kt = work + omp_get_thread_num() * mingpt_attention_work(T, D), *S = Kt + D * Tp;
+        float *inv_sum = S + 2 * (T + RB) * Tp;
         #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H;
             transpose_rows(row_of(k, b, h), k->t, T, Tp, D, Kt);
             scores(row_of(q, b, h), q->t, Kt, T, Tp, D, S);
-            softmax_rows(S, T, Tp, scale, lse + bh * T, 0);
-            rows_times(S, Tp, 1, 0, row_of(v, b, h), v->t, T, D, 1.0f, out + (b * T * H + h) * D, H * D);
+            softmax_rows(S, T, Tp, scale, lse + bh * T, inv_sum);
+            rows_times(S, Tp, 1, 0, row_of(v, b, h), v->t, T, D, 1.0f, inv_sum, out + (b * T * H + h) * D, H * D);
         }
     }
 }
@@ -480,8 +488,8 @@ void mingpt_attention_backward(const struct strided *q, const struct strided *k,
             const float *qr = row_of(q, b, h), *kr = row_of(k, b, h), *vr = row_of(v, b, h);
             transpose_rows(kr, k->t, T, Tp, D, Xt);
             scores(qr, q->t, Xt, T, Tp, D, P);
-            softmax_rows(P, T, Tp, scale, (float *)lse + bh * T, 1);
-            rows_times(P, 1, Tp, 1, dout + o, s, T, D, 1.0f, (float *)row_of(dv, b, h), dv->t);  /* dV = P^T dO */
+            softmax_rows(P, T, Tp, scale, (float *)lse + bh * T, 0);
+            rows_times(P, 1, Tp, 1, dout + o, s, T, D, 1.0f, 0, (float *)row_of(dv, b, h), dv->t);  /* dV = P^T dO */
             transpose_rows(vr, v->t, T, Tp, D, Xt);
             scores(dout + o, s, Xt, T, Tp, D, dS);                               /* dP = dO V^T */
             for (long i = 0; i < T; i++) {
@@ -489,15 +497,16 @@ void mingpt_attention_backward(const struct strided *q, const struct strided *k,
                 for (long d = 0; d < D; d += LANES) acc = vfma(vload(dout + o + i * s + d), vload(out + o + i * s + d), acc);
                 delta[i] = vsum(acc);
             }
-            for (long i = 0; i < T; i++) {                                       /* dS = P (dP - delta) */
+            for (long i = 0; i < T; i++) {  /* dS = P (dP - delta): P is zero past i, and dP is finite up to
+                                               the end of the vector holding i (scores wrote it), so whole
+                                               vectors give the zeros too */
                 long j = 0;
-                for (; j + LANES <= i + 1; j += LANES)
+                for (; j <= i; j += LANES)
                     vstore(dS + i * Tp + j, vmul(vload(P + i * Tp + j), vsub(vload(dS + i * Tp + j), vset(delta[i]))));
-                for (; j <= i; j++) dS[i * Tp + j] = P[i * Tp + j] * (dS[i * Tp + j] - delta[i]);
-                for (; j < Tp; j++) dS[i * Tp + j] = 0.0f;
+                for (; j < Tp; j += LANES) vstore(dS + i * Tp + j, vzero());
             }
-            rows_times(dS, Tp, 1, 0, kr, k->t, T, D, scale, (float *)row_of(dq, b, h), dq->t);  /* dQ = dS K scale */
-            rows_times(dS, 1, Tp, 1, qr, q->t, T, D, scale, (float *)row_of(dk, b, h), dk->t);  /* dK = dS^T Q scale */
+            rows_times(dS, Tp, 1, 0, kr, k->t, T, D, scale, 0, (float *)row_of(dq, b, h), dq->t);  /* dQ = dS K scale */
+            rows_times(dS, 1, Tp, 1, qr, q->t, T, D, scale, 0, (float *)row_of(dk, b, h), dk->t);  /* dK = dS^T Q scale */
         }
     }
 }

@@ -306,8 +306,12 @@ def _strided(x):
     return ctypes.byref(_Strided(x.data_ptr(), *x.stride()[:3]))
 
 
-@torch.library.custom_op('mingpt::attention', mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _heads(qkv):
+    """ (B, T, 3, H, D) -> its queries, keys and values, three (B, H, T, D) views """
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attention_forward(q, k, v):
     B, H, T, D = q.shape
     out, lse = q.new_empty(B, T, H, D), q.new_empty(B, H, T)
     threads = torch.get_num_threads()
@@ -317,12 +321,24 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
     return out, lse
 
 
+# two torch ops for one kernel: q, k, v apart, and the three as the QKV projection's output, whose gradient
+# then comes back whole, in that layout (apart, autograd assembles it from three views: a copy of it)
+@torch.library.custom_op('mingpt::attention', mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v)
+
+
+@torch.library.custom_op('mingpt::attention_packed', mutates_args=())
+def _attention_packed(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(*_heads(qkv))
+
+
 @torch.library.custom_op('mingpt::attention_backward', mutates_args=())
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         dout: torch.Tensor) -> torch.Tensor:
     B, H, T, D = q.shape
     dout, dqkv = dout.contiguous(), q.new_empty(B, T, 3, H, D)
-    dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    dq, dk, dv = _heads(dqkv)
     threads = torch.get_num_threads()
     work = torch.empty(threads * _lib.mingpt_attention_work(T, D))
     _lib.mingpt_attention_backward(_strided(q), _strided(k), _strided(v), out.data_ptr(), lse.data_ptr(),
@@ -337,6 +353,12 @@ def _(q, k, v):
     return q.new_empty(B, T, H, D), q.new_empty(B, H, T)
 
 
+@_attention_packed.register_fake
+def _(qkv):
+    B, T, _, H, D = qkv.shape
+    return qkv.new_empty(B, T, H, D), qkv.new_empty(B, H, T)
+
+
 @_attention_backward.register_fake
 def _(q, k, v, out, lse, dout):
     B, H, T, D = q.shape
@@ -348,13 +370,17 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_grad(ctx, dout, dlse):
-    # the three gradients side by side in one (B, T, 3, H, D) tensor, the layout of the QKV projection's
-    # output that q, k, v are views of in a GPT-2 block
-    dqkv = _attention_backward(*ctx.saved_tensors, dout)
-    return tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    # the three gradients side by side in one (B, T, 3, H, D) tensor; q, k, v get views of it
+    return _heads(_attention_backward(*ctx.saved_tensors, dout))
+
+
+def _attention_packed_grad(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_backward(*_heads(qkv), out, lse, dout)
 
 
 _attention.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+_attention_packed.register_autograd(_attention_packed_grad, setup_context=_attention_setup_context)
 
 
 def usable_attention(q, k, v):
@@ -374,6 +400,13 @@ def attention(q, k, v):
     """
     _require()
     return _attention(q, k, v)[0]
+
+
+def attention_packed(qkv):
+    """ attention() of the queries, keys and values side by side in one (B, T, 3, H, D) tensor, as a
+    GPT-2 block's QKV projection makes them; the gradient comes back as one tensor of that layout """
+    _require()
+    return _attention_packed(qkv)[0]
 
 # -----------------------------------------------------------------------------
 # building and loading

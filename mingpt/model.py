@@ -130,8 +130,11 @@ class CausalSelfAttention(nn.Module):
                 q, k, v = q.float(), k.float(), v.float()
             if kv_cache is None and is_causal and dropout_p == 0.0 and kernels.usable_attention(q, k, v):
                 # training (and any pass without a cache) on a CPU: mingpt.kernels' attention, faster
-                # than torch's at the contexts a CPU trains on
-                y = kernels.attention(q, k, v).view(B, T, C)  # written (B, T, nh, hs): heads side by side
+                # than torch's at the contexts a CPU trains on. Given q, k, v still as the projection's
+                # views, it returns the projection's gradient whole, not as three pieces to assemble
+                packed = not (autocast or self.qk_norm or rotary is not None)
+                y = kernels.attention_packed(qkv) if packed else kernels.attention(q, k, v)
+                y = y.view(B, T, C)  # written (B, T, nh, hs): heads side by side
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    is_causal=is_causal)

@@ -5,6 +5,7 @@ decoding once packed for one row, keep their copy in step with the weight, and f
 kernels where it is unavailable.
 """
 
+import itertools
 import json
 import os
 import platform
@@ -410,16 +411,17 @@ def graph_nodes(t):
     return set(seen.values())
 
 
-def attention_errors(B, H, T, D, seed=0):
+def attention_errors(B, H, T, D, seed=0, packed=False):
     """ kernels.attention against F.scaled_dot_product_attention(is_causal=True) on strided views of
-    one (B, T, 3, H, D) projection, as the model makes them: the largest differences of the output and
-    of the projection's gradient, relative to the largest reference value """
+    one (B, T, 3, H, D) projection, as the model makes them (packed: kernels.attention_packed of the
+    projection itself): the largest differences of the output and of the projection's gradient,
+    relative to the largest reference value """
     torch.manual_seed(seed)
     qkv = torch.randn(B, T, 3, H, D, requires_grad=True)
     dy = torch.randn(B, T, H, D)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-    y = kernels.attention(q, k, v)
+    y = kernels.attention_packed(qkv) if packed else kernels.attention(q, k, v)
     ref_grad, = torch.autograd.grad(ref, qkv, dy)
     grad, = torch.autograd.grad(y, qkv, dy)
     y, ref = y.detach(), ref.detach()
@@ -434,15 +436,15 @@ class TestAttention(unittest.TestCase):
     SHAPES = [(2, 3, 37, 16), (1, 2, 1, 32), (3, 2, 64, 48), (1, 1, 130, 64)]
 
     def test_equals_torchs_attention_and_its_gradients(self):
-        for shape in self.SHAPES:
-            with self.subTest(shape=shape):
-                out, grad = attention_errors(*shape)
+        for shape, packed in itertools.product(self.SHAPES, (False, True)):
+            with self.subTest(shape=shape, packed=packed):
+                out, grad = attention_errors(*shape, packed=packed)
                 self.assertLess(out, 1e-5)
                 self.assertLess(grad, 1e-5)
 
     def test_avx2_build_attends_alike(self):
         code = ("import json; from tests.test_kernels import attention_errors; from mingpt import kernels\n"
-                f"errors = [attention_errors(*s) for s in {self.SHAPES!r}]\n"
+                f"errors = [attention_errors(*s, packed=p) for s in {self.SHAPES!r} for p in (False, True)]\n"
                 "print(json.dumps([kernels._lanes, errors]))")
         with tempfile.TemporaryDirectory() as cache:
             done = run_python(code, ATEN_CPU_CAPABILITY='avx2', MINGPT_CACHE=cache)
@@ -480,10 +482,21 @@ class TestAttention(unittest.TestCase):
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], ref_grad, rtol=1e-5, atol=1e-5)
 
+    def test_packed_compiled_equals_eager(self):
+        # compiled, the packed op's gradient is the projection's own: values and gradients as eager
+        qkv = torch.randn(2, 40, 3, 2, 32, requires_grad=True)
+        y = kernels.attention_packed(qkv)
+        dy = torch.randn_like(y)
+        grad, = torch.autograd.grad(y, qkv, dy)
+        compiled = torch.compile(kernels.attention_packed)(qkv)
+        torch.testing.assert_close(compiled, y, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(compiled, qkv, dy)[0], grad, rtol=1e-6, atol=1e-6)
+
     def test_model_trains_through_it_as_through_torchs(self):
         # the model's training forward takes the kernel (no cache, no mask, no attention dropout), and its
         # loss and gradients are those of torch's attention; the modern options' rotated, normed heads too
-        for options in ({}, {'pos_emb': 'rope', 'qk_norm': True}):
+        # (GPT-2's heads reach the kernel as the projection's views, packed; the others apart)
+        for options, op in (({}, 'mingpt_attention_packed'), ({'pos_emb': 'rope', 'qk_norm': True}, 'mingpt_attention_default')):
             with self.subTest(**options):
                 torch.manual_seed(0)
                 config = GPT.get_default_config()
@@ -500,7 +513,7 @@ class TestAttention(unittest.TestCase):
                         _, loss = model(x, x)
                         loss.backward()
                         self.assertEqual(usable.call_count, 2)  # asked once a layer
-                        self.assertEqual(any('mingpt_attention' in n for n in graph_nodes(loss)), use_kernel)
+                        self.assertEqual(any(op in n for n in graph_nodes(loss)), use_kernel)
                     results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
                 (loss, grads), (ref_loss, ref_grads) = results
                 torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
