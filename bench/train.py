@@ -234,21 +234,22 @@ def measure(names, warmup, steps, peak=None, nanogpt=None):
 
 
 def attention_times(steps, warmup):
-    """ gpt-mini's attention alone, forward and backward, on the strided (B, nh, T, hs) views of one QKV
-    projection the model makes: torch's scaled_dot_product_attention (its CPU flash kernel) and
-    mingpt.kernels.attention, taking turns; the median ms of each """
+    """ gpt-mini's attention alone, forward and backward, of one (B, T, 3, nh, hs) QKV projection as a GPT-2
+    block makes it: torch's scaled_dot_product_attention (its CPU flash kernel) on its (B, nh, T, hs) views,
+    and mingpt.kernels.attention_packed (what the model calls), taking turns; the median ms of each """
     import mingpt.kernels as kernels
     if not kernels.available():
         raise SystemExit("mingpt.kernels is unavailable here (MINGPT_KERNELS=0, or no C compiler)")
     qkv = torch.randn(BATCH, BLOCK, 3, N_HEAD, N_EMBD // N_HEAD, requires_grad=True)
     dy = torch.randn(BATCH, BLOCK, N_HEAD, N_EMBD // N_HEAD)
-    ways = {'torch': lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2),
-            'mingpt.kernels': kernels.attention}
+    ways = {'torch': lambda t: F.scaled_dot_product_attention(*t.permute(2, 0, 3, 1, 4).unbind(0),
+                                                               is_causal=True).transpose(1, 2),
+            'mingpt.kernels': kernels.attention_packed}
     times = {name: ([], []) for name in ways}
     for i in range(warmup + steps):
         for name, attend in ways.items():
             t0 = time.perf_counter()
-            y = attend(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
+            y = attend(qkv)
             t1 = time.perf_counter()
             y.backward(dy)
             t2 = time.perf_counter()

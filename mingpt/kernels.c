@@ -347,8 +347,9 @@ static inline const float *row_of(const struct strided *x, long b, long h) { ret
 
 /* The next pair's rows, toward the L2 cache while this pair computes. A pair's rows lie all over memory
  * (the other heads' rows between them), each a cache line or two: read when needed, every row is a wait
- * on memory, ~30% of the forward's time and more of the backward's at gpt-mini's size. Asked for a part
- * at a time between the stages of the pair before, they arrive spread out and in time. */
+ * on memory, and at gpt-mini's size (tensors larger than the L3 cache) a pair took ~1.4x its time on rows
+ * already in the cache, forward and backward. Asked for a part at a time between the stages of the pair
+ * before, they arrive spread out and in time: ~1.2x. */
 struct ahead { const struct strided *const *x; int n; long b, h, T, D, parts; };  /* n tensors' pair (b, h) */
 
 /* always inlined: as a function of its own, gcc finds it without effects (prefetches do not count) and
@@ -388,9 +389,9 @@ static void scores(const float *A, long sa, const float *Bt, long T, long Tp, lo
     }
 }
 
-/* C[i][:] = factor rf[i] sum_l A[i][l] B[l][:] (rf NULL: 1) over rows i of [0, T): A element [i][l] at A + i*ai + l*al (the
- * score matrix or its transpose, zero outside the causal triangle, so only its nonzero range of l is
- * summed: l <= i, or l >= i when transposed), B (T, D) row stride sb, C row stride sc */
+/* C[i][:] = factor rf[i] sum_l A[i][l] B[l][:] (rf NULL: 1) over rows i of [0, T): A element [i][l] at
+ * A + i*ai + l*al (the score matrix or its transpose, zero outside the causal triangle, so only its nonzero
+ * range of l is summed: l <= i, or l >= i when transposed), B (T, D) row stride sb, C row stride sc */
 static void rows_times(const float *A, long ai, long al, int transposed, const float *B, long sb,
                        long T, long D, float factor, const float *rf, float *C, long sc)
 {
@@ -477,7 +478,7 @@ void mingpt_attention_forward(const struct strided *q, const struct strided *k, 
     #pragma omp parallel num_threads(threads)
     {
         float *Kt = work + omp_get_thread_num() * mingpt_attention_work(T, D), *S = Kt + D * Tp;
-        float *inv_sum = S + 2 * (T + RB) * Tp;
+        float *inv_sum = S + (T + RB) * Tp;
         #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H;

@@ -28,7 +28,7 @@ GPT's training step; the same function as x sigmoid(2y) with a vectorised exp ta
 attention: torch's CPU attention (flash attention: blocks of keys, an online softmax) is built for
 long contexts; at the contexts a CPU trains on (a few hundred positions) it runs far below the speed of
 the matrix products, ~20% of gpt-mini's step for ~10% of its FLOPs. kernels.c holds each (batch, head)
-pair's whole score matrix in the cache instead, forward and backward in ~0.6x the time.
+pair's whole score matrix in the cache instead, forward and backward in about a third of the time.
 
 The C source ships with the package and is compiled here on first use with the system's C compiler
 (cc, or $CC; ~0.5 s) for the vector instructions torch itself uses on this CPU (AVX-512 or AVX2, so
