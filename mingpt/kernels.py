@@ -311,11 +311,16 @@ def _heads(qkv):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _attention_work(T, D):
+    """ (threads, work): each thread's room for its scores and transposes, forward or backward """
+    threads = torch.get_num_threads()
+    return threads, torch.empty(threads * _lib.mingpt_attention_work(T, D))
+
+
 def _attention_forward(q, k, v):
     B, H, T, D = q.shape
     out, lse = q.new_empty(B, T, H, D), q.new_empty(B, H, T)
-    threads = torch.get_num_threads()
-    work = torch.empty(threads * _lib.mingpt_attention_work(T, D))  # each thread's scores and transposes
+    threads, work = _attention_work(T, D)
     _lib.mingpt_attention_forward(_strided(q), _strided(k), _strided(v), out.data_ptr(), lse.data_ptr(),
                                   B, H, T, D, D ** -0.5, work.data_ptr(), threads)
     return out, lse
@@ -339,8 +344,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     B, H, T, D = q.shape
     dout, dqkv = dout.contiguous(), q.new_empty(B, T, 3, H, D)
     dq, dk, dv = _heads(dqkv)
-    threads = torch.get_num_threads()
-    work = torch.empty(threads * _lib.mingpt_attention_work(T, D))
+    threads, work = _attention_work(T, D)
     _lib.mingpt_attention_backward(_strided(q), _strided(k), _strided(v), out.data_ptr(), lse.data_ptr(),
                                    dout.data_ptr(), _strided(dq), _strided(dk), _strided(dv),
                                    B, H, T, D, D ** -0.5, work.data_ptr(), threads)
