@@ -90,6 +90,19 @@ class TestHarness(ModelTestCase):
         found = [d for d in site.getsitepackages() if os.path.exists(os.path.join(d, 'mingpt-lm-eval.pth'))]
         self.assertTrue(found, 'pip install -e . should have put mingpt-lm-eval.pth in site-packages')
 
+    def test_the_pth_line_is_silent_when_mingpt_is_gone(self):
+        """ a clone moved or deleted after `pip install -e .` leaves the .pth behind: Python must still
+        start without a traceback (the line imports mingpt_lm_eval only where it can be found) """
+        line = (REPO / 'mingpt-lm-eval.pth').read_text().strip()
+        self.assertTrue(line.startswith('import '), 'site.py runs only the .pth lines that start with "import "')
+        code = line + '; import sys; print("mingpt_lm_eval" in sys.modules)'
+        # -S: no site-packages, so no finder for mingpt_lm_eval; the cwd holds no copy of it either
+        gone = subprocess.run([sys.executable, '-S', '-c', code], cwd=self.tmp, capture_output=True, text=True,
+                              timeout=60)
+        self.assertEqual((gone.returncode, gone.stderr, gone.stdout.strip()), (0, '', 'False'))
+        here = subprocess.run([sys.executable, '-S', '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+        self.assertEqual((here.returncode, here.stdout.strip()), (0, 'True'), here.stderr)
+
     @slow
     def test_lm_eval_command_line_equals_the_library(self):
         """ lm_eval's command line, both `lm_eval` itself and `python -m mingpt.harness`, on a local task in
