@@ -5,9 +5,10 @@ lm_eval knows a model type only once something registers it, and it imports no o
 `pip install` puts a one-line mingpt-lm-eval.pth into site-packages that imports this module when Python
 starts, if Python can find it: an editable install's clone may be moved or deleted while the line stays,
 and a failing import there would print a traceback at the start of every Python process. That must cost
-nothing in processes that never use lm_eval, so this module imports nothing heavy: it adds a finder to sys.meta_path that waits for `lm_eval.models` (lm_eval's table of model types,
-which it imports before it looks a name up) and, once that has run, adds 'mingpt' to the table as a name
-lm_eval resolves only when asked for it (mingpt.harness:MinGPTLM, which imports torch and the model).
+nothing in processes that never use lm_eval, so this module imports nothing heavy: it adds a finder to
+sys.meta_path that waits for `lm_eval.models` (lm_eval's table of model types, which it imports before it
+looks a name up) and, once that has run, adds 'mingpt' to the table as a name lm_eval resolves only when
+asked for it (mingpt.harness:MinGPTLM, which imports torch and the model).
 """
 
 import sys
