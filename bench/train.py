@@ -236,15 +236,16 @@ def measure(names, warmup, steps, peak=None, nanogpt=None):
 def attention_times(steps, warmup):
     """ gpt-mini's attention alone, forward and backward, of one (B, T, 3, nh, hs) QKV projection as a GPT-2
     block makes it: torch's scaled_dot_product_attention (its CPU flash kernel) on its (B, nh, T, hs) views,
-    and mingpt.kernels.attention_packed (what the model calls), taking turns; the median ms of each """
+    and mingpt.ops.attention_packed (what the model calls), taking turns; the median ms of each """
     import mingpt.kernels as kernels
+    import mingpt.ops as ops
     if not kernels.available():
         raise SystemExit("mingpt.kernels is unavailable here (MINGPT_KERNELS=0, or no C compiler)")
     qkv = torch.randn(BATCH, BLOCK, 3, N_HEAD, N_EMBD // N_HEAD, requires_grad=True)
     dy = torch.randn(BATCH, BLOCK, N_HEAD, N_EMBD // N_HEAD)
     ways = {'torch': lambda t: F.scaled_dot_product_attention(*t.permute(2, 0, 3, 1, 4).unbind(0),
                                                                is_causal=True).transpose(1, 2),
-            'mingpt.kernels': kernels.attention_packed}
+            'mingpt.ops': ops.attention_packed}
     times = {name: ([], []) for name in ways}
     for i in range(warmup + steps):
         for name, attend in ways.items():
@@ -274,7 +275,7 @@ def main():
                         "shakespeare's characters; 50257: GPT-2's)")
     parser.add_argument('--no-rss', action='store_true', help="skip the per-configuration subprocesses")
     parser.add_argument('--attention', action='store_true', help="time one layer's attention alone: torch's "
-                        "kernel and mingpt.kernels'")
+                        "kernel and mingpt.ops'")
     args = parser.parse_args()
     VOCAB = args.vocab
     torch.set_num_threads(args.threads)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import mingpt.kernels as kernels
+import mingpt.ops as ops
 from mingpt.config import ARCH_OPTIONS, PRESETS, resolve_config  # noqa: F401 (mingpt.model.PRESETS stays importable)
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
@@ -128,12 +129,12 @@ class CausalSelfAttention(nn.Module):
                 # mixed precision on CPU: autocast's bf16 matmuls are fast (AVX512-BF16, AMX), but
                 # attention is faster in fp32 on a CPU, forward and backward, so it stays in fp32
                 q, k, v = q.float(), k.float(), v.float()
-            if kv_cache is None and is_causal and dropout_p == 0.0 and kernels.usable_attention(q, k, v):
-                # training (and any pass without a cache) on a CPU: mingpt.kernels' attention, faster
+            if kv_cache is None and is_causal and dropout_p == 0.0 and ops.usable_attention(q, k, v):
+                # training (and any pass without a cache) on a CPU: mingpt.ops' attention, faster
                 # than torch's at the contexts a CPU trains on. Given q, k, v still as the projection's
                 # views, it returns the projection's gradient whole, not as three pieces to assemble
                 packed = not (autocast or self.qk_norm or rotary is not None)
-                y = kernels.attention_packed(qkv) if packed else kernels.attention(q, k, v)
+                y = ops.attention_packed(qkv) if packed else ops.attention(q, k, v)
                 y = y.view(B, T, C)  # written (B, T, nh, hs): heads side by side
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -147,10 +148,10 @@ class CausalSelfAttention(nn.Module):
 
 class NewGELU(nn.Module):
     """ GPT-2's GELU: the tanh approximation (Hendrycks & Gimpel), as in BERT and OpenAI's code (on a
-    CPU in C: torch's kernel for it is slow, see mingpt.kernels) """
+    CPU in C: torch's kernel for it is slow, see mingpt.ops) """
 
     def forward(self, x):
-        return kernels.gelu(x)
+        return ops.gelu(x)
 
 
 class MLP(nn.Module):
