@@ -1,7 +1,7 @@
 """
 The GPT language model: GPT-2's architecture, minGPT's API, and the options of the modern recipe
 (modded-nanogpt, nanochat): rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
-output layers, logit soft-capping; each off by default (see GPT.get_default_config).
+output layers, logit soft-capping, value embeddings; each off by default (see GPT.get_default_config).
 
 References:
 1) the official GPT-2 TensorFlow implementation released by OpenAI:
@@ -94,14 +94,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.qk_norm = config.qk_norm
+        if config.value_embeds:
+            # the weights of the values and of the token's value embedding in their sum (learned)
+            self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None, ve=None):
         B, T, C = x.size()
         # (B, T, 3C) -> three (B, nh, T, hs): heads become a batch dimension. One view + permute
         # rather than split + 3 views + 3 transposes: the same strided views in fewer ops, which
         # counts when decoding runs ~25 small ops per layer per token
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if ve is not None:
+            # value embeddings: each token's values also carry an embedding of the token itself, (B, T, C)
+            # split into heads as v is: what a position passes on need not be rebuilt from the residual
+            v = self.v_mix[0] * v + self.v_mix[1] * ve.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.qk_norm:
             # each head's query and key to unit RMS: attention logits stay bounded, however large
             # the projections grow (no gain: the scale of the logits is the softmax's 1/sqrt(hs))
@@ -133,7 +140,7 @@ class CausalSelfAttention(nn.Module):
                 # training (and any pass without a cache) on a CPU: mingpt.ops' attention, faster
                 # than torch's at the contexts a CPU trains on. Given q, k, v still as the projection's
                 # views, it returns the projection's gradient whole, not as three pieces to assemble
-                packed = not (autocast or self.qk_norm or rotary is not None)
+                packed = not (autocast or self.qk_norm or rotary is not None or ve is not None)  # v is qkv's
                 y = ops.attention_packed(qkv) if packed else ops.attention(q, k, v)
                 y = y.view(B, T, C)  # written (B, T, nh, hs): heads side by side
             else:
@@ -191,13 +198,13 @@ class Block(nn.Module):
         self.step_in_c = rows == 'one' and gpt2 and not hooked and kernels.available()
         kernels.release(self)  # the C step's arguments point into the weight copies packing replaces
 
-    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None):
-        if (self.step_in_c and kv_cache is not None and rotary is None and x.size(1) == 1 and not self.training
-                and isinstance(cache_pos, int) and kernels.usable_step(x, kv_cache, cache_pos)):
+    def forward(self, x, kv_cache=None, cache_pos=0, attn_mask=None, rotary=None, ve=None):
+        if (self.step_in_c and kv_cache is not None and rotary is None and ve is None and x.size(1) == 1
+                and not self.training and isinstance(cache_pos, int) and kernels.usable_step(x, kv_cache, cache_pos)):
             y = kernels.block_step(self, x, kv_cache, cache_pos)
             if y is not None:
                 return y
-        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask, rotary)
+        x = x + self.attn(self.ln_1(x), kv_cache, cache_pos, attn_mask, rotary, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -241,6 +248,9 @@ class GPT(nn.Module):
         C.zero_init_out = ARCH_OPTIONS['zero_init_out']
         # a number c: logits become c * tanh(logits / c), smoothly bounded in (-c, c); None: as they are
         C.logit_softcap = ARCH_OPTIONS['logit_softcap']
+        # True: each attention layer has a token embedding table of its own, added to its values
+        # (weighted, learned): nanochat's and modded-nanogpt's value embeddings
+        C.value_embeds = ARCH_OPTIONS['value_embeds']
         return C
 
     def __init__(self, config):
@@ -256,6 +266,9 @@ class GPT(nn.Module):
             drop = nn.Dropout(config.embd_pdrop),
             h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f = make_norm(config, config.n_embd),
+            # value embeddings: one table per layer, (vocab_size, C) each
+            **(dict(ve = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd)
+                                        for _ in range(config.n_layer)])) if config.value_embeds else {}),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
@@ -334,10 +347,10 @@ class GPT(nn.Module):
     def resize_token_embeddings(self, vocab_size):
         """
         Grow the vocabulary to vocab_size tokens, in place: new rows at the end of the token embedding
-        (wte) and of lm_head, the old rows untouched, so every old token's logits stay exactly what
-        they were. A tied lm_head stays tied to the new wte. The new rows start at the mean of the old
-        ones: the new tokens' logits then start at the average logit, far below the likely tokens',
-        so the model does not emit them before it is trained to. Returns the model.
+        (wte), of lm_head and of any value embeddings, the old rows untouched, so every old token's logits
+        stay exactly what they were. A tied lm_head stays tied to the new wte. The new rows start at the
+        mean of the old ones: the new tokens' logits then start at the average logit, far below the likely
+        tokens', so the model does not emit them before it is trained to. Returns the model.
         """
         old = self.config.vocab_size
         if vocab_size == old:
@@ -355,6 +368,12 @@ class GPT(nn.Module):
         self.transformer.wte = nn.Embedding(vocab_size, wte.size(1), device=wte.device, dtype=wte.dtype)
         with torch.no_grad():
             self.transformer.wte.weight.copy_(grown(wte))
+        if self.config.value_embeds:  # the value embeddings are token tables too
+            for i, table in enumerate(self.transformer.ve):
+                self.transformer.ve[i] = nn.Embedding(vocab_size, table.weight.size(1), device=table.weight.device,
+                                                      dtype=table.weight.dtype)
+                with torch.no_grad():
+                    self.transformer.ve[i].weight.copy_(grown(table.weight))
         if tied:
             self.lm_head.weight = self.transformer.wte.weight
             self.lm_head.out_features = vocab_size
@@ -444,7 +463,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary)
+            ve = self.transformer.ve[i](idx) if self.config.value_embeds else None  # (B, T, C)
+            x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary, ve)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits and type(self.lm_head) in (nn.Linear, Linear) \
                 and self.lm_head.bias is None and worth_chunking(targets.numel(), self.lm_head.weight.size(0)):

@@ -1,12 +1,12 @@
 """
 Tests for the architecture options of the modern recipe (GPT config: pos_emb, norm, qk_norm, mlp_act,
-bias, zero_init_out, logit_softcap): each one, and all of them together, computes what it claims
-(rotary positions as transformers' LLaMA rotates, relative positions only; RMSNorm; scale-free QK-norm;
-relu^2; no biases; zero output layers; capped logits); decodes with the KV cache to the logits of a full
-forward, generates the tokens of minGPT's recomputation, and in the BatchEngine the tokens of each
-request alone; round-trips through a Trainer checkpoint and a mingpt directory, and resumes bit-exact
-(with Muon); and is refused, by
-name, by the GPT-2 formats (Hugging Face, llm.c). The default config's state dict keeps GPT-2's names.
+bias, zero_init_out, logit_softcap, value_embeds): each one, and all of them together, computes what
+it claims (rotary positions as transformers' LLaMA rotates, relative positions only; RMSNorm; scale-free
+QK-norm; relu^2; no biases; zero output layers; capped logits; values plus each token's own embedding);
+decodes with the KV cache to the logits of a full forward, generates the tokens of minGPT's
+recomputation, and in the BatchEngine the tokens of each request alone; round-trips through a Trainer
+checkpoint and a mingpt directory, and resumes bit-exact (with Muon); and is refused, by name, by the
+GPT-2 formats (Hugging Face, llm.c). The default config's state dict keeps GPT-2's names.
 """
 
 import json
@@ -38,8 +38,9 @@ OPTIONS = {
     'no_bias': dict(bias=False),
     'zero_init_out': dict(zero_init_out=True),
     'softcap': dict(logit_softcap=3.0),
+    'value_embeds': dict(value_embeds=True),
     'recipe': dict(pos_emb='rope', rope_base=500.0, norm='rmsnorm', qk_norm=True, mlp_act='relu2', bias=False,
-                   zero_init_out=True, logit_softcap=3.0),
+                   zero_init_out=True, logit_softcap=3.0, value_embeds=True),
 }
 
 
@@ -55,16 +56,19 @@ def make_model(seed=0, trained=True, **options):
     """
     a small GPT with these options in eval mode. trained: the matrices scaled up 4x (zero-initialised
     ones drawn at random first, else they would hide everything after them), so that greedy decoding
-    is not one token repeated and a wrong position changes the argmax
+    is not one token repeated and a wrong position changes the argmax; the mixing weights (v_mix) drawn
+    in [0.5, 1.5], so that both terms of each mix count
     """
     torch.manual_seed(seed)
     model = GPT(make_config(**options)).eval()
     if trained:
         with torch.no_grad():
-            for p in model.parameters():
+            for name, p in model.named_parameters():
                 if p.dim() >= 2 and not p.any():
                     p.normal_(0.0, 0.02)
                 p.mul_(4.0 if p.dim() >= 2 else 1.0)
+                if name.endswith('_mix'):
+                    p.uniform_(0.5, 1.5)
     return model
 
 
@@ -72,8 +76,8 @@ class TestConfig(unittest.TestCase):
 
     def test_defaults_are_gpt2s_and_state_dict_keys_unchanged(self):
         c = GPT.get_default_config()
-        self.assertEqual((c.pos_emb, c.norm, c.qk_norm, c.mlp_act, c.bias, c.zero_init_out, c.logit_softcap),
-                         ('learned', 'layernorm', False, 'gelu', True, False, None))
+        self.assertEqual((c.pos_emb, c.norm, c.qk_norm, c.mlp_act, c.bias, c.zero_init_out, c.logit_softcap,
+                          c.value_embeds), ('learned', 'layernorm', False, 'gelu', True, False, None, False))
         model = GPT(make_config())
         expected = [name for name, _, _ in param_names(2)] + [LM_HEAD]
         self.assertEqual(sorted(model.state_dict()), sorted(expected))
@@ -91,7 +95,7 @@ class TestConfig(unittest.TestCase):
         bad = [(dict(pos_emb='alibi'), 'pos_emb'), (dict(norm='batchnorm'), 'norm'), (dict(mlp_act='swiglu'), 'mlp_act'),
                (dict(qk_norm=1), 'qk_norm'), (dict(bias='no'), 'bias'), (dict(logit_softcap=0), 'logit_softcap'),
                (dict(rope_base=1.0), 'rope_base'), (dict(pos_emb='rope', n_head=32, n_embd=96), 'even'),
-               (dict(zero_init_out=True, tie_weights=True), 'tie_weights=False')]
+               (dict(zero_init_out=True, tie_weights=True), 'tie_weights=False'), (dict(value_embeds=4), 'value_embeds')]
         for options, message in bad:
             with self.subTest(**options), self.assertRaisesRegex(ConfigError, message):
                 GPT(make_config(**options))
@@ -154,6 +158,25 @@ class TestWhatEachOptionComputes(unittest.TestCase):
         self.assertAlmostEqual(loss.item(), math.log(V), places=5)  # uniform over the vocabulary
         loss.backward()
         self.assertGreater(model.lm_head.weight.grad.abs().max().item(), 0)
+
+    def test_value_embeds_add_each_tokens_own_row_to_the_values(self):
+        model = make_model(value_embeds=True, bias=False)
+        x = torch.randint(V, (2, 8))
+        attn, table = model.transformer.h[0].attn, model.transformer.ve[0]
+        h = torch.randn(2, 8, 32)
+        with torch.no_grad():
+            a, b = attn.v_mix
+            q, k, v = (h @ attn.c_attn.weight.T).split(32, dim=-1)
+            heads = lambda t: t.view(2, 8, 2, 16).transpose(1, 2)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(heads(q), heads(k), a * heads(v) + b * heads(table(x)), is_causal=True)
+            expected = y.transpose(1, 2).reshape(2, 8, 32) @ attn.c_proj.weight.T
+            torch.testing.assert_close(attn(h, ve=table(x)), expected, rtol=1e-5, atol=1e-5)
+            # one table per layer, grown with the vocabulary, old tokens' logits unchanged
+            self.assertEqual(len(model.transformer.ve), 2)
+            before = model(x)[0]
+            model.resize_token_embeddings(V + 3)
+            self.assertEqual([t.weight.shape for t in model.transformer.ve], [(V + 3, 32)] * 2)
+            torch.testing.assert_close(model(x)[0][..., :V], before)
 
     def test_softcap_bounds_the_logits(self):
         capped = make_model(logit_softcap=1.0)
@@ -256,7 +279,8 @@ class TestSaving(TempDirTestCase):
         ckpt = self.tmp / 'ckpt'
         write_checkpoint(ckpt, model, trainer_state(1, None, None, None, None, 4, 1.0))
         info = json.loads((ckpt / 'config.json').read_text())
-        for k in ('pos_emb', 'rope_base', 'norm', 'qk_norm', 'mlp_act', 'bias', 'zero_init_out', 'logit_softcap'):
+        for k in ('pos_emb', 'rope_base', 'norm', 'qk_norm', 'mlp_act', 'bias', 'zero_init_out', 'logit_softcap',
+                  'value_embeds'):
             del info['model'][k]
         (ckpt / 'config.json').write_text(json.dumps(info))
         self._same_model(GPT.from_pretrained(ckpt), model, {'pos_emb': 'learned'})

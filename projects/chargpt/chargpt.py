@@ -91,17 +91,18 @@ def get_config():
 PRESETS = {
     'default': {},
     # the same 15 minutes, spent on the modern recipe: rotary positions, RMSNorm and QK-norm, a ReLU^2
-    # MLP, no biases, zero-initialised output projections, Muon for the blocks' matrices (AdamW for the
-    # embeddings, head and gains), the learning rates held, then brought down in a straight line over the
-    # last 40% of the steps (on ~6 passes over the text the model overfits: the low-rate end is where the
-    # validation loss is won), a light dropout (0.05 on embeddings and residuals: behind early, ~0.01 lower
-    # at the end; 0.1 learns too slowly for the budget), and torch.compile, which fuses the norms' and
-    # rotations' elementwise work. The context stays chargpt's 128 (batch 32): a step of 256 x 16 costs
-    # ~15% more and ends ~0.01 higher (projects/chargpt/README.md)
+    # MLP, no biases, zero-initialised output projections, value embeddings (~0.01 lower at the end for
+    # a few % more time a step), Muon for the blocks' matrices (AdamW for the embeddings, head and gains),
+    # the learning rates held, then brought down in a straight line over the last 40% of the steps (on ~6
+    # passes over the text the model overfits: the low-rate end is where the validation loss is won), a
+    # light dropout (0.05 on embeddings and residuals: behind early, ~0.01 lower at the end; 0.1 learns
+    # too slowly for the budget), and torch.compile, which fuses the norms' and rotations' elementwise
+    # work. The context stays chargpt's 128 (batch 32): a step of 256 x 16 costs ~15% more and ends ~0.01
+    # higher (projects/chargpt/README.md)
     'fast': {
         'system': {'work_dir': './out/chargpt-fast'},
         'model': {'pos_emb': 'rope', 'norm': 'rmsnorm', 'qk_norm': True, 'mlp_act': 'relu2', 'bias': False,
-                  'zero_init_out': True, 'embd_pdrop': 0.05, 'resid_pdrop': 0.05},
+                  'zero_init_out': True, 'value_embeds': True, 'embd_pdrop': 0.05, 'resid_pdrop': 0.05},
         'trainer': {'optimizer': 'muon', 'muon_lr': 0.015, 'compile': True, 'learning_rate': 3e-3,
                     'lr_schedule': 'wsd', 'cooldown_frac': 0.4, 'min_lr': 3e-5, 'max_iters': 1450},
     },
