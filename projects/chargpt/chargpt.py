@@ -91,7 +91,7 @@ def get_config():
 PRESETS = {
     'default': {},
     # the same 15 minutes, spent on the modern recipe: rotary positions, RMSNorm and QK-norm, a ReLU^2
-    # MLP, no biases, zero-initialised output projections, value embeddings (~0.01 lower at the end for
+    # MLP, no biases, zero-initialised output projections, value embeddings (~0.006 lower at the end for
     # a few % more time a step), Muon for the blocks' matrices (AdamW for the embeddings, head and gains),
     # the learning rates held, then brought down in a straight line over the last 40% of the steps (on ~6
     # passes over the text the model overfits: the low-rate end is where the validation loss is won), a
