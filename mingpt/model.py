@@ -363,17 +363,17 @@ class GPT(nn.Module):
         def grown(w):  # (old, C) -> (vocab_size, C), new rows at the mean of the old
             return torch.cat([w, w.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
 
+        def grown_table(table):  # a new nn.Embedding of vocab_size rows, holding grown(table.weight)
+            w = table.weight
+            new = nn.Embedding(vocab_size, w.size(1), device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                new.weight.copy_(grown(w))
+            return new
+
         tied = self.lm_head.weight is self.transformer.wte.weight
-        wte = self.transformer.wte.weight
-        self.transformer.wte = nn.Embedding(vocab_size, wte.size(1), device=wte.device, dtype=wte.dtype)
-        with torch.no_grad():
-            self.transformer.wte.weight.copy_(grown(wte))
+        self.transformer.wte = grown_table(self.transformer.wte)
         if self.config.value_embeds:  # the value embeddings are token tables too
-            for i, table in enumerate(self.transformer.ve):
-                self.transformer.ve[i] = nn.Embedding(vocab_size, table.weight.size(1), device=table.weight.device,
-                                                      dtype=table.weight.dtype)
-                with torch.no_grad():
-                    self.transformer.ve[i].weight.copy_(grown(table.weight))
+            self.transformer.ve = nn.ModuleList([grown_table(table) for table in self.transformer.ve])
         if tied:
             self.lm_head.weight = self.transformer.wte.weight
             self.lm_head.out_features = vocab_size
