@@ -462,8 +462,9 @@ class GPT(nn.Module):
         else:
             x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
         x = self.transformer.drop(x)
+        tables = self.transformer.ve if self.config.value_embeds else None
         for i, block in enumerate(self.transformer.h):
-            ve = self.transformer.ve[i](idx) if self.config.value_embeds else None  # (B, T, C)
+            ve = None if tables is None else tables[i](idx)  # (B, T, C)
             x = block(x, None if kv_cache is None else kv_cache[i], cache_pos, attn_mask, rotary, ve)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits and type(self.lm_head) in (nn.Linear, Linear) \
