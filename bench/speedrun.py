@@ -12,7 +12,7 @@ process, evaluations and samples included in its time):
   dropout 0.2, no biases, tied head) at chargpt's model size, its schedule shortened from 5,000 steps to 350;
 - default: chargpt's defaults (AdamW 2e-3 -> 2e-5, batch 32 x 128, no dropout);
 - fast: chargpt --preset=fast (rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
-  output projections, value embeddings, dropout 0.05, Muon; batch 32 x 128).
+  output projections, value embeddings, token shift, dropout 0.05, Muon; batch 32 x 128).
 
 A run that is not done after --minutes is stopped there; its curve ends at its last evaluation. The
 validation loss is each recipe's own measure (the Trainer's: 20 batches of its windows). Writes
@@ -61,6 +61,7 @@ ABLATIONS = {
     'biases': ['--model.bias=True'],
     'random output init': ['--model.zero_init_out=False'],
     'no value embeddings': ['--model.value_embeds=False'],
+    'no token shift': ['--model.token_shift=False'],
     'AdamW only': ['--trainer.optimizer=adamw'],
     'context 256': ['--data.block_size=256', '--trainer.batch_size=16'],
     'no dropout': ['--model.embd_pdrop=0', '--model.resid_pdrop=0'],

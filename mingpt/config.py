@@ -42,7 +42,7 @@ PRESETS = {
 # the architecture options of the modern recipe (modded-nanogpt, nanochat), each defaulting to GPT-2's
 # own choice, so that a config without them is GPT-2 (GPT.get_default_config documents each)
 ARCH_OPTIONS = dict(pos_emb='learned', rope_base=10000.0, norm='layernorm', qk_norm=False, mlp_act='gelu',
-                    bias=True, zero_init_out=False, logit_softcap=None, value_embeds=False)
+                    bias=True, zero_init_out=False, logit_softcap=None, value_embeds=False, token_shift=False)
 # the options that only change the initial weights: a trained model with them is still a GPT-2
 INIT_ONLY = ('zero_init_out',)
 
@@ -63,7 +63,7 @@ def _check_options(config):
          and config.rope_base > 1, 'rope_base', "a number > 1, e.g. 10000.0")
     need(config.norm in ('layernorm', 'rmsnorm'), 'norm', "'layernorm' or 'rmsnorm'")
     need(config.mlp_act in ('gelu', 'relu2'), 'mlp_act', "'gelu' or 'relu2' (ReLU squared)")
-    for k in ('qk_norm', 'bias', 'zero_init_out', 'value_embeds'):
+    for k in ('qk_norm', 'bias', 'zero_init_out', 'value_embeds', 'token_shift'):
         need(isinstance(getattr(config, k), bool), k, "True or False")
     cap = config.logit_softcap
     need(cap is None or (isinstance(cap, numbers.Real) and not isinstance(cap, bool) and cap > 0),

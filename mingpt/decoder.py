@@ -360,7 +360,6 @@ class Decoder:
                 n = last.cache_len
                 with torch.inference_mode():
                     for layer in self.cache:
-                        layer.k[i, :, :n] = layer.k[len(self.rows), :, :n]
-                        layer.v[i, :, :n] = layer.v[len(self.rows), :, :n]
+                        layer.move_row(len(self.rows), i, n)
         for seq in reversed(ended):
             seq.finish(*seq.ending)

@@ -1,7 +1,7 @@
 """
 The layers of the modern recipe (modded-nanogpt, nanochat) that GPT-2 has not: rotary position
-embeddings, RMSNorm as the block's norm, the ReLU^2 activation. mingpt.model builds them when its
-config asks (pos_emb='rope', norm='rmsnorm', mlp_act='relu2').
+embeddings, RMSNorm as the block's norm, the ReLU^2 activation, RWKV's token shift. mingpt.model builds
+them when its config asks (pos_emb='rope', norm='rmsnorm', mlp_act='relu2', token_shift=True).
 
 Shapes in comments: B batch, T time, nh heads, hs head size.
 """
@@ -48,3 +48,22 @@ class ReLUSquared(nn.Module):
 
     def forward(self, x):
         return F.relu(x).square()
+
+
+class TokenShift(nn.Module):
+    """
+    RWKV's token shift: each position's embedding plus a learned share, per channel, of the previous
+    position's. The pair (previous character, this one) is the commonest feature a small model uses,
+    and here the first layer gets it without spending attention on it. mix starts at zero: the
+    embedding as it was.
+    """
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.mix = nn.Parameter(torch.zeros(n_embd))
+
+    def forward(self, x, before=None):
+        """ x (B, T, C) embeddings; before (B, C): the embedding preceding x's first position (None: zeros,
+        as at the start of a sequence) """
+        first = torch.zeros_like(x[:, :1]) if before is None else before[:, None]
+        return x + self.mix * torch.cat([first, x[:, :-1]], dim=1)

@@ -27,7 +27,7 @@ from mingpt.config import ARCH_OPTIONS, PRESETS, resolve_config  # noqa: F401 (m
 from mingpt.generate import complete
 from mingpt.errors import ConfigError
 from mingpt.hardware import Linear
-from mingpt.layers import ReLUSquared, apply_rotary, make_norm, rotary_angles
+from mingpt.layers import ReLUSquared, TokenShift, apply_rotary, make_norm, rotary_angles
 from mingpt.loss import linear_cross_entropy, worth_chunking
 from mingpt.utils import CfgNode as CN
 
@@ -42,11 +42,27 @@ class KVCache(nn.Module):
     growing cache would pay, which is what makes batch-1 decoding weight-bandwidth bound.
     """
 
-    def __init__(self, batch_size, max_len, n_head, head_size, dtype=torch.float32, device=None):
+    def __init__(self, batch_size, max_len, n_head, head_size, dtype=torch.float32, device=None, keep_ids=False):
         super().__init__()
         shape = (batch_size, n_head, max_len, head_size)
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # keep_ids: the token id at each position too, (B, max_len) (a token_shift model's first layer)
+        ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device) if keep_ids else None
+        self.register_buffer('ids', ids, persistent=False)
+
+    def record_ids(self, start, idx):
+        """
+        write idx (B, T) at positions [start, start+T) (start an int or a (B,) tensor, as in update);
+        -> (B,) each row's id at start - 1, the token before this step's first, -1 where start is 0
+        """
+        B, T = idx.shape
+        if torch.is_tensor(start):
+            rows = torch.arange(B, device=idx.device)
+            self.ids[rows[:, None], start[:, None] + torch.arange(T, device=idx.device)] = idx
+            return torch.where(start > 0, self.ids[rows, (start - 1).clamp(min=0)], -1)
+        self.ids[:B, start:start + T] = idx
+        return self.ids[:B, start - 1] if start > 0 else idx.new_full((B,), -1)
 
     def update(self, start, k, v):
         """
@@ -71,7 +87,15 @@ class KVCache(nn.Module):
         """ rows a..b-1 as a cache of their own, sharing this one's memory (some sequences of a batch prefilled alone) """
         view = KVCache(b - a, 0, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
         view.k, view.v = self.k[a:b], self.v[a:b]
+        view.ids = None if self.ids is None else self.ids[a:b]
         return view
+
+    def move_row(self, src, dst, n):
+        """ copy row src's first n positions into row dst (a sequence moving to another row) """
+        for buf in (self.k, self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+        if self.ids is not None:
+            self.ids[dst, :n] = self.ids[src, :n]
 
 
 class CausalSelfAttention(nn.Module):
@@ -251,6 +275,9 @@ class GPT(nn.Module):
         # True: each attention layer has a token embedding table of its own, added to its values
         # (weighted, learned): nanochat's and modded-nanogpt's value embeddings
         C.value_embeds = ARCH_OPTIONS['value_embeds']
+        # True: each position's token embedding plus a learned per-channel share of the previous token's
+        # (RWKV's token shift): the pair of characters, the commonest feature, without attention's help
+        C.token_shift = ARCH_OPTIONS['token_shift']
         return C
 
     def __init__(self, config):
@@ -269,6 +296,7 @@ class GPT(nn.Module):
             # value embeddings: one table per layer, (vocab_size, C) each
             **(dict(ve = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd)
                                         for _ in range(config.n_layer)])) if config.value_embeds else {}),
+            **(dict(shift = TokenShift(config.n_embd)) if config.token_shift else {}),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
@@ -456,6 +484,12 @@ class GPT(nn.Module):
             pos = torch.arange(cache_pos, cache_pos + t, dtype=torch.long, device=device)  # (T,)
 
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.token_shift:
+            before = None  # a step's first token finds the one before it in the cache, which keeps the ids
+            if kv_cache is not None:
+                prev = kv_cache[0].record_ids(cache_pos, idx)  # (B,), -1 at position 0
+                before = self.transformer.wte(prev.clamp(min=0)) * (prev >= 0)[:, None].to(x.dtype)  # (B, C)
+            x = self.transformer.shift(x, before)
         rotary = None
         if self.rope:  # positions enter in attention, as turns of the queries and keys
             rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
@@ -503,8 +537,8 @@ class GPT(nn.Module):
         p = self.transformer.wte.weight  # not lm_head's, which may be int8 (mingpt.quantize)
         C = self.config
         return [KVCache(batch_size, max_len or self.block_size, C.n_head, C.n_embd // C.n_head,
-                        dtype=dtype or p.dtype, device=device or p.device)
-                for _ in range(C.n_layer)]
+                        dtype=dtype or p.dtype, device=device or p.device, keep_ids=C.token_shift and i == 0)
+                for i in range(C.n_layer)]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, **kwargs):

@@ -1,10 +1,11 @@
 """
 Tests for the architecture options of the modern recipe (GPT config: pos_emb, norm, qk_norm, mlp_act,
-bias, zero_init_out, logit_softcap, value_embeds): each one, and all of them together, computes what
-it claims (rotary positions as transformers' LLaMA rotates, relative positions only; RMSNorm; scale-free
-QK-norm; relu^2; no biases; zero output layers; capped logits; values plus each token's own embedding);
-decodes with the KV cache to the logits of a full forward, generates the tokens of minGPT's
-recomputation, and in the BatchEngine the tokens of each request alone; round-trips through a Trainer
+bias, zero_init_out, logit_softcap, value_embeds, token_shift): each one, and all of them together, computes
+what it claims (rotary positions as transformers' LLaMA rotates, relative positions only; RMSNorm; scale-free
+QK-norm; relu^2; no biases; zero output layers; capped logits; values plus each token's own embedding; each
+embedding plus a share of the previous token's); decodes with the KV cache to the logits of a full forward,
+generates the tokens of minGPT's recomputation, with speculative decoding the tokens of plain decoding, and
+in the BatchEngine the tokens of each request alone; round-trips through a Trainer
 checkpoint and a mingpt directory, and resumes bit-exact (with Muon); and is refused, by name, by the
 GPT-2 formats (Hugging Face, llm.c). The default config's state dict keeps GPT-2's names.
 """
@@ -39,8 +40,9 @@ OPTIONS = {
     'zero_init_out': dict(zero_init_out=True),
     'softcap': dict(logit_softcap=3.0),
     'value_embeds': dict(value_embeds=True),
+    'token_shift': dict(token_shift=True),
     'recipe': dict(pos_emb='rope', rope_base=500.0, norm='rmsnorm', qk_norm=True, mlp_act='relu2', bias=False,
-                   zero_init_out=True, logit_softcap=3.0, value_embeds=True),
+                   zero_init_out=True, logit_softcap=3.0, value_embeds=True, token_shift=True),
 }
 
 
@@ -56,7 +58,7 @@ def make_model(seed=0, trained=True, **options):
     """
     a small GPT with these options in eval mode. trained: the matrices scaled up 4x (zero-initialised
     ones drawn at random first, else they would hide everything after them), so that greedy decoding
-    is not one token repeated and a wrong position changes the argmax; the mixing weights (v_mix) drawn
+    is not one token repeated and a wrong position changes the argmax; the mixing weights (v_mix, shift.mix) drawn
     in [0.5, 1.5], so that both terms of each mix count
     """
     torch.manual_seed(seed)
@@ -67,7 +69,7 @@ def make_model(seed=0, trained=True, **options):
                 if p.dim() >= 2 and not p.any():
                     p.normal_(0.0, 0.02)
                 p.mul_(4.0 if p.dim() >= 2 else 1.0)
-                if name.endswith('_mix'):
+                if name.endswith('mix'):
                     p.uniform_(0.5, 1.5)
     return model
 
@@ -77,7 +79,7 @@ class TestConfig(unittest.TestCase):
     def test_defaults_are_gpt2s_and_state_dict_keys_unchanged(self):
         c = GPT.get_default_config()
         self.assertEqual((c.pos_emb, c.norm, c.qk_norm, c.mlp_act, c.bias, c.zero_init_out, c.logit_softcap,
-                          c.value_embeds), ('learned', 'layernorm', False, 'gelu', True, False, None, False))
+                          c.value_embeds, c.token_shift), ('learned', 'layernorm', False, 'gelu', True, False, None, False, False))
         model = GPT(make_config())
         expected = [name for name, _, _ in param_names(2)] + [LM_HEAD]
         self.assertEqual(sorted(model.state_dict()), sorted(expected))
@@ -95,7 +97,8 @@ class TestConfig(unittest.TestCase):
         bad = [(dict(pos_emb='alibi'), 'pos_emb'), (dict(norm='batchnorm'), 'norm'), (dict(mlp_act='swiglu'), 'mlp_act'),
                (dict(qk_norm=1), 'qk_norm'), (dict(bias='no'), 'bias'), (dict(logit_softcap=0), 'logit_softcap'),
                (dict(rope_base=1.0), 'rope_base'), (dict(pos_emb='rope', n_head=32, n_embd=96), 'even'),
-               (dict(zero_init_out=True, tie_weights=True), 'tie_weights=False'), (dict(value_embeds=4), 'value_embeds')]
+               (dict(zero_init_out=True, tie_weights=True), 'tie_weights=False'), (dict(value_embeds=4), 'value_embeds'),
+               (dict(token_shift='yes'), 'token_shift')]
         for options, message in bad:
             with self.subTest(**options), self.assertRaisesRegex(ConfigError, message):
                 GPT(make_config(**options))
@@ -178,6 +181,23 @@ class TestWhatEachOptionComputes(unittest.TestCase):
             self.assertEqual([t.weight.shape for t in model.transformer.ve], [(V + 3, 32)] * 2)
             torch.testing.assert_close(model(x)[0][..., :V], before)
 
+    def test_token_shift_adds_a_share_of_the_previous_tokens_embedding(self):
+        model = make_model(token_shift=True)
+        plain = make_model()  # the same seed: the same weights, shift.mix aside
+        x = torch.randint(V, (2, 8))
+        e = model.transformer.wte(x)  # (B, T, C)
+        seen = []
+        model.transformer.drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        mix = model.transformer.shift.mix
+        with torch.no_grad():
+            model(x)
+            expected = e + mix * torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+            torch.testing.assert_close(seen[0] - model.transformer.wpe(torch.arange(8)), expected)
+            mix.zero_()  # no share: GPT-2's model exactly
+            torch.testing.assert_close(model(x)[0], plain(x)[0])
+        self.assertEqual(mix.shape, (32,))
+        self.assertEqual(sorted(model.state_dict()), sorted(list(plain.state_dict()) + ['transformer.shift.mix']))
+
     def test_softcap_bounds_the_logits(self):
         capped = make_model(logit_softcap=1.0)
         plain = make_model()
@@ -219,6 +239,17 @@ class TestDecoding(unittest.TestCase):
                 alone = model.generate([prompts[0]], 20)
                 self.assertEqual(cached[0, -20:].tolist(), alone[0, -20:].tolist())
                 self.assertGreater(len(set(cached[0, -20:].tolist())), 1)  # not one token repeated
+
+    def test_speculative_decoding_gives_plain_decodings_tokens(self):
+        # greedy: a draft, accepted or rewound, never changes a token
+        prompts = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 7, 5, 6]]
+        for name, options in OPTIONS.items():
+            model = make_model(**options)
+            plain = model.generate(prompts, 14)
+            with self.subTest(name):
+                self.assertTrue(torch.equal(model.generate(prompts, 14, prompt_lookup_num_tokens=3), plain))
+                drafter = make_model(seed=1, **options)
+                self.assertTrue(torch.equal(model.generate(prompts, 14, assistant_model=drafter), plain))
 
     def test_batch_engine_tokens_equal_generation_alone(self):
         for name, options in OPTIONS.items():
@@ -280,7 +311,7 @@ class TestSaving(TempDirTestCase):
         write_checkpoint(ckpt, model, trainer_state(1, None, None, None, None, 4, 1.0))
         info = json.loads((ckpt / 'config.json').read_text())
         for k in ('pos_emb', 'rope_base', 'norm', 'qk_norm', 'mlp_act', 'bias', 'zero_init_out', 'logit_softcap',
-                  'value_embeds'):
+                  'value_embeds', 'token_shift'):
             del info['model'][k]
         (ckpt / 'config.json').write_text(json.dumps(info))
         self._same_model(GPT.from_pretrained(ckpt), model, {'pos_emb': 'learned'})

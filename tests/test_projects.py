@@ -373,7 +373,8 @@ class TestCharGPT(ProjectTestCase):
             saved = json.load(f)
         model, trainer = saved['model'], saved['trainer']
         self.assertEqual((model['pos_emb'], model['norm'], model['qk_norm'], model['mlp_act'], model['bias'],
-                          model['value_embeds'], model['resid_pdrop']), ('rope', 'rmsnorm', True, 'relu2', False, True, 0.05))
+                          model['value_embeds'], model['token_shift'], model['resid_pdrop']),
+                         ('rope', 'rmsnorm', True, 'relu2', False, True, True, 0.05))
         self.assertEqual((trainer['optimizer'], model['n_embd']), ('muon', 32))  # the command line still wins
         with open(work_dir / 'results.json') as f:
             results = json.load(f)
