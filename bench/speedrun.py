@@ -5,6 +5,7 @@ process, evaluations and samples included in its time):
 
     python bench/speedrun.py                       # the recipes, up to 15 minutes each
     python bench/speedrun.py --minutes 5 --only fast minGPT
+    python bench/speedrun.py --only fast --seeds 3407 1 2      # each recipe once per seed
     python bench/speedrun.py --ablation --ablation-iters 400   # the fast recipe with each choice undone
 
 - minGPT: minGPT's chargpt settings (gpt-mini, AdamW at a constant 5e-4, batch 64 x 128, dropout 0.1);
@@ -178,6 +179,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--minutes', type=float, default=15.0, help='wall-time budget of each recipe')
     p.add_argument('--only', nargs='+', choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument('--seeds', type=int, nargs='+', help="run each recipe once per seed (--system.seed; default: "
+                   "chargpt's one seed)")
     p.add_argument('--target', type=float, default=1.47, help="the val loss whose time is reported (nanoGPT's)")
     p.add_argument('--ablation', action='store_true', help='the ablation instead of the recipes')
     p.add_argument('--ablation-iters', type=int, default=400)
@@ -196,8 +199,11 @@ def main():
         print(ablation_table(runs))
         name = 'ablation'
     else:
-        runs = [train(name, RECIPES[name], args.out, args.minutes, args.dtype) for name in args.only]
-        runs += earlier_runs(os.path.join(args.out, 'speedrun.json'), args, skip=args.only)
+        todo = [(name, RECIPES[name]) for name in args.only]
+        if args.seeds:
+            todo = [(f'{name} seed {s}', extra + [f'--system.seed={s}']) for name, extra in todo for s in args.seeds]
+        runs = [train(name, extra, args.out, args.minutes, args.dtype) for name, extra in todo]
+        runs += earlier_runs(os.path.join(args.out, 'speedrun.json'), args, skip=[name for name, _ in todo])
         print(f"\nUp to {args.minutes:g} minutes each, {args.dtype}:\n")
         print(table(runs, args.target))
         if plot(runs, os.path.join(args.out, 'speedrun.png'), args.target):

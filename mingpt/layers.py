@@ -53,9 +53,9 @@ class ReLUSquared(nn.Module):
 class TokenShift(nn.Module):
     """
     RWKV's token shift: each position's embedding plus a learned share, per channel, of the previous
-    position's. The pair (previous character, this one) is the commonest feature a small model uses,
-    and here the first layer gets it without spending attention on it. mix starts at zero: the
-    embedding as it was.
+    position's. The first block then sees the previous token without spending attention on fetching
+    it (for characters, the pair already says much about the next). mix starts at zero: the embedding
+    as it was.
     """
 
     def __init__(self, n_embd):

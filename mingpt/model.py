@@ -276,7 +276,7 @@ class GPT(nn.Module):
         # (weighted, learned): nanochat's and modded-nanogpt's value embeddings
         C.value_embeds = ARCH_OPTIONS['value_embeds']
         # True: each position's token embedding plus a learned per-channel share of the previous token's
-        # (RWKV's token shift): the pair of characters, the commonest feature, without attention's help
+        # (RWKV's token shift, mingpt.layers.TokenShift)
         C.token_shift = ARCH_OPTIONS['token_shift']
         return C
 
