@@ -1,7 +1,7 @@
 """
 The GPT language model: GPT-2's architecture, minGPT's API, and the options of the modern recipe
 (modded-nanogpt, nanochat): rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
-output layers, logit soft-capping, value embeddings; each off by default (see GPT.get_default_config).
+output layers, logit soft-capping, value embeddings, token shift; each off by default (see GPT.get_default_config).
 
 References:
 1) the official GPT-2 TensorFlow implementation released by OpenAI:
@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 
+def _row_positions(start, T):
+    """ start (B,), a position per row -> the indices (rows (B, 1), cols (B, T)) of row b's [start[b], start[b]+T) """
+    return (torch.arange(start.size(0), device=start.device)[:, None],
+            start[:, None] + torch.arange(T, device=start.device))
+
+
 class KVCache(nn.Module):
     """
     Preallocated keys and values of one attention layer, (B, nh, max_len, hs) each. Writing the
@@ -58,9 +64,9 @@ class KVCache(nn.Module):
         """
         B, T = idx.shape
         if torch.is_tensor(start):
-            rows = torch.arange(B, device=idx.device)
-            self.ids[rows[:, None], start[:, None] + torch.arange(T, device=idx.device)] = idx
-            return torch.where(start > 0, self.ids[rows, (start - 1).clamp(min=0)], -1)
+            rows, cols = _row_positions(start, T)
+            self.ids[rows, cols] = idx
+            return torch.where(start > 0, self.ids[rows[:, 0], (start - 1).clamp(min=0)], -1)
         self.ids[:B, start:start + T] = idx
         return self.ids[:B, start - 1] if start > 0 else idx.new_full((B,), -1)
 
@@ -72,9 +78,8 @@ class KVCache(nn.Module):
         has not written
         """
         if torch.is_tensor(start):
-            B, T = k.size(0), k.size(2)
-            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            cols = start[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            B = k.size(0)
+            rows, cols = _row_positions(start, k.size(2))
             # indexed as [rows, :, cols] the cache reads (B, T, nh, hs): the heads move behind time
             self.k[rows, :, cols], self.v[rows, :, cols] = k.transpose(1, 2), v.transpose(1, 2)
             return self.k[:B], self.v[:B]
