@@ -45,6 +45,35 @@ _onednn_pack = _find_onednn_op('_reorder_linear_weight')  # (out, in) weight -> 
 ONEDNN_MIN_WEIGHT = 1 << 18
 
 
+def transposed_weight_grad(out_features, in_features):
+    """
+    Whether a CPU fp32 weight gradient is faster computed as its transpose, x^T dy (in, out), than as
+    dy^T x (out, in): torch's CPU matmul (MKL's GEMM) makes a short, wide result of up to 512 rows and at
+    least 3x as many columns 5-20% slower than the same product tall and narrow (AVX2 and AVX512, 2 threads,
+    bench/README.md). That is the MLP's down-projection of a GPT up to 512 wide, ~1.5% of gpt-mini's step.
+    """
+    return out_features <= 512 and out_features % 8 == 0 and in_features >= 3 * out_features
+
+
+class _LinearTransposedGrad(torch.autograd.Function):
+    """ F.linear(x, weight, bias) whose backward computes the weight's gradient as its transpose """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy_rows = dy.reshape(-1, dy.size(-1))  # (N, out)
+        dx = dy @ weight if ctx.needs_input_grad[0] else None  # (..., in)
+        dw = (x.reshape(-1, x.size(-1)).t() @ dy_rows).t() if ctx.needs_input_grad[1] else None  # (out, in) view of (in, out)
+        db = dy_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 class Linear(nn.Linear):
     """
     nn.Linear whose fp32 CPU products run on faster kernels when nothing needs gradients.
@@ -100,6 +129,9 @@ class Linear(nn.Linear):
             except (RuntimeError, TypeError) as e:
                 logger.debug("oneDNN linear failed (%s); using F.linear from now on", e)
                 _onednn_linear = None
+        if (w.requires_grad and torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == w.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu') and transposed_weight_grad(*w.shape)):
+            return _LinearTransposedGrad.apply(x, w, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def one_row_weight(self):

@@ -84,6 +84,42 @@ class TestLinear(unittest.TestCase):
                 big.double()(torch.randn(2, 512, dtype=torch.float64))
         self.assertEqual(calls, [])
 
+    def test_training_gradients_equal_nn_linear(self):
+        # a down-projection (768 -> 192) takes the transposed weight gradient; its gradients are nn.Linear's,
+        # with and without a bias, 2-D and 3-D inputs, a frozen weight, eager and compiled
+        self.assertTrue(hardware.transposed_weight_grad(192, 768))
+        self.assertFalse(hardware.transposed_weight_grad(768, 192))  # an up-projection keeps autograd's
+        self.assertFalse(hardware.transposed_weight_grad(65, 192))
+        backwards = []
+        backward = hardware._LinearTransposedGrad.backward
+        counted = staticmethod(lambda ctx, dy: backwards.append(1) or backward(ctx, dy))
+        with mock.patch.object(hardware._LinearTransposedGrad, 'backward', counted):
+            for bias, shape, frozen in ((True, (3, 5, 768), False), (False, (7, 768), False),
+                                        (True, (3, 5, 768), True)):
+                torch.manual_seed(0)
+                layer = Linear(768, 192, bias=bias)
+                ref = nn.Linear(768, 192, bias=bias)
+                ref.load_state_dict(layer.state_dict())
+                layer.weight.requires_grad_(not frozen)
+                ref.weight.requires_grad_(not frozen)
+                x = torch.randn(*shape, requires_grad=True)
+                x_ref = x.detach().clone().requires_grad_()
+                dy = torch.randn(*shape[:-1], 192)
+                (layer(x) * dy).sum().backward()
+                (ref(x_ref) * dy).sum().backward()
+                torch.testing.assert_close(x.grad, x_ref.grad)
+                for p, p_ref in zip(layer.parameters(), ref.parameters()):
+                    if p_ref.requires_grad:
+                        torch.testing.assert_close(p.grad, p_ref.grad)
+                        self.assertTrue(p.grad.is_contiguous())
+                    else:
+                        self.assertIsNone(p.grad)
+        self.assertEqual(len(backwards), 2)  # the frozen weight keeps F.linear
+        layer.weight.requires_grad_(True)
+        layer.weight.grad = x.grad = None
+        torch.compile(layer, backend='aot_eager')(x).sum().backward()  # traced through, as the Trainer compiles it
+        torch.testing.assert_close(layer.weight.grad, x.reshape(-1, 768).sum(0).expand(192, 768))
+
     def test_gpt_logits_same_with_and_without_grad(self):
         model = onednn_gpt()
         idx = torch.randint(0, 700, (2, 16))
