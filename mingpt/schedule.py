@@ -2,7 +2,8 @@
 The learning rate and the data order of a training run, both pure functions of the iteration number,
 so that a resumed run needs nothing but iter_num (and the data seed) to carry on where it stopped.
 
-- get_lr(it, config): linear warmup, then constant (minGPT), cosine or warmup-stable-decay down to min_lr.
+- get_lr(it, config): linear warmup, then constant (minGPT), cosine or warmup-stable-decay down to min_lr;
+  get_muon_momentum(it, config): Muon's momentum, raised over its own warmup.
 - GlobalBatchSampler: the rows of iteration `it`, drawn from (seed, it) alone and split the same way
   over micro-steps and processes whatever their number.
 - train_loader: the DataLoader of a run, minGPT's RandomSampler or the seeded global batches.
@@ -41,6 +42,23 @@ def get_lr(it, config):
     ratio = (it - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (lr - min_lr)
+
+
+# Muon's momentum at the start of muon_momentum_warmup (no higher than muon_momentum itself)
+MUON_MOMENTUM_START = 0.85
+
+
+def get_muon_momentum(it, config):
+    """
+    Muon's momentum at iteration it: from MUON_MOMENTUM_START in a straight line up to muon_momentum over
+    the first muon_momentum_warmup iterations, as modded-nanogpt raises it (0.85 to 0.95 over 300). A
+    shorter memory of gradients while the weights still move fast; then the long average
+    """
+    target, warmup = config.muon_momentum, config.muon_momentum_warmup
+    if it >= warmup:
+        return target
+    start = min(MUON_MOMENTUM_START, target)
+    return start + (target - start) * it / warmup
 
 # -----------------------------------------------------------------------------
 # data order

@@ -35,7 +35,7 @@ from mingpt.errors import ConfigError
 from mingpt.hardware import default_num_workers, fast_dtype, training_device
 from mingpt.metrics import MetricsLog, Progress, count_targets, dataset_loss, loss_only, plot_metrics
 from mingpt.resume import apply_resume_state, diverged, gather_rng_states, read_resume_state
-from mingpt.schedule import draw_data_seed, eval_batches, get_lr, train_loader
+from mingpt.schedule import draw_data_seed, eval_batches, get_lr, get_muon_momentum, train_loader
 from mingpt.utils import CfgNode as CN
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Trainer:
         C.optimizer = 'adamw'
         C.muon_lr = 0.02
         C.muon_momentum = 0.95
+        C.muon_momentum_warmup = 0  # iterations over which the momentum rises from 0.85 to muon_momentum
         C.muon_weight_decay = 0.0
         # the AdamW lr of the embedding tables (not a wte tied to lm_head); None: learning_rate
         C.embedding_lr = None
@@ -308,13 +309,15 @@ class Trainer:
         return overdue
 
     def _set_lr(self):
-        """ the schedule sets every group's lr, scaled like the group's own base lr """
+        """ the schedule sets every group's lr, scaled like the group's own base lr, and Muon's momentum """
         config = self.config
         self.lr = get_lr(self.iter_num, config)
-        if config.lr_schedule is None and config.warmup_iters == 0:
-            return  # minGPT's constant learning rate: leave the optimizer alone
+        scheduled = config.lr_schedule is not None or config.warmup_iters > 0  # else minGPT's constant rate, as made
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
-            group['lr'] = base * self.lr / config.learning_rate
+            if scheduled:
+                group['lr'] = base * self.lr / config.learning_rate
+            if group.get('muon'):
+                group['momentum'] = get_muon_momentum(self.iter_num, config)
 
     def _step(self, batches):
         """

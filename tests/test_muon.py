@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mingpt.errors import ConfigError
 from mingpt.muon import Muon, orthogonalize
-from mingpt.schedule import get_lr
+from mingpt.schedule import get_lr, get_muon_momentum
 from mingpt.trainer import Trainer
 from tests.common import ProcessRunsTestCase, TempDirTestCase, run_train_script, slow
 from tests.test_trainer import RepeatDataset, quiet_config
@@ -153,23 +153,30 @@ class TestTrainerWithMuon(TempDirTestCase):
             Trainer(quiet_config(embedding_lr=-1.0), tiny_model(), RepeatDataset())
 
     def test_both_groups_follow_the_schedule_and_the_loss_falls(self):
+        # and Muon's momentum rises from 0.85 to muon_momentum over muon_momentum_warmup iterations
         C = quiet_config(optimizer='muon', max_iters=12, batch_size=8, learning_rate=3e-3, muon_lr=0.02,
-                         lr_schedule='cosine', warmup_iters=3)
+                         lr_schedule='cosine', warmup_iters=3, muon_momentum_warmup=8)
         trainer = Trainer(C, tiny_model(), RepeatDataset())
         seen = []
         trainer.add_callback('on_batch_end', lambda t: seen.append(
-            (t.iter_num, t.loss.item(), {g['muon']: g['lr'] for g in t.optimizer.param_groups})))
+            (t.iter_num, t.loss.item(), {g['muon']: g['lr'] for g in t.optimizer.param_groups},
+             {g['momentum'] for g in t.optimizer.param_groups if g['muon']})))
         trainer.run()
-        for it, _, lrs in seen:
+        for it, _, lrs, momenta in seen:
             scale = get_lr(it, C) / C.learning_rate
             self.assertAlmostEqual(lrs[True], 0.02 * scale, places=12)
             self.assertAlmostEqual(lrs[False], 3e-3 * scale, places=12)
+            self.assertEqual(len(momenta), 1)
+            self.assertAlmostEqual(momenta.pop(), 0.85 + 0.1 * min(it, 8) / 8, places=12)
         self.assertLess(seen[-1][1], seen[0][1] * 0.5)
+        self.assertEqual(get_muon_momentum(0, quiet_config(muon_momentum=0.5, muon_momentum_warmup=8)), 0.5)
+        self.assertEqual(get_muon_momentum(0, quiet_config(muon_momentum=0.95)), 0.95)  # no warmup: the default
 
     def test_resume_is_bit_exact(self):
-        straight = train(os.path.join(self.tmp, 'a'), 6, optimizer='muon').model
-        train(os.path.join(self.tmp, 'b'), 4, optimizer='muon')
-        resumed = train(os.path.join(self.tmp, 'b'), 6, optimizer='muon', resume=True)
+        # resumed inside the momentum's warmup: it carries on from the iteration, as the lr does
+        straight = train(os.path.join(self.tmp, 'a'), 6, optimizer='muon', muon_momentum_warmup=5).model
+        train(os.path.join(self.tmp, 'b'), 4, optimizer='muon', muon_momentum_warmup=5)
+        resumed = train(os.path.join(self.tmp, 'b'), 6, optimizer='muon', muon_momentum_warmup=5, resume=True)
         self.assertEqual(resumed.iter_num, 6)
         for (name, a), b in zip(straight.named_parameters(), resumed.model.parameters()):
             self.assertTrue(torch.equal(a, b), name)
@@ -177,7 +184,8 @@ class TestTrainerWithMuon(TempDirTestCase):
         self.assertIn('momentum_buffer', state['optimizer']['state'][0])
 
     def test_config_checks(self):
-        for k, v in [('optimizer', 'sgd'), ('muon_lr', 0), ('muon_momentum', 1.0), ('muon_weight_decay', -1)]:
+        for k, v in [('optimizer', 'sgd'), ('muon_lr', 0), ('muon_momentum', 1.0), ('muon_weight_decay', -1),
+                     ('muon_momentum_warmup', -1), ('muon_momentum_warmup', 1.5)]:
             with self.subTest(k), self.assertRaisesRegex(ConfigError, k):
                 Trainer(quiet_config(**{k: v}), tiny_model(), RepeatDataset())
 
