@@ -13,7 +13,7 @@ process, evaluations and samples included in its time):
   dropout 0.2, no biases, tied head) at chargpt's model size, its schedule shortened from 5,000 steps to 350;
 - default: chargpt's defaults (AdamW 2e-3 -> 2e-5, batch 32 x 128, no dropout);
 - fast: chargpt --preset=fast (rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, zero-initialised
-  output projections, value embeddings, token shift, dropout 0.05, Muon; batch 32 x 128).
+  output projections, value embeddings, token shift, dropout 0.05, Muon with its momentum warmed up; batch 32 x 128).
 
 A run that is not done after --minutes is stopped there; its curve ends at its last evaluation. The
 validation loss is each recipe's own measure (the Trainer's: 20 batches of its windows). Writes
@@ -64,6 +64,7 @@ ABLATIONS = {
     'no value embeddings': ['--model.value_embeds=False'],
     'no token shift': ['--model.token_shift=False'],
     'AdamW only': ['--trainer.optimizer=adamw'],
+    'no momentum warm-up': ['--trainer.muon_momentum_warmup=0'],
     'context 256': ['--data.block_size=256', '--trainer.batch_size=16'],
     'no dropout': ['--model.embd_pdrop=0', '--model.resid_pdrop=0'],
 }

@@ -364,7 +364,8 @@ class TestCharGPT(ProjectTestCase):
         with self.assertRaisesRegex(ConfigError, 'unknown preset; use one of default, fast'):
             chargpt.resolved_config(['--preset=quick'])
         fast = chargpt.resolved_config(['--preset=fast'])
-        self.assertEqual((fast.trainer.optimizer, fast.trainer.compile, fast.data.block_size), ('muon', True, 128))
+        self.assertEqual((fast.trainer.optimizer, fast.trainer.muon_momentum_warmup, fast.trainer.compile, fast.data.block_size),
+                         ('muon', 300, True, 128))
         work_dir = self.tmp / 'out'  # eager here: compiling takes longer than this whole tiny run
         proc = run_project('chargpt', '--preset=fast', f'--system.work_dir={work_dir}', '--trainer.max_iters=20',
                            '--trainer.compile=False', *self.TINY, cwd=self.tmp)

@@ -104,8 +104,8 @@ PRESETS = {
         'model': {'pos_emb': 'rope', 'norm': 'rmsnorm', 'qk_norm': True, 'mlp_act': 'relu2', 'bias': False,
                   'zero_init_out': True, 'value_embeds': True, 'token_shift': True, 'embd_pdrop': 0.05,
                   'resid_pdrop': 0.05},
-        'trainer': {'optimizer': 'muon', 'muon_lr': 0.015, 'compile': True, 'learning_rate': 3e-3,
-                    'lr_schedule': 'wsd', 'cooldown_frac': 0.4, 'min_lr': 3e-5, 'max_iters': 1450},
+        'trainer': {'optimizer': 'muon', 'muon_lr': 0.015, 'muon_momentum_warmup': 300, 'compile': True,
+                    'learning_rate': 3e-3, 'lr_schedule': 'wsd', 'cooldown_frac': 0.4, 'min_lr': 3e-5, 'max_iters': 1450},
     },
 }
 
