@@ -2,7 +2,8 @@
 Choices that depend on the machine, kept in one place so that the model and the trainer read as plain
 PyTorch:
 
-- Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off);
+- Linear: nn.Linear whose fp32 CPU inference products run on oneDNN's kernel (MINGPT_ONEDNN=0 turns it off),
+  and whose training backward computes the weight gradients of some shapes transposed, faster;
   pack_weights gives a model's Linears a second copy of their weights, laid out for products of many rows
   (oneDNN's blocked layout) or of one (mingpt.kernels').
 - int8_kernel: which kernel an int8 Linear (mingpt.quantize) multiplies with on this machine.
@@ -76,7 +77,8 @@ class _LinearTransposedGrad(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """
-    nn.Linear whose fp32 CPU products run on faster kernels when nothing needs gradients.
+    nn.Linear whose fp32 CPU products run on faster kernels when nothing needs gradients, and whose
+    training backward computes a weight gradient transposed where MKL is faster at that (transposed_weight_grad).
 
     Why: decoding one token makes every layer a matrix-vector product that reads its whole weight once,
     so a decode step runs at the speed weights stream from memory, and oneDNN's kernel reads
@@ -84,6 +86,8 @@ class Linear(nn.Linear):
     has the measurements). oneDNN takes the weight as it is, so parameters, state dict and init are
     nn.Linear's. Training (grad enabled), autocast, torch.compile, other devices and dtypes take
     F.linear, as do small weights unless packed for one row; the kernels agree with it to fp32 rounding.
+    Training in fp32 on a CPU takes F.linear's forward too, and the same gradients, computed the faster
+    way round for the shapes transposed_weight_grad names.
 
     pack(rows) (see pack_weights) has the layer keep one copy of its weight in a layout made for the
     products it will do, made at once and again whenever the weight has changed since:
@@ -129,10 +133,11 @@ class Linear(nn.Linear):
             except (RuntimeError, TypeError) as e:
                 logger.debug("oneDNN linear failed (%s); using F.linear from now on", e)
                 _onednn_linear = None
+        w = self.weight
         if (w.requires_grad and torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == w.dtype == torch.float32
                 and not torch.is_autocast_enabled('cpu') and transposed_weight_grad(*w.shape)):
             return _LinearTransposedGrad.apply(x, w, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, w, self.bias)
 
     def one_row_weight(self):
         """ (mingpt.kernels' copy of the weight, None) when this layer is packed for one row, else None
