@@ -160,7 +160,7 @@ def check_trainer_config(C, device_type, lora=False, fsdp=False):
     need(C.optimizer in ('adamw', 'muon'), 'optimizer', "'adamw' or 'muon'")
     need(is_number(C.muon_lr, 0) and C.muon_lr > 0, 'muon_lr', "a number > 0, e.g. 0.02")
     need(is_number(C.muon_momentum, 0) and C.muon_momentum < 1, 'muon_momentum', "a number in [0, 1), e.g. 0.95")
-    need(is_int(getattr(C, 'muon_momentum_warmup', 0), 0), 'muon_momentum_warmup', "an int >= 0, e.g. 300")
+    need(is_int(C.muon_momentum_warmup, 0), 'muon_momentum_warmup', "an int >= 0, e.g. 300")
     need(is_number(C.muon_weight_decay, 0), 'muon_weight_decay', "a number >= 0")
     need(C.embedding_lr is None or (is_number(C.embedding_lr, 0) and C.embedding_lr > 0), 'embedding_lr',
          "a number > 0, or None (learning_rate)")

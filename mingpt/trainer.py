@@ -313,11 +313,12 @@ class Trainer:
         config = self.config
         self.lr = get_lr(self.iter_num, config)
         scheduled = config.lr_schedule is not None or config.warmup_iters > 0  # else minGPT's constant rate, as made
+        momentum = get_muon_momentum(self.iter_num, config)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
             if scheduled:
                 group['lr'] = base * self.lr / config.learning_rate
             if group.get('muon'):
-                group['momentum'] = get_muon_momentum(self.iter_num, config)
+                group['momentum'] = momentum
 
     def _step(self, batches):
         """
